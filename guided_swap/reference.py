@@ -1,0 +1,108 @@
+"""An fx-free reference: every ReLU call intercepted at run time by a ``TorchFunctionMode``.
+
+It shares no code with the rewrite or the rule ops, so tests and benchmarks use it as the independent truth
+on models where backward hooks on ``nn.ReLU`` miss functional ReLUs (DenseNet, GoogLeNet, Inception). The
+rules are made of plain autograd: a tensor hook ``g -> max(g, 0)`` on the ReLU's output, which the ordinary
+ReLU backward then masks (guided), or an identity path that skips the mask (deconvnet).
+
+>>> import torch, torchvision
+>>> model = torchvision.models.densenet121().eval()
+>>> count_relu_calls(model, torch.randn(1, 3, 64, 64))
+121
+"""
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+_RELU = {F.relu, torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_}
+_RELU6 = {F.relu6}
+_HARDTANH = {F.hardtanh, F.hardtanh_}
+_INPLACE = {torch.relu_, torch.Tensor.relu_, F.hardtanh_}
+
+
+def _relu_call(func, args, kwargs) -> Optional[tuple]:
+    """(upper bound, in place) when ``func(*args, **kwargs)`` is a ReLU or ReLU6, else None."""
+    if func in _RELU:
+        return None, func in _INPLACE or bool(kwargs.get("inplace", args[1] if len(args) > 1 else False))
+    if func in _RELU6:
+        return 6.0, bool(kwargs.get("inplace", args[1] if len(args) > 1 else False))
+    if func in _HARDTANH:
+        low = kwargs.get("min_val", args[1] if len(args) > 1 else -1.0)
+        high = kwargs.get("max_val", args[2] if len(args) > 2 else 1.0)
+        if low == 0 and high == 6:
+            return 6.0, func in _INPLACE or bool(kwargs.get("inplace", args[3] if len(args) > 3 else False))
+    return None if func not in _HARDTANH else None
+
+
+class ReLURule(TorchFunctionMode):
+    """Counts ReLU calls, and with ``rule`` set applies that rule's backward to each one."""
+
+    def __init__(self, rule: Optional[str] = None):
+        super().__init__()
+        if rule not in (None, "gradient", "guided", "deconvnet"):
+            raise ValueError(f"unknown rule {rule!r}")
+        self.rule = rule
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        call = _relu_call(func, args, kwargs)
+        if call is None:
+            return func(*args, **kwargs)
+        self.calls += 1
+        upper, inplace = call
+        x = args[0]
+        if self.rule == "deconvnet" and x.requires_grad:
+            bypass = torch.clamp(x.detach(), 0, upper) + (x - x.detach())  # forward ReLU, backward identity
+            out = x.copy_(bypass) if inplace else bypass
+        else:
+            out = func(*args, **kwargs)
+        if self.rule in ("guided", "deconvnet") and out.requires_grad:
+            out.register_hook(lambda g: g.clamp(min=0))
+        return out
+
+
+def count_relu_calls(model: nn.Module, x: Tensor) -> int:
+    """How many ReLU/ReLU6 calls one forward of ``model`` makes, in every spelling."""
+    mode = ReLURule()
+    with torch.no_grad(), mode:
+        model(x)
+    return mode.calls
+
+
+def input_gradient(model: nn.Module, x: Tensor, target: Any, rule: str = "guided", output=None) -> Tensor:
+    """``d score / d x`` with ``rule`` applied at every ReLU, for one class per sample."""
+    x = x.detach().clone().requires_grad_(True)
+    with ReLURule(rule):
+        out = model(x)
+    logits = out if output is None else out[output]
+    score = logits.gather(1, torch.as_tensor(target).view(-1, 1)).sum()
+    (grad,) = torch.autograd.grad(score, x)
+    return grad
+
+
+def gradcam(model: nn.Module, x: Tensor, target: Any, layer: nn.Module, output=None) -> Tensor:
+    """Grad-CAM (B, h, w) at ``layer``'s output with ordinary gradients, from a forward hook.
+
+    The activation is cloned and the gradient read by a tensor hook at the moment the module returns, so an
+    in-place op after the module (DenseNet's ``F.relu(features, inplace=True)``) changes neither.
+    """
+    seen = {}
+
+    def keep(module, inputs, output):
+        seen["activation"] = output.detach().clone()
+        output.register_hook(lambda g: seen.__setitem__("grad", g))
+
+    handle = layer.register_forward_hook(keep)
+    try:
+        x = x.detach().clone().requires_grad_(True)
+        out = model(x)
+        logits = out if output is None else out[output]
+        logits.gather(1, torch.as_tensor(target).view(-1, 1)).sum().backward()
+    finally:
+        handle.remove()
+    weights = seen["grad"].mean(dim=(2, 3), keepdim=True)
+    return torch.relu((weights * seen["activation"]).sum(dim=1))

@@ -1,0 +1,163 @@
+"""Tracing a user's model with torch.fx, with torchvision-style qualified node names.
+
+Node names follow ``torchvision.models.feature_extraction``: a call_module node is named by the module's
+qualified name (``layer4.1.relu``), any other node by the enclosing module's name plus the op
+(``layer4.1.add``), and repeated names get a per-scope ``_1``, ``_2`` postfix (``layer4.1.relu_1`` is the
+second call of ``layer4.1.relu``). The tracer also records what every traced-through module *returned*, so a
+module name captures the module's output exactly.
+
+>>> import torchvision
+>>> traced = trace(torchvision.models.resnet18())
+>>> "layer4.1.relu_1" in traced.node_names, traced.module_outputs["layer4"][0].meta["qualname"]
+(True, 'layer4.1.relu_1')
+"""
+import copy
+import inspect
+import math
+import os
+import re
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+import torch
+from torch import fx, nn
+
+from .errors import TraceError
+
+TRACER_OPTIONS = ("leaf_modules", "autowrap_functions", "autowrap_modules", "concrete_args")
+_TORCH_DIR = os.path.dirname(torch.__file__)
+_PACKAGE_DIR = os.path.dirname(__file__)
+
+
+def mirror(model: nn.Module) -> nn.Module:
+    """A shallow copy of the module tree that shares every parameter and buffer tensor with ``model``.
+
+    The explainer is built on the mirror, so nothing it does (``.to()``, ``.eval()``, registering modules)
+    can change the user's module objects, while in-place weight updates to the model stay visible to it.
+    """
+    memo: Dict[int, nn.Module] = {}
+
+    def copy_module(module: nn.Module) -> nn.Module:
+        if id(module) in memo:  # a module used in several places stays one module
+            return memo[id(module)]
+        clone = copy.copy(module)
+        memo[id(module)] = clone
+        clone._parameters = dict(module._parameters)
+        clone._buffers = dict(module._buffers)
+        clone._non_persistent_buffers_set = set(module._non_persistent_buffers_set)
+        clone._modules = {name: None if sub is None else copy_module(sub) for name, sub in module._modules.items()}
+        return clone
+
+    return copy_module(model)
+
+
+def default_leaf_modules() -> List[type]:
+    """torchvision.ops modules that hold no submodules: traced as single calls, as torchvision does.
+
+    torchvision makes *every* torchvision.ops module a leaf; that would hide the ReLUs inside
+    ``Conv2dNormActivation`` and ``SqueezeExcitation``, so modules with children are traced through.
+    """
+    import torchvision
+
+    leaves = []
+    for _, obj in inspect.getmembers(torchvision.ops, inspect.isclass):
+        if issubclass(obj, nn.Module) and not issubclass(obj, (nn.Sequential, nn.ModuleList)):
+            if obj.__name__ not in ("SqueezeExcitation", "Conv2dNormActivation", "Conv3dNormActivation", "MLP"):
+                leaves.append(obj)
+    return leaves
+
+
+class QualnameTracer(fx.Tracer):
+    """fx.Tracer that names nodes the torchvision way and records module outputs."""
+
+    def __init__(self, leaf_modules=(), autowrap_functions=(), autowrap_modules=(math,)):
+        super().__init__(autowrap_modules=tuple(autowrap_modules), autowrap_functions=tuple(autowrap_functions))
+        self.leaf_modules = tuple(leaf_modules)
+        self.current_qualname = ""
+        self.module_outputs: Dict[str, List[fx.Node]] = {}
+        self.node_names: Dict[fx.Node, str] = {}
+        self._name_counts: Dict[str, int] = {}
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if self.leaf_modules and isinstance(m, self.leaf_modules):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m, forward, args, kwargs):
+        outer = self.current_qualname
+        self.current_qualname = self.path_of_module(m)
+        try:
+            result = super().call_module(m, forward, args, kwargs)
+        finally:
+            name, self.current_qualname = self.current_qualname, outer
+        if isinstance(result, fx.Proxy):
+            self.module_outputs.setdefault(name, []).append(result.node)
+        return result
+
+    def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
+        proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
+        self._name(proxy.node)
+        return proxy
+
+    def _name(self, node: fx.Node) -> None:
+        if node.op == "call_module":
+            base = self.current_qualname
+        else:
+            # fx already postfixes names globally (relu_3); strip that and count per scope instead.
+            op = re.sub(r"_[0-9]+$", "", node.name)
+            base = f"{self.current_qualname}.{op}" if self.current_qualname else op
+        count = self._name_counts.get(base, 0)
+        self._name_counts[base] = count + 1
+        qualname = base if count == 0 else f"{base}_{count}"
+        self.node_names[node] = qualname
+        node.meta["qualname"] = qualname
+
+
+@dataclass
+class Traced:
+    """A traced model: its GraphModule (on the mirror), node names and module outputs."""
+
+    module: fx.GraphModule
+    module_outputs: Dict[str, List[fx.Node]]
+    node_names: Dict[str, fx.Node] = field(default_factory=dict)
+    leaf_modules: tuple = ()
+
+
+def trace(model: nn.Module, tracer_kwargs: Optional[Dict[str, Any]] = None) -> Traced:
+    """Trace ``model`` (via its mirror) and return the graph with qualified names.
+
+    ``tracer_kwargs`` takes the options torchvision's ``create_feature_extractor`` takes: ``leaf_modules``
+    (classes not to trace through), ``autowrap_functions``, ``autowrap_modules`` and ``concrete_args``.
+    """
+    options = dict(tracer_kwargs or {})
+    unknown = sorted(set(options) - set(TRACER_OPTIONS))
+    if unknown:
+        raise TypeError(f"unknown tracer option(s) {unknown}; the options are {list(TRACER_OPTIONS)}")
+    concrete_args = options.pop("concrete_args", None)
+    leaves = tuple(default_leaf_modules()) + tuple(options.pop("leaf_modules", ()))
+    autowrap_modules = (math,) + tuple(options.pop("autowrap_modules", ()))
+    tracer = QualnameTracer(leaves, options.pop("autowrap_functions", ()), autowrap_modules)
+    root = mirror(model)
+    try:
+        graph = tracer.trace(root, concrete_args=concrete_args)
+    except Exception as error:  # any failure inside fx or the model's forward
+        raise TraceError(_trace_failure_message(model, error)) from error
+    module = fx.GraphModule(root, graph, class_name=type(model).__name__)
+    names = {name: node for node, name in tracer.node_names.items()}
+    return Traced(module, tracer.module_outputs, names, leaves)
+
+
+def _trace_failure_message(model: nn.Module, error: Exception) -> str:
+    frames = [f for f in traceback.extract_tb(error.__traceback__)
+              if not f.filename.startswith(_TORCH_DIR) and not f.filename.startswith(_PACKAGE_DIR)]
+    where = ""
+    if frames:
+        frame = frames[-1]
+        where = f"\n  failing line: {frame.filename}:{frame.lineno} in {frame.name}: {frame.line}"
+    return (
+        f"torch.fx could not trace {type(model).__name__}: {type(error).__name__}: {error}{where}\n"
+        "  hint: pass tracer_kwargs to convert(): {'leaf_modules': [TheModuleClass]} to keep the module that "
+        "holds this line as one call (ReLUs inside it are then not swapped), {'autowrap_functions': [fn]} "
+        "for a function with data-dependent control flow, or {'concrete_args': {...}} to fix an argument."
+    )
