@@ -1,0 +1,73 @@
+"""Against Captum on models where backward hooks see every ReLU: the maps must agree to 1e-5 relative."""
+import warnings
+
+import pytest
+import torch
+
+import guided_swap as gs
+
+from conftest import assert_nontrivial, image_batch, lively_targets, make_model, relative_error
+
+captum_attr = pytest.importorskip("captum.attr")
+
+CASES = [("resnet18", "layer4"), ("vgg11", "features.18"), ("alexnet", "features.10"), ("squeezenet1_0", "features.12")]
+
+
+@pytest.fixture(scope="module", params=CASES, ids=[name for name, _ in CASES])
+def case(request):
+    name, layer = request.param
+    model = make_model(name)
+    x = image_batch(96)
+    target = lively_targets(model, x, model.get_submodule(layer))
+    return model, layer, x, target
+
+
+def _captum(method, *args, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return method(*args, **kwargs)
+
+
+def test_guided_backprop(case):
+    model, layer, x, target = case
+    expected = _captum(lambda: captum_attr.GuidedBackprop(model).attribute(x, target=target))
+    e = gs.convert(model, layer=layer).explain(x, target)
+    assert_nontrivial(expected)
+    assert relative_error(e.gradient, expected) <= 1e-5
+
+
+def test_deconvolution(case):
+    model, layer, x, target = case
+    expected = _captum(lambda: captum_attr.Deconvolution(model).attribute(x, target=target))
+    e = gs.convert(model, layer=layer, rule="deconvnet").explain(x, target)
+    assert_nontrivial(expected)
+    assert relative_error(e.gradient, expected) <= 1e-5
+
+
+def test_gradcam_uses_ordinary_gradients_in_the_same_pass(case):
+    model, layer, x, target = case
+    module = model.get_submodule(layer)
+    expected = _captum(lambda: captum_attr.LayerGradCam(model, module).attribute(
+        x, target=target, relu_attributions=True))[:, 0]
+    e = gs.convert(model, layer=layer).explain(x, target)
+    assert_nontrivial(expected)
+    assert relative_error(e.cam_raw, expected) <= 1e-5
+
+
+def test_guided_gradcam(case):
+    model, layer, x, target = case
+    expected = _captum(lambda: captum_attr.GuidedGradCam(model, model.get_submodule(layer)).attribute(
+        x, target=target, interpolate_mode="nearest"))
+    e = gs.convert(model, layer=layer).explain(x, target, interpolate="nearest")
+    assert_nontrivial(expected)
+    assert relative_error(e.guided_gradcam, expected) <= 1e-5
+
+
+def test_vgg_needs_and_gets_the_plain_fork():
+    """VGG's classifier has ReLUs after the last conv: one guided pass alone would give a wrong Grad-CAM."""
+    model = make_model("vgg11")
+    x = image_batch(64)
+    ex = gs.convert(model, layer="features.18")
+    assert ex.forked and ex.report.made_out_of_place == ("features.19",)
+    guided_only = gs.convert(model, layer="features.18", rule="gradient")
+    assert not guided_only.forked
