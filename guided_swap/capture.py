@@ -20,6 +20,10 @@ from .trace import Traced
 _CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_FUNCTIONS = (torch.conv1d, torch.conv2d, torch.conv3d, torch.nn.functional.conv1d,
                    torch.nn.functional.conv2d, torch.nn.functional.conv3d)
+_POOL_MODULES = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool2d,
+                 nn.AvgPool2d, nn.MaxPool2d, nn.Flatten)
+_POOL_FUNCTIONS = ("adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "adaptive_max_pool2d",
+                   "avg_pool2d", "max_pool2d", "flatten", "mean", "sum", "amax", "reshape")
 HINT = "see guided_swap.layer_names(model) for every name"
 
 
@@ -66,15 +70,24 @@ def auto_layer(gm: fx.GraphModule, example: torch.Tensor) -> fx.Node:
     convs = [n for n in gm.graph.nodes if _is_conv(gm, n) and n in shapes]
     if not convs:
         raise LayerError("layer='auto' found no convolution in the model; pass layer=NAME; " + HINT)
-    spatial = shapes[convs[-1]][2:]
     chosen = convs[-1]
-    after = False
-    for node in gm.graph.nodes:
-        after = after or node is chosen
+    spatial = shapes[chosen][2:]
+    node = chosen.next
+    while node.op != "output" and not _is_pooling(gm, node):
         shape = shapes.get(node)
-        if after and shape is not None and len(shape) >= 3 and shape[2:] == spatial:
+        if shape is not None and len(shape) >= 3 and shape[2:] == spatial:
             chosen = node
+        node = node.next
     return chosen
+
+
+def _is_pooling(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Pooling, flattening or a reduction: the feature map ends here even when its size does not change."""
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), _POOL_MODULES)
+    if node.op == "call_method":
+        return node.target in ("flatten", "view", "reshape", "mean", "sum", "amax")
+    return node.op == "call_function" and getattr(node.target, "__name__", "") in _POOL_FUNCTIONS
 
 
 def _is_conv(gm: fx.GraphModule, node: fx.Node) -> bool:

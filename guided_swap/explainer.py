@@ -262,18 +262,28 @@ def select_output(outputs: Any, key: OutputKey) -> Tensor:
     return outputs[key]
 
 
+def _output_entries(output_arg: Any) -> Optional[list]:
+    """The entries of the model's output as fx sees it statically, or None for a single tensor."""
+    if isinstance(output_arg, fx.Node):
+        target = output_arg.target
+        if output_arg.op == "call_function" and isinstance(target, type) and hasattr(target, "_fields"):
+            return list(target._fields) + list(range(len(target._fields)))  # a namedtuple built in forward
+        return None
+    if isinstance(output_arg, dict):
+        return list(output_arg.keys())
+    if hasattr(output_arg, "_fields"):
+        return list(output_arg._fields) + list(range(len(output_arg)))
+    return list(range(len(output_arg)))
+
+
 def _check_output_key(output_arg: Any, key: OutputKey) -> None:
-    if key is None:
-        if not isinstance(output_arg, fx.Node):
-            entries = list(output_arg.keys()) if isinstance(output_arg, dict) else (
-                list(output_arg._fields) if hasattr(output_arg, "_fields") else list(range(len(output_arg))))
-            raise TypeError(f"the model returns a {type(output_arg).__name__} with entries {entries}; "
-                            "convert with output=ENTRY to say which one is explained")
-        return
-    try:
-        select_output(output_arg, key)
-    except (KeyError, IndexError, AttributeError, TypeError):
-        raise ValueError(f"output={key!r} is not an entry of the model's output {output_arg!r}") from None
+    entries = _output_entries(output_arg)
+    if key is None and entries is not None:
+        raise TypeError(f"the model returns several outputs {entries}; convert with output=ENTRY to say which one is "
+                        "explained")
+    if key is not None and (entries is None or key not in entries):
+        raise ValueError(f"output={key!r} is not an entry of the model's output (entries: {entries}); "
+                         "leave output=None for a model that returns one tensor")
 
 
 def convert(model: nn.Module, layer: Union[None, str, Sequence[str]] = "auto", rule: str = "guided", *,
