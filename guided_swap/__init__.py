@@ -10,6 +10,8 @@ Grad-CAM in one forward/backward pass, for every ReLU spelling.
 from . import cam
 from .errors import GuidedSwapError, InputError, LayerError, TargetError, TraceError
 from .explainer import ConversionReport, Explainer, Explanation, convert
+from .export import ExportError, export, export_program
+from .io import LoadError, load
 from .targets import Channel
 
 __version__ = "0.1.0"
@@ -23,5 +25,6 @@ def layer_names(model, tracer_kwargs=None):
     return _names(trace(model, tracer_kwargs))
 
 
-__all__ = ["convert", "Explainer", "Explanation", "ConversionReport", "Channel", "layer_names", "cam",
-           "GuidedSwapError", "TraceError", "LayerError", "TargetError", "InputError", "__version__"]
+__all__ = ["convert", "Explainer", "Explanation", "ConversionReport", "Channel", "layer_names", "load", "export",
+           "export_program", "cam", "GuidedSwapError", "TraceError", "LayerError", "TargetError", "InputError",
+           "LoadError", "ExportError", "__version__"]

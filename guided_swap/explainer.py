@@ -168,21 +168,32 @@ class Explainer(nn.Module):
         self._check_input(x)
         if interpolate not in cam_maths.INTERPOLATIONS:
             raise ValueError(f"interpolate={interpolate!r} is not one of {cam_maths.INTERPOLATIONS}")
-        with torch.enable_grad():
-            leaf = x.detach().requires_grad_(True)
-            outputs, captures, fork_outputs, fork_captures = self.graph_module(leaf)
-            score, classes = self._score(target, outputs, dict(zip(self.layers, captures)), x.shape[0])
-            scores, grad_at = [score.sum()], list(captures)
-            if self.forked:
-                plain, _ = self._score(target if classes is None else classes, fork_outputs,
-                                       dict(zip(self.layers, fork_captures)), x.shape[0])
-                scores.append(plain.sum())
-                grad_at = list(fork_captures)
-            grads = _grad(scores, [leaf] + grad_at)
+        outputs, captures, score, classes, grads = self.forward_backward(
+            x, lambda out, caps, fixed: self._score(target if fixed is None else fixed, out, caps, x.shape[0]))
         layers = {name: LayerMaps(_detached(a, name), g, tuple(x.shape[2:]), interpolate)
                   for name, a, g in zip(self.layers, captures, grads[1:])}
         return Explanation(self._select(outputs).detach(), classes, score.detach(), grads[0], layers,
                            _detach_all(outputs), self.rule)
+
+    def forward_backward(self, x: Tensor, scorer: Callable, call: Optional[Callable] = None):
+        """The one forward and one backward every map comes from (shared by :meth:`explain` and export).
+
+        ``scorer(outputs, captures_by_layer, classes_or_None) -> (score (B,), classes)`` is called on the
+        main graph, then with the classes it chose on the plain fork, if there is one.
+        Returns ``(outputs, captures, score, classes, [d score/dx, G at each layer])``.
+        """
+        call = self.graph_module if call is None else call
+        with torch.enable_grad():
+            leaf = x.detach().requires_grad_(True)
+            outputs, captures, fork_outputs, fork_captures = call(leaf)
+            score, classes = scorer(outputs, dict(zip(self.layers, captures)), None)
+            scores, grad_at = [score.sum()], list(captures)
+            if self.forked:
+                plain, _ = scorer(fork_outputs, dict(zip(self.layers, fork_captures)), classes)
+                scores.append(plain.sum())
+                grad_at = list(fork_captures)
+            grads = _grad(scores, [leaf] + grad_at)
+        return outputs, captures, score, classes, grads
 
     def _score(self, target, outputs, captures: Dict[str, Tensor], batch: int):
         if isinstance(target, Channel):
@@ -214,6 +225,12 @@ class Explainer(nn.Module):
                              f"{parameter.device}: move one, e.g. x.to(device, dtype) or explainer.to(...)")
         if not bool(torch.isfinite(x).all()):
             raise InputError("input holds NaN or Inf values; every map would be NaN. Clean the input first")
+
+    def save(self, path: str) -> None:
+        """Save this explainer (graph, weights, layers, rule, report) to one file; see :func:`guided_swap.load`."""
+        from .io import save
+
+        save(self, path)
 
     def _apply(self, fn, recurse=True):
         # Give the explainer new Parameter objects instead of setting .data on the shared ones, so that

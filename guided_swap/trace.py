@@ -72,7 +72,12 @@ class QualnameTracer(fx.Tracer):
     """fx.Tracer that names nodes the torchvision way and records module outputs."""
 
     def __init__(self, leaf_modules=(), autowrap_functions=(), autowrap_modules=(math,)):
-        super().__init__(autowrap_modules=tuple(autowrap_modules), autowrap_functions=tuple(autowrap_functions))
+        # The library's own graph functions are always leaves: GraphModule unpickling re-traces the saved code
+        # with this tracer class, and must not trace into an autograd.Function.
+        from . import ops
+
+        own = ops.ALL_OPS + (ops.fork_leaf, ops.fork_detach)
+        super().__init__(autowrap_modules=tuple(autowrap_modules), autowrap_functions=own + tuple(autowrap_functions))
         self.leaf_modules = tuple(leaf_modules)
         self.current_qualname = ""
         self.module_outputs: Dict[str, List[fx.Node]] = {}

@@ -1,0 +1,378 @@
+"""Side-by-side benchmark: guided_swap against the hook-based approach, speed, memory and correctness.
+
+Every method explains the same batch for the same targets. Time is measured in interleaved rounds after a
+warm-up; memory as the bytes of unique storages saved for backward (deterministic) and as peak RSS with the
+method alone in its own process (noisy: median of several). Each method's map is compared with the true one
+from :mod:`guided_swap.reference`, so a fast but wrong peer shows as such.
+
+>>> results = run(Config(models=(("resnet18", "layer4", 32),), batches=(1,), rounds=1, warmup=0, rss_repeats=0,
+...                      conversion=False, methods=("plain", "gs_guided")))
+>>> sorted(results["rows"][0]["methods"])
+['gs_guided', 'plain']
+"""
+import argparse
+import copy
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torchvision
+from torch import Tensor, nn
+
+from . import cam as cam_maths
+from . import reference
+from .explainer import convert
+
+DEFAULT_MODELS = (("resnet50", "layer4", 224), ("vgg16", "features.29", 224), ("densenet121", "features", 224),
+                  ("googlenet", "inception5b", 224))
+ALL_METHODS = ("plain", "gs_guided", "gs_all", "gs_exported", "seed_hooks", "captum_gbp", "captum_ggc", "gradcam_lib")
+DESCRIPTIONS = {
+    "plain": "plain input gradient (forward + one backward): the floor",
+    "gs_guided": "guided_swap guided backprop",
+    "gs_all": "guided_swap all maps at once (guided + Grad-CAM + Guided Grad-CAM)",
+    "gs_exported": "guided_swap exported .pt2 program, all maps",
+    "seed_hooks": "backward hook on every nn.ReLU that clamps the gradient (inplace=False copy)",
+    "captum_gbp": "Captum GuidedBackprop",
+    "captum_ggc": "Captum GuidedGradCam (two passes)",
+    "gradcam_lib": "pytorch-grad-cam GuidedBackpropReLUModel + GradCAM (batch-1 loop for guided)",
+}
+Method = Callable[[Tensor, Tensor], Dict[str, Tensor]]
+
+
+@dataclass
+class Config:
+    models: Sequence[Tuple[str, str, int]] = DEFAULT_MODELS
+    batches: Sequence[int] = (1, 16)
+    methods: Sequence[str] = ALL_METHODS
+    warmup: int = 1
+    rounds: int = 5
+    rss_repeats: int = 3
+    rss_batch: int = 16
+    conversion: bool = True
+    seed: int = 0
+
+
+def build_model(name: str, seed: int = 0) -> nn.Module:
+    """A torchvision model with random weights from ``seed`` and non-trivial BatchNorm statistics."""
+    torch.manual_seed(seed)
+    kwargs = {"init_weights": True, "aux_logits": False} if name in ("googlenet", "inception_v3") else {}
+    model = torchvision.models.get_model(name, weights=None, **kwargs)
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.copy_(torch.rand(module.running_mean.shape, generator=generator) - 0.5)
+                module.running_var.copy_(torch.rand(module.running_var.shape, generator=generator) + 0.5)
+    return model.eval()
+
+
+# --- the methods -----------------------------------------------------------------------------------------
+
+def _score(logits: Tensor, target: Tensor) -> Tensor:
+    return logits.gather(1, target.view(-1, 1)).sum()
+
+
+def plain_gradient(model: nn.Module, layer: str) -> Method:
+    def run(x, target):
+        x = x.detach().requires_grad_(True)
+        (grad,) = torch.autograd.grad(_score(model(x), target), x)
+        return {"gradient": grad}
+    return run
+
+
+def gs_guided(model: nn.Module, layer: str) -> Method:
+    explainer = convert(model, layer=None)
+    return lambda x, target: {"gradient": explainer.explain(x, target).gradient}
+
+
+def gs_all(model: nn.Module, layer: str) -> Method:
+    explainer = convert(model, layer=layer)
+
+    def run(x, target):
+        e = explainer.explain(x, target)
+        return {"gradient": e.gradient, "cam": e.cam, "guided_gradcam": e.guided_gradcam}
+    return run
+
+
+def gs_exported(model: nn.Module, layer: str) -> Method:
+    from .export import export_program
+
+    program = export_program(convert(model, layer=layer))
+    return lambda x, target: program(x, target)
+
+
+def seed_hooks(model: nn.Module, layer: str) -> Method:
+    """The approach most blog code and seed projects use: clamp the gradient in a hook on each nn.ReLU."""
+    hooked = copy.deepcopy(model)
+    for module in hooked.modules():
+        if isinstance(module, nn.ReLU):
+            module.inplace = False  # full backward hooks refuse in-place outputs
+            module.register_full_backward_hook(lambda m, grad_in, grad_out: (grad_in[0].clamp(min=0),))
+    return plain_gradient(hooked, layer)
+
+
+def captum_gbp(model: nn.Module, layer: str) -> Method:
+    from captum.attr import GuidedBackprop
+
+    method = GuidedBackprop(copy.deepcopy(model))
+    return lambda x, target: {"gradient": method.attribute(x, target=target)}
+
+
+def captum_ggc(model: nn.Module, layer: str) -> Method:
+    from captum.attr import GuidedGradCam
+
+    copied = copy.deepcopy(model)
+    method = GuidedGradCam(copied, copied.get_submodule(layer))
+    return lambda x, target: {"guided_gradcam": method.attribute(x, target=target, interpolate_mode="bilinear")}
+
+
+def gradcam_lib(model: nn.Module, layer: str) -> Method:
+    from pytorch_grad_cam import GradCAM, GuidedBackpropReLUModel
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    copied = copy.deepcopy(model)  # GuidedBackpropReLUModel swaps the model's ReLU modules while it runs
+    guided = GuidedBackpropReLUModel(copied, device="cpu")
+    gradcam = GradCAM(model=copied, target_layers=[copied.get_submodule(layer)])
+
+    def run(x, target):
+        cams = gradcam(input_tensor=x, targets=[ClassifierOutputTarget(int(t)) for t in target])
+        maps = [torch.from_numpy(guided(x[i:i + 1].clone(), target_category=int(target[i]))).permute(2, 0, 1)
+                for i in range(x.shape[0])]  # its guided backprop explains one image per call
+        return {"gradient": torch.stack(maps), "cam": torch.from_numpy(cams)}
+    return run
+
+
+FACTORIES: Dict[str, Callable[[nn.Module, str], Method]] = {
+    "plain": plain_gradient, "gs_guided": gs_guided, "gs_all": gs_all, "gs_exported": gs_exported,
+    "seed_hooks": seed_hooks, "captum_gbp": captum_gbp, "captum_ggc": captum_ggc, "gradcam_lib": gradcam_lib,
+}
+
+
+# --- measurements ----------------------------------------------------------------------------------------
+
+def time_interleaved(methods: Dict[str, Method], x: Tensor, target: Tensor, warmup: int, rounds: int) -> Dict[str, List[float]]:
+    """Seconds per call of each method, measured in rounds that visit every method once."""
+    for _ in range(warmup):
+        for method in methods.values():
+            method(x, target)
+    times: Dict[str, List[float]] = {name: [] for name in methods}
+    for _ in range(rounds):
+        for name, method in methods.items():
+            start = time.perf_counter()
+            method(x, target)
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def saved_bytes(method: Method, x: Tensor, target: Tensor) -> int:
+    """Bytes of unique storages saved for backward during one call (storages are kept alive while counting,
+    so a second pass cannot reuse an address and hide its bytes)."""
+    storages = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        method(x, target)
+    return sum(storage.nbytes() for storage in storages.values())
+
+
+def truth(model: nn.Module, layer: str, x: Tensor, target: Tensor) -> Dict[str, Tensor]:
+    """The true guided gradient and Guided Grad-CAM, from the fx-free reference."""
+    gradient = reference.input_gradient(model, x, target, "guided")
+    heat = cam_maths.upsample(reference.gradcam(model, x, target, model.get_submodule(layer)), x.shape[2:])
+    return {"gradient": gradient, "guided_gradcam": cam_maths.guided_gradcam(heat, gradient)}
+
+
+def deviation(result: Dict[str, Tensor], expected: Dict[str, Tensor]) -> Optional[float]:
+    """Max relative deviation of a method's guided map from the truth (None for the plain gradient)."""
+    for key in ("guided_gradcam", "gradient"):
+        if key in result and key in expected:
+            scale = expected[key].abs().max().clamp_min(1e-30)
+            return float((result[key].detach().float() - expected[key]).abs().max() / scale)
+    return None
+
+
+def peak_rss_delta(model_name: str, layer: str, size: int, method: str, batch: int, seed: int) -> float:
+    """MiB the peak RSS rises above the process's RSS after set-up, with ``method`` alone in a new process."""
+    command = [sys.executable, "-m", "guided_swap.benchmark", "--rss-probe", model_name, layer, str(size), method,
+               str(batch), str(seed)]
+    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    return json.loads(output.strip().splitlines()[-1])["delta_mib"]
+
+
+def _rss_probe(model_name: str, layer: str, size: int, method: str, batch: int, seed: int) -> None:
+    warnings.simplefilter("ignore")
+    model = build_model(model_name, seed)
+    run_method = FACTORIES[method](model, layer)
+    x, target = _inputs(model, batch, size, seed)
+    with open("/proc/self/statm") as statm:
+        base = int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    run_method(x, target)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"delta_mib": max(peak - base, 0) / 2 ** 20}))
+
+
+def _inputs(model: nn.Module, batch: int, size: int, seed: int) -> Tuple[Tensor, Tensor]:
+    generator = torch.Generator().manual_seed(seed + 2)
+    x = torch.randn(batch, 3, size, size, generator=generator)
+    with torch.no_grad():
+        target = model(x).argmax(dim=1)
+    return x, target
+
+
+def conversion_times(names: Sequence[Tuple[str, str]], repeats: int = 3) -> Dict[str, float]:
+    """Median seconds of ``convert`` per model."""
+    result = {}
+    for name, layer in names:
+        model = build_model(name)
+        samples = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            convert(model, layer=layer)
+            samples.append(time.perf_counter() - start)
+        result[name] = statistics.median(samples)
+    return result
+
+
+CONVERSION_MODELS = (("resnet18", "layer4"), ("resnet34", "layer4"), ("resnet50", "layer4"), ("resnet101", "layer4"),
+                     ("resnet152", "layer4"), ("densenet121", "features"), ("densenet161", "features"),
+                     ("densenet169", "features"), ("densenet201", "features"))
+
+
+# --- the run -------------------------------------------------------------------------------------------
+
+def run(config: Config, log: Callable[[str], None] = lambda line: None) -> dict:
+    warnings.simplefilter("ignore")
+    rows = []
+    for model_name, layer, size in config.models:
+        model = build_model(model_name, config.seed)
+        methods = {name: FACTORIES[name](model, layer) for name in config.methods}
+        for batch in config.batches:
+            x, target = _inputs(model, batch, size, config.seed)
+            expected = truth(model, layer, x, target)
+            row = {"model": model_name, "layer": layer, "size": size, "batch": batch, "methods": {}}
+            times = time_interleaved(methods, x, target, config.warmup, config.rounds)
+            for name, method in methods.items():
+                row["methods"][name] = {
+                    "median_s": statistics.median(times[name]), "min_s": min(times[name]), "max_s": max(times[name]),
+                    "saved_bytes": saved_bytes(method, x, target), "deviation": deviation(method(x, target), expected),
+                }
+            if batch == config.rss_batch and config.rss_repeats:
+                for name in methods:
+                    samples = [peak_rss_delta(model_name, layer, size, name, batch, config.seed)
+                               for _ in range(config.rss_repeats)]
+                    row["methods"][name]["peak_rss_mib"] = statistics.median(samples)
+            _add_ratios(row)
+            rows.append(row)
+            log(f"{model_name} batch {batch}: " + ", ".join(
+                f"{n} {m['median_s'] * 1000:.0f} ms ({m['time_ratio']:.2f}x)" for n, m in row["methods"].items()))
+    results = {"machine": machine(), "config": asdict(config), "rows": rows}
+    if config.conversion:
+        results["conversion_s"] = conversion_times(CONVERSION_MODELS)
+    return results
+
+
+def _add_ratios(row: dict) -> None:
+    methods = row["methods"]
+    floor = methods.get("plain")
+    for entry in methods.values():
+        entry["time_ratio"] = entry["median_s"] / floor["median_s"] if floor else float("nan")
+        entry["saved_ratio"] = entry["saved_bytes"] / floor["saved_bytes"] if floor and floor["saved_bytes"] else None
+        if floor and "peak_rss_mib" in entry and floor.get("peak_rss_mib"):
+            entry["rss_ratio"] = entry["peak_rss_mib"] / floor["peak_rss_mib"]
+
+
+def machine() -> dict:
+    return {"cpu": _cpu_name(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+            "python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "date": time.strftime("%Y-%m-%d")}
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as info:
+            return next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown"
+
+
+def to_markdown(results: dict) -> str:
+    m = results["machine"]
+    lines = [f"Measured on {m['cpu']}, {m['cores']} cores ({m['threads']} torch threads), torch {m['torch']}, "
+             f"{m['date']}. Time: median of {results['config']['rounds']} interleaved rounds. Ratios are to the "
+             "plain gradient. Deviation: max relative deviation of the method's guided map from the true one.", ""]
+    header = "| model | batch | method | median ms | min–max ms | × plain time | saved MiB | × plain saved | peak RSS Δ MiB | × plain RSS | deviation |"
+    lines += [header, "|---" * (header.count("|") - 1) + "|"]
+    for row in results["rows"]:
+        for name, e in row["methods"].items():
+            rss = f"{e['peak_rss_mib']:.0f}" if "peak_rss_mib" in e else ""
+            rss_ratio = f"{e['rss_ratio']:.2f}" if "rss_ratio" in e else ""
+            saved_ratio = f"{e['saved_ratio']:.3f}" if e["saved_ratio"] is not None else ""
+            dev = "" if e["deviation"] is None else f"{e['deviation']:.1e}"
+            lines.append(f"| {row['model']} | {row['batch']} | {name} | {e['median_s'] * 1000:.1f} | "
+                         f"{e['min_s'] * 1000:.1f}–{e['max_s'] * 1000:.1f} | {e['time_ratio']:.2f} | "
+                         f"{e['saved_bytes'] / 2 ** 20:.1f} | {saved_ratio} | {rss} | {rss_ratio} | {dev} |")
+    if "conversion_s" in results:
+        lines += ["", "| model | gs.convert seconds |", "|---|---|"]
+        lines += [f"| {name} | {seconds:.3f} |" for name, seconds in results["conversion_s"].items()]
+    lines += ["", "Methods:"] + [f"- `{k}`: {v}" for k, v in DESCRIPTIONS.items()
+                                 if k in results["config"]["methods"]]
+    return "\n".join(lines) + "\n"
+
+
+def write(results: dict, directory: str) -> Tuple[str, str]:
+    os.makedirs(directory, exist_ok=True)
+    json_path, md_path = os.path.join(directory, "results.json"), os.path.join(directory, "results.md")
+    with open(json_path, "w") as handle:
+        json.dump(results, handle, indent=1)
+    with open(md_path, "w") as handle:
+        handle.write(to_markdown(results))
+    return json_path, md_path
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="guided-swap bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default=os.path.join("benchmarks", "results"))
+    parser.add_argument("--models", nargs="*", help="NAME:LAYER:SIZE entries (default: resnet50, vgg16, densenet121, googlenet)")
+    parser.add_argument("--batches", nargs="*", type=int, default=[1, 16])
+    parser.add_argument("--methods", nargs="*", default=list(ALL_METHODS), choices=ALL_METHODS)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--rss-repeats", type=int, default=3)
+    parser.add_argument("--no-conversion", action="store_true")
+    parser.add_argument("--rss-probe", nargs=6, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.rss_probe:
+        name, layer, size, method, batch, seed = args.rss_probe
+        _rss_probe(name, layer, int(size), method, int(batch), int(seed))
+        return 0
+    models = DEFAULT_MODELS if not args.models else [_model_spec(spec) for spec in args.models]
+    config = Config(models=models, batches=args.batches, methods=args.methods, rounds=args.rounds, warmup=args.warmup,
+                    rss_repeats=args.rss_repeats, rss_batch=max(args.batches), conversion=not args.no_conversion)
+    results = run(config, log=lambda line: print(line, flush=True))
+    for path in write(results, args.out):
+        print("wrote", path)
+    return 0
+
+
+def _model_spec(spec: str) -> Tuple[str, str, int]:
+    parts = spec.split(":")
+    if len(parts) != 3 or not parts[2].isdigit():
+        raise SystemExit(f"--models takes NAME:LAYER:SIZE, e.g. resnet50:layer4:224; got {spec!r}")
+    return parts[0], parts[1], int(parts[2])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

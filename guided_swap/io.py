@@ -1,0 +1,106 @@
+"""Save and load a converted explainer: graph code, weights, layers, rule and report in one file.
+
+The file is a zip with a JSON header (format, guided_swap and torch versions, rule, layers) and the pickled
+explainer. The graph carries its own code, so loading does not need the model's class, only guided_swap
+and torch (and the classes of any custom leaf modules). Like ``torch.load``, it unpickles: load only files
+you trust.
+
+>>> import torch, torchvision, guided_swap as gs, tempfile, os
+>>> ex = gs.convert(torchvision.models.resnet18().eval(), layer="layer4")
+>>> path = os.path.join(tempfile.mkdtemp(), "resnet18.gsx")
+>>> ex.save(path)
+>>> gs.load(path).layers
+('layer4',)
+"""
+import io
+import json
+import os
+import tempfile
+import warnings
+import zipfile
+
+import torch
+
+from .errors import GuidedSwapError
+
+FORMAT = "guided_swap.explainer"
+FORMAT_VERSION = 1
+HEADER, PAYLOAD = "guided_swap.json", "explainer.pt"
+
+
+class LoadError(GuidedSwapError, ValueError):
+    """A file that is not a guided_swap explainer, is damaged, or was written by an incompatible version."""
+
+
+def save(explainer, path: str) -> None:
+    """Write ``explainer`` to ``path`` atomically (a crash never leaves half a file under that name)."""
+    from . import __version__
+
+    header = {"format": FORMAT, "format_version": FORMAT_VERSION, "guided_swap_version": __version__,
+              "torch_version": torch.__version__, "rule": explainer.rule, "layers": list(explainer.layers),
+              "swapped": len(explainer.swapped)}
+    buffer = io.BytesIO()
+    torch.save(explainer, buffer)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=directory, suffix=".tmp")
+    os.close(handle)
+    try:
+        with zipfile.ZipFile(temporary, "w") as archive:
+            archive.writestr(HEADER, json.dumps(header, indent=1))
+            archive.writestr(PAYLOAD, buffer.getvalue())
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+def read_header(path: str) -> dict:
+    """The header of a saved explainer, validated; raises :class:`LoadError` for anything else."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no explainer file at {path!r}")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+            if HEADER not in names:
+                kind = "a torch.export program: load it with torch.export.load" if any(
+                    n.endswith(".json") or "/data/" in n for n in names) else "not a guided_swap explainer"
+                raise LoadError(f"{path!r} is {kind} (no {HEADER} inside)")
+            header = json.loads(archive.read(HEADER))
+    except zipfile.BadZipFile as error:
+        raise LoadError(f"{path!r} is truncated, corrupt, or not a guided_swap explainer file ({error})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise LoadError(f"{path!r} has a damaged header ({error})") from None
+    _check_compatible(path, header)
+    return header
+
+
+def _check_compatible(path: str, header: dict) -> None:
+    if header.get("format") != FORMAT:
+        raise LoadError(f"{path!r} is not a guided_swap explainer (format {header.get('format')!r})")
+    if header.get("format_version") != FORMAT_VERSION:
+        raise LoadError(f"{path!r} was written by guided_swap {header.get('guided_swap_version')} in file format "
+                        f"{header.get('format_version')}; this guided_swap reads format {FORMAT_VERSION}. "
+                        "Convert the model again with this version")
+    if header.get("torch_version", "").split(".")[:2] != torch.__version__.split(".")[:2]:
+        warnings.warn(f"{path!r} was saved with torch {header.get('torch_version')}, this is torch {torch.__version__}; "
+                      "the graph is re-generated from its code, but check the maps once", stacklevel=3)
+
+
+def load(path: str, map_location=None):
+    """Load an explainer written by :meth:`Explainer.save`."""
+    read_header(path)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            payload = archive.read(PAYLOAD)
+        explainer = torch.load(io.BytesIO(payload), map_location=map_location, weights_only=False)
+    except (zipfile.BadZipFile, KeyError, EOFError, RuntimeError, OSError) as error:
+        raise LoadError(f"{path!r} is truncated or corrupt: {type(error).__name__}: {error}") from None
+    except (ModuleNotFoundError, AttributeError) as error:
+        raise LoadError(f"{path!r} needs a class that is not importable here ({error}); a custom leaf module's "
+                        "class must be importable when loading") from None
+    from .explainer import Explainer
+
+    if not isinstance(explainer, Explainer):
+        raise LoadError(f"{path!r} holds a {type(explainer).__name__}, not an Explainer")
+    return explainer
