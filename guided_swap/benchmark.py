@@ -46,6 +46,7 @@ DESCRIPTIONS = {
     "gradcam_lib": "pytorch-grad-cam GuidedBackpropReLUModel + GradCAM (batch-1 loop for guided)",
 }
 Method = Callable[[Tensor, Tensor], Dict[str, Tensor]]
+# A factory takes (model, layer name, input size) and returns a Method.
 
 
 @dataclass
@@ -81,7 +82,7 @@ def _score(logits: Tensor, target: Tensor) -> Tensor:
     return logits.gather(1, target.view(-1, 1)).sum()
 
 
-def plain_gradient(model: nn.Module, layer: str) -> Method:
+def plain_gradient(model: nn.Module, layer: str, size: int = 224) -> Method:
     def run(x, target):
         x = x.detach().requires_grad_(True)
         (grad,) = torch.autograd.grad(_score(model(x), target), x)
@@ -89,12 +90,12 @@ def plain_gradient(model: nn.Module, layer: str) -> Method:
     return run
 
 
-def gs_guided(model: nn.Module, layer: str) -> Method:
+def gs_guided(model: nn.Module, layer: str, size: int = 224) -> Method:
     explainer = convert(model, layer=None)
     return lambda x, target: {"gradient": explainer.explain(x, target).gradient}
 
 
-def gs_all(model: nn.Module, layer: str) -> Method:
+def gs_all(model: nn.Module, layer: str, size: int = 224) -> Method:
     explainer = convert(model, layer=layer)
 
     def run(x, target):
@@ -103,14 +104,14 @@ def gs_all(model: nn.Module, layer: str) -> Method:
     return run
 
 
-def gs_exported(model: nn.Module, layer: str) -> Method:
+def gs_exported(model: nn.Module, layer: str, size: int = 224) -> Method:
     from .export import export_program
 
-    program = export_program(convert(model, layer=layer))
+    program = export_program(convert(model, layer=layer), torch.randn(2, 3, size, size)).module()
     return lambda x, target: program(x, target)
 
 
-def seed_hooks(model: nn.Module, layer: str) -> Method:
+def seed_hooks(model: nn.Module, layer: str, size: int = 224) -> Method:
     """The approach most blog code and seed projects use: clamp the gradient in a hook on each nn.ReLU."""
     hooked = copy.deepcopy(model)
     for module in hooked.modules():
@@ -120,14 +121,14 @@ def seed_hooks(model: nn.Module, layer: str) -> Method:
     return plain_gradient(hooked, layer)
 
 
-def captum_gbp(model: nn.Module, layer: str) -> Method:
+def captum_gbp(model: nn.Module, layer: str, size: int = 224) -> Method:
     from captum.attr import GuidedBackprop
 
     method = GuidedBackprop(copy.deepcopy(model))
     return lambda x, target: {"gradient": method.attribute(x, target=target)}
 
 
-def captum_ggc(model: nn.Module, layer: str) -> Method:
+def captum_ggc(model: nn.Module, layer: str, size: int = 224) -> Method:
     from captum.attr import GuidedGradCam
 
     copied = copy.deepcopy(model)
@@ -135,7 +136,7 @@ def captum_ggc(model: nn.Module, layer: str) -> Method:
     return lambda x, target: {"guided_gradcam": method.attribute(x, target=target, interpolate_mode="bilinear")}
 
 
-def gradcam_lib(model: nn.Module, layer: str) -> Method:
+def gradcam_lib(model: nn.Module, layer: str, size: int = 224) -> Method:
     from pytorch_grad_cam import GradCAM, GuidedBackpropReLUModel
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
@@ -151,7 +152,7 @@ def gradcam_lib(model: nn.Module, layer: str) -> Method:
     return run
 
 
-FACTORIES: Dict[str, Callable[[nn.Module, str], Method]] = {
+FACTORIES: Dict[str, Callable[[nn.Module, str, int], Method]] = {
     "plain": plain_gradient, "gs_guided": gs_guided, "gs_all": gs_all, "gs_exported": gs_exported,
     "seed_hooks": seed_hooks, "captum_gbp": captum_gbp, "captum_ggc": captum_ggc, "gradcam_lib": gradcam_lib,
 }
@@ -215,13 +216,34 @@ def peak_rss_delta(model_name: str, layer: str, size: int, method: str, batch: i
 def _rss_probe(model_name: str, layer: str, size: int, method: str, batch: int, seed: int) -> None:
     warnings.simplefilter("ignore")
     model = build_model(model_name, seed)
-    run_method = FACTORIES[method](model, layer)
+    run_method = FACTORIES[method](model, layer, size)
     x, target = _inputs(model, batch, size, seed)
-    with open("/proc/self/statm") as statm:
-        base = int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    base = _reset_peak_rss()
     run_method(x, target)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"delta_mib": max(peak - base, 0) / 2 ** 20}))
+    print(json.dumps({"delta_mib": max(_peak_rss() - base, 0) / 2 ** 20}))
+
+
+def _status_bytes(field_name: str) -> int:
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith(field_name + ":"))
+    return int(line.split()[1]) * 1024
+
+
+def _reset_peak_rss() -> int:
+    """Reset the high-water mark to the current RSS (Linux: clear_refs 5); return the current RSS in bytes."""
+    try:
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")
+        return _status_bytes("VmRSS")
+    except OSError:  # not Linux: fall back to the lifetime peak, which may include set-up
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _peak_rss() -> int:
+    try:
+        return _status_bytes("VmHWM")
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _inputs(model: nn.Module, batch: int, size: int, seed: int) -> Tuple[Tensor, Tensor]:
@@ -258,7 +280,7 @@ def run(config: Config, log: Callable[[str], None] = lambda line: None) -> dict:
     rows = []
     for model_name, layer, size in config.models:
         model = build_model(model_name, config.seed)
-        methods = {name: FACTORIES[name](model, layer) for name in config.methods}
+        methods = {name: FACTORIES[name](model, layer, size) for name in config.methods}
         for batch in config.batches:
             x, target = _inputs(model, batch, size, config.seed)
             expected = truth(model, layer, x, target)
@@ -267,7 +289,9 @@ def run(config: Config, log: Callable[[str], None] = lambda line: None) -> dict:
             for name, method in methods.items():
                 row["methods"][name] = {
                     "median_s": statistics.median(times[name]), "min_s": min(times[name]), "max_s": max(times[name]),
-                    "saved_bytes": saved_bytes(method, x, target), "deviation": deviation(method(x, target), expected),
+                    # a static exported graph has no autograd: nothing is "saved for backward" (see peak RSS)
+                    "saved_bytes": None if name == "gs_exported" else saved_bytes(method, x, target),
+                    "deviation": None if name == "plain" else deviation(method(x, target), expected),
                 }
             if batch == config.rss_batch and config.rss_repeats:
                 for name in methods:
@@ -289,7 +313,8 @@ def _add_ratios(row: dict) -> None:
     floor = methods.get("plain")
     for entry in methods.values():
         entry["time_ratio"] = entry["median_s"] / floor["median_s"] if floor else float("nan")
-        entry["saved_ratio"] = entry["saved_bytes"] / floor["saved_bytes"] if floor and floor["saved_bytes"] else None
+        known = floor and floor["saved_bytes"] and entry["saved_bytes"] is not None
+        entry["saved_ratio"] = entry["saved_bytes"] / floor["saved_bytes"] if known else None
         if floor and "peak_rss_mib" in entry and floor.get("peak_rss_mib"):
             entry["rss_ratio"] = entry["peak_rss_mib"] / floor["peak_rss_mib"]
 
@@ -323,7 +348,7 @@ def to_markdown(results: dict) -> str:
             dev = "" if e["deviation"] is None else f"{e['deviation']:.1e}"
             lines.append(f"| {row['model']} | {row['batch']} | {name} | {e['median_s'] * 1000:.1f} | "
                          f"{e['min_s'] * 1000:.1f}–{e['max_s'] * 1000:.1f} | {e['time_ratio']:.2f} | "
-                         f"{e['saved_bytes'] / 2 ** 20:.1f} | {saved_ratio} | {rss} | {rss_ratio} | {dev} |")
+                         f"{'n/a' if e['saved_bytes'] is None else format(e['saved_bytes'] / 2 ** 20, '.1f')} | {saved_ratio} | {rss} | {rss_ratio} | {dev} |")
     if "conversion_s" in results:
         lines += ["", "| model | gs.convert seconds |", "|---|---|"]
         lines += [f"| {name} | {seconds:.3f} |" for name, seconds in results["conversion_s"].items()]
