@@ -58,6 +58,7 @@ class Config:
     rounds: int = 5
     rss_repeats: int = 3
     rss_batch: int = 16
+    rss_methods: Sequence[str] = ("plain", "gs_guided", "gs_all", "captum_gbp", "captum_ggc")
     conversion: bool = True
     seed: int = 0
 
@@ -140,9 +141,11 @@ def gradcam_lib(model: nn.Module, layer: str, size: int = 224) -> Method:
     from pytorch_grad_cam import GradCAM, GuidedBackpropReLUModel
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    copied = copy.deepcopy(model)  # GuidedBackpropReLUModel swaps the model's ReLU modules while it runs
-    guided = GuidedBackpropReLUModel(copied, device="cpu")
-    gradcam = GradCAM(model=copied, target_layers=[copied.get_submodule(layer)])
+    # Two copies: GuidedBackpropReLUModel puts *new* nn.ReLU modules back after each call, which silently
+    # detaches GradCAM's hooks when the target layer is a ReLU (VGG's features.29) and both share a model.
+    guided = GuidedBackpropReLUModel(copy.deepcopy(model), device="cpu")
+    for_cam = copy.deepcopy(model)
+    gradcam = GradCAM(model=for_cam, target_layers=[for_cam.get_submodule(layer)])
 
     def run(x, target):
         cams = gradcam(input_tensor=x, targets=[ClassifierOutputTarget(int(t)) for t in target])
@@ -275,7 +278,8 @@ CONVERSION_MODELS = (("resnet18", "layer4"), ("resnet34", "layer4"), ("resnet50"
 
 # --- the run -------------------------------------------------------------------------------------------
 
-def run(config: Config, log: Callable[[str], None] = lambda line: None) -> dict:
+def run(config: Config, log: Callable[[str], None] = lambda line: None,
+        partial: Callable[[dict], None] = lambda results: None) -> dict:
     warnings.simplefilter("ignore")
     rows = []
     for model_name, layer, size in config.models:
@@ -294,12 +298,13 @@ def run(config: Config, log: Callable[[str], None] = lambda line: None) -> dict:
                     "deviation": None if name == "plain" else deviation(method(x, target), expected),
                 }
             if batch == config.rss_batch and config.rss_repeats:
-                for name in methods:
+                for name in [m for m in methods if m in config.rss_methods]:
                     samples = [peak_rss_delta(model_name, layer, size, name, batch, config.seed)
                                for _ in range(config.rss_repeats)]
                     row["methods"][name]["peak_rss_mib"] = statistics.median(samples)
             _add_ratios(row)
             rows.append(row)
+            partial({"machine": machine(), "config": asdict(config), "rows": rows})
             log(f"{model_name} batch {batch}: " + ", ".join(
                 f"{n} {m['median_s'] * 1000:.0f} ms ({m['time_ratio']:.2f}x)" for n, m in row["methods"].items()))
     results = {"machine": machine(), "config": asdict(config), "rows": rows}
@@ -376,6 +381,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--rss-repeats", type=int, default=3)
+    parser.add_argument("--rss-methods", nargs="*", default=list(Config.rss_methods), choices=ALL_METHODS)
     parser.add_argument("--no-conversion", action="store_true")
     parser.add_argument("--rss-probe", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -385,8 +391,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     models = DEFAULT_MODELS if not args.models else [_model_spec(spec) for spec in args.models]
     config = Config(models=models, batches=args.batches, methods=args.methods, rounds=args.rounds, warmup=args.warmup,
-                    rss_repeats=args.rss_repeats, rss_batch=max(args.batches), conversion=not args.no_conversion)
-    results = run(config, log=lambda line: print(line, flush=True))
+                    rss_repeats=args.rss_repeats, rss_batch=max(args.batches), rss_methods=args.rss_methods, conversion=not args.no_conversion)
+    results = run(config, log=lambda line: print(line, flush=True), partial=lambda r: write(r, args.out))
     for path in write(results, args.out):
         print("wrote", path)
     return 0

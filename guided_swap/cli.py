@@ -12,7 +12,6 @@ import argparse
 import importlib
 import os
 import sys
-import tempfile
 import warnings
 from typing import List, Optional, Sequence
 
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ._files import atomic_write
 from .errors import GuidedSwapError
 
 METHODS = ("guided", "deconvnet", "gradient", "gradcam", "guided-gradcam", "all")
@@ -84,15 +84,8 @@ def _output_name(relative: str) -> str:
 
 
 def _write_npz(path: str, arrays: dict) -> None:
-    handle, temporary = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".npz")
-    os.close(handle)
-    try:
-        with open(temporary, "wb") as stream:
-            np.savez_compressed(stream, **arrays)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+    with atomic_write(path, suffix=".npz") as temporary, open(temporary, "wb") as stream:
+        np.savez_compressed(stream, **arrays)
 
 
 def _maps(explanation, method: str) -> dict:

@@ -12,8 +12,6 @@ graph a portable ``.pt2`` with a dynamic batch dimension. Loading it needs torch
 >>> sorted(out), tuple(out["cam"].shape)
 (['cam', 'cam_raw', 'gradient', 'guided_gradcam', 'logits'], (3, 64, 64))
 """
-import os
-import tempfile
 from typing import Dict, Optional
 
 import torch
@@ -21,6 +19,7 @@ from torch import Tensor, nn
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from . import cam as cam_maths
+from ._files import atomic_write
 from .errors import GuidedSwapError
 from .explainer import Explainer, select_output
 
@@ -89,16 +88,8 @@ def export_program(explainer: Explainer, example_input: Optional[Tensor] = None,
 def export(explainer: Explainer, example_input: Tensor, path: str, **options) -> "torch.export.ExportedProgram":
     """Export ``explainer`` to ``path`` (``.pt2``), written atomically. Returns the program."""
     program = export_program(explainer, example_input, **options)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=directory, suffix=".pt2.tmp")
-    os.close(handle)
-    try:
+    with atomic_write(path, suffix=".pt2") as temporary:
         torch.export.save(program, temporary)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
     return program
 
 

@@ -15,12 +15,12 @@ you trust.
 import io
 import json
 import os
-import tempfile
 import warnings
 import zipfile
 
 import torch
 
+from ._files import atomic_write
 from .errors import GuidedSwapError
 
 FORMAT = "guided_swap.explainer"
@@ -41,18 +41,9 @@ def save(explainer, path: str) -> None:
               "swapped": len(explainer.swapped)}
     buffer = io.BytesIO()
     torch.save(explainer, buffer)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=directory, suffix=".tmp")
-    os.close(handle)
-    try:
-        with zipfile.ZipFile(temporary, "w") as archive:
-            archive.writestr(HEADER, json.dumps(header, indent=1))
-            archive.writestr(PAYLOAD, buffer.getvalue())
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+    with atomic_write(path) as temporary, zipfile.ZipFile(temporary, "w") as archive:
+        archive.writestr(HEADER, json.dumps(header, indent=1))
+        archive.writestr(PAYLOAD, buffer.getvalue())
 
 
 def read_header(path: str) -> dict:

@@ -7,11 +7,11 @@
 >>> standardize_clip(m).round(3).tolist()
 [[0.366, 0.455], [0.545, 0.634]]
 """
-import os
-import tempfile
 from typing import Optional, Sequence
 
 import numpy as np
+
+from ._files import atomic_write
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -118,11 +118,7 @@ def figure(explanation, inputs, probabilities=None, labels: Optional[Sequence[st
 
 def save_png(fig_or_array, path: str) -> str:
     """Write a figure or an (H, W[, 3]) array in [0, 1] to a PNG, atomically."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=directory, suffix=".png")
-    os.close(handle)
-    try:
+    with atomic_write(path, suffix=".png") as temporary:
         if hasattr(fig_or_array, "savefig"):
             import matplotlib.pyplot as plt
 
@@ -132,8 +128,4 @@ def save_png(fig_or_array, path: str) -> str:
             from skimage import io as skio
 
             skio.imsave(temporary, (np.clip(to_numpy(fig_or_array), 0, 1) * 255).astype(np.uint8), check_contrast=False)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
     return path
