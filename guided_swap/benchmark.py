@@ -362,6 +362,25 @@ def to_markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def headline(results: dict) -> str:
+    """The README's table: time × the plain gradient, and deviation from the true guided map."""
+    names = [n for n in ("gs_guided", "gs_all", "gs_exported", "seed_hooks", "captum_gbp", "captum_ggc", "gradcam_lib")
+             if n in results["config"]["methods"]]
+    lines = ["| model | batch | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+    for row in results["rows"]:
+        cells = []
+        for name in names:
+            e = row["methods"][name]
+            wrong = e["deviation"] is not None and e["deviation"] > 1e-3
+            cells.append(f"{e['time_ratio']:.2f}×" + (f" **wrong ({e['deviation']:.0%})**" if wrong else ""))
+        lines.append(f"| {row['model']} | {row['batch']} | " + " | ".join(cells) + " |")
+    m = results["machine"]
+    lines.append(f"\nTime as a multiple of the plain input gradient's (forward + one backward), median of "
+                 f"{results['config']['rounds']} interleaved rounds; {m['cpu']}, {m['cores']} cores, torch {m['torch']}, "
+                 f"{m['date']}. **wrong**: the map deviates from the true guided map by that much.")
+    return "\n".join(lines)
+
+
 def write(results: dict, directory: str) -> Tuple[str, str]:
     os.makedirs(directory, exist_ok=True)
     json_path, md_path = os.path.join(directory, "results.json"), os.path.join(directory, "results.md")
@@ -383,6 +402,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--rss-repeats", type=int, default=3)
     parser.add_argument("--rss-methods", nargs="*", default=list(Config.rss_methods), choices=ALL_METHODS)
     parser.add_argument("--no-conversion", action="store_true")
+    parser.add_argument("--no-isolate", action="store_true", help="run all models in this one process")
+    parser.add_argument("--merge", nargs="*", metavar="RESULTS_JSON", help="also include rows of earlier runs")
     parser.add_argument("--rss-probe", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.rss_probe:
@@ -392,10 +413,48 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     models = DEFAULT_MODELS if not args.models else [_model_spec(spec) for spec in args.models]
     config = Config(models=models, batches=args.batches, methods=args.methods, rounds=args.rounds, warmup=args.warmup,
                     rss_repeats=args.rss_repeats, rss_batch=max(args.batches), rss_methods=args.rss_methods, conversion=not args.no_conversion)
-    results = run(config, log=lambda line: print(line, flush=True), partial=lambda r: write(r, args.out))
+    earlier = [json.load(open(path)) for path in args.merge or []]
+    if len(models) > 1 and not args.no_isolate:
+        results = _run_isolated(args, models)
+        if config.conversion:
+            results["conversion_s"] = conversion_times(CONVERSION_MODELS)
+    else:
+        results = run(config, log=lambda line: print(line, flush=True), partial=lambda r: write(r, args.out))
+    results = merge(earlier + [results]) if earlier else results
     for path in write(results, args.out):
         print("wrote", path)
     return 0
+
+
+def merge(parts: Sequence[dict]) -> dict:
+    """One result from several runs (each model in its own process, or a run resumed after a failure)."""
+    merged = {"machine": parts[0]["machine"], "config": dict(parts[0]["config"]), "rows": []}
+    for part in parts:
+        merged["rows"] += part["rows"]
+        if "conversion_s" in part:
+            merged["conversion_s"] = part["conversion_s"]
+    merged["config"]["models"] = [[r["model"], r["layer"], r["size"]] for r in merged["rows"]]
+    return merged
+
+
+def _run_isolated(args, models) -> dict:
+    """Each model in a process of its own: one process holding every method's copy of every model (and the
+    allocator's high-water marks from batch 16) ran a 24 GB machine out of memory."""
+    import tempfile
+
+    parts = []
+    for name, layer, size in models:
+        with tempfile.TemporaryDirectory() as directory:
+            command = [sys.executable, "-m", "guided_swap.benchmark", "--no-isolate", "--no-conversion",
+                       "--models", f"{name}:{layer}:{size}", "--out", directory, "--rounds", str(args.rounds),
+                       "--warmup", str(args.warmup), "--rss-repeats", str(args.rss_repeats),
+                       "--batches", *map(str, args.batches), "--methods", *args.methods,
+                       "--rss-methods", *args.rss_methods]
+            subprocess.run(command, check=True)
+            with open(os.path.join(directory, "results.json")) as handle:
+                parts.append(json.load(handle))
+        write(merge(parts), args.out)
+    return merge(parts)
 
 
 def _model_spec(spec: str) -> Tuple[str, str, int]:

@@ -105,6 +105,32 @@ def run_demo(out_dir: str = "guided_swap_demo") -> str:
     return save_png(fig, os.path.join(out_dir, "demo.png"))
 
 
+def rules_figure(path: str, count: int = 4) -> str:
+    """The three backward rules side by side on demo images (the picture in docs/methods.md)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    from . import convert
+    from .viz import denormalize, save_png, to_rgb
+
+    model, x, _ = load_demo()
+    checkpoint = torch.load(WEIGHTS, map_location="cpu", weights_only=True)
+    x = x[[0, 1, 4, 5][:count]]
+    rules = ("gradient", "deconvnet", "guided")
+    maps = {rule: convert(model, layer=None, rule=rule).explain(x).gradient for rule in rules}
+    fig, axes = plt.subplots(len(x), 4, figsize=(8, 2.1 * len(x)), squeeze=False)
+    for i in range(len(x)):
+        panels = [denormalize(x[i], (checkpoint["mean"],), (checkpoint["std"],))] + [to_rgb(maps[r][i]) for r in rules]
+        for j, (panel, title) in enumerate(zip(panels, ("input",) + rules)):
+            axes[i, j].imshow(panel)
+            axes[i, j].axis("off")
+            axes[i, j].set_title(title, fontsize=9)
+    fig.tight_layout()
+    return save_png(fig, path)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Train the demo CNN, or run the demo")
     parser.add_argument("--train", action="store_true", help=f"retrain and overwrite {WEIGHTS}")

@@ -60,12 +60,16 @@ def _ranks(values: np.ndarray) -> np.ndarray:
 
 
 def ssim(a: np.ndarray, b: np.ndarray) -> float:
-    """SSIM of two maps after min-max normalisation to [0, 1]."""
+    """SSIM of two maps after min-max normalisation to [0, 1] (window 7, or the map's odd side if smaller)."""
     from skimage.metrics import structural_similarity
 
     from .viz import minmax
 
-    return float(structural_similarity(minmax(a), minmax(b), data_range=1.0))
+    side = min(a.shape)
+    window = min(7, side if side % 2 else side - 1)
+    if window < 3:
+        raise ValueError(f"SSIM needs maps of at least 3 x 3, got {a.shape}")
+    return float(structural_similarity(minmax(a), minmax(b), data_range=1.0, win_size=window))
 
 
 def compare(reference: Dict[str, np.ndarray], other: Dict[str, np.ndarray]) -> Dict[str, Tuple[float, float]]:
