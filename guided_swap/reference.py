@@ -34,7 +34,7 @@ def _relu_call(func, args, kwargs) -> Optional[tuple]:
         high = kwargs.get("max_val", args[2] if len(args) > 2 else 1.0)
         if low == 0 and high == 6:
             return 6.0, func in _INPLACE or bool(kwargs.get("inplace", args[3] if len(args) > 3 else False))
-    return None if func not in _HARDTANH else None
+    return None
 
 
 class ReLURule(TorchFunctionMode):
