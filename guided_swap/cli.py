@@ -68,10 +68,10 @@ def load_model(spec: str, weights: Optional[str] = None) -> nn.Module:
 
 def _input_options(args, model: nn.Module) -> dict:
     if args.model == "demo":
-        from .demo import SIZE, WEIGHTS
+        from .demo import SIZE, checkpoint
 
-        checkpoint = torch.load(WEIGHTS, map_location="cpu", weights_only=True)
-        return {"resize": SIZE, "crop": SIZE, "mean": (checkpoint["mean"],), "std": (checkpoint["std"],), "channels": 1}
+        stats = checkpoint()
+        return {"resize": SIZE, "crop": SIZE, "mean": (stats["mean"],), "std": (stats["std"],), "channels": 1}
     from .capture import input_spec
 
     channels = (input_spec(model) or (4, 3))[1]

@@ -10,6 +10,7 @@ it wrong and guided_swap does not. Its weights ship in ``guided_swap/data/demo_c
 ((8, 1, 48, 48), ['face', 'face'])
 """
 import argparse
+import functools
 import os
 import sys
 from typing import List, Tuple
@@ -80,14 +81,20 @@ def train(path: str = WEIGHTS, seed: int = 0, epochs: int = 120) -> float:
     return accuracy
 
 
+@functools.lru_cache(maxsize=1)
+def checkpoint() -> dict:
+    """The shipped demo checkpoint: weights, input mean/std, held-out accuracy (read once per process)."""
+    return torch.load(WEIGHTS, map_location="cpu", weights_only=True)
+
+
 def load_demo() -> Tuple[nn.Module, torch.Tensor, List[str]]:
     """The trained demo model (eval mode), eight normalised demo images and their true labels."""
-    checkpoint = torch.load(WEIGHTS, map_location="cpu", weights_only=True)
+    stats = checkpoint()
     model = DemoCNN()
-    model.load_state_dict(checkpoint["state_dict"])
+    model.load_state_dict(stats["state_dict"])
     images, labels = dataset()
     index = list(DEMO_INDICES)
-    x = (images[index] - checkpoint["mean"]) / checkpoint["std"]
+    x = (images[index] - stats["mean"]) / stats["std"]
     return model.eval(), x, [CLASSES[int(labels[i])] for i in index]
 
 
@@ -97,10 +104,10 @@ def run_demo(out_dir: str = "guided_swap_demo") -> str:
     from .viz import figure, save_png
 
     model, x, truth = load_demo()
-    checkpoint = torch.load(WEIGHTS, map_location="cpu", weights_only=True)
+    stats = checkpoint()
     explainer = convert(model, layer="auto", example_input=x[:1])
     explanation = explainer.explain(x)
-    fig = figure(explanation, x, labels=list(CLASSES), mean=(checkpoint["mean"],), std=(checkpoint["std"],),
+    fig = figure(explanation, x, labels=list(CLASSES), mean=(stats["mean"],), std=(stats["std"],),
                  notes=[f"true: {label}" for label in truth])
     return save_png(fig, os.path.join(out_dir, "demo.png"))
 
@@ -116,13 +123,13 @@ def rules_figure(path: str, count: int = 4) -> str:
     from .viz import denormalize, save_png, to_rgb
 
     model, x, _ = load_demo()
-    checkpoint = torch.load(WEIGHTS, map_location="cpu", weights_only=True)
+    stats = checkpoint()
     x = x[[0, 1, 4, 5][:count]]
     rules = ("gradient", "deconvnet", "guided")
     maps = {rule: convert(model, layer=None, rule=rule).explain(x).gradient for rule in rules}
     fig, axes = plt.subplots(len(x), 4, figsize=(8, 2.1 * len(x)), squeeze=False)
     for i in range(len(x)):
-        panels = [denormalize(x[i], (checkpoint["mean"],), (checkpoint["std"],))] + [to_rgb(maps[r][i]) for r in rules]
+        panels = [denormalize(x[i], (stats["mean"],), (stats["std"],))] + [to_rgb(maps[r][i]) for r in rules]
         for j, (panel, title) in enumerate(zip(panels, ("input",) + rules)):
             axes[i, j].imshow(panel)
             axes[i, j].axis("off")

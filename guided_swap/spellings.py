@@ -40,18 +40,12 @@ def _is_relu6_bounds(low: Any, high: Any) -> bool:
 
 # --- call_function and call_method spellings: target -> reader(node) -> ReLUCall or None -----------------
 
-def _read_relu(spelling: str, inplace: Optional[bool] = None) -> Callable[[fx.Node], ReLUCall]:
+def _read_relu(spelling: str, inplace: Optional[bool] = None, upper: Optional[float] = None
+               ) -> Callable[[fx.Node], ReLUCall]:
+    """A reader for ``f(input, inplace=False)``-shaped calls; ``inplace`` fixes the flag for ``*_`` spellings."""
     def read(node: fx.Node) -> ReLUCall:
         flag = bool(_arg(node, 1, "inplace", False)) if inplace is None else inplace
-        return ReLUCall(spelling, _arg(node, 0, "input"), flag, None)
-
-    return read
-
-
-def _read_relu6(spelling: str, inplace: Optional[bool] = None) -> Callable[[fx.Node], ReLUCall]:
-    def read(node: fx.Node) -> ReLUCall:
-        flag = bool(_arg(node, 1, "inplace", False)) if inplace is None else inplace
-        return ReLUCall(spelling, _arg(node, 0, "input"), flag, 6.0)
+        return ReLUCall(spelling, _arg(node, 0, "input"), flag, upper)
 
     return read
 
@@ -71,7 +65,7 @@ FUNCTION_SPELLINGS: Dict[Any, Callable[[fx.Node], Optional[ReLUCall]]] = {
     F.relu: _read_relu("F.relu"),
     torch.relu: _read_relu("torch.relu", inplace=False),
     torch.relu_: _read_relu("torch.relu_", inplace=True),  # F.relu_ is torch.relu_
-    F.relu6: _read_relu6("F.relu6"),
+    F.relu6: _read_relu("F.relu6", upper=6.0),
     F.hardtanh: _read_hardtanh("F.hardtanh(0, 6)"),
     F.hardtanh_: _read_hardtanh("F.hardtanh_(0, 6)", inplace=True),
 }
