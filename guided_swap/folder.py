@@ -265,7 +265,7 @@ def arrays(explanation, x: torch.Tensor, method: str) -> Dict[str, np.ndarray]:
     return out
 
 
-def _record(job: Job, item: Item, maps: Dict[str, np.ndarray], score: float, settings, layer_nodes) -> dict:
+def _record(job: Job, item: Item, maps: Dict[str, np.ndarray], score: float, settings, layer_nodes, group) -> dict:
     logits = maps["logits"].astype(np.float64)
     probabilities = np.exp(logits - logits.max())
     probabilities /= probabilities.sum()
@@ -276,7 +276,8 @@ def _record(job: Job, item: Item, maps: Dict[str, np.ndarray], score: float, set
             "score": score, "probability": float(probabilities[target]),
             "top5": results.top_classes(probabilities, job.labels),
             "cam_peak": results.peak(maps["cam"]) if "cam" in maps else None, "layers": layer_nodes,
-            "settings": settings, "source": results.source_stamp(item.path), "error": None}
+            "settings": settings, "source": results.source_stamp(item.path),
+            "made_by": {"rank": group.rank, "world": group.world, "device": str(group.device)}, "error": None}
 
 
 def _figure(job: Job, one, x: torch.Tensor, item: Item, maps: Dict[str, np.ndarray]):
@@ -332,7 +333,7 @@ def _write(job: Job, item: Item, record: dict, maps: Dict[str, np.ndarray], draw
         results.write_png(draw(), paths["png"], record)
 
 
-def explain_batch(explainer, job: Job, batch, plan: Plan, settings, device) -> Dict[int, dict]:
+def explain_batch(explainer, job: Job, batch, plan: Plan, settings, group) -> Dict[int, dict]:
     """Explain one decoded batch and write its results; the records by input index (failures included)."""
     records = {}
     good = [(index, tensor) for index, tensor, error in batch if error is None]
@@ -341,14 +342,14 @@ def explain_batch(explainer, job: Job, batch, plan: Plan, settings, device) -> D
             records[index] = results.failure_record(plan.items[index], settings, error)
     if not good:
         return records
-    x = torch.stack([tensor for _, tensor in good]).to(device)
+    x = torch.stack([tensor for _, tensor in good]).to(group.device)
     explanation = explainer.explain(x, job.target)
     batch_maps = arrays(explanation, x, job.method)
     layer_nodes = dict(explainer.report.layers)
     for i, (index, _) in enumerate(good):
         item = plan.items[index]
         maps = {key: value[i] for key, value in batch_maps.items()}
-        record = _record(job, item, maps, float(explanation.score[i]), settings, layer_nodes)
+        record = _record(job, item, maps, float(explanation.score[i]), settings, layer_nodes, group)
         draw = lambda i=i, item=item, maps=maps: _figure(job, _sample(explanation, i), x[i:i + 1].cpu(), item, maps)
         _write(job, item, record, maps, draw)
         records[index] = record
@@ -417,7 +418,7 @@ def _run(job: Job, group, say) -> int:
     records, interrupted, started = {}, False, time.perf_counter()
     with stop_after_batch() as flag, _progress(len(mine), group) as bar:
         for batch in loader(Decoded(plan.items, mine, job.preprocessing, channels), job.batch_size, job.workers):
-            records.update(explain_batch(explainer, job, batch, plan, settings, group.device))
+            records.update(explain_batch(explainer, job, batch, plan, settings, group))
             bar.update(len(batch))
             if flag.raised:
                 interrupted = True

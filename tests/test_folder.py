@@ -77,10 +77,10 @@ def test_out_that_is_or_holds_an_input_folder_is_refused_before_anything(tmp_pat
 
 
 def test_results_inside_an_input_folder_are_never_inputs(tmp_path, clashing, capsys):
-    assert explain(clashing, "--model", "demo", "--out", clashing / "maps") == 0
-    assert explain(clashing, "--model", "demo", "--out", clashing / "maps2") == 0  # maps/*.png are not inputs
+    assert explain(clashing, "--model", "demo", "--out", clashing / "maps") == 0  # with PNGs: images
+    assert explain(clashing, "--model", "demo", "--save", "npz", "--out", clashing / "maps2") == 0  # maps/*.png are not inputs
     assert len(read_index(clashing / "maps2")) == 4
-    assert files(clashing / "maps2") == files(clashing / "maps")
+    assert files(clashing / "maps2") == [n for n in files(clashing / "maps") if not n.endswith(".png")]
     assert explain(clashing / "maps", "--model", "demo", "--out", tmp_path / "x") == 2
     assert "is a guided-swap results folder" in capsys.readouterr().err
 
@@ -105,17 +105,17 @@ def test_each_result_records_its_settings(tmp_path, clashing):
 
 def test_a_rerun_skips_same_settings_and_refuses_other_settings_unless_forced(tmp_path, clashing, capsys):
     out = tmp_path / "out"
-    assert explain(clashing, "--model", "demo", "--out", out) == 0
+    assert explain(clashing, "--model", "demo", "--save", "npz", "--out", out) == 0
     stamps = {name: os.stat(out / name).st_mtime_ns for name in files(out) if name != INDEX}
     capsys.readouterr()
-    assert explain(clashing, "--model", "demo", "--out", out) == 0
+    assert explain(clashing, "--model", "demo", "--save", "npz", "--out", out) == 0
     assert "4 of 4 input(s) already done" in capsys.readouterr().err
     for change in (["--method", "guided-gradcam"], ["--target", "0"], ["--layer", "conv2"], ["--size", "40"]):
-        assert explain(clashing, "--model", "demo", "--out", out, *change) == 2
+        assert explain(clashing, "--model", "demo", "--save", "npz", "--out", out, *change) == 2
         error = capsys.readouterr().err
         assert "4 result(s)" in error and "other settings" in error and "--force" in error, error
     assert stamps == {name: os.stat(out / name).st_mtime_ns for name in files(out) if name != INDEX}
-    assert explain(clashing, "--model", "demo", "--out", out, "--target", "0", "--force") == 0
+    assert explain(clashing, "--model", "demo", "--save", "npz", "--out", out, "--target", "0", "--force") == 0
     assert record(out / "pic.png.npz")["settings"]["target"] == 0
     assert all(line["target"] == 0 for line in read_index(out))
 
@@ -130,7 +130,8 @@ def test_other_weights_are_other_settings(tmp_path, clashing, capsys):
         torch.manual_seed(seed)
         paths.append(tmp_path / f"w{seed}.pt")
         torch.save(DemoCNN().state_dict(), paths[-1])
-    common = [clashing / "pic.png", "--model", "guided_swap.demo:DemoCNN", "--size", "48", "--out", tmp_path / "out"]
+    common = [clashing / "pic.png", "--model", "guided_swap.demo:DemoCNN", "--size", "48", "--save", "npz",
+              "--out", tmp_path / "out"]
     assert explain(*common, "--weights", paths[0]) == 0
     assert explain(*common, "--weights", paths[1]) == 2
     assert "weights_sha256" in capsys.readouterr().err
@@ -138,11 +139,11 @@ def test_other_weights_are_other_settings(tmp_path, clashing, capsys):
 
 def test_a_changed_input_is_explained_again(tmp_path, clashing, capsys):
     out = tmp_path / "out"
-    assert explain(clashing / "pic.png", "--model", "demo", "--out", out) == 0
+    assert explain(clashing / "pic.png", "--model", "demo", "--save", "npz", "--out", out) == 0
     before = np.load(out / "pic.png.npz")["input"]
     save_image(clashing / "pic.png", "camera")
     capsys.readouterr()
-    assert explain(clashing / "pic.png", "--model", "demo", "--out", out) == 0
+    assert explain(clashing / "pic.png", "--model", "demo", "--save", "npz", "--out", out) == 0
     assert "1 input(s) changed" in capsys.readouterr().err
     assert not np.allclose(np.load(out / "pic.png.npz")["input"], before)
 
