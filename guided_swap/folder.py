@@ -423,21 +423,22 @@ def _run(job: Job, group, say) -> int:
             if flag.raised:
                 interrupted = True
                 break
-    seconds = time.perf_counter() - started
-    gathered = distributed.gather((records, interrupted), group)
+    gathered = distributed.gather((records, interrupted, time.perf_counter() - started), group)
     if not group.main:
         return 0
-    return _finish(job, plan, settings, gathered, seconds, group, say)
+    return _finish(job, plan, settings, gathered, group, say)
 
 
-def _finish(job: Job, plan: Plan, settings, gathered, seconds: float, group, say) -> int:
+def _finish(job: Job, plan: Plan, settings, gathered, group, say) -> int:
+    """Rank 0: the index from every rank's records, the failures, one closing line."""
     records: Dict[int, dict] = dict(plan.done)
-    for share, _ in gathered:
+    for share, _, _ in gathered:
         records.update(share)
-    interrupted = any(flag for _, flag in gathered)
+    interrupted = any(flag for _, flag, _ in gathered)
+    seconds = max(took for _, _, took in gathered)  # the slowest rank ends the run
     lines = [records.get(i) or results.failure_record(item, settings, INTERRUPTED) for i, item in enumerate(plan.items)]
     results.write_index(job.out, lines)
-    made = sum(len([r for r in share.values() if r["error"] is None]) for share, _ in gathered)
+    made = sum(len([r for r in share.values() if r["error"] is None]) for share, _, _ in gathered)
     failed = [r for r in lines if r["error"] is not None and r["error"] != INTERRUPTED]
     for record in failed:
         say(f"could not explain {record['input']}: {record['error']}")
