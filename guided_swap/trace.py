@@ -76,7 +76,7 @@ class QualnameTracer(fx.Tracer):
         # with this tracer class, and must not trace into an autograd.Function.
         from . import ops
 
-        own = ops.ALL_OPS + (ops.fork_leaf, ops.fork_detach)
+        own = ops.GRAPH_FUNCTIONS
         super().__init__(autowrap_modules=tuple(autowrap_modules), autowrap_functions=own + tuple(autowrap_functions))
         self.leaf_modules = tuple(leaf_modules)
         self.current_qualname = ""
