@@ -16,7 +16,7 @@ import os
 import sys
 from typing import List, Optional, Sequence
 
-from .errors import GuidedSwapError
+from .errors import CommandError, GuidedSwapError
 
 METHOD_HELP = {
     "guided": "guided backprop: the input gradient, each ReLU passing back only positive gradient where its "
@@ -54,10 +54,6 @@ several processes or machines (torch.distributed):
   torchrun --nnodes=2 --nproc-per-node=N --rdzv-backend=c10d --rdzv-endpoint=HOST:29400 --rdzv-id=JOB \\
       -m guided_swap explain IN --out OUT ...
 """
-
-
-class CommandError(GuidedSwapError, ValueError):
-    """A usage error: printed as one line, exit code 2."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -362,7 +358,7 @@ def _command(args) -> int:
     except Exception as error:  # noqa: BLE001 - the one place every error becomes one line
         if args.traceback:
             raise
-        usage = isinstance(error, (ValueError, TypeError))
+        usage = isinstance(error, (CommandError, ValueError, TypeError))
         _report_error(error, usage)
         return 2 if usage else 1
 

@@ -34,14 +34,10 @@ INTERRUPTED = "not explained: the run was interrupted; run the same command agai
 
 
 def rule_names() -> List[str]:
-    """The backprop rules the library knows (its registry when it has one)."""
-    import guided_swap
+    """The backprop rules the library knows: every registered rule."""
+    from .rules import rules
 
-    if hasattr(guided_swap, "rules"):
-        return list(guided_swap.rules())
-    from .ops import RULES
-
-    return list(RULES)
+    return list(rules())
 
 
 def method_names() -> List[str]:
@@ -56,7 +52,7 @@ def uses_layer(method: str) -> bool:
     return method in CAM_METHODS
 
 
-class Quiet(GuidedSwapError):
+class Quiet(Exception):
     """An error another rank reports; this rank exits without printing it."""
 
 
@@ -156,24 +152,15 @@ def build_explainer(job: Job, group, say: Callable[[str], None]):
 
 
 def summary(explainer, job: Job) -> str:
-    """One line: what was swapped, the layer captured, what was left alone."""
-    report, rule = explainer.report, rule_of(job.method)
-    parts = [f"model {job.source.model or job.source.weights}"]
-    if rule == "gradient":
-        parts.append("rule gradient: plain gradient, no rectifier swapped")
-    elif report.swapped:
-        parts.append(f"{len(report.swapped)} rectifier call site(s) swapped for the {rule} rule")
-    else:
-        parts.append(f"no ReLU found: nothing swapped, the {rule} map is a plain gradient")
-    parts += [f"layer {name} -> node {node}" for name, node in report.layers.items()]
-    if report.left_alone:
-        kinds: Dict[str, int] = {}
-        for _, kind in report.left_alone:
-            kinds[kind] = kinds.get(kind, 0) + 1
-        parts.append("left alone (ordinary gradient): " + ", ".join(f"{n} {k}" for k, n in kinds.items()))
+    """One line: the report's summary (what was swapped, the layer captured, what was left alone), and what
+    it means when a rule that needs rectifiers found none."""
+    report = explainer.report
+    line = f"model {job.source.model or job.source.weights}: {report.summary()}"
+    if not report.ordinary_rule and not report.swapped:
+        line += f"; no rectifier found, so the {report.rule} map is a plain gradient"
     if report.hidden_in_leaves:
-        parts.append(f"NOT swapped, inside leaf modules: {', '.join(report.hidden_in_leaves)}")
-    return "; ".join(parts)
+        line += f"; NOT swapped, inside leaf modules: {', '.join(report.hidden_in_leaves)}"
+    return line
 
 
 # --- decoding ------------------------------------------------------------------------------------------------
@@ -237,32 +224,22 @@ def loader(dataset: Decoded, batch_size: int, workers: int):
 
 # --- one batch -----------------------------------------------------------------------------------------------
 
-def _sample(explanation, i: int):
-    """Sample ``i`` as an Explanation of batch size 1."""
-    if hasattr(type(explanation), "__getitem__"):
-        return explanation[i]
-    from .explainer import Explanation, LayerMaps
-
-    layers = {name: LayerMaps(m.activation[i:i + 1], m.grad[i:i + 1], m.input_size, m.interpolate)
-              for name, m in explanation.layers.items()}
-    target = None if explanation.target is None else explanation.target[i:i + 1]
-    return Explanation(explanation.logits[i:i + 1], target, explanation.score[i:i + 1],
-                       explanation.gradient[i:i + 1], layers, None, explanation.rule)
+def map_names(method: str) -> List[str]:
+    """The maps a method computes (``Explanation.to_dict`` names): what is saved and what may be drawn."""
+    names = ["logits", "target", "score"]
+    if method != "gradcam":
+        names.append("gradient")
+    if uses_layer(method):
+        names += ["cam_raw", "cam"] + (["guided_gradcam"] if method != "gradcam" else [])
+    return names
 
 
 def arrays(explanation, x: torch.Tensor, method: str) -> Dict[str, np.ndarray]:
-    """Every map the method computed, and the input: what is saved, and every panel drawn is among them."""
-    def cpu(t):
-        return t.detach().float().cpu().numpy()
-
-    out = {"input": cpu(x), "logits": cpu(explanation.logits), "target": cpu(explanation.target).astype(np.int64)}
-    if method != "gradcam":
-        out["gradient"] = cpu(explanation.gradient)
-    if uses_layer(method):
-        out["cam"], out["cam_raw"] = cpu(explanation.cam), cpu(explanation.cam_raw)
-    if uses_layer(method) and method != "gradcam":
-        out["guided_gradcam"] = cpu(explanation.guided_gradcam)
-    return out
+    """Every map the method computed, and the input as fed: every panel drawn is one of these."""
+    maps = explanation.to_dict(map_names(method))
+    out = {name: value.detach().cpu().numpy() for name, value in maps.items()}
+    out = {name: value.astype(np.int64 if name == "target" else np.float32) for name, value in out.items()}
+    return {"input": x.detach().float().cpu().numpy(), **out}
 
 
 def _record(job: Job, item: Item, maps: Dict[str, np.ndarray], score: float, settings, layer_nodes, group) -> dict:
@@ -350,7 +327,7 @@ def explain_batch(explainer, job: Job, batch, plan: Plan, settings, group) -> Di
         item = plan.items[index]
         maps = {key: value[i] for key, value in batch_maps.items()}
         record = _record(job, item, maps, float(explanation.score[i]), settings, layer_nodes, group)
-        draw = lambda i=i, item=item, maps=maps: _figure(job, _sample(explanation, i), x[i:i + 1].cpu(), item, maps)
+        draw = lambda i=i, item=item, maps=maps: _figure(job, explanation[i], x[i:i + 1].cpu(), item, maps)
         _write(job, item, record, maps, draw)
         records[index] = record
     return records

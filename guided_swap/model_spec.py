@@ -17,7 +17,7 @@ Everything that can be checked without building the model (an unknown name, a mi
 >>> check("resnet19")
 Traceback (most recent call last):
 ...
-guided_swap.model_spec.ModelSpecError: unknown model 'resnet19' (did you mean resnet18, resnet152, resnet101?); use a torchvision name (guided-swap explain --help) or package.module:factory
+guided_swap.errors.CommandError: unknown model 'resnet19' (did you mean resnet18, resnet152, resnet101?); use a torchvision name (guided-swap explain --help) or package.module:factory
 """
 import difflib
 import hashlib
@@ -32,7 +32,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .errors import GuidedSwapError
+from .errors import CommandError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -40,10 +40,6 @@ WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "network", "mo
                 "state_dict_ema")
 PREFIXES = ("module.", "_orig_mod.", "model.")
 RANDOM_SEED = 0
-
-
-class ModelSpecError(GuidedSwapError, ValueError):
-    """A ``--model`` or ``--weights`` that names nothing loadable, or weights that do not fit."""
 
 
 @dataclass
@@ -126,16 +122,16 @@ def check(model: Optional[str], weights: Optional[str] = None) -> Source:
     """Resolve ``--model``/``--weights`` without building the model: usage errors come here, early."""
     if model is None:
         if weights is None:
-            raise ModelSpecError("--model is required (a torchvision name, package.module:factory or demo), unless "
+            raise CommandError("--model is required (a torchvision name, package.module:factory or demo), unless "
                                  "--weights holds a whole pickled model")
         if not os.path.isfile(weights):
-            raise ModelSpecError(f"no weights file at {weights!r}")
+            raise CommandError(f"no weights file at {weights!r}")
         return Source(None, weights, "pickled", "file", sha256(weights))
     if model == "demo":
         from . import demo
 
         if weights is not None:
-            raise ModelSpecError("--model demo comes with its own weights; leave out --weights")
+            raise CommandError("--model demo comes with its own weights; leave out --weights")
         stats = demo.checkpoint()
         return Source("demo", None, "demo", "bundled", sha256(demo.WEIGHTS),
                       preprocessing=Preprocessing(demo.SIZE, demo.SIZE, (stats["mean"],), (stats["std"],),
@@ -145,12 +141,12 @@ def check(model: Optional[str], weights: Optional[str] = None) -> Source:
         kind = "factory"
         module_name = model.partition(":")[0]
         if importlib.util.find_spec(module_name.split(".")[0]) is None:
-            raise ModelSpecError(f"cannot load model factory {model!r}: no module named {module_name.split('.')[0]!r}")
+            raise CommandError(f"cannot load model factory {model!r}: no module named {module_name.split('.')[0]!r}")
     else:
         kind = "torchvision"
         names = _torchvision_names()
         if model not in names:
-            raise ModelSpecError(f"unknown model {model!r}{_did_you_mean(model, names)}; use a torchvision name "
+            raise CommandError(f"unknown model {model!r}{_did_you_mean(model, names)}; use a torchvision name "
                                  "(guided-swap explain --help) or package.module:factory")
     if weights is None:
         return Source(model, None, kind, "random")
@@ -161,7 +157,7 @@ def check(model: Optional[str], weights: Optional[str] = None) -> Source:
         return Source(model, str(enum), kind, "enum", weights_url=enum.url, preprocessing=_enum_preprocessing(enum),
                       categories=list(enum.meta.get("categories") or []) or None)
     hint = " or a torchvision weights name (DEFAULT, IMAGENET1K_V1, ...)" if kind == "torchvision" else ""
-    raise ModelSpecError(f"no weights file at {weights!r}; --weights takes a checkpoint file{hint}")
+    raise CommandError(f"no weights file at {weights!r}; --weights takes a checkpoint file{hint}")
 
 
 def _stderr(message: str) -> None:
@@ -178,7 +174,7 @@ def build(source: Source, say: Callable[[str], None] = _stderr) -> nn.Module:
     if source.kind == "pickled":
         content = read_checkpoint(source.weights, say)
         if not isinstance(content, nn.Module):
-            raise ModelSpecError(f"{source.weights!r} holds a state dict, not a whole model; name the architecture "
+            raise CommandError(f"{source.weights!r} holds a state dict, not a whole model; name the architecture "
                                  "with --model")
         return content.eval()
     if source.weights_kind == "enum":
@@ -191,7 +187,7 @@ def build(source: Source, say: Callable[[str], None] = _stderr) -> nn.Module:
         return model.eval()
     checkpoint = read_checkpoint(source.weights, say)
     if isinstance(checkpoint, nn.Module):
-        raise ModelSpecError(f"{source.weights!r} holds a whole pickled model ({type(checkpoint).__name__}); "
+        raise CommandError(f"{source.weights!r} holds a whole pickled model ({type(checkpoint).__name__}); "
                              "leave out --model to use it as it is")
     load_weights(model, checkpoint, source.weights, source.model)
     return model.eval()
@@ -203,14 +199,14 @@ def _architecture(spec: str, kind: str) -> nn.Module:
         try:
             factory = getattr(importlib.import_module(module_name), factory_name)
         except (ImportError, AttributeError) as error:
-            raise ModelSpecError(f"cannot load model factory {spec!r}: {error}") from None
+            raise CommandError(f"cannot load model factory {spec!r}: {error}") from None
         model = factory()
     else:
         import torchvision
 
         model = torchvision.models.get_model(spec, weights=None)
     if not isinstance(model, nn.Module):
-        raise ModelSpecError(f"{spec!r} did not give a torch.nn.Module but a {type(model).__name__}")
+        raise CommandError(f"{spec!r} did not give a torch.nn.Module but a {type(model).__name__}")
     return model
 
 
@@ -220,7 +216,7 @@ def _torchvision_with_enum(source: Source) -> nn.Module:
     try:
         return torchvision.models.get_model(source.model, weights=source.weights.split(".", 1)[1]).eval()
     except OSError as error:  # URLError and friends: no internet, no cached copy
-        raise ModelSpecError(f"could not get {source.weights} from {source.weights_url}: {error}; download it "
+        raise CommandError(f"could not get {source.weights} from {source.weights_url}: {error}; download it "
                              f"where there is internet into {torch.hub.get_dir()}/checkpoints, or pass "
                              "--weights FILE") from None
 
@@ -237,7 +233,7 @@ def read_checkpoint(path: str, say: Callable[[str], None] = _stderr) -> Any:
         content = _read_pickled(path, say)
     except (RuntimeError, EOFError, OSError) as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise ModelSpecError(f"cannot read {path!r} as a PyTorch checkpoint: {reason}") from None
+        raise CommandError(f"cannot read {path!r} as a PyTorch checkpoint: {reason}") from None
     return _unwrap(content, path)
 
 
@@ -247,7 +243,7 @@ def _read_pickled(path: str, say: Callable[[str], None]) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except (AttributeError, ImportError) as error:
-        raise ModelSpecError(
+        raise CommandError(
             f"{path!r} holds a whole pickled model whose class cannot be imported here ({error}); make the module "
             "that defines it importable (PYTHONPATH), or save model.state_dict() instead and name the architecture "
             "with --model") from None
@@ -258,16 +254,16 @@ def _unwrap(content: Any, path: str) -> Any:
         if isinstance(content, nn.Module):
             return content
         if not isinstance(content, Mapping):
-            raise ModelSpecError(f"{path!r} holds a {type(content).__name__}, not a state dict or a model")
+            raise CommandError(f"{path!r} holds a {type(content).__name__}, not a state dict or a model")
         if content and all(isinstance(v, torch.Tensor) for v in content.values()):
             return dict(content)
         inner = next((content[k] for k in WRAPPER_KEYS if isinstance(content.get(k), (Mapping, nn.Module))), None)
         if inner is None:
             keys = ", ".join(repr(k) for k in list(content)[:8])
-            raise ModelSpecError(f"{path!r} is a dict with keys {keys} but none holds a state dict (looked for "
+            raise CommandError(f"{path!r} is a dict with keys {keys} but none holds a state dict (looked for "
                                  f"{', '.join(WRAPPER_KEYS)})")
         content = inner
-    raise ModelSpecError(f"{path!r}: state dict nested too deep")
+    raise CommandError(f"{path!r}: state dict nested too deep")
 
 
 def strip_prefixes(state: Dict[str, torch.Tensor], wanted: Sequence[str]) -> Dict[str, torch.Tensor]:
@@ -299,5 +295,5 @@ def load_weights(model: nn.Module, state: Dict[str, torch.Tensor], path: str, na
     problems = [f"{len(keys)} {what} key(s), first: {', '.join(keys[:3])}"
                 for keys, what in ((missing, "missing"), (unexpected, "unexpected"), (misshapen, "misshapen")) if keys]
     if problems:
-        raise ModelSpecError(f"weights {path!r} do not fit {name}: " + "; ".join(problems))
+        raise CommandError(f"weights {path!r} do not fit {name}: " + "; ".join(problems))
     model.load_state_dict(state)

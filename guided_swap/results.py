@@ -25,17 +25,13 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ._files import atomic_write
-from .errors import GuidedSwapError
+from .errors import CommandError
 
 MARKER = ".guided-swap"
 INDEX = "index.jsonl"
 PNG_KEY = "guided-swap record"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp")
 KINDS = ("npz", "png")
-
-
-class LayoutError(GuidedSwapError, ValueError):
-    """Inputs and ``--out`` that would mix, overwrite or misread data: nothing was written."""
 
 
 @dataclass(frozen=True)
@@ -82,19 +78,19 @@ def discover(inputs: Sequence[str], out: str) -> List[Item]:
     """The inputs' image files, each once, with collision-free names; layout errors before anything is written."""
     out_real = _real(out)
     if os.path.exists(out) and not os.path.isdir(out):
-        raise LayoutError(f"--out {out!r} is a file; give a folder for the results")
+        raise CommandError(f"--out {out!r} is a file; give a folder for the results")
     for path in inputs:
         if not os.path.exists(path):
-            raise LayoutError(f"no such file or folder: {path!r}")
+            raise CommandError(f"no such file or folder: {path!r}")
     folders = [p for p in inputs if os.path.isdir(p)]
     for folder in folders:
         if os.path.exists(os.path.join(folder, MARKER)):
-            raise LayoutError(f"{folder!r} is a guided-swap results folder; results are never taken as inputs")
+            raise CommandError(f"{folder!r} is a guided-swap results folder; results are never taken as inputs")
     holders = folders + [os.path.dirname(os.path.abspath(p)) for p in inputs if not os.path.isdir(p)]
     for holder in holders:
         if _inside(_real(holder), out_real):
             what = "is" if _real(holder) == out_real else "holds"
-            raise LayoutError(f"--out {out!r} {what} the input folder {holder!r}: results would mix with (and could "
+            raise CommandError(f"--out {out!r} {what} the input folder {holder!r}: results would mix with (and could "
                               "replace) inputs; give --out a folder of its own, outside the inputs")
     paths, seen = [], set()
     for path in inputs:
@@ -103,7 +99,7 @@ def discover(inputs: Sequence[str], out: str) -> List[Item]:
                 seen.add(_real(file))
                 paths.append(file)
     if not paths:
-        raise LayoutError(f"no images found in {', '.join(map(repr, inputs))} (looked for {', '.join(IMAGE_SUFFIXES)})")
+        raise CommandError(f"no images found in {', '.join(map(repr, inputs))} (looked for {', '.join(IMAGE_SUFFIXES)})")
     roots = [p if os.path.isdir(p) else os.path.dirname(os.path.abspath(p)) for p in inputs]
     return [Item(p, n) for p, n in zip(paths, layout_names(paths, roots))]
 
@@ -154,7 +150,7 @@ def _differences(old: Dict[str, Any], new: Dict[str, Any]) -> str:
 def plan(items: List[Item], out: str, settings: Dict[str, Any], save: Sequence[str], force: bool) -> Plan:
     """Sort inputs into done (same settings, input unchanged, every output present) and to do.
 
-    Raises :class:`LayoutError` for an output path holding a file guided-swap did not write, and for results
+    Raises :class:`~guided_swap.errors.CommandError` for an output path holding a file guided-swap did not write, and for results
     made with other settings unless ``force`` (then they are replaced).
     """
     result = Plan(out, items, [])
@@ -175,11 +171,11 @@ def plan(items: List[Item], out: str, settings: Dict[str, Any], save: Sequence[s
             result.changed += any(r.get("source") != source_stamp(item.path) for r in old)
             result.todo.append(index)
     if foreign:
-        raise LayoutError(f"{len(foreign)} output path(s) hold files guided-swap did not write (first: {foreign[0]!r}); "
+        raise CommandError(f"{len(foreign)} output path(s) hold files guided-swap did not write (first: {foreign[0]!r}); "
                           "they are never replaced: move them or choose another --out")
     if conflicts and not force:
         item, record = conflicts[0]
-        raise LayoutError(f"{len(conflicts)} result(s) in {out!r} were made with other settings (first: {item.name}: "
+        raise CommandError(f"{len(conflicts)} result(s) in {out!r} were made with other settings (first: {item.name}: "
                           f"{_differences(record.get('settings') or {}, settings)}); pass --force to replace them, "
                           "or choose another --out")
     return result

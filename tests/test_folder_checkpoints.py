@@ -9,7 +9,8 @@ from torch import nn
 
 from guided_swap import model_spec
 from guided_swap.demo import DemoCNN
-from guided_swap.model_spec import ModelSpecError, build, check
+from guided_swap.errors import CommandError
+from guided_swap.model_spec import build, check
 
 FACTORY = "guided_swap.demo:DemoCNN"
 
@@ -57,7 +58,7 @@ def test_a_whole_pickled_model_loads_when_its_class_imports(tmp_path):
     loaded = build(source, say=said.append)
     assert type(loaded) is DemoCNN and same_weights(loaded, model) and not loaded.training
     assert "runs code from the file" in said[0]
-    with pytest.raises(ModelSpecError, match="holds a whole pickled model .*leave out --model"):
+    with pytest.raises(CommandError, match="holds a whole pickled model .*leave out --model"):
         build(check(FACTORY, path), say=said.append)
 
 
@@ -70,7 +71,7 @@ def test_a_whole_pickled_model_whose_class_is_gone_gets_one_line(tmp_path, monke
     torch.save(gone_module.Net(2, 2), path)
     monkeypatch.delitem(sys.modules, "gone_module")
     os.remove(tmp_path / "gone_module.py")
-    with pytest.raises(ModelSpecError) as caught:
+    with pytest.raises(CommandError) as caught:
         build(check(None, path), say=lambda m: None)
     message = str(caught.value)
     assert "cannot be imported" in message and "gone_module" in message and "state_dict()" in message
@@ -84,7 +85,7 @@ def test_a_mismatch_names_the_first_missing_unexpected_and_misshapen_keys(tmp_pa
     state["conv1.weight"] = torch.zeros(16, 3, 3, 3)
     path = str(tmp_path / "w.pt")
     torch.save(state, path)
-    with pytest.raises(ModelSpecError) as caught:
+    with pytest.raises(CommandError) as caught:
         build(check(FACTORY, path))
     message = str(caught.value)
     assert "1 missing key(s), first: fc2.bias" in message and "1 unexpected key(s), first: head.weight" in message
@@ -94,18 +95,18 @@ def test_a_mismatch_names_the_first_missing_unexpected_and_misshapen_keys(tmp_pa
 def test_a_dict_without_a_state_dict_names_its_keys(tmp_path):
     path = str(tmp_path / "w.pt")
     torch.save({"epoch": 3, "optimizer": {"lr": 0.1}}, path)
-    with pytest.raises(ModelSpecError, match="keys 'epoch', 'optimizer' but none holds a state dict"):
+    with pytest.raises(CommandError, match="keys 'epoch', 'optimizer' but none holds a state dict"):
         build(check(FACTORY, path))
 
 
 def test_unknown_names_and_missing_files_are_caught_before_building():
-    with pytest.raises(ModelSpecError, match=r"unknown model 'resnet19' \(did you mean resnet18"):
+    with pytest.raises(CommandError, match=r"unknown model 'resnet19' \(did you mean resnet18"):
         check("resnet19")
-    with pytest.raises(ModelSpecError, match="no weights file at 'nope.pt'; .* or a torchvision weights name"):
+    with pytest.raises(CommandError, match="no weights file at 'nope.pt'; .* or a torchvision weights name"):
         check("resnet18", "nope.pt")
-    with pytest.raises(ModelSpecError, match="no module named 'no_such_package'"):
+    with pytest.raises(CommandError, match="no module named 'no_such_package'"):
         check("no_such_package.models:net")
-    with pytest.raises(ModelSpecError, match="--model is required"):
+    with pytest.raises(CommandError, match="--model is required"):
         check(None)
 
 
