@@ -111,6 +111,14 @@ def _cmap(text: str) -> str:
     return text
 
 
+def _device(text: str) -> str:
+    import re
+
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"takes auto, cpu, cuda, cuda:N or mps; got {text!r}")
+    return text
+
+
 def _method_epilog() -> str:
     from .folder import method_names
 
@@ -165,11 +173,11 @@ def _preprocessing(args, base):
 
 
 def _check_figure_options(args) -> None:
-    from .folder import _figure_options
+    from .writing import figure_options
 
-    accepted = _figure_options()
+    accepted = figure_options()
     for option in ("cmap", "scale"):
-        if getattr(args, option) is not None and option not in accepted and args.method != "gradcam":
+        if getattr(args, option) is not None and option not in accepted:
             raise CommandError(f"--{option} needs a guided_swap.viz.figure that takes {option}=; this one does not")
 
 
@@ -190,7 +198,7 @@ def make_job(args):
     return Job(inputs=args.inputs, out=args.out, source=source, method=args.method, layer=args.layer or "auto",
                target=parse_target(args.target, labels), preprocessing=_preprocessing(args, source.preprocessing),
                labels=labels, save=args.save, cmap=args.cmap, scale=args.scale, batch_size=args.batch_size,
-               workers=args.workers, force=args.force, device=args.device, report=args.report)
+               workers=args.workers, writers=args.writers, force=args.force, device=args.device, report=args.report)
 
 
 def cmd_explain(args) -> int:
@@ -282,7 +290,9 @@ def _explain_parser(sub) -> None:
     explain.add_argument("--batch-size", type=_positive, default=8, help="images per forward/backward (default 8)")
     explain.add_argument("--workers", type=_count, default=2, help="DataLoader processes decoding images (default 2; "
                                                                    "0 decodes in the main process)")
-    explain.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda or cuda:N; under "
+    explain.add_argument("--writers", type=_count, default=2, help="processes drawing and writing results "
+                                                                   "(default 2; 0 writes in the main process)")
+    explain.add_argument("--device", type=_device, default="auto", help="auto (cuda if present), cpu, cuda or cuda:N; under "
                                                           "torchrun each process takes cuda:LOCAL_RANK")
     explain.add_argument("--out", default="guided_swap_maps", help="results folder (default guided_swap_maps)")
     explain.add_argument("--force", action="store_true", help="replace results made with other settings")
@@ -332,7 +342,7 @@ def _report_error(error: BaseException, usage: bool) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from .folder import warnings_in_one_line
+    from ._console import warnings_in_one_line
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if "bench" in argv[:2]:

@@ -16,20 +16,19 @@ the job. A killed process leaves only hidden temporaries, removed by the next ru
 import signal
 import sys
 import time
-import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 
 from . import distributed, results
+from .decoding import Decoded, loader
 from .errors import GuidedSwapError
 from .model_spec import Preprocessing, Source
-from .results import Item, Plan
+from .results import Plan
+from .writing import CAM_METHODS, Writers, explain_batch, uses_layer
 
-CAM_METHODS = {"gradcam": "gradient", "guided-gradcam": "guided", "all": "guided"}
 INTERRUPTED = "not explained: the run was interrupted; run the same command again to finish"
 
 
@@ -46,10 +45,6 @@ def method_names() -> List[str]:
 
 def rule_of(method: str) -> str:
     return CAM_METHODS.get(method, method)
-
-
-def uses_layer(method: str) -> bool:
-    return method in CAM_METHODS
 
 
 class Quiet(Exception):
@@ -73,6 +68,7 @@ class Job:
     scale: Optional[str] = None
     batch_size: int = 8
     workers: int = 0
+    writers: int = 0
     force: bool = False
     device: str = "auto"
     report: bool = False
@@ -163,176 +159,6 @@ def summary(explainer, job: Job) -> str:
     return line
 
 
-# --- decoding ------------------------------------------------------------------------------------------------
-
-class Decoded(torch.utils.data.Dataset):
-    """Input ``i`` decoded and preprocessed: ``(i, tensor, None)``, or ``(i, None, error)`` if unreadable."""
-
-    def __init__(self, items: Sequence[Item], positions: Sequence[int], preprocessing: Preprocessing, channels: int):
-        self.items, self.positions, self.preprocessing, self.channels = items, list(positions), preprocessing, channels
-
-    def __len__(self) -> int:
-        return len(self.positions)
-
-    def __getitem__(self, k: int):
-        from .images import load_image
-
-        index = self.positions[k]
-        p = self.preprocessing
-        try:
-            tensor = load_image(self.items[index].path, resize=p.resize, crop=p.crop, mean=p.mean, std=p.std,
-                                channels=self.channels)
-            return index, tensor, None
-        except (ValueError, TypeError, OSError) as error:
-            return index, None, str(error).splitlines()[0] if str(error) else type(error).__name__
-
-
-def _as_list(batch):
-    return batch
-
-
-def _quiet_worker(_):
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides when to stop
-    one_line_warnings()
-
-
-def _one_line(message, category, *_, **__) -> str:
-    return f"guided-swap: warning: {category.__name__}: {message}\n"
-
-
-def one_line_warnings() -> None:
-    """Show warnings as one line each: ``guided-swap: warning: Category: message``."""
-    warnings.formatwarning = _one_line
-
-
-@contextmanager
-def warnings_in_one_line():
-    """:func:`one_line_warnings` while inside (the command line's ``main``, also when called in-process)."""
-    previous = warnings.formatwarning
-    one_line_warnings()
-    try:
-        yield
-    finally:
-        warnings.formatwarning = previous
-
-
-def loader(dataset: Decoded, batch_size: int, workers: int):
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                                       collate_fn=_as_list, worker_init_fn=_quiet_worker if workers else None,
-                                       prefetch_factor=2 if workers else None)
-
-
-# --- one batch -----------------------------------------------------------------------------------------------
-
-def map_names(method: str) -> List[str]:
-    """The maps a method computes (``Explanation.to_dict`` names): what is saved and what may be drawn."""
-    names = ["logits", "target", "score"]
-    if method != "gradcam":
-        names.append("gradient")
-    if uses_layer(method):
-        names += ["cam_raw", "cam"] + (["guided_gradcam"] if method != "gradcam" else [])
-    return names
-
-
-def arrays(explanation, x: torch.Tensor, method: str) -> Dict[str, np.ndarray]:
-    """Every map the method computed, and the input as fed: every panel drawn is one of these."""
-    maps = explanation.to_dict(map_names(method))
-    out = {name: value.detach().cpu().numpy() for name, value in maps.items()}
-    out = {name: value.astype(np.int64 if name == "target" else np.float32) for name, value in out.items()}
-    return {"input": x.detach().float().cpu().numpy(), **out}
-
-
-def _record(job: Job, item: Item, maps: Dict[str, np.ndarray], score: float, settings, layer_nodes, group) -> dict:
-    logits = maps["logits"].astype(np.float64)
-    probabilities = np.exp(logits - logits.max())
-    probabilities /= probabilities.sum()
-    target = int(maps["target"])
-    name = job.labels[target] if job.labels is not None else None
-    outputs = [p[len(job.out):].lstrip("/\\") for p in results.output_paths(job.out, item, job.save).values()]
-    return {"input": item.path, "name": item.name, "outputs": outputs, "target": target, "target_name": name,
-            "score": score, "probability": float(probabilities[target]),
-            "top5": results.top_classes(probabilities, job.labels),
-            "cam_peak": results.peak(maps["cam"]) if "cam" in maps else None, "layers": layer_nodes,
-            "settings": settings, "source": results.source_stamp(item.path),
-            "made_by": {"rank": group.rank, "world": group.world, "device": str(group.device)}, "error": None}
-
-
-def _figure(job: Job, one, x: torch.Tensor, item: Item, maps: Dict[str, np.ndarray]):
-    from . import viz
-
-    p = job.preprocessing
-    if job.method == "gradcam":
-        return _cam_figure(maps, x, job, item)
-    options = {"labels": job.labels, "mean": p.mean, "std": p.std, "notes": [item.name]}
-    accepted = _figure_options()
-    options.update({k: v for k, v in (("cmap", job.cmap), ("scale", job.scale)) if v is not None and k in accepted})
-    return viz.figure(one, x, **options)
-
-
-def _figure_options():
-    import inspect
-
-    from . import viz
-
-    return set(inspect.signature(viz.figure).parameters)
-
-
-def _cam_figure(maps, x: torch.Tensor, job: Job, item: Item):
-    """Input and Grad-CAM only: ``--method gradcam`` computes no other map worth a panel."""
-    from matplotlib.figure import Figure
-
-    from . import viz
-
-    p = job.preprocessing
-    picture = viz.denormalize(x[0], p.mean, p.std)
-    target = int(maps["target"])
-    logits = maps["logits"].astype(np.float64)
-    probability = float(np.exp(logits[target] - logits.max()) / np.exp(logits - logits.max()).sum())
-    name = job.labels[target] if job.labels is not None else target
-    fig = Figure(figsize=(5.2, 2.9))
-    axes = fig.subplots(1, 2)
-    heat = viz.minmax(maps["cam"])
-    axes[0].imshow(picture)
-    axes[0].set_title(f"{name}: p={probability:.2f}\n{item.name}", fontsize=9)
-    axes[1].imshow(viz.overlay(picture, heat, cmap=job.cmap or "jet"))
-    axes[1].set_title("Grad-CAM", fontsize=9)
-    for axis in axes:
-        axis.axis("off")
-    fig.tight_layout()
-    return fig
-
-
-def _write(job: Job, item: Item, record: dict, maps: Dict[str, np.ndarray], draw: Callable[[], Any]) -> None:
-    paths = results.output_paths(job.out, item, job.save)
-    if "npz" in paths:
-        results.write_npz(paths["npz"], maps, record)
-    if "png" in paths:
-        results.write_png(draw(), paths["png"], record)
-
-
-def explain_batch(explainer, job: Job, batch, plan: Plan, settings, group) -> Dict[int, dict]:
-    """Explain one decoded batch and write its results; the records by input index (failures included)."""
-    records = {}
-    good = [(index, tensor) for index, tensor, error in batch if error is None]
-    for index, _, error in batch:
-        if error is not None:
-            records[index] = results.failure_record(plan.items[index], settings, error)
-    if not good:
-        return records
-    x = torch.stack([tensor for _, tensor in good]).to(group.device)
-    explanation = explainer.explain(x, job.target)
-    batch_maps = arrays(explanation, x, job.method)
-    layer_nodes = dict(explainer.report.layers)
-    for i, (index, _) in enumerate(good):
-        item = plan.items[index]
-        maps = {key: value[i] for key, value in batch_maps.items()}
-        record = _record(job, item, maps, float(explanation.score[i]), settings, layer_nodes, group)
-        draw = lambda i=i, item=item, maps=maps: _figure(job, explanation[i], x[i:i + 1].cpu(), item, maps)
-        _write(job, item, record, maps, draw)
-        records[index] = record
-    return records
-
-
 # --- the run -------------------------------------------------------------------------------------------------
 
 class _StopFlag:
@@ -393,13 +219,16 @@ def _run(job: Job, group, say) -> int:
         print(explainer.report)
     mine = distributed.shard(plan.todo, group)
     records, interrupted, started = {}, False, time.perf_counter()
-    with stop_after_batch() as flag, _progress(len(mine), group) as bar:
-        for batch in loader(Decoded(plan.items, mine, job.preprocessing, channels), job.batch_size, job.workers):
-            records.update(explain_batch(explainer, job, batch, plan, settings, group))
+    batches = loader(Decoded(plan.items, mine, job.preprocessing, channels), job.batch_size, job.workers)
+    writers = Writers(job.writers, backlog=2 * job.batch_size)  # Ctrl-C waits for at most two batches' writes
+    with stop_after_batch() as flag, _progress(len(mine), group) as bar, writers:
+        for batch in batches:
+            records.update(explain_batch(explainer, job, batch, plan.items, settings, group, writers))
             bar.update(len(batch))
             if flag.raised:
                 interrupted = True
                 break
+        writers.finish()
     gathered = distributed.gather((records, interrupted, time.perf_counter() - started), group)
     if not group.main:
         return 0

@@ -121,7 +121,7 @@ def test_labels_name_the_classes_and_the_target(tmp_path, two, figures):
     labels.write_text("no face\na face\n")
     out = tmp_path / "out"
     assert run("explain", two, "--model", "demo", "--labels", labels, "--target", "a face", "--out", out,
-               "--workers", "0") == 0
+               "--workers", "0", "--writers", "0") == 0
     for line in read_index(out):
         assert (line["target"], line["target_name"]) == (1, "a face")
         assert sorted(c["name"] for c in line["top5"]) == ["a face", "no face"]
@@ -139,7 +139,7 @@ def test_torchvision_weights_bring_their_class_names(tmp_path, two, monkeypatch)
     torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth")
     out = tmp_path / "out"
     assert run("explain", two / "cat.png", "--model", "resnet18", "--weights", "DEFAULT", "--size", "64",
-               "--method", "gradcam", "--out", out, "--workers", "0") == 0
+               "--method", "gradcam", "--out", out, "--workers", "0", "--writers", "0") == 0
     line = read_index(out)[0]
     categories = torchvision.models.ResNet18_Weights.DEFAULT.meta["categories"]
     assert line["target_name"] == categories[line["target"]] and line["settings"]["weights"].startswith("ResNet18")
@@ -152,7 +152,7 @@ def keys(path) -> set:
 
 def test_gradcam_draws_and_saves_only_grad_cam(tmp_path, two, figures):
     out = tmp_path / "out"
-    assert run("explain", two, "--model", "demo", "--method", "gradcam", "--out", out, "--workers", "0") == 0
+    assert run("explain", two, "--model", "demo", "--method", "gradcam", "--out", out, "--workers", "0", "--writers", "0") == 0
     assert figures["cat.png.png"][1:] == ["Grad-CAM"]
     assert keys(out / "cat.png.npz") == {"input", "logits", "target", "score", "cam", "cam_raw", "record"}
 
@@ -160,7 +160,7 @@ def test_gradcam_draws_and_saves_only_grad_cam(tmp_path, two, figures):
 @pytest.mark.parametrize("method", ["all", "deconvnet"])
 def test_every_panel_drawn_is_in_the_npz(tmp_path, two, figures, method):
     out = tmp_path / "out"
-    assert run("explain", two, "--model", "demo", "--method", method, "--out", out, "--workers", "0") == 0
+    assert run("explain", two, "--model", "demo", "--method", method, "--out", out, "--workers", "0", "--writers", "0") == 0
     array_of = {f"{'guided' if method == 'all' else method} backprop": "gradient", "Grad-CAM": "cam",
                 "Guided Grad-CAM": "guided_gradcam"}
     titles = figures["cat.png.png"][1:]
@@ -170,16 +170,16 @@ def test_every_panel_drawn_is_in_the_npz(tmp_path, two, figures, method):
 
 def test_save_chooses_the_files(tmp_path, two, capsys):
     out = tmp_path / "out"
-    assert run("explain", two, "--model", "demo", "--save", "png", "--out", out, "--workers", "0") == 0
+    assert run("explain", two, "--model", "demo", "--save", "png", "--out", out, "--workers", "0", "--writers", "0") == 0
     assert sorted(os.listdir(out)) == [results.MARKER, "astronaut.jpg.png", "cat.png.png", results.INDEX]
     assert run("explain", two, "--model", "demo", "--save", "png", "--out", out) == 0
     assert "2 of 2 input(s) already done" in capsys.readouterr().err  # the PNGs carry their settings
-    assert run("explain", two, "--model", "demo", "--save", "npz", "--out", tmp_path / "o2", "--workers", "0") == 0
+    assert run("explain", two, "--model", "demo", "--save", "npz", "--out", tmp_path / "o2", "--workers", "0", "--writers", "0") == 0
     assert not [name for name in os.listdir(tmp_path / "o2") if name.endswith(".png")]
 
 
 def test_summary_line_always_and_the_report_on_request(tmp_path, two, capsys):
-    assert run("explain", two, "--model", "demo", "--report", "--out", tmp_path / "out", "--workers", "0") == 0
+    assert run("explain", two, "--model", "demo", "--report", "--out", tmp_path / "out", "--workers", "0", "--writers", "0") == 0
     captured = capsys.readouterr()
     summary = [line for line in captured.err.splitlines() if "swapped" in line]
     assert len(summary) == 1 and summary[0].startswith("guided-swap: model demo: ")
@@ -189,7 +189,7 @@ def test_summary_line_always_and_the_report_on_request(tmp_path, two, capsys):
 
 def test_a_model_without_relu_is_said_to_give_a_plain_gradient(tmp_path, two, capsys, model_module):
     assert run("explain", two / "cat.png", "--model", f"{model_module}:gelu_net", "--size", "32",
-               "--out", tmp_path / "out", "--workers", "0") == 0
+               "--out", tmp_path / "out", "--workers", "0", "--writers", "0") == 0
     error = capsys.readouterr().err
     summary = [line for line in error.splitlines() if "swapped" in line]
     assert len(summary) == 1 and "0 rectifier call site(s) swapped" in summary[0]
@@ -206,7 +206,7 @@ def test_library_warnings_reach_the_user_in_one_line(tmp_path, two, capsys, mode
         warnings.simplefilter("default")
         warnings.showwarning = show_on_stderr  # pytest's recorder would swallow them
         assert run("explain", two / "cat.png", "--model", f"{model_module}:chatty", "--size", "32",
-                   "--out", tmp_path / "out", "--workers", "0") == 0
+                   "--out", tmp_path / "out", "--workers", "0", "--writers", "0") == 0
     error = capsys.readouterr().err
     assert "guided-swap: warning: UserWarning: hello from the model's forward\n" in error
 

@@ -21,8 +21,8 @@ def save_image(path, name: str, size: int = 64) -> None:
     io.imsave(path, image, check_contrast=False)
 
 
-def explain(*args, workers: str = "0"):
-    return main(["explain", *map(str, args), "--workers", workers])
+def explain(*args, workers: str = "0", writers: str = "0"):
+    return main(["explain", *map(str, args), "--workers", workers, "--writers", writers])
 
 
 def files(folder) -> list:
@@ -185,9 +185,10 @@ def test_results_follow_the_umask(tmp_path, clashing):
     assert modes == {MARKER: 0o644, INDEX: 0o644, "pic.png.npz": 0o644, "pic.png.png": 0o644}
 
 
-def test_decode_workers_give_the_same_results(tmp_path, clashing):
-    assert explain(clashing, "--model", "demo", "--save", "npz", "--out", tmp_path / "a") == 0
-    assert explain(clashing, "--model", "demo", "--save", "npz", "--out", tmp_path / "b", workers="2") == 0
+def test_decode_and_write_workers_give_the_same_results(tmp_path, clashing):
+    assert explain(clashing, "--model", "demo", "--out", tmp_path / "a") == 0
+    assert explain(clashing, "--model", "demo", "--out", tmp_path / "b", workers="2", writers="2") == 0
+    assert files(tmp_path / "a") == files(tmp_path / "b")
     for name in ("pic.jpg", "sub/pic.jpg"):
         with np.load(tmp_path / "a" / (name + ".npz")) as a, np.load(tmp_path / "b" / (name + ".npz")) as b:
             assert np.array_equal(a["gradient"], b["gradient"]) and np.array_equal(a["cam"], b["cam"])
