@@ -14,6 +14,7 @@ import argparse
 import difflib
 import os
 import sys
+import textwrap
 from typing import List, Optional, Sequence
 
 from .errors import CommandError, GuidedSwapError
@@ -23,7 +24,8 @@ METHOD_HELP = {
               "input was positive",
     "deconvnet": "deconvnet: the input gradient, each ReLU passing back the positive part of the gradient",
     "gradient": "the plain input gradient (saliency); nothing is swapped",
-    "gradcam": "Grad-CAM at --layer only: the layer's activations weighted by their mean gradient",
+    "gradcam": "Grad-CAM at --layer only: the positive part of the layer's activations weighted by their mean "
+               "gradient",
     "guided-gradcam": "Guided Grad-CAM, guided backprop times Grad-CAM, shown with both factors (as all)",
     "all": "guided backprop, Grad-CAM and Guided Grad-CAM (the default)",
 }
@@ -119,11 +121,20 @@ def _device(text: str) -> str:
     return text
 
 
+def _method_help(name: str) -> str:
+    if name in METHOD_HELP:
+        return METHOD_HELP[name]
+    from .rules import get_rule
+
+    doc = (type(get_rule(name)).__doc__ or "").strip().split("\n")[0]
+    return "the input gradient under the registered rule " + name + (f": {doc}" if doc else "")
+
+
 def _method_epilog() -> str:
     from .folder import method_names
 
-    return "\n".join(f"  {name:15s} {METHOD_HELP.get(name, 'the input gradient under this registered rule')}"
-                     for name in method_names())
+    return "\n".join(textwrap.fill(f"{name:15s} {_method_help(name)}", 110, initial_indent="  ",
+                                   subsequent_indent=" " * 18) for name in method_names())
 
 
 def read_labels(path: str) -> List[str]:

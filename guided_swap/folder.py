@@ -24,7 +24,7 @@ import torch
 
 from . import distributed, results
 from .decoding import Decoded, loader
-from .errors import GuidedSwapError
+from .errors import CommandError, GuidedSwapError
 from .model_spec import Preprocessing, Source
 from .results import Plan
 from .writing import CAM_METHODS, Writers, explain_batch, uses_layer
@@ -127,11 +127,10 @@ def _shared_plan(job: Job, settings: Dict[str, Any], group) -> Plan:
 def build_explainer(job: Job, group, say: Callable[[str], None]):
     """Model, explainer on this rank's device, and the model's class count and input channels."""
     from . import convert
+    from .capture import input_spec
     from .model_spec import build
 
     model = build(job.source, say=lambda m: say(f"warning: {m}"))
-    from .capture import input_spec
-
     channels = (input_spec(model) or (4, 3))[1]
     size = job.preprocessing.crop
     example = torch.zeros(1, channels, size, size)
@@ -141,9 +140,14 @@ def build_explainer(job: Job, group, say: Callable[[str], None]):
     with torch.no_grad():
         classes = explainer(example.to(group.device)).shape[-1]
     if job.labels is not None and len(job.labels) != classes:
-        raise ValueError(f"--labels has {len(job.labels)} names but the model has {classes} outputs")
+        raise CommandError(f"{len(job.labels)} class names (--labels or the weights') but the model has {classes} "
+                           "outputs")
     if job.target is not None and job.target >= classes:
-        raise ValueError(f"--target {job.target} is not a class of this model (it has {classes} outputs, 0..{classes - 1})")
+        raise CommandError(f"--target {job.target} is not a class of this model: it has {classes} outputs "
+                           f"(0..{classes - 1})")
+    if len(job.preprocessing.mean) not in (1, channels):
+        raise CommandError(f"--mean/--std have {len(job.preprocessing.mean)} values; the model takes {channels} "
+                           "channel(s): give one value per channel, or one for all")
     return explainer, classes, channels
 
 

@@ -89,7 +89,7 @@ def test_python_m_guided_swap_help_explains_every_method_without_rst(capsys):
     from guided_swap.folder import method_names
 
     for method in method_names():
-        assert f"  {method:15s} {METHOD_HELP[method][:30]}" in done.stdout
+        assert f"  {method:15s} {METHOD_HELP[method][:20]}" in done.stdout
     for promise in ("--force", "index.jsonl", "torchrun --nproc-per-node", "OUT/sub/cat.jpg.npz"):
         assert promise in done.stdout
     assert run("--help") == 0 and "`" not in capsys.readouterr().out
