@@ -27,7 +27,8 @@ PHOTOS = ("chelsea", "astronaut", "coffee", "rocket", "camera", "cat")
 
 def make_folder(root: str, count: int) -> str:
     import numpy as np
-    from skimage import data, io, transform
+    from PIL import Image
+    from skimage import data, transform
 
     folder = os.path.join(root, "photos")
     for i in range(count):
@@ -36,7 +37,7 @@ def make_folder(root: str, count: int) -> str:
         image = (transform.resize(image[..., :3], (480, 640), anti_aliasing=True) * 255).astype(np.uint8)
         path = os.path.join(folder, f"part{i % 4}", f"photo{i:04d}.jpg")
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        io.imsave(path, image, quality=90)
+        Image.fromarray(image).save(path, quality=90)
     return folder
 
 

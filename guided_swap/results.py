@@ -20,7 +20,7 @@ Layout (``OUT`` is ``--out``):
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
 
@@ -249,7 +249,7 @@ def top_classes(probabilities: Sequence[float], labels: Optional[Sequence[str]],
              "probability": float(probabilities[c])} for c in order]
 
 
-def peak(cam: np.ndarray) -> Tuple[int, ...]:
+def peak(cam: np.ndarray) -> List[int]:
     """Where a map is largest, as (row, column) in the model's input.
 
     >>> peak(np.array([[0.0, 1.0], [3.0, 2.0]]))

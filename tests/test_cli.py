@@ -1,6 +1,5 @@
 """The guided-swap command: help, one-line usage errors before any model is built, labels, methods that draw and
 save only what they computed, the summary line and report, warnings, the other commands."""
-import json
 import os
 import subprocess
 import sys

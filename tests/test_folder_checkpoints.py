@@ -7,7 +7,6 @@ import pytest
 import torch
 from torch import nn
 
-from guided_swap import model_spec
 from guided_swap.demo import DemoCNN
 from guided_swap.errors import CommandError
 from guided_swap.model_spec import build, check

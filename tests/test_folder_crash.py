@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from guided_swap.cli import main
-from guided_swap.results import INDEX, MARKER, read_index, read_record
+from guided_swap.results import MARKER, read_index, read_record
 
 from test_folder import files, save_image
 
