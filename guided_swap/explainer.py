@@ -353,4 +353,4 @@ def _resolve(name: str, traced, model: nn.Module, example_input: Optional[Tensor
     if name != "auto":
         return capture.resolve(name, traced, model)
     example = capture.example_input(model) if example_input is None else example_input
-    return capture.auto_layer(traced.module, example)
+    return capture.auto_layer(traced.module, example, module_outputs=traced.module_outputs)[0]
