@@ -79,3 +79,61 @@ class FunctionalResNet(nn.Module):
         out = self.layer2(self.layer1(out))
         out = F.adaptive_avg_pool2d(out, 1).flatten(1)
         return self.head(out)
+
+
+class DisguisedRectifiers(nn.Module):
+    """ReLU and ReLU6 written as clamps, thresholds and hardtanh, in and out of place; activations with no rule."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.conv3 = nn.Conv2d(8, 8, 3, padding=1)
+        self.conv4 = nn.Conv2d(8, 8, 3, padding=1)
+        self.threshold = nn.Threshold(0, 0)
+        self.threshold_inplace = nn.Threshold(0.0, 0.0, inplace=True)
+        self.not_a_relu = nn.Threshold(0.5, 0.0)
+        self.leaky = nn.LeakyReLU(0.1)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = torch.clamp(self.conv1(x), min=0)          # torch.clamp(min=0)
+        x = (x - 0.01).clamp(min=0)                    # Tensor.clamp(min=0)
+        x = self.conv2(x).clamp_min(0)                 # Tensor.clamp_min(0)
+        x = torch.clamp_min(x - 0.01, 0.0)             # torch.clamp_min(0)
+        x = F.threshold(x * 2.0 - 0.01, 0, 0)          # F.threshold(0, 0)
+        x = self.threshold(self.conv3(x))              # nn.Threshold(0, 0)
+        x = self.threshold_inplace(x - 0.01)           # nn.Threshold(0, 0), in place
+        y = x * 1.5 - 0.01
+        y.clamp_(min=0)                                # Tensor.clamp_(min=0), result unused
+        y = y - 0.01
+        torch.clamp_(y, 0)                             # torch.clamp_(0), result unused
+        y = y * 1.2 - 0.01
+        y.clamp_min_(0)                                # Tensor.clamp_min_(0)
+        y = y - 0.01
+        F.threshold_(y, 0.0, 0.0)                      # torch.threshold_(0, 0)
+        y = torch.clip(y * 1.1 - 0.01, min=0.0)        # torch.clip(min=0)
+        z = F.hardtanh(y * 40.0, 0, 6)                 # F.hardtanh(0, 6)
+        z = torch.clamp(z * 2.0 - 0.5, 0, 6)           # torch.clamp(0, 6)
+        z = (z * 1.5 - 0.5).clamp(0.0, 6.0)            # Tensor.clamp(0, 6)
+        z = z * 1.2 - 0.3
+        z.clamp_(min=0, max=6)                         # Tensor.clamp_(0, 6)
+        z = (z - 0.2).clip(0, 6)                       # Tensor.clip(0, 6)
+        w = self.conv4(z) - 1.0                        # left alone from here on: no rule for these
+        w = (self.leaky(w) + F.gelu(w) + torch.where(w > 0, w, 0.0) + torch.maximum(w, torch.zeros_like(w))
+             + w.clamp(0, 1) + w * (w > 0).float() + self.not_a_relu(w) + torch.clamp(w, min=0.1))
+        return self.fc(w.mean(dim=(2, 3)))
+
+
+DISGUISED_SWAPS = {
+    "clamp": "torch.clamp(min=0)", "clamp_1": "Tensor.clamp(min=0)", "clamp_min": "Tensor.clamp_min(0)",
+    "clamp_min_1": "torch.clamp_min(0)", "_threshold": "F.threshold(0, 0)", "threshold": "nn.Threshold(0, 0)",
+    "threshold_inplace": "nn.Threshold(0, 0)", "clamp_": "Tensor.clamp_(min=0)", "clamp__1": "torch.clamp_(min=0)",
+    "clamp_min_": "Tensor.clamp_min_(0)", "threshold_": "torch.threshold_(0, 0)", "clip": "torch.clip(min=0)",
+    "hardtanh": "F.hardtanh(0, 6)", "clamp_2": "torch.clamp(0, 6)", "clamp_3": "Tensor.clamp(0, 6)",
+    "clamp__2": "Tensor.clamp_(0, 6)", "clip_1": "Tensor.clip(0, 6)",
+}
+DISGUISED_LEFT_ALONE = {
+    "leaky": "nn.LeakyReLU", "gelu": "F.gelu", "where": "torch.where(cond, x, 0)", "maximum": "torch.maximum(x, 0)",
+    "clamp_4": "Tensor.clamp(0, 1)", "mul_8": "x * (x > 0)", "not_a_relu": "nn.Threshold",
+}
