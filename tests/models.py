@@ -137,3 +137,34 @@ DISGUISED_LEFT_ALONE = {
     "leaky": "nn.LeakyReLU", "gelu": "F.gelu", "where": "torch.where(cond, x, 0)", "maximum": "torch.maximum(x, 0)",
     "clamp_4": "Tensor.clamp(0, 1)", "mul_8": "x * (x > 0)", "not_a_relu": "nn.Threshold",
 }
+
+
+class VolumeCNN(nn.Module):
+    """A small 3-d CNN for (B, 1, D, H, W) volumes, in the manner of medical-imaging classifiers."""
+
+    def __init__(self, classes=3):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv3d(1, 8, 3, padding=1), nn.BatchNorm3d(8), nn.ReLU(inplace=True),
+                                  nn.MaxPool3d(2))
+        self.block = nn.Sequential(nn.Conv3d(8, 16, 3, padding=1), nn.BatchNorm3d(16), nn.ReLU(inplace=True))
+        self.head = nn.Linear(16, classes)
+
+    def forward(self, x):
+        x = self.block(self.stem(x))
+        return self.head(F.adaptive_avg_pool3d(x, 1).flatten(1))
+
+
+class SignalCNN(nn.Module):
+    """A small 1-d CNN for (B, 2, L) signals, a functional ReLU, and a mean over time."""
+
+    def __init__(self, classes=4):
+        super().__init__()
+        self.conv1 = nn.Conv1d(2, 8, 5, padding=2)
+        self.conv2 = nn.Conv1d(8, 16, 5, stride=2, padding=2)
+        self.act2 = nn.ReLU()
+        self.fc = nn.Linear(16, classes)
+
+    def forward(self, x):
+        x = F.relu(self.conv1(x))
+        x = self.act2(self.conv2(x))
+        return self.fc(x.mean(dim=-1))
