@@ -168,3 +168,104 @@ class SignalCNN(nn.Module):
         x = F.relu(self.conv1(x))
         x = self.act2(self.conv2(x))
         return self.fc(x.mean(dim=-1))
+
+
+class SqueezeExcite(nn.Module):
+    """An SE gate: global mean, two 1x1 convs, a sigmoid, multiplied back into the map."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.reduce = nn.Conv2d(channels, channels // 4, 1)
+        self.expand = nn.Conv2d(channels // 4, channels, 1)
+
+    def forward(self, x):
+        return x * torch.sigmoid(self.expand(F.relu(self.reduce(x.mean((2, 3), keepdim=True)))))
+
+
+class EcaGate(nn.Module):
+    """An ECA gate: a Conv1d across channels of the pooled vector, (B, 1, C)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(1, 1, 3, padding=1, bias=False)
+
+    def forward(self, x):
+        y = self.conv(F.adaptive_avg_pool2d(x, 1).view(x.shape[0], 1, -1))
+        return x * torch.sigmoid(y).view(x.shape[0], -1, 1, 1)
+
+
+class SpatialGate(nn.Module):
+    """A CBAM-style spatial attention gate: a (B, 1, h, w) map from channel mean and max."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 1, 3, padding=1)
+
+    def forward(self, x):
+        pooled = torch.cat([x.mean(1, keepdim=True), x.amax(1, keepdim=True)], dim=1)
+        return x * torch.sigmoid(self.conv(pooled))
+
+
+class GatedNet(nn.Module):
+    """SE, ECA and spatial gates after the last stage, then pooling and a 1x1 conv head *after* the pooling
+    (the timm MobileNetV3 / GhostNet / LCNet layout): ``auto`` must take ``gates``, the last spatial map."""
+
+    def __init__(self, classes=5):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), nn.BatchNorm2d(16), nn.ReLU())
+        self.stage = nn.Sequential(nn.Conv2d(16, 16, 3, 1, 1), nn.BatchNorm2d(16), nn.ReLU())
+        self.gates = nn.Sequential(SqueezeExcite(16), EcaGate(), SpatialGate())
+        self.conv_head = nn.Conv2d(16, 32, 1)
+        self.fc = nn.Linear(32, classes)
+
+    def forward(self, x):
+        x = self.gates(self.stage(self.stem(x)))
+        x = F.relu(self.conv_head(F.adaptive_avg_pool2d(x, 1)))
+        return self.fc(x.flatten(1))
+
+
+class SpaceToDepthNet(nn.Module):
+    """TResNet's stem: the input is rearranged into 4x the channels before the first convolution."""
+
+    def __init__(self, classes=5):
+        super().__init__()
+        self.conv = nn.Conv2d(12, 8, 3, padding=1)
+        self.fc = nn.Linear(8, classes)
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        x = x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 3, 5, 1, 2, 4).reshape(b, c * 4, h // 2, w // 2)
+        return self.fc(F.relu(self.conv(x)).mean((2, 3)))
+
+
+class TinySegmenter(nn.Module):
+    """A segmentation net without global pooling: backbone, a head module, and an auxiliary head."""
+
+    def __init__(self, classes=3):
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.ReLU(), nn.Conv2d(8, 16, 3, 2, 1), nn.ReLU())
+        self.head = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, classes, 1))
+        self.aux = nn.Conv2d(8, classes, 1)
+
+    def forward(self, x):
+        size = x.shape[-2:]
+        low = self.backbone[1](self.backbone[0](x))
+        high = self.backbone[3](self.backbone[2](low))
+        out = F.interpolate(self.head(high), size=size, mode="bilinear", align_corners=False)
+        return {"out": out, "aux": F.interpolate(self.aux(low), size=size, mode="bilinear", align_corners=False)}
+
+
+class FunctionalBatchNormNet(nn.Module):
+    """A batch norm written functionally (as timm's BatchNormAct2d is traced): tracing in training mode bakes
+    ``training=True`` into the graph, so only copies of the buffers keep the probe from updating them."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.register_buffer("running_mean", torch.zeros(4))
+        self.register_buffer("running_var", torch.ones(4))
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        x = F.batch_norm(self.conv(x), self.running_mean, self.running_var, training=self.training, momentum=0.5)
+        return self.fc(F.relu(x).mean((2, 3)))
