@@ -269,3 +269,17 @@ class FunctionalBatchNormNet(nn.Module):
     def forward(self, x):
         x = F.batch_norm(self.conv(x), self.running_mean, self.running_var, training=self.training, momentum=0.5)
         return self.fc(F.relu(x).mean((2, 3)))
+
+
+class CifarNet(nn.Module):
+    """A CIFAR-size CNN (32 px) whose Linear head has a fixed input size: it runs at 32 px only."""
+
+    def __init__(self, classes=10):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(inplace=True), nn.MaxPool2d(2))
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(32 * 8 * 8, 64), nn.ReLU(), nn.Linear(64, classes))
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
