@@ -334,10 +334,9 @@ def _conv_specs(gm: fx.GraphModule, node: fx.Node) -> Optional[set]:
     """The (rank, channels) of every convolution ``node`` flows into directly; None if it flows elsewhere."""
     specs = set()
     for user in node.users:
-        if user.op == "call_module" and isinstance(gm.get_submodule(user.target), _CONV_MODULES) \
-                and user.args[0] is node:
-            weight = gm.get_submodule(user.target).weight
-            specs.add((weight.dim(), gm.get_submodule(user.target).in_channels))
+        spec = _conv_spec(gm, user, node)
+        if spec is not None:
+            specs.add(spec)
         elif _is_elementwise_with_constants(gm, user, node):
             more = _conv_specs(gm, user)
             if more is None:
@@ -346,6 +345,21 @@ def _conv_specs(gm: fx.GraphModule, node: fx.Node) -> Optional[set]:
         else:
             return None
     return specs
+
+
+def _conv_spec(gm: fx.GraphModule, user: fx.Node, node: fx.Node) -> Optional[Tuple[int, int]]:
+    """(rank, in channels) when ``user`` convolves ``node``: a conv module, or a conv function with a stored weight."""
+    if not user.args or user.args[0] is not node:
+        return None
+    if user.op == "call_module" and isinstance(gm.get_submodule(user.target), _CONV_MODULES):
+        module = gm.get_submodule(user.target)
+        return (module.weight.dim(), module.in_channels) if not module.transposed else None
+    if user.op == "call_function" and user.target in _CONV_FUNCTIONS and len(user.args) > 1:
+        weight, groups = user.args[1], user.kwargs.get("groups", user.args[6] if len(user.args) > 6 else 1)
+        if isinstance(weight, fx.Node) and weight.op == "get_attr" and isinstance(groups, int):
+            tensor = gm.get_parameter(weight.target) if weight.target in dict(gm.named_parameters()) else None
+            return None if tensor is None else (tensor.dim(), tensor.shape[1] * groups)
+    return None
 
 
 _ELEMENTWISE = {"add", "sub", "mul", "truediv", "div", "neg"}

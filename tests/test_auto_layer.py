@@ -133,3 +133,15 @@ def test_input_spec_follows_normalisation_arithmetic():
             return self.conv((x - self.mean) / 0.5).mean((2, 3))
 
     assert capture.input_spec(Normalised()) == (4, 3)
+
+
+def test_input_spec_reads_a_functional_convolution_with_groups():
+    class FunctionalConv(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(8, 2, 3, 3))
+
+        def forward(self, x):
+            return torch.nn.functional.conv2d(x, self.weight, groups=2).mean((2, 3))
+
+    assert capture.input_spec(FunctionalConv()) == (4, 4)
