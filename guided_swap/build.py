@@ -113,8 +113,11 @@ class Plan:
         gm = traced.module
         # Named layers resolve now (a wrong name is an error at convert, not at the first explain).
         self.named = {name: capture.resolve(name, traced, model) for name in layers if name != AUTO}
+        self.input_spec = capture.input_spec(gm)  # read from the graph before the rectifiers change it
         self.swaps, replaced = rewrite.swap_rectifiers(gm, rule)
         self.named = {name: replaced.get(node, node) for name, node in self.named.items()}
+        self.module_outputs = {name: [replaced.get(node, node) for node in nodes]
+                               for name, nodes in traced.module_outputs.items()}
         self.swapped_nodes = list(replaced.values())
         self.left_alone, self.hidden = rewrite.unswapped_activations(gm)
         _check_output_key(_output_arg(gm.graph), output)
@@ -136,7 +139,9 @@ class Plan:
         nodes, reasons = {}, {}
         for name in self.layers:
             if name == AUTO:
-                nodes[name], reasons[name] = _auto(gm, example)
+                module_outputs = {module: [env[n] for n in outs if n in env]
+                                  for module, outs in self.module_outputs.items()}
+                nodes[name], reasons[name] = capture.auto_layer(gm, example, self.output, module_outputs)
             else:
                 nodes[name] = env[self.named[name]]
         captured = [nodes[name] for name in self.layers]
@@ -189,14 +194,7 @@ def convert(model: nn.Module, layer: Union[None, str, Sequence[str]] = AUTO, rul
         warnings.warn(f"ReLUs inside leaf modules cannot be swapped and keep their ordinary gradient: {plan.hidden}",
                       stacklevel=2)
     built = None if plan.needs_example and example_input is None else plan.build(example_input)
-    return Explainer(plan, built, input_spec=capture.input_spec(model))
-
-
-def _auto(gm: fx.GraphModule, example: Tensor) -> Tuple[fx.Node, str]:
-    node = capture.auto_layer(gm, example)
-    if isinstance(node, tuple):
-        return node
-    return node, "auto: the last map with the last convolution's spatial size"
+    return Explainer(plan, built, input_spec=plan.input_spec)
 
 
 def _copy_graph(graph: fx.Graph) -> Tuple[fx.Graph, Dict[fx.Node, fx.Node]]:
