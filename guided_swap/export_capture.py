@@ -7,20 +7,35 @@ the same :class:`~guided_swap.trace.Traced` the fx path gives: one placeholder (
 with ``get_attr`` from a mirror of the model (shared storage, never copies), torchvision-style node names
 built from the module path export records (``layer4.1.relu_1``), and what every module returned.
 
-Two things are fixed at capture time, and the graph checks its input against them:
+What is fixed at capture time, and how the graph keeps to it:
 
-* the model is captured as deployed (eval mode: BatchNorm reads its running statistics, Dropout is off);
-* a branch the model took on an input size holds for the sizes the graph accepts. Each call checks the
-  conditions export recorded and raises :class:`~guided_swap.errors.InputError` for an input outside them.
+* the model is captured as deployed (eval mode: BatchNorm reads its running statistics, Dropout is off),
+  whatever mode the model is in;
+* the graph takes any batch size; other sizes are the example's (or symbolic with ``dynamic_size=True``).
+  Each call checks the conditions export recorded on the input's sizes, including those the model's code
+  imposed by branching on them, and raises :class:`~guided_swap.errors.InputError` for an input outside them;
+* state the model writes in ``forward`` (a call counter, BatchNorm forced to batch statistics) is copied
+  into the graph's own module, so running the graph never changes the model.
 
->>> import torch, torchvision
->>> traced = trace_export(torchvision.models.resnet18(), torch.randn(2, 3, 64, 64))
->>> "layer4.1.relu_1" in traced.node_names, traced.module_outputs["layer4"][0].meta["qualname"]
-(True, 'layer4.1.relu_1')
+>>> import torch
+>>> from torch import nn
+>>> class Net(nn.Module):
+...     def __init__(self):
+...         super().__init__()
+...         self.features = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(inplace=True))
+...         self.fc = nn.Linear(8, 2)
+...     def forward(self, x):
+...         assert x.shape[1] == 3, "RGB only"  # torch.fx stops here
+...         return self.fc(self.features(x).mean((2, 3)))
+>>> traced = trace_export(Net().eval(), torch.randn(2, 3, 32, 32))
+>>> node = traced.module_outputs["features"][0]
+>>> node.meta["qualname"], node.target
+('features.1', <OpOverload(op='aten.relu_', overload='default')>)
 """
 import copy
 import functools
 import math
+import operator
 import os
 import re
 import sys
@@ -60,14 +75,16 @@ def trace_export(model: nn.Module, example_input: Tensor, *, dynamic_size: bool 
     root = _private_mirror(model).eval()
     example = _example(example_input)
     program = _export(root, model, example, dynamic_size, strict)
-    graph, module_paths = _unlifted_graph(program, root, tuple(example.shape[1:]))
+    graph = _unlifted_graph(program, root, tuple(example.shape[1:]), dynamic_size)
+    written = _written_state(graph)
+    _give_private_copies(root, written)
     gm = fx.GraphModule(root, graph, class_name=type(model).__name__)
     gm._tracer_cls = ExportGraphTracer  # GraphModule unpickling re-traces the code with this class
+    gm.meta["guided_swap_private_state"] = written
     leaves = tuple(default_leaf_modules())
     module_outputs = _module_outputs(gm.graph)
     names = _name_nodes(gm.graph, root, leaves, module_outputs)
-    return Traced(gm, {path: nodes for path, nodes in module_outputs.items() if path in module_paths},
-                  names, leaves)
+    return Traced(gm, module_outputs, names, leaves)
 
 
 def _private_mirror(model: nn.Module) -> nn.Module:
@@ -102,14 +119,26 @@ def _export(root: nn.Module, model: nn.Module, x: Tensor, dynamic_size: bool, st
         first = (str(error).strip().splitlines() or [""])[0][:500]
         raise TraceError(
             f"torch.export could not capture {type(model).__name__} for an input of shape {tuple(x.shape)}: "
-            f"{type(error).__name__}: {first}\n  at {fx_failure_site(error)}\n"
-            "  hint: torch.export takes asserts and branches on shapes, not branches on tensor values "
-            "(`if x.sum() > 0`); check that the model runs on the example input") from error
+            f"{type(error).__name__}: {first}\n  at {fx_failure_site(error)}\n  {_eager_hint(root, x)}"
+        ) from error
+
+
+def _eager_hint(root: nn.Module, x: Tensor) -> str:
+    """Whether the model itself runs on the example (on the mirror: the model is not touched)."""
+    try:
+        with torch.no_grad():
+            root(x)
+    except Exception as error:  # the model's own failure, reported in one line
+        first = (str(error).strip().splitlines() or [""])[0][:300]
+        return (f"the model itself fails on this input ({type(error).__name__}: {first} at "
+                f"{fx_failure_site(error)}); give an example input of a size the model takes")
+    return ("hint: torch.export takes asserts and branches on shapes, not branches on tensor values "
+            "(`if x.sum() > 0`) or Python-side effects that need real values")
 
 
 # --- the ExportedProgram as a GraphModule on the mirror ------------------------------------------------
 
-def _unlifted_graph(program, root: nn.Module, sizes: Tuple[int, ...]) -> Tuple[fx.Graph, set]:
+def _unlifted_graph(program, root: nn.Module, sizes: Tuple[int, ...], dynamic_size: bool) -> fx.Graph:
     """Copy the program's graph with the input as the only placeholder and state read by ``get_attr``."""
     signature = program.graph_signature
     source = program.graph
@@ -129,22 +158,29 @@ def _unlifted_graph(program, root: nn.Module, sizes: Tuple[int, ...]) -> Tuple[f
         else:
             raise TraceError(f"the exported program takes a {spec.kind.name} input ({spec.target}), which "
                              "guided_swap cannot bind; capture this model with torch.fx instead")
-    _insert_shape_check(graph, user_input, program, sizes)
+    _insert_shape_check(graph, user_input, program, sizes, dynamic_size)
     output = next(n for n in source.nodes if n.op == "output")
+    known = {name for name, _ in root.named_modules(remove_duplicate=False)}
     for node in source.nodes:
         if node.op in ("placeholder", "output"):
             continue
         if node.op == "get_attr":  # a submodule of the program (a higher-order op's graph)
             _copy_program_attribute(root, program.graph_module, node.target)
         env[node] = graph.node_copy(node, lambda n: env[n])
-        env[node].meta = dict(node.meta)
+        env[node].meta = _with_known_scopes(node.meta, known)
     outputs = [env[a] if isinstance(a, fx.Node) else a
                for a, spec in zip(output.args[0], signature.output_specs) if spec.kind == OutputKind.USER_OUTPUT]
-    _check_no_state_mutation(signature)
     graph.output(torch.utils._pytree.tree_unflatten(outputs, program.call_spec.out_spec))
     graph.lint()
-    paths = {path for node in graph.nodes for path, _ in node.meta.get("nn_module_stack", {}).values()}
-    return graph, paths
+    return graph
+
+
+def _with_known_scopes(meta: Dict[str, Any], known: set) -> Dict[str, Any]:
+    """A node's meta whose module stack names only the model's modules (export adds scopes of its own)."""
+    meta = dict(meta)
+    if "nn_module_stack" in meta:
+        meta["nn_module_stack"] = {key: value for key, value in meta["nn_module_stack"].items() if value[0] in known}
+    return meta
 
 
 def _state_attribute(graph: fx.Graph, root: nn.Module, target: str, program, node: fx.Node) -> fx.Node:
@@ -185,22 +221,85 @@ def _copy_program_attribute(root: nn.Module, program_module: nn.Module, target: 
         setattr_path(root, target, _get_attribute(program_module, target))
 
 
-def _check_no_state_mutation(signature) -> None:
-    mutated = [spec.target for spec in signature.output_specs
-               if spec.kind in (OutputKind.BUFFER_MUTATION, OutputKind.PARAMETER_MUTATION,
-                                OutputKind.USER_INPUT_MUTATION)]
-    if mutated:
-        raise TraceError(f"the model writes to {mutated} in forward (in eval mode); an explainer built on it "
-                         "would change the model, so guided_swap does not capture it")
+def _written_state(graph: fx.Graph) -> List[str]:
+    """The attributes (parameters, buffers, constants) the graph writes to in place, through any view.
+
+    The training IR keeps in-place ops: ``self.calls += 1`` on a buffer is an ``add_`` on its ``get_attr``.
+    """
+    written = []
+    for attribute in graph.find_nodes(op="get_attr"):
+        aliases, pending = {attribute}, [attribute]
+        while pending:
+            node = pending.pop()
+            for user in node.users:
+                if _writes(user, node):
+                    written.append(attribute.target)
+                    pending.clear()
+                    break
+                if user not in aliases and _is_view_of(user, node):
+                    aliases.add(user)
+                    pending.append(user)
+    return sorted(set(written))
+
+
+def _schema_arguments(node: fx.Node):
+    schema = getattr(node.target, "_schema", None)
+    if schema is None:
+        return []
+    positional = list(zip(schema.arguments, node.args))
+    return positional + [(a, node.kwargs[a.name]) for a in schema.arguments if a.name in node.kwargs]
+
+
+def _writes(node: fx.Node, tensor: fx.Node) -> bool:
+    if _updates_running_stats(node, tensor):
+        return True
+    return any(value is tensor and argument.alias_info is not None and argument.alias_info.is_write
+               for argument, value in _schema_arguments(node))
+
+
+def _updates_running_stats(node: fx.Node, tensor: fx.Node) -> bool:
+    """``batch_norm(..., training=True)`` updates its running stats, which its schema does not mark."""
+    aten = torch.ops.aten
+    norms = (aten.batch_norm.default, aten.native_batch_norm.default, aten.instance_norm.default)
+    # (input, weight, bias, running_mean, running_var, training / use_input_stats, ...) for all three
+    return node.target in norms and len(node.args) > 5 and node.args[5] is True and tensor in node.args[3:5]
+
+
+def _is_view_of(node: fx.Node, tensor: fx.Node) -> bool:
+    """Whether ``node`` returns an alias of ``tensor``: a view op (``view``, ``select``, ``split``, whose
+    schema marks its result as an alias), or an item of a list of views."""
+    if node.op == "call_function" and node.target is operator.getitem:
+        return node.args[0] is tensor
+    schema = getattr(node.target, "_schema", None)
+    if schema is None or not any(r.alias_info is not None for r in schema.returns):
+        return False
+    return any(value is tensor and argument.alias_info is not None for argument, value in _schema_arguments(node))
+
+
+def _give_private_copies(root: nn.Module, targets: Sequence[str]) -> None:
+    """Replace, on the mirror only, each written attribute by a copy: running the explainer never changes
+    the model (it keeps its own running count, cache or statistics instead)."""
+    for target in targets:
+        *parents, name = target.split(".")
+        module = root.get_submodule(".".join(parents))
+        value = getattr(module, name)
+        if name in module._parameters:
+            module._parameters[name] = nn.Parameter(value.detach().clone(), value.requires_grad)
+        elif name in module._buffers:
+            module._buffers[name] = value.detach().clone()
+        else:
+            module.__dict__[name] = value.detach().clone()
 
 
 # --- the shape conditions a captured graph holds for ----------------------------------------------------
 
-def _insert_shape_check(graph: fx.Graph, x: fx.Node, program, sizes: Tuple[int, ...]) -> None:
+def _insert_shape_check(graph: fx.Graph, x: fx.Node, program, sizes: Tuple[int, ...], dynamic_size: bool
+                        ) -> None:
     guards = tuple(_input_guards(x, program))
     if guards:
         with graph.inserting_after(x):
-            graph.call_function(check_input_shape, (x,), {"guards": guards, "example": sizes})
+            graph.call_function(check_input_shape, (x,), {"guards": guards, "example": sizes,
+                                                          "dynamic_size": dynamic_size})
 
 
 def _input_guards(x: fx.Node, program) -> List[str]:
@@ -237,7 +336,8 @@ def _compiled_guards(guards: Tuple[str, ...]) -> Tuple[Any, ...]:
 
 
 @has_side_effect
-def check_input_shape(x: Tensor, guards: Tuple[str, ...] = (), example: Tuple[int, ...] = ()) -> None:
+def check_input_shape(x: Tensor, guards: Tuple[str, ...] = (), example: Tuple[int, ...] = (),
+                      dynamic_size: bool = False) -> None:
     """Raise :class:`InputError` unless ``x``'s shape meets every condition of the captured graph.
 
     ``example`` is the shape of one example sample (without the batch), for the message. Inside a tracer
@@ -250,12 +350,12 @@ def check_input_shape(x: Tensor, guards: Tuple[str, ...] = (), example: Tuple[in
     scope = {**SYMPY_INTERP, "torch": torch, "math": math, "inf": math.inf, "x": x}
     for code, compiled in zip(guards, _compiled_guards(tuple(guards))):
         if not eval(compiled, scope):  # torch.export's own guard expressions, over x's sizes only
-            raise InputError(_guard_message(tuple(x.shape), code, example))
+            raise InputError(_guard_message(tuple(x.shape), code, example, dynamic_size))
 
 
-def _guard_message(shape: Tuple[int, ...], code: str, example: Tuple[int, ...]) -> str:
+def _guard_message(shape: Tuple[int, ...], code: str, example: Tuple[int, ...], dynamic_size: bool) -> str:
     captured = f"captured with torch.export from an example of shape (B, {', '.join(map(str, example))})"
-    if re.fullmatch(r"x\.size\(\)\[[0-9]+\] == [0-9]+", code):
+    if re.fullmatch(r"x\.size\(\)\[[0-9]+\] == [0-9]+", code) and not dynamic_size:
         return (f"input of shape {shape} does not fit: the graph was {captured} and takes inputs of that "
                 f"size only ({code}); convert with an example input of the size you explain, or with "
                 "dynamic_size=True to keep the sizes symbolic")
@@ -388,19 +488,24 @@ def fx_failure_site(error: BaseException) -> str:
     guided_swap; timm and torchvision count as user code), or ``"unknown"``. A wrapped error
     (``raise ... from``) is followed to its cause.
 
-    >>> import torch, timm
-    >>> from guided_swap import trace
+    >>> import torch
+    >>> from guided_swap.trace import trace
+    >>> class Checked(torch.nn.Module):
+    ...     def forward(self, x):
+    ...         assert x.shape[-1] % 8 == 0, "sizes must be multiples of 8"
+    ...         return x.relu()
     >>> try:
-    ...     trace.trace(timm.create_model("vgg11"))
+    ...     trace(Checked())
     ... except Exception as error:
-    ...     print(fx_failure_site(error))
-    timm/models/vgg.py:84
+    ...     print(fx_failure_site(error))  # doctest: +ELLIPSIS
+    <doctest ...>:3
     """
-    seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        frames = _user_frames(error)
+    chain: List[BaseException] = []
+    while error is not None and all(error is not seen for seen in chain):
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    for cause in reversed(chain):  # the innermost error holds the frames of the model's code
+        frames = _user_frames(cause)
         if frames:
             return f"{_short_path(frames[-1].filename)}:{frames[-1].lineno}"
-        error = error.__cause__ or error.__context__
     return "unknown"
