@@ -291,6 +291,35 @@ def _give_private_copies(root: nn.Module, targets: Sequence[str]) -> None:
             module.__dict__[name] = value.detach().clone()
 
 
+# --- in-place aten ops, read from their schemas (for the rewrite's protect and fork steps) ---------------
+
+def mutated_argument(node: fx.Node) -> Optional[fx.Node]:
+    """The node whose tensor the aten op at ``node`` writes in place (``add_(a, b)`` -> ``a``), or None.
+
+    Read from the op's schema (``Tensor(a!) self``), so it holds for every in-place overload.
+    """
+    for argument, value in _schema_arguments(node):
+        if isinstance(value, fx.Node) and argument.alias_info is not None and argument.alias_info.is_write:
+            return value
+    return None
+
+
+def functional_twin(target: Any) -> Optional[Any]:
+    """The out-of-place overload of an in-place aten op (``aten.add_.Tensor`` -> ``aten.add.Tensor``), or None.
+
+    Only a twin whose schema takes the same arguments (less the mutation) is returned, so
+    ``node.target = functional_twin(node.target)`` keeps the call valid.
+    """
+    schema = getattr(target, "_schema", None)
+    if schema is None or not schema.name.endswith("_") or schema.name.endswith("__"):
+        return None
+    packet = getattr(torch.ops.aten, schema.name.split("::")[-1][:-1], None)
+    twin = getattr(packet, schema.overload_name or "default", None) if packet is not None else None
+    if twin is None or [a.name for a in twin._schema.arguments] != [a.name for a in schema.arguments]:
+        return None
+    return twin
+
+
 # --- the shape conditions a captured graph holds for ----------------------------------------------------
 
 def _insert_shape_check(graph: fx.Graph, x: fx.Node, program, sizes: Tuple[int, ...], dynamic_size: bool
@@ -439,7 +468,8 @@ def _name_nodes(graph: fx.Graph, root: nn.Module, leaves: tuple, module_outputs:
         counts[base] = count + 1
         qualname = base if count == 0 else f"{base}_{count}"
         node.meta["qualname"] = qualname
-        names[qualname] = node
+        if node.target is not check_input_shape:  # not a layer anyone can capture
+            names[qualname] = node
     return names
 
 

@@ -15,10 +15,11 @@ from torch import nn
 
 from guided_swap import reference, rewrite, spellings
 from guided_swap.errors import InputError, TraceError
-from guided_swap.export_capture import fx_failure_site, trace_export
+from guided_swap.export_capture import functional_twin, fx_failure_site, mutated_argument, trace_export
 from guided_swap.trace import trace
 
 from conftest import assert_nontrivial, image_batch, make_model, randomise_batchnorm, relative_error
+from models import FunctionalResNet
 from untraceable_models import UNTRACEABLE, DataDependentNet, ShapeArithmeticNet, ShapeAssertNet
 
 timm = pytest.importorskip("timm")
@@ -128,7 +129,7 @@ def test_fx_failure_site_keeps_torchvision_frames_and_skips_torch():
 def test_names_and_module_outputs_match_the_fx_path(name, layers, x):
     model = make_model(name)
     by_fx, by_export = trace(model), trace_export(model, x)
-    assert set(by_export.node_names) - {"check_input_shape"} == set(by_fx.node_names)
+    assert set(by_export.node_names) == set(by_fx.node_names)
     for layer, expected in zip(layers, _activations(by_fx, layers, x)):
         actual = _activations(by_export, [layer], x)[0]
         assert len(actual) == len(expected)
@@ -207,6 +208,21 @@ def test_spelling_reader_gives_bounds_and_flags():
         assert (call.spelling, call.inplace, call.upper, call.input) == (spelling, inplace, upper, x)
     for args in [(x, 0, 5), (x, False), (x, None, 6), (x, 1)]:
         assert spellings.match(graph.call_function(torch.ops.aten.clamp.default, args)) is None
+
+
+def test_in_place_ops_are_read_from_their_schemas(x):
+    traced = trace_export(hand_model(FunctionalResNet), x)  # its blocks do `out += self.shortcut(x)`
+    add = traced.node_names["layer2.1.add"]
+    assert add.target is torch.ops.aten.add_.Tensor
+    assert mutated_argument(add) is traced.node_names["layer2.1.bn2"]
+    assert mutated_argument(traced.node_names["layer2.1.conv2"]) is None
+    with torch.no_grad():
+        expected = traced.module(x)
+        add.target = functional_twin(add.target)
+        traced.module.recompile()
+        assert add.target is torch.ops.aten.add.Tensor and torch.equal(traced.module(x), expected)
+    assert functional_twin(torch.ops.aten.relu_.default) is torch.ops.aten.relu.default
+    assert functional_twin(torch.ops.aten.add.Tensor) is None
 
 
 def test_weights_are_shared_and_the_input_is_checked(x):
