@@ -1,6 +1,6 @@
 """Class activation maps as pure functions of the activation ``A`` (B, K, h, w) and its gradient ``G``.
 
-All of them take ordinary gradients (METHODS.md); none needs a model.
+All of them take ordinary gradients (docs/methods.md); none needs a model.
 
 >>> import torch
 >>> A = torch.ones(1, 2, 2, 2); G = torch.tensor([1.0, -3.0]).view(1, 2, 1, 1).expand(1, 2, 2, 2)

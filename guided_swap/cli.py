@@ -20,15 +20,12 @@ import torch
 from torch import nn
 
 from ._files import atomic_write
-from .errors import GuidedSwapError
+from .errors import CommandError, GuidedSwapError
+from .rules import rules
 
 METHODS = ("guided", "deconvnet", "gradient", "gradcam", "guided-gradcam", "all")
 RULE_OF_METHOD = {"guided": "guided", "deconvnet": "deconvnet", "gradient": "gradient", "gradcam": "gradient",
                   "guided-gradcam": "guided", "all": "guided"}
-
-
-class CommandError(GuidedSwapError):
-    """A usage error: printed as one line."""
 
 
 def load_model(spec: str, weights: Optional[str] = None) -> nn.Module:
@@ -144,7 +141,7 @@ def cmd_explain(args) -> int:
             arrays = _maps(explanation, args.method)
             for i, name in enumerate(names):
                 _write_npz(os.path.join(args.out, name + ".npz"), {k: v[i] for k, v in arrays.items()})
-                one = _slice(explanation, i)
+                one = explanation[i]
                 save_png(figure(one, x[i:i + 1], mean=options.get("mean", (0.485, 0.456, 0.406)),
                                 std=options.get("std", (0.229, 0.224, 0.225)), notes=[name]),
                          os.path.join(args.out, name + ".png"))
@@ -152,16 +149,6 @@ def cmd_explain(args) -> int:
     print(f"guided-swap: explained {len(todo) - failed} image(s) into {args.out}" +
           (f"; {failed} could not be read" if failed else ""), file=sys.stderr)
     return 1 if failed else 0
-
-
-def _slice(explanation, i: int):
-    from .explainer import Explanation, LayerMaps
-
-    layers = {name: LayerMaps(m.activation[i:i + 1], m.grad[i:i + 1], m.input_size, m.interpolate)
-              for name, m in explanation.layers.items()}
-    target = None if explanation.target is None else explanation.target[i:i + 1]
-    return Explanation(explanation.logits[i:i + 1], target, explanation.score[i:i + 1],
-                       explanation.gradient[i:i + 1], layers, None, explanation.rule)
 
 
 def cmd_demo(args) -> int:
@@ -234,7 +221,7 @@ def parser() -> argparse.ArgumentParser:
     export.add_argument("--model", required=True)
     export.add_argument("--weights")
     export.add_argument("--layer", default="auto", help="module or node name, auto, or none")
-    export.add_argument("--rule", default="guided", choices=("guided", "deconvnet", "gradient"))
+    export.add_argument("--rule", default="guided", choices=rules(), help="a registered backprop rule")
     export.add_argument("--shape", default="2,3,224,224", help="example input shape; the batch stays dynamic")
     export.add_argument("--out", required=True)
 
