@@ -17,6 +17,7 @@ import torch
 
 from guided_swap import reference, rewrite
 from guided_swap.export_capture import trace_export
+from guided_swap.rules import get_rule
 
 sys.path.insert(0, "tests")
 from conftest import image_batch, randomise_batchnorm, relative_error  # noqa: E402
@@ -47,7 +48,7 @@ def check(name: str) -> str:
     start = time.perf_counter()
     traced = trace_export(model, x)
     seconds = time.perf_counter() - start
-    swaps, _ = rewrite.swap_relus(traced.module, "guided")
+    swaps, _ = rewrite.swap_rectifiers(traced.module, get_rule("guided"))
     traced.module.recompile()
     with torch.no_grad():
         logits = model(x)

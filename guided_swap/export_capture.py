@@ -79,7 +79,6 @@ def trace_export(model: nn.Module, example_input: Tensor, *, dynamic_size: bool 
     written = _written_state(graph)
     _give_private_copies(root, written)
     gm = fx.GraphModule(root, graph, class_name=type(model).__name__)
-    gm._tracer_cls = ExportGraphTracer  # GraphModule unpickling re-traces the code with this class
     gm.meta["guided_swap_private_state"] = written
     leaves = tuple(default_leaf_modules())
     module_outputs = _module_outputs(gm.graph)
@@ -142,7 +141,7 @@ def _unlifted_graph(program, root: nn.Module, sizes: Tuple[int, ...], dynamic_si
     """Copy the program's graph with the input as the only placeholder and state read by ``get_attr``."""
     signature = program.graph_signature
     source = program.graph
-    graph = fx.Graph()
+    graph = fx.Graph(tracer_cls=ExportGraphTracer)  # kept by copies of the graph; used when unpickling
     env: Dict[fx.Node, Any] = {}
     placeholders = [n for n in source.nodes if n.op == "placeholder"]
     user_input = None
@@ -291,35 +290,6 @@ def _give_private_copies(root: nn.Module, targets: Sequence[str]) -> None:
             module.__dict__[name] = value.detach().clone()
 
 
-# --- in-place aten ops, read from their schemas (for the rewrite's protect and fork steps) ---------------
-
-def mutated_argument(node: fx.Node) -> Optional[fx.Node]:
-    """The node whose tensor the aten op at ``node`` writes in place (``add_(a, b)`` -> ``a``), or None.
-
-    Read from the op's schema (``Tensor(a!) self``), so it holds for every in-place overload.
-    """
-    for argument, value in _schema_arguments(node):
-        if isinstance(value, fx.Node) and argument.alias_info is not None and argument.alias_info.is_write:
-            return value
-    return None
-
-
-def functional_twin(target: Any) -> Optional[Any]:
-    """The out-of-place overload of an in-place aten op (``aten.add_.Tensor`` -> ``aten.add.Tensor``), or None.
-
-    Only a twin whose schema takes the same arguments (less the mutation) is returned, so
-    ``node.target = functional_twin(node.target)`` keeps the call valid.
-    """
-    schema = getattr(target, "_schema", None)
-    if schema is None or not schema.name.endswith("_") or schema.name.endswith("__"):
-        return None
-    packet = getattr(torch.ops.aten, schema.name.split("::")[-1][:-1], None)
-    twin = getattr(packet, schema.overload_name or "default", None) if packet is not None else None
-    if twin is None or [a.name for a in twin._schema.arguments] != [a.name for a in schema.arguments]:
-        return None
-    return twin
-
-
 # --- the shape conditions a captured graph holds for ----------------------------------------------------
 
 def _insert_shape_check(graph: fx.Graph, x: fx.Node, program, sizes: Tuple[int, ...], dynamic_size: bool
@@ -394,12 +364,10 @@ def _guard_message(shape: Tuple[int, ...], code: str, example: Tuple[int, ...], 
 
 
 class ExportGraphTracer(QualnameTracer):
-    """The tracer GraphModule unpickling uses on an export-path graph: the shape check and the symbolic
-    size helpers stay single calls instead of being traced through."""
+    """The tracer GraphModule unpickling uses on an export-path graph: the shape check stays one call."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._autowrap_function_ids.update(id(f) for f in (check_input_shape,))
+    def __init__(self, leaf_modules=(), autowrap_functions=(), autowrap_modules=(math,)):
+        super().__init__(leaf_modules, (check_input_shape,) + tuple(autowrap_functions), autowrap_modules)
 
 
 # --- names and module outputs -------------------------------------------------------------------------

@@ -15,7 +15,8 @@ from torch import nn
 
 from guided_swap import reference, rewrite, spellings
 from guided_swap.errors import InputError, TraceError
-from guided_swap.export_capture import functional_twin, fx_failure_site, mutated_argument, trace_export
+from guided_swap.export_capture import fx_failure_site, trace_export
+from guided_swap.rules import get_rule
 from guided_swap.trace import trace
 
 from conftest import assert_nontrivial, image_batch, make_model, randomise_batchnorm, relative_error
@@ -26,8 +27,8 @@ timm = pytest.importorskip("timm")
 
 
 def swap_rectifiers(gm):
-    """The rewrite's swap step as it is called today (the rule becomes an object after the core refactor)."""
-    swaps, _ = rewrite.swap_relus(gm, "guided")
+    """The rewrite's swap step with the guided rule."""
+    swaps, _ = rewrite.swap_rectifiers(gm, get_rule("guided"))
     gm.recompile()
     return swaps
 
@@ -189,7 +190,7 @@ def test_aten_spellings_are_read_at_their_bounds_only():
     assert all(s.inplace == s.spelling.split("(")[0].endswith("_") for s in swaps)
     with torch.no_grad():
         assert torch.equal(traced.module(x), model(x))
-    left, _ = rewrite.unswapped_activations(traced.module, ())
+    left, _ = rewrite.unswapped_activations(traced.module)
     assert sorted(kind for _, kind in left) == ["aten.gelu", "aten.hardtanh", "aten.leaky_relu"]
 
 
@@ -210,19 +211,15 @@ def test_spelling_reader_gives_bounds_and_flags():
         assert spellings.match(graph.call_function(torch.ops.aten.clamp.default, args)) is None
 
 
-def test_in_place_ops_are_read_from_their_schemas(x):
+def test_rewrite_reads_in_place_aten_ops(x):
     traced = trace_export(hand_model(FunctionalResNet), x)  # its blocks do `out += self.shortcut(x)`
-    add = traced.node_names["layer2.1.add"]
-    assert add.target is torch.ops.aten.add_.Tensor
-    assert mutated_argument(add) is traced.node_names["layer2.1.bn2"]
-    assert mutated_argument(traced.node_names["layer2.1.conv2"]) is None
+    gm, add, bn2 = traced.module, traced.node_names["layer2.1.add"], traced.node_names["layer2.1.bn2"]
+    assert add.target is torch.ops.aten.add_.Tensor and rewrite.mutated_input(gm, add) is bn2
     with torch.no_grad():
-        expected = traced.module(x)
-        add.target = functional_twin(add.target)
-        traced.module.recompile()
-        assert add.target is torch.ops.aten.add.Tensor and torch.equal(traced.module(x), expected)
-    assert functional_twin(torch.ops.aten.relu_.default) is torch.ops.aten.relu.default
-    assert functional_twin(torch.ops.aten.add.Tensor) is None
+        expected = gm(x)
+        assert rewrite.protect(gm, [bn2]) == ["layer2.1.add"]
+        gm.recompile()
+        assert add.target is torch.ops.aten.add.Tensor and torch.equal(gm(x), expected)
 
 
 def test_weights_are_shared_and_the_input_is_checked(x):
