@@ -199,7 +199,7 @@ def _state_attribute(graph: fx.Graph, root: nn.Module, target: str, program, nod
     try:
         _get_attribute(root, target)
     except AttributeError:  # a tensor built inside forward, lifted by export
-        setattr_path(root, target, program.constants[target])
+        _set_attribute(root, target, program.constants[target])
     attribute = graph.get_attr(target)
     attribute.meta = {"val": node.meta.get("val")}
     return attribute
@@ -212,7 +212,7 @@ def _get_attribute(root: nn.Module, target: str) -> Any:
     return value
 
 
-def setattr_path(root: nn.Module, target: str, value: Any) -> None:
+def _set_attribute(root: nn.Module, target: str, value: Any) -> None:
     *parents, name = target.split(".")
     module = root
     for part in parents:
@@ -229,7 +229,7 @@ def _copy_program_attribute(root: nn.Module, program_module: nn.Module, target: 
     try:
         _get_attribute(root, target)
     except AttributeError:
-        setattr_path(root, target, _get_attribute(program_module, target))
+        _set_attribute(root, target, _get_attribute(program_module, target))
 
 
 def _written_state(graph: fx.Graph) -> List[str]:
