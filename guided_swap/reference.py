@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from .rules import get_rule
+
 _RELU = {F.relu, torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_}
 _RELU6 = {F.relu6}
 _HARDTANH = {F.hardtanh, F.hardtanh_}
@@ -72,13 +74,18 @@ def _rectify(x: Tensor, upper: Optional[float], inplace: bool) -> Tensor:
 
 
 class ReLURule(TorchFunctionMode):
-    """Counts ReLU calls, and with ``rule`` set applies that rule's backward to each one."""
+    """Counts rectifier calls, and with ``rule`` set applies that rule's backward to each one.
 
-    def __init__(self, rule: Optional[str] = None):
+    ``rule`` is a registered rule name or a :class:`~guided_swap.Rule`. The built-in ``guided`` and
+    ``deconvnet`` rules are written here again from their definitions (tensor hooks on plain autograd), so the
+    reference does not depend on the rule objects it checks; any other rule's ``backward`` is applied through a
+    tensor hook on an identity-backward copy of the rectifier. ReLU6 is ``min(relu(x), 6)``: the rule acts on
+    the ReLU part, the clip keeps its ordinary gradient.
+    """
+
+    def __init__(self, rule=None):
         super().__init__()
-        if rule not in (None, "gradient", "guided", "deconvnet"):
-            raise ValueError(f"unknown rule {rule!r}")
-        self.rule = rule
+        self.rule = None if rule is None else get_rule(rule)
         self.calls = 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -87,18 +94,31 @@ class ReLURule(TorchFunctionMode):
         if call is None:
             return func(*args, **kwargs)
         self.calls += 1
-        upper, inplace = call
         x = args[0]
-        if self.rule == "deconvnet" and x.requires_grad:
-            bypass = torch.clamp(x.detach(), 0, upper) + (x - x.detach())  # forward ReLU, backward identity
-            out = x.copy_(bypass) if inplace else bypass
-        elif self.rule == "guided":
-            out = _rectify(x, upper, inplace)
-        else:
-            out = func(*args, **kwargs)
-        if self.rule in ("guided", "deconvnet") and out.requires_grad:
+        if self.rule is None or self.rule.name == "gradient" or not x.requires_grad:
+            return func(*args, **kwargs)
+        if self.rule.name == "guided":  # the canonical backward masks [0 < x < upper] after the clamp
+            out = _rectify(x, *call)
             out.register_hook(lambda g: g.clamp(min=0))
-        return out
+            return out
+        upper, inplace = call
+        hook = (lambda g: g.clamp(min=0)) if self.rule.name == "deconvnet" else _rule_hook(self.rule, x)
+        out = _rectified_with_hook(x, upper, hook)
+        return x.copy_(out) if inplace else out
+
+
+def _rule_hook(rule, x: Tensor):
+    relu_out = torch.relu(x.detach())
+    return lambda g: rule.backward(g, relu_out if rule.needs_output else None)
+
+
+def _rectified_with_hook(x: Tensor, upper, hook) -> Tensor:
+    """``min(relu(x), upper)`` whose ReLU part passes the gradient through ``hook`` instead of its mask."""
+    relu = torch.relu(x.detach()) + (x - x.detach())  # forward ReLU (exactly: the added term is 0), backward identity
+    relu.register_hook(hook)
+    if upper is None:
+        return relu
+    return torch.where(relu.detach() < upper, relu, relu.detach().clamp(max=upper))
 
 
 def count_relu_calls(model: nn.Module, x: Tensor) -> int:

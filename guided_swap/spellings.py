@@ -276,3 +276,93 @@ def contains_relu(module: nn.Module) -> bool:
         if isinstance(sub, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)) and sub.activation is F.relu:
             return True
     return False
+
+
+# --- aten-level spellings (graphs captured with torch.export) ---------------------------------------------
+# What a rectifier lowers to in torch.export's training IR: nn.ReLU/F.relu -> aten.relu(_), F.relu6 ->
+# aten.relu6(_), nn.ReLU6/F.hardtanh -> aten.hardtanh(_), torch.clamp/clip/clamp_min -> aten.clamp(_),
+# aten.clip(_), aten.clamp_min(_), nn.Threshold/F.threshold -> aten.threshold(_). A call is a ReLU only for
+# the bounds that make it one (``clamp(x, 0)``, ``clamp(x, 0, 6)``, ``threshold(x, 0, 0)``); any other
+# bounds leave it alone. Keys are OpOverloads (what export records) and their packets (``torch.ops.aten.relu``).
+
+def _is_zero(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0
+
+
+def _aten_bounds(node: fx.Node, low_name: str, high_name: str) -> Tuple[Any, Any]:
+    return _arg(node, 1, low_name), _arg(node, 2, high_name)
+
+
+def _read_aten_relu(spelling: str, inplace: bool, upper: Optional[float] = None
+                    ) -> Callable[[fx.Node], ReLUCall]:
+    def read(node: fx.Node) -> ReLUCall:
+        return ReLUCall(spelling, _arg(node, 0, "self"), inplace, upper)
+
+    return read
+
+
+def _read_aten_clamp(spelling: str, inplace: bool, low_name: str = "min", high_name: str = "max"
+                     ) -> Callable[[fx.Node], Optional[ReLUCall]]:
+    """``clamp(x, 0)``/``clamp(x, 0, None)`` is a ReLU, ``clamp(x, 0, 6)`` (and ``hardtanh(x, 0, 6)``) a ReLU6."""
+    def read(node: fx.Node) -> Optional[ReLUCall]:
+        low, high = _aten_bounds(node, low_name, high_name)
+        if not _is_zero(low):
+            return None
+        if high is None and high_name == "max":
+            return ReLUCall(spelling, _arg(node, 0, "self"), inplace, None)
+        if _is_relu6_bounds(low, high) and not isinstance(high, bool):
+            return ReLUCall(spelling + "(0, 6)", _arg(node, 0, "self"), inplace, 6.0)
+        return None
+
+    return read
+
+
+def _read_aten_clamp_min(spelling: str, inplace: bool) -> Callable[[fx.Node], Optional[ReLUCall]]:
+    def read(node: fx.Node) -> Optional[ReLUCall]:
+        return ReLUCall(spelling, _arg(node, 0, "self"), inplace, None) if _is_zero(_arg(node, 1, "min")) else None
+
+    return read
+
+
+def _read_aten_threshold(spelling: str, inplace: bool) -> Callable[[fx.Node], Optional[ReLUCall]]:
+    def read(node: fx.Node) -> Optional[ReLUCall]:
+        if _is_zero(_arg(node, 1, "threshold")) and _is_zero(_arg(node, 2, "value")):
+            return ReLUCall(spelling, _arg(node, 0, "self"), inplace, None)
+        return None
+
+    return read
+
+
+def _aten_table() -> Dict[Any, Callable[[fx.Node], Optional[ReLUCall]]]:
+    aten = torch.ops.aten
+    readers = {
+        "relu": _read_aten_relu("aten.relu", False), "relu_": _read_aten_relu("aten.relu_", True),
+        "relu6": _read_aten_relu("aten.relu6", False, 6.0), "relu6_": _read_aten_relu("aten.relu6_", True, 6.0),
+        "hardtanh": _read_aten_clamp("aten.hardtanh", False, "min_val", "max_val"),
+        "hardtanh_": _read_aten_clamp("aten.hardtanh_", True, "min_val", "max_val"),
+        "clamp": _read_aten_clamp("aten.clamp", False), "clamp_": _read_aten_clamp("aten.clamp_", True),
+        "clip": _read_aten_clamp("aten.clip", False), "clip_": _read_aten_clamp("aten.clip_", True),
+        "clamp_min": _read_aten_clamp_min("aten.clamp_min", False),
+        "clamp_min_": _read_aten_clamp_min("aten.clamp_min_", True),
+        "threshold": _read_aten_threshold("aten.threshold", False),
+        "threshold_": _read_aten_threshold("aten.threshold_", True),
+    }
+    table: Dict[Any, Callable[[fx.Node], Optional[ReLUCall]]] = {}
+    for name, reader in readers.items():
+        packet = getattr(aten, name)
+        table[packet] = reader
+        # Only the overloads whose bounds are Python numbers: clamp.Tensor (tensor bounds) is no ReLU.
+        table[packet.default] = reader
+    return table
+
+
+ATEN_SPELLINGS: Dict[Any, Callable[[fx.Node], Optional[ReLUCall]]] = _aten_table()
+FUNCTION_SPELLINGS.update(ATEN_SPELLINGS)  # match() looks call_function targets up in FUNCTION_SPELLINGS
+
+ATEN_OTHER_ACTIVATIONS = {
+    getattr(torch.ops.aten, name).default: f"aten.{name}" for name in (
+        "gelu", "gelu_", "silu", "silu_", "hardswish", "hardswish_", "hardsigmoid", "hardsigmoid_", "sigmoid",
+        "sigmoid_", "tanh", "tanh_", "elu", "elu_", "selu", "selu_", "celu", "celu_", "leaky_relu",
+        "leaky_relu_", "prelu", "rrelu", "softplus", "mish", "mish_", "glu", "hardtanh", "hardtanh_", "log_sigmoid")
+}
+OTHER_ACTIVATION_FUNCTIONS.update(ATEN_OTHER_ACTIVATIONS)  # hardtanh is listed only when not a ReLU6
