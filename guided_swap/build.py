@@ -9,17 +9,16 @@ and captures. The plain forward (``ex(x)``) gets a graph of its own that compute
 >>> print(ex.report.summary())
 fx capture; rule guided: 17 rectifier call site(s) swapped; layer 'layer4' captures node 'layer4.1.relu_1'
 """
-import copy
 import threading
 import warnings
 from dataclasses import dataclass, field, replace
-from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, NamedTuple, Optional, Sequence, Tuple, Union
 
-import torch
 from torch import Tensor, fx, nn
 
 from . import capture, rewrite
-from .errors import LayerError, OutputError
+from .errors import OutputError
+from .explainer import Explainer
 from .rules import Rule, get_rule
 from .targets import OutputKey
 from .trace import Traced, trace
@@ -177,8 +176,6 @@ def convert(model: nn.Module, layer: Union[None, str, Sequence[str]] = AUTO, rul
     ``output``: which entry of a tuple/namedtuple/dict output is explained.
     ``tracer_kwargs``: torch.fx options when the model does not trace (leaf_modules, autowrap_functions, ...).
     """
-    from .explainer import Explainer
-
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert() takes a torch.nn.Module, got {type(model).__name__}")
     rule = get_rule(rule)

@@ -10,18 +10,20 @@ Build one with :func:`guided_swap.convert`.
 (torch.Size([2, 3, 64, 64]), torch.Size([2, 2, 2]), torch.Size([2, 64, 64]), torch.Size([2, 3, 64, 64]), 17)
 """
 import pickle
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from . import cam as cam_maths
 from . import io
-from .build import Built, GraphOutputs, Plan
 from .errors import GuidedSwapError, InputError, LayerError, LoadError, RuleError
 from .maps import Explanation, PassResult, explanation_from_pass
 from .rules import Rule
 from .targets import Channel, callable_score, channel_score, class_score, select_output
+
+if TYPE_CHECKING:  # build.py imports this module; the types are only named here
+    from .build import Built, Plan
 
 
 class Explainer(nn.Module):
@@ -32,7 +34,7 @@ class Explainer(nn.Module):
     runs the model as deployed (eval mode), so it never updates BatchNorm statistics.
     """
 
-    def __init__(self, plan: Plan, built: Optional[Built], *, input_spec: Optional[Tuple[int, int]]):
+    def __init__(self, plan: "Plan", built: Optional["Built"], *, input_spec: Optional[Tuple[int, int]]):
         super().__init__()
         self.rule: Rule = plan.rule
         self.layers = tuple(plan.layers)
@@ -48,7 +50,7 @@ class Explainer(nn.Module):
 
     # --- building on demand -------------------------------------------------------------------------
 
-    def _install(self, built: Built) -> None:
+    def _install(self, built: "Built") -> None:
         self.graph_module = built.graph_module
         self.forked = built.forked
         self._report = self._plan.report(built)
@@ -103,13 +105,14 @@ class Explainer(nn.Module):
         """The one forward and one backward every map comes from (shared by :meth:`explain` and export).
 
         ``scorer(outputs, captures_by_layer, classes_or_None) -> (score (B,), classes)`` is called on the
-        main graph, then, with the classes it chose, on the plain fork if there is one.
+        main graph, then, with the classes it chose, on the plain fork if there is one. The explain graph
+        returns a :class:`guided_swap.build.GraphOutputs`, read here by name.
         """
         self._ensure_built(x)
         call = self.graph_module if call is None else call
         with torch.enable_grad():
             leaf = x.detach().requires_grad_(True)
-            out = GraphOutputs(*call(leaf))
+            out = call(leaf)
             score, classes = scorer(out.model, dict(zip(self.layers, out.captures)), None)
             scores, grad_at = [score.sum()], list(out.captures)
             if self.forked:

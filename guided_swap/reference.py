@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from .rules import get_rule
+
 _RELU = {F.relu, torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_}
 _RELU6 = {F.relu6}
 _HARDTANH = {F.hardtanh, F.hardtanh_}
@@ -49,8 +51,6 @@ class ReLURule(TorchFunctionMode):
 
     def __init__(self, rule=None):
         super().__init__()
-        from .rules import get_rule
-
         self.rule = None if rule is None else get_rule(rule)
         self.calls = 0
 

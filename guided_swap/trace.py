@@ -23,6 +23,7 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import fx, nn
 
+from . import ops
 from .errors import TraceError
 
 TRACER_OPTIONS = ("leaf_modules", "autowrap_functions", "autowrap_modules", "concrete_args")
@@ -74,8 +75,6 @@ class QualnameTracer(fx.Tracer):
     def __init__(self, leaf_modules=(), autowrap_functions=(), autowrap_modules=(math,)):
         # The library's own graph functions are always leaves: GraphModule unpickling re-traces the saved code
         # with this tracer class, and must not trace into an autograd.Function.
-        from . import ops
-
         own = ops.GRAPH_FUNCTIONS
         super().__init__(autowrap_modules=tuple(autowrap_modules), autowrap_functions=own + tuple(autowrap_functions))
         self.leaf_modules = tuple(leaf_modules)
