@@ -228,3 +228,29 @@ def test_save_load_and_export_refused(tmp_path):
     leaf = x.clone().requires_grad_(True)
     (expected,) = torch.autograd.grad(model(leaf).gather(1, torch.tensor([[1], [2]])).sum(), leaf)
     assert torch.allclose(plain.gradient, expected, rtol=1e-5, atol=1e-9)
+
+
+def test_several_layers_and_a_channel_target_equal_the_fx_path():
+    model = make_model("resnet18")
+    x = image_batch(32)
+    layers = ["layer3", "layer4.0.relu_1"]  # a module, and the second call of a module that runs twice
+    target = gs.Channel("layer3", 5)
+    fx_e = gs.convert(model, layer=layers).explain(x, target)
+    run_e = convert_runtime(model, layer=layers).explain(x, target)
+    assert_nontrivial(fx_e.gradient, 0.5)
+    assert torch.equal(run_e.gradient, fx_e.gradient) and torch.equal(run_e.score, fx_e.score)
+    for name in layers:
+        assert torch.equal(run_e.layers[name].grad, fx_e.layers[name].grad), name
+        assert torch.equal(run_e.layers[name].activation, fx_e.layers[name].activation), name
+
+
+def test_a_model_in_training_mode_is_explained_as_deployed_and_left_in_training_mode():
+    model = make_model("resnet18").train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.warns(UserWarning, match="training mode"):
+        ex = convert_runtime(model, layer="layer4")
+    e = ex.explain(image_batch(32), [1, 2])
+    assert model.training and all(m.training for m in model.modules())
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    model.eval()
+    assert torch.equal(e.logits, model(image_batch(32)).detach())
