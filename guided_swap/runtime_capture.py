@@ -87,7 +87,8 @@ def _threshold(spelling: str, inplace: Optional[bool] = None) -> Callable:
     def read(args, kwargs):
         flag = bool(_get(args, kwargs, 3, "inplace", False)) if inplace is None else inplace
         cut, value = _get(args, kwargs, 1, "threshold"), _get(args, kwargs, 2, "value")
-        return RectifierCall(spelling, None, flag) if _number(cut) and cut == 0 and _number(value) and value == 0 else None
+        zero = _number(cut) and cut == 0 and _number(value) and value == 0
+        return RectifierCall(spelling, None, flag) if zero else None
     return read
 
 
@@ -213,9 +214,9 @@ class Run:
     While it is open, the mirror's modules carry hooks that track which module is running, so that call
     sites are named the fx path's way (``layer1.0.relu``; a module's second call ``layer1.0.relu_1``; a
     functional call ``roi_heads.box_head.relu``), capture the calls named in ``capture`` (the output is kept
-    and a copy goes on, so an in-place op further on cannot change the capture), count every module's calls,
-    and with ``record=True`` keep every module's output for ``layer="auto"``. The hooks are removed on exit.
-    ``rule=None`` or an ordinary rule swaps nothing (sites are still listed).
+    and a copy goes on, so an in-place op further on cannot change the capture), and with ``record=True``
+    keep every module's output for ``layer="auto"``. The hooks are removed on exit. ``rule=None`` or an
+    ordinary rule swaps nothing (sites are still listed).
     """
 
     def __init__(self, module: nn.Module, rule: Optional[Rule], capture: Sequence[str] = (), record: bool = False):
@@ -226,7 +227,6 @@ class Run:
         self.sites: Dict[str, Site] = {}
         self.left_alone: Dict[str, Site] = {}
         self.captures: Dict[str, List[Any]] = {}
-        self.module_calls: Dict[str, int] = {}
         self.calls: List[ModuleCall] = []
         self.rectified_after_capture = False
         self._counts: Dict[str, int] = {}
@@ -257,7 +257,6 @@ class Run:
 
     def _enter_module(self, path: str):
         def hook(module, inputs):
-            self.module_calls[path] = self.module_calls.get(path, 0) + 1
             self._stack.append(_Frame(path, self._name(path), module))
         return hook
 

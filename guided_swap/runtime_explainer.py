@@ -58,8 +58,8 @@ class RuntimeReport(ConversionReport):
                  f"call sites as seen while the model ran ({self.runs} forward pass(es)); a branch that has not run "
                  "is not listed, and every rectifier call that runs carries the rule"]
         if self.tail_backward:
-            lines.append("rectifiers follow a captured layer: Grad-CAM's ordinary gradient comes from a second backward "
-                         "through that tail with ordinary rectifier gradients (one forward)")
+            lines.append("rectifiers follow a captured layer: Grad-CAM's ordinary gradient comes from a second "
+                         "backward through that tail with ordinary rectifier gradients (one forward)")
         return "\n".join(lines)
 
 

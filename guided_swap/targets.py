@@ -67,8 +67,12 @@ class Box:
         scores = detections["scores"]
         if self.label is None:
             candidates, which = torch.arange(scores.shape[0]), "detections"
+        elif "labels" not in detections:
+            raise TargetError(f"Box(label={self.label}) needs 'labels' in each image's dict; image {image} has "
+                              f"{sorted(detections)}")
         else:
-            candidates, which = torch.nonzero(detections["labels"] == self.label).flatten(), f"detections of label {self.label}"
+            candidates = torch.nonzero(detections["labels"] == self.label).flatten()
+            which = f"detections of label {self.label}"
         if self.index >= candidates.numel():
             raise TargetError(f"image {image} has {candidates.numel()} {which}; Box(index={self.index}) needs at least "
                               f"{self.index + 1}. Pick a lower index, or lower the detector's score threshold "
