@@ -9,15 +9,16 @@ and captures. The plain forward (``ex(x)``) gets a graph of its own that compute
 >>> print(ex.report.summary())
 fx capture; rule guided: 17 rectifier call site(s) swapped; layer 'layer4' captures node 'layer4.1.relu_1'
 """
-import threading
 import warnings
 from dataclasses import dataclass, field, replace
 from typing import Any, Dict, NamedTuple, Optional, Sequence, Tuple, Union
 
 from torch import Tensor, fx, nn
 
-from . import capture, rewrite
-from .errors import OutputError
+from . import capture as capture_layers
+from . import rewrite
+from .export_capture import fx_failure_site, trace_export
+from .errors import OutputError, TraceError
 from .explainer import Explainer
 from .rules import Rule, get_rule
 from .targets import OutputKey
@@ -63,6 +64,8 @@ class ConversionReport:
         """One line: the capture path, how many rectifiers carry the rule, the layers, what was left alone."""
         if self.ordinary_rule:
             parts = [f"{self.capture} capture; rule {self.rule}: ordinary gradients, nothing swapped"]
+        elif "pending" in self.capture:
+            parts = [f"{self.capture}; rule {self.rule}"]
         else:
             parts = [f"{self.capture} capture; rule {self.rule}: {len(self.swapped)} rectifier call site(s) swapped"]
         parts += [self._layer_line(name, "({})") for name in self._layer_names()]
@@ -106,19 +109,23 @@ class Plan:
     """A traced model with its rectifiers swapped: makes the forward graph, and the explain graph once the
     layers can be resolved (``auto`` needs an input: the user's first one unless an example was given)."""
 
-    def __init__(self, traced: Traced, model: nn.Module, layers: Sequence[str], rule: Rule, output: OutputKey):
+    def __init__(self, traced: Traced, model: nn.Module, layers: Sequence[str], rule: Rule, output: OutputKey,
+                 capture_path: str = "fx"):
         self.traced, self.layers, self.rule, self.output = traced, list(layers), rule, output
+        self.capture_path = capture_path
         self.model_name = type(model).__name__
         self._model_modules = set(dict(model.named_modules()))
         gm = traced.module
         # Named layers resolve now (a wrong name is an error at convert, not at the first explain).
-        self.named = {name: capture.resolve(name, traced, model) for name in layers if name != AUTO}
+        self.named = {name: capture_layers.resolve(name, traced, model) for name in layers if name != AUTO}
+        self.input_spec = capture_layers.input_spec(gm)  # read from the graph before the rectifiers change it
         self.swaps, replaced = rewrite.swap_rectifiers(gm, rule)
         self.named = {name: replaced.get(node, node) for name, node in self.named.items()}
+        self.module_outputs = {name: [replaced.get(node, node) for node in nodes]
+                               for name, nodes in traced.module_outputs.items()}
         self.swapped_nodes = list(replaced.values())
         self.left_alone, self.hidden = rewrite.unswapped_activations(gm)
         _check_output_key(_output_arg(gm.graph), output)
-        self.lock = threading.Lock()
 
     @property
     def needs_example(self) -> bool:
@@ -136,7 +143,9 @@ class Plan:
         nodes, reasons = {}, {}
         for name in self.layers:
             if name == AUTO:
-                nodes[name], reasons[name] = _auto(gm, example)
+                module_outputs = {module: [env[n] for n in outs if n in env]
+                                  for module, outs in self.module_outputs.items()}
+                nodes[name], reasons[name] = capture_layers.auto_layer(gm, example, self.output, module_outputs)
             else:
                 nodes[name] = env[self.named[name]]
         captured = [nodes[name] for name in self.layers]
@@ -154,7 +163,7 @@ class Plan:
 
     def report(self, built: Optional[Built]) -> ConversionReport:
         report = ConversionReport(self.rule.name, tuple(self.swaps), tuple(self.left_alone), tuple(self.hidden),
-                                  ordinary_rule=self.rule.ordinary)
+                                  capture=self.capture_path, ordinary_rule=self.rule.ordinary)
         if built is None:
             pending = {name: "resolved at the first explain() from its input" for name in self.layers if name == AUTO}
             return replace(report, layers={n: rewrite.qualname(node) for n, node in self.named.items()},
@@ -163,9 +172,12 @@ class Plan:
                        made_out_of_place=built.made_out_of_place, forked=built.forked)
 
 
+CAPTURE_PATHS = ("auto", "fx", "export")
+
+
 def convert(model: nn.Module, layer: Union[None, str, Sequence[str]] = AUTO, rule: Union[str, Rule] = "guided", *,
             output: OutputKey = None, example_input: Optional[Tensor] = None,
-            tracer_kwargs: Optional[Dict[str, Any]] = None):
+            tracer_kwargs: Optional[Dict[str, Any]] = None, capture: str = "auto") -> Explainer:
     """Convert ``model`` once into an :class:`~guided_swap.Explainer`. The model itself is never changed.
 
     ``layer``: a module name (``"layer4"``), a graph node name (``"layer4.1.relu_1"``), a list of names,
@@ -175,28 +187,49 @@ def convert(model: nn.Module, layer: Union[None, str, Sequence[str]] = AUTO, rul
     and any the user registered) or a :class:`~guided_swap.Rule` instance.
     ``output``: which entry of a tuple/namedtuple/dict output is explained.
     ``tracer_kwargs``: torch.fx options when the model does not trace (leaf_modules, autowrap_functions, ...).
+    ``capture``: ``"fx"`` (symbolic tracing), ``"export"`` (torch.export, for models fx cannot trace: data-dependent
+    shape checks, loops over sizes; it captures for inputs shaped like the example, any batch size), or
+    ``"auto"``: fx, falling back to export when fx fails. Without ``example_input`` the export capture happens on
+    the first input; the report says which path was used and why.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert() takes a torch.nn.Module, got {type(model).__name__}")
+    if capture not in CAPTURE_PATHS:
+        raise ValueError(f"capture={capture!r} is not one of {CAPTURE_PATHS}")
     rule = get_rule(rule)
     if model.training:
         warnings.warn("the model is in training mode; the explainer explains it as deployed (eval mode: BatchNorm "
                       "running statistics, no dropout) and never updates its buffers. Call model.eval() before "
                       "convert() to silence this", stacklevel=2)
-    names = capture.layer_list(layer)
-    plan = Plan(trace(model, tracer_kwargs), model, names, rule, output)
-    if plan.hidden:
-        warnings.warn(f"ReLUs inside leaf modules cannot be swapped and keep their ordinary gradient: {plan.hidden}",
-                      stacklevel=2)
-    built = None if plan.needs_example and example_input is None else plan.build(example_input)
-    return Explainer(plan, built, input_spec=capture.input_spec(model))
+    names = capture_layers.layer_list(layer)
 
+    def make_plan(traced: Traced, path: str) -> Plan:
+        plan = Plan(traced, model, names, rule, output, path)
+        if plan.hidden:
+            warnings.warn(f"ReLUs inside leaf modules cannot be swapped and keep their ordinary gradient: "
+                          f"{plan.hidden}", stacklevel=3)
+        return plan
 
-def _auto(gm: fx.GraphModule, example: Tensor) -> Tuple[fx.Node, str]:
-    node = capture.auto_layer(gm, example)
-    if isinstance(node, tuple):
-        return node
-    return node, "auto: the last map with the last convolution's spatial size"
+    fx_error = None
+    if capture in ("auto", "fx"):
+        try:
+            plan = make_plan(trace(model, tracer_kwargs), "fx")
+        except TraceError as error:
+            if capture == "fx":
+                raise
+            fx_error = error
+        else:
+            built = None if plan.needs_example and example_input is None else plan.build(example_input)
+            return Explainer(plan, built)
+    path = "export" if fx_error is None else f"export (fx failed at {fx_failure_site(fx_error)})"
+
+    def export_plan(example: Tensor) -> Plan:
+        return make_plan(trace_export(model, example), path)
+
+    if example_input is None:
+        return Explainer.deferred(export_plan, rule, names, output, path)
+    plan = export_plan(example_input)
+    return Explainer(plan, plan.build(example_input))
 
 
 def _copy_graph(graph: fx.Graph) -> Tuple[fx.Graph, Dict[fx.Node, fx.Node]]:

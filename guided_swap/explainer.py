@@ -10,7 +10,8 @@ Build one with :func:`guided_swap.convert`.
 (torch.Size([2, 3, 64, 64]), torch.Size([2, 2, 2]), torch.Size([2, 64, 64]), torch.Size([2, 3, 64, 64]), 17)
 """
 import pickle
-from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Tuple
+import threading
+from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -34,21 +35,51 @@ class Explainer(nn.Module):
     runs the model as deployed (eval mode), so it never updates BatchNorm statistics.
     """
 
-    def __init__(self, plan: "Plan", built: Optional["Built"], *, input_spec: Optional[Tuple[int, int]]):
+    def __init__(self, plan: Optional["Plan"], built: Optional["Built"], *, rule: Optional[Rule] = None,
+                 layers: Sequence[str] = (), output: Any = None, report: Any = None,
+                 make_plan: Optional[Callable[[Tensor], "Plan"]] = None):
         super().__init__()
-        self.rule: Rule = plan.rule
-        self.layers = tuple(plan.layers)
-        self.output = plan.output
-        self.input_spec = input_spec
-        self.forward_module = plan.forward_graph()
+        self.rule: Rule = plan.rule if plan is not None else rule
+        self.layers = tuple(plan.layers if plan is not None else layers)
+        self.output = plan.output if plan is not None else output
+        self.forward_module = None
         self.graph_module = None
-        self._plan: Optional[Plan] = plan
-        self._report = plan.report(built)
+        self.input_spec = None
+        self._plan: Optional[Plan] = None
+        self._make_plan = make_plan
+        self._lock = threading.Lock()
+        self._report = report
+        if plan is not None:
+            self._set_plan(plan)
         if built is not None:
             self._install(built)
         self.train(False)
 
+    @classmethod
+    def deferred(cls, make_plan: Callable[[Tensor], "Plan"], rule: Rule, layers: Sequence[str], output: Any,
+                 capture: str) -> "Explainer":
+        """An explainer whose graph is captured from its first input (the export path needs one)."""
+        from .build import ConversionReport
+
+        report = ConversionReport(rule.name, (), (), (), capture=f"{capture}, pending: captured from the first input",
+                                  ordinary_rule=rule.ordinary)
+        return cls(None, None, rule=rule, layers=layers, output=output, report=report, make_plan=make_plan)
+
     # --- building on demand -------------------------------------------------------------------------
+
+    def _set_plan(self, plan: "Plan") -> None:
+        self._plan, self._make_plan = plan, None
+        self.input_spec = plan.input_spec
+        self.forward_module = plan.forward_graph()
+        self._report = plan.report(None)
+        self.train(False)
+
+    def _ensure_captured(self, example: Optional[Tensor]) -> None:
+        if self._make_plan is None:
+            return
+        with self._lock:
+            if self._make_plan is not None:
+                self._set_plan(self._make_plan(example[:1].detach()))
 
     def _install(self, built: "Built") -> None:
         self.graph_module = built.graph_module
@@ -58,16 +89,16 @@ class Explainer(nn.Module):
         self.train(False)
 
     def _ensure_built(self, example: Optional[Tensor]) -> None:
-        """Resolve ``layer="auto"`` on ``example`` (the first input) the first time it is needed."""
-        if self._plan is None:
+        """Capture the graph and resolve ``layer="auto"`` on ``example`` (the first input) when first needed."""
+        if self._plan is None and self._make_plan is None:
             return
-        with self._plan.lock:
-            if self._plan is None:
-                return
-            if example is None:
-                raise LayerError("layer='auto' is resolved from an input: call explain(x) once, or convert with "
-                                 "example_input=")
-            self._install(self._plan.build(example[:1].detach()))
+        if example is None:
+            raise LayerError("this explainer is resolved from an input: call explain(x) once, or convert with "
+                             "example_input=")
+        self._ensure_captured(example)
+        with self._lock:
+            if self._plan is not None:
+                self._install(self._plan.build(example[:1].detach()))
 
     @property
     def report(self):
@@ -83,6 +114,7 @@ class Explainer(nn.Module):
 
     def forward(self, x: Tensor) -> Any:
         """The model's own output, bit for bit (the rule applies if you backpropagate through it)."""
+        self._ensure_captured(x)
         return self.forward_module(x)
 
     def explain(self, x: Tensor, target: Any = None, *, interpolate: str = "bilinear") -> Explanation:
@@ -139,6 +171,7 @@ class Explainer(nn.Module):
             raise TypeError(f"input must be a floating-point tensor, got dtype {x.dtype}; convert it with x.float()")
         if torch.is_inference_mode_enabled():
             raise GuidedSwapError("explain() needs autograd, which torch.inference_mode() turns off; call it outside")
+        self._ensure_captured(x)
         if self.input_spec is not None:
             rank, channels = self.input_spec
             if x.dim() != rank:
@@ -154,6 +187,16 @@ class Explainer(nn.Module):
             raise InputError("input holds NaN or Inf values; every map would be NaN. Clean the input first")
 
     # --- module behaviour -----------------------------------------------------------------------------
+
+    def __getstate__(self):
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
+        state = dict(state)
+        state.pop("_lock", None)
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._lock = threading.Lock()
 
     def train(self, mode: bool = True) -> "Explainer":
         """Explainers run the model as deployed: ``train(True)`` is refused (it would update the model's
@@ -175,9 +218,9 @@ class Explainer(nn.Module):
 
     def save(self, path: str) -> None:
         """Save this explainer (graphs, weights, layers, rule, report) to one file; see :func:`load`."""
-        if self._plan is not None:
-            raise LayerError("layer='auto' is not resolved yet: call explain(x) once, or convert with example_input=, "
-                             "before saving")
+        if self._plan is not None or self._make_plan is not None:
+            raise LayerError("this explainer is resolved from its first input (layer='auto' or the export capture): "
+                             "call explain(x) once, or convert with example_input=, before saving")
         header = {"rule": self.rule.name, "rule_class": f"{type(self.rule).__module__}.{type(self.rule).__qualname__}",
                   "layers": list(self.layers), "swapped": len(self.swapped)}
         try:
