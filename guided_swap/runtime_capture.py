@@ -18,6 +18,7 @@ Forward hooks on the mirror's modules name each call site by its module path and
 (17, ['relu', 'layer1.0.relu', 'layer1.0.relu_1'], (1, 512, 2, 2))
 """
 import copy
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -50,14 +51,18 @@ def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _is_zero(value: Any) -> bool:
+    return _number(value) and value == 0
+
+
 def _bounded(spelling: str, low: Any, high: Any, inplace: bool) -> Optional[RectifierCall]:
-    """``max(x, 0)`` is a ReLU and ``min(max(x, 0), 6)`` a ReLU6; any other bounds are not a rectifier."""
-    if not (_number(low) and low == 0):
+    """``clamp(x, min=0)`` is a ReLU and ``clamp(x, 0, 6)`` a ReLU6; any other bounds are not a rectifier."""
+    if not _is_zero(low):
         return None
     if high is None:
-        return RectifierCall(spelling, None, inplace)
+        return RectifierCall(f"{spelling}(min=0)", None, inplace)
     if _number(high) and high == 6:
-        return RectifierCall(spelling + "(0, 6)", 6.0, inplace)
+        return RectifierCall(f"{spelling}(0, 6)", 6.0, inplace)
     return None
 
 
@@ -69,9 +74,10 @@ def _relu(spelling: str, inplace: Optional[bool] = None, upper: Optional[float] 
 
 def _hardtanh(spelling: str, inplace: Optional[bool] = None) -> Callable:
     def read(args, kwargs):
-        flag = bool(_get(args, kwargs, 3, "inplace", False)) if inplace is None else inplace
-        high = _get(args, kwargs, 2, "max_val", 1.0)
-        return _bounded(spelling, _get(args, kwargs, 1, "min_val", -1.0), high, flag) if high is not None else None
+        low, high = _get(args, kwargs, 1, "min_val", -1.0), _get(args, kwargs, 2, "max_val", 1.0)
+        if not (_is_zero(low) and _number(high) and high == 6):
+            return None
+        return RectifierCall(spelling, 6.0, bool(_get(args, kwargs, 3, "inplace", False)) if inplace is None else inplace)
     return read
 
 
@@ -80,31 +86,35 @@ def _clamp(spelling: str, inplace: bool) -> Callable:
 
 
 def _clamp_min(spelling: str, inplace: bool) -> Callable:
-    return lambda args, kwargs: _bounded(spelling, _get(args, kwargs, 1, "min"), None, inplace)
+    def read(args, kwargs):
+        return RectifierCall(f"{spelling}(0)", None, inplace) if _is_zero(_get(args, kwargs, 1, "min")) else None
+    return read
 
 
 def _threshold(spelling: str, inplace: Optional[bool] = None) -> Callable:
     def read(args, kwargs):
+        if not (_is_zero(_get(args, kwargs, 1, "threshold")) and _is_zero(_get(args, kwargs, 2, "value"))):
+            return None
         flag = bool(_get(args, kwargs, 3, "inplace", False)) if inplace is None else inplace
-        cut, value = _get(args, kwargs, 1, "threshold"), _get(args, kwargs, 2, "value")
-        zero = _number(cut) and cut == 0 and _number(value) and value == 0
-        return RectifierCall(spelling, None, flag) if zero else None
+        return RectifierCall(f"{spelling}(0, 0)", None, flag)
     return read
 
 
+# Spellings as the fx path reports them (guided_swap.spellings), read here from a call's arguments.
+_CLAMPS = {torch.clamp: "torch.clamp", torch.clamp_: "torch.clamp_", torch.clip: "torch.clip",
+           torch.clip_: "torch.clip_", Tensor.clamp: "Tensor.clamp", Tensor.clamp_: "Tensor.clamp_",
+           Tensor.clip: "Tensor.clip", Tensor.clip_: "Tensor.clip_"}
+_THRESHOLDS = {F.threshold: "F.threshold", torch.threshold: "torch.threshold", torch.threshold_: "torch.threshold_"}
 RECTIFIER_CALLS: Dict[Any, Callable[[tuple, dict], Optional[RectifierCall]]] = {
     F.relu: _relu("F.relu"), torch.relu: _relu("torch.relu", False), torch.relu_: _relu("torch.relu_", True),
     Tensor.relu: _relu("Tensor.relu", False), Tensor.relu_: _relu("Tensor.relu_", True),
     F.relu6: _relu("F.relu6", upper=6.0),
-    F.hardtanh: _hardtanh("F.hardtanh"), F.hardtanh_: _hardtanh("F.hardtanh_", True),
-    torch.clamp: _clamp("torch.clamp", False), torch.clamp_: _clamp("torch.clamp_", True),
-    torch.clip: _clamp("torch.clip", False), torch.clip_: _clamp("torch.clip_", True),
-    Tensor.clamp: _clamp("Tensor.clamp", False), Tensor.clamp_: _clamp("Tensor.clamp_", True),
-    Tensor.clip: _clamp("Tensor.clip", False), Tensor.clip_: _clamp("Tensor.clip_", True),
+    F.hardtanh: _hardtanh("F.hardtanh(0, 6)"), F.hardtanh_: _hardtanh("F.hardtanh_(0, 6)", True),
+    **{func: _clamp(name, name.endswith("_")) for func, name in _CLAMPS.items()},
     torch.clamp_min: _clamp_min("torch.clamp_min", False), torch.clamp_min_: _clamp_min("torch.clamp_min_", True),
     Tensor.clamp_min: _clamp_min("Tensor.clamp_min", False), Tensor.clamp_min_: _clamp_min("Tensor.clamp_min_", True),
-    F.threshold: _threshold("F.threshold"), F.threshold_: _threshold("F.threshold_", True),
-    torch.threshold: _threshold("torch.threshold", False), torch.threshold_: _threshold("torch.threshold_", True),
+    F.threshold: _threshold("F.threshold"), torch.threshold: _threshold("torch.threshold", False),
+    torch.threshold_: _threshold("torch.threshold_", True),  # F.threshold_ is torch.threshold_
 }
 
 
@@ -112,14 +122,11 @@ def read_rectifier(func: Any, args: tuple, kwargs: dict) -> Optional[RectifierCa
     """``func(*args, **kwargs)`` read as a rectifier on a floating-point tensor, or None.
 
     >>> read_rectifier(torch.clamp, (torch.ones(2),), {"min": 0})
-    RectifierCall(spelling='torch.clamp', upper=None, inplace=False)
+    RectifierCall(spelling='torch.clamp(min=0)', upper=None, inplace=False)
     >>> read_rectifier(torch.clamp, (torch.ones(2), 0, 5), {}) is None
     True
     """
-    try:
-        reader = RECTIFIER_CALLS.get(func)
-    except TypeError:  # an unhashable callable
-        return None
+    reader = _lookup(RECTIFIER_CALLS, func)
     if reader is None or "out" in kwargs or not args or not isinstance(args[0], Tensor):
         return None
     if not args[0].is_floating_point():
@@ -127,15 +134,67 @@ def read_rectifier(func: Any, args: tuple, kwargs: dict) -> Optional[RectifierCa
     return reader(args, kwargs)
 
 
-_OTHER_METHODS = {getattr(Tensor, name): "Tensor." + name for name in spellings.OTHER_ACTIVATION_METHODS}
-
-
-def other_activation(func: Any) -> Optional[str]:
-    """The name of a non-rectifier activation call (it keeps its ordinary gradient), or None."""
+def _lookup(table: Dict[Any, Any], func: Any) -> Any:
     try:
-        return spellings.OTHER_ACTIVATION_FUNCTIONS.get(func) or _OTHER_METHODS.get(func)
-    except TypeError:
+        return table.get(func)
+    except TypeError:  # an unhashable callable
         return None
+
+
+# --- activations with no rule, and rectifier look-alikes: left alone, reported ----------------------------
+
+_OTHER_METHODS = {getattr(Tensor, name): "Tensor." + name for name in spellings.OTHER_ACTIVATION_METHODS}
+_MAXIMUM = {torch.maximum: "torch.maximum", torch.max: "torch.max", torch.fmax: "torch.fmax",
+            Tensor.maximum: "Tensor.maximum", Tensor.max: "Tensor.max", Tensor.fmax: "Tensor.fmax"}
+_COMPARISONS = dict.fromkeys((torch.gt, torch.ge, Tensor.gt, Tensor.ge, Tensor.__gt__, Tensor.__ge__), True)
+_CASTS = dict.fromkeys((Tensor.float, Tensor.to, Tensor.type_as, Tensor.half, Tensor.double, Tensor.bfloat16), True)
+_MULTIPLICATIONS = dict.fromkeys((torch.mul, Tensor.mul, Tensor.__mul__, Tensor.__rmul__), True)
+
+
+class Masks:
+    """The ``x > 0`` tensors of one forward, by identity (a tensor's ``==`` is elementwise, so no set)."""
+
+    def __init__(self):
+        self._refs: Dict[int, "weakref.ref"] = {}
+
+    def add(self, tensor: Tensor) -> None:
+        self._refs[id(tensor)] = weakref.ref(tensor)
+
+    def __contains__(self, value: Any) -> bool:
+        ref = self._refs.get(id(value))
+        return ref is not None and ref() is value
+
+
+def other_activation(func: Any, args: tuple, kwargs: dict, masks: Masks) -> Optional[str]:
+    """The name of a non-rectifier activation call, or of a rectifier written so that it is not provably one
+    (``torch.maximum(x, 0)``, ``torch.where(x > 0, x, 0)``, ``x * (x > 0)``, ``clamp(x, 0, M)`` with M not 6,
+    another threshold), as the fx path names them; None for any other call. ``masks`` holds the ``x > 0``
+    tensors of this forward."""
+    name = _lookup(spellings.OTHER_ACTIVATION_FUNCTIONS, func) or _lookup(_OTHER_METHODS, func)
+    if name is not None:
+        return name
+    if _lookup(_CLAMPS, func) and _is_zero(_get(args, kwargs, 1, "min")) and _get(args, kwargs, 2, "max") is not None:
+        return f"{_CLAMPS[func]}(0, {_get(args, kwargs, 2, 'max')})"
+    if _lookup(_THRESHOLDS, func):
+        return _THRESHOLDS[func]
+    if _lookup(_MAXIMUM, func) and len(args) == 2 and any(_zero_tensor(a) for a in args):
+        return f"{_MAXIMUM[func]}(x, 0)"  # torch.max(x, 0) with a number reduces a dimension: not this
+    if func is torch.where and len(args) == 3 and any(_is_zero(a) or _zero_tensor(a) for a in args[1:]):
+        return "torch.where(cond, x, 0)"
+    if _lookup(_MULTIPLICATIONS, func) and len(args) == 2 and any(a in masks for a in args):
+        return "x * (x > 0)"
+    return None
+
+
+def _zero_tensor(value: Any) -> bool:
+    return isinstance(value, Tensor) and not bool(value.any())
+
+
+def is_positive_mask(func: Any, args: tuple, masks: Masks) -> bool:
+    """Whether the call's result is ``x > 0`` or ``x >= 0``, possibly cast: a mask for ``x * (x > 0)``."""
+    if _lookup(_COMPARISONS, func):
+        return len(args) == 2 and _is_zero(args[1])
+    return bool(_lookup(_CASTS, func)) and bool(args) and args[0] in masks
 
 
 # --- one forward under the swap: scopes, call sites, captures ------------------------------------------
@@ -187,7 +246,8 @@ class _Frame:
 
 
 class _SwapMode(TorchFunctionMode):
-    """Hands every rectifier call to the rule's autograd op (unless the rule is the ordinary gradient)."""
+    """Hands every rectifier call to the rule's autograd op (unless the rule is the ordinary gradient),
+    names every call the fx path's way, and lists rectifiers and other activations."""
 
     def __init__(self, run: "Run"):
         super().__init__()
@@ -195,17 +255,22 @@ class _SwapMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        run = self.run
+        name, module = run.call_name(func)
         call = read_rectifier(func, args, kwargs)
-        if call is None:
-            kind = other_activation(func)
-            if kind is not None:
-                self.run.note(func, kind, False, self.run.left_alone)
+        if call is not None:
+            run.note(run.sites, name, _rectifier_module_spelling(module) or call.spelling, call.inplace)
+            if run.switch is not None:
+                run.rectified_after_capture |= bool(run.captures)
+                return RectifierFunction.apply(args[0], run.switch, call.upper, call.inplace)
             return func(*args, **kwargs)
-        self.run.note(func, call.spelling, call.inplace, self.run.sites)
-        if self.run.switch is None:
-            return func(*args, **kwargs)
-        self.run.rectified_after_capture |= bool(self.run.captures)
-        return RectifierFunction.apply(args[0], self.run.switch, call.upper, call.inplace)
+        kind = other_activation(func, args, kwargs, run.masks)
+        if kind is not None:
+            run.note(run.left_alone, name, _other_module_spelling(module) or kind, False)
+        result = func(*args, **kwargs)
+        if isinstance(result, Tensor) and is_positive_mask(func, args, run.masks):
+            run.masks.add(result)
+        return result
 
 
 class Run:
@@ -229,6 +294,7 @@ class Run:
         self.captures: Dict[str, List[Any]] = {}
         self.calls: List[ModuleCall] = []
         self.rectified_after_capture = False
+        self.masks = Masks()
         self._counts: Dict[str, int] = {}
         self._stack: List[_Frame] = []
         self._handles: list = []
@@ -274,26 +340,41 @@ class Run:
             self.calls.append(ModuleCall(frame.path, module, output))
         return replaced
 
-    def note(self, func: Any, spelling: str, inplace: bool, table: Dict[str, Site]) -> None:
-        """Record a call site: a rectifier module's own call by its call name, any other by path + op."""
+    def call_name(self, func: Any) -> Tuple[str, Optional[nn.Module]]:
+        """This call's name, counted per name as fx counts nodes (``layer1.0.relu_1``), and the activation
+        module whose own call it is (an ``nn.ReLU`` is named by its call, not by the ``F.relu`` inside)."""
         frame = self._stack[-1] if self._stack else None
-        kind = _module_spelling(frame.module) if frame is not None else None
-        if kind is not None and not frame.own_call_named:
+        if frame is not None and not frame.own_call_named and isinstance(frame.module, _ACTIVATION_MODULES):
             frame.own_call_named = True
-            name, spelling = frame.name, kind
-        else:
-            op = getattr(func, "__name__", "call")
-            name = self._name(f"{frame.path}.{op}" if frame is not None and frame.path else op)
+            return frame.name, frame.module
+        op = getattr(func, "__name__", "call")
+        if op.startswith("__") and op.endswith("__"):  # Tensor.__mul__ is fx's "mul", __rmul__ too
+            op = op[2:-2].lstrip("r") if op[2:-2] not in _R_NAMES else op[2:-2]
+        return self._name(f"{frame.path}.{op}" if frame is not None and frame.path else op), None
+
+    @staticmethod
+    def note(table: Dict[str, Site], name: str, spelling: str, inplace: bool) -> None:
         if name not in table:
             table[name] = Site(name, spelling, inplace)
 
 
-def _module_spelling(module: nn.Module) -> Optional[str]:
-    """How a rectifier or activation *module* is reported when its own forward makes the call."""
-    for cls in (nn.ReLU6, nn.ReLU, nn.Hardtanh, nn.Threshold):
-        if isinstance(module, cls):
-            return "nn." + cls.__name__
-    return "nn." + type(module).__name__ if isinstance(module, spellings.OTHER_ACTIVATION_MODULES) else None
+_R_NAMES = {"rshift", "round", "repr"}  # dunder names that start with r without being reflected
+_ACTIVATION_MODULES = (nn.ReLU, nn.Hardtanh, nn.Threshold) + tuple(spellings.OTHER_ACTIVATION_MODULES)
+
+
+def _rectifier_module_spelling(module: Optional[nn.Module]) -> Optional[str]:
+    """How a rectifier *module* is reported (as on the fx path) when the call is its own."""
+    if isinstance(module, nn.ReLU6):
+        return "nn.ReLU6"
+    if isinstance(module, nn.ReLU):
+        return "nn.ReLU"
+    if isinstance(module, nn.Hardtanh):
+        return "nn.Hardtanh(0, 6)"
+    return "nn.Threshold(0, 0)" if isinstance(module, nn.Threshold) else None
+
+
+def _other_module_spelling(module: Optional[nn.Module]) -> Optional[str]:
+    return None if module is None else "nn." + type(module).__name__
 
 
 # --- the mirror the run-time explainer owns ------------------------------------------------------------

@@ -21,7 +21,6 @@ a (B, C, H, W) tensor, or a list of (C, H, W) images of one size for a torchvisi
 >>> tuple(e.gradient.shape), tuple(e.cam.shape), len(ex.swapped), ex.report.capture
 ((2, 3, 64, 64), (2, 64, 64), 17, 'runtime')
 """
-import threading
 import warnings
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -69,14 +68,8 @@ class RuntimeExplainer(Explainer):
 
     def __init__(self, model: nn.Module, layers: Sequence[str], rule: Rule, output: OutputKey,
                  reason: Optional[str] = None):
-        nn.Module.__init__(self)  # Explainer.__init__ installs traced graphs; this explainer has none
-        self.rule = rule
-        self.layers = tuple(layers)
-        self.output = output
-        self.input_spec = None
-        self.graph_module = None
+        super().__init__(None, None, rule=rule, layers=layers, output=output)  # no graph, no plan
         self.forked = False
-        self._plan = None
         self.model = private_mirror(model)
         self.capture = "runtime" if not reason else f"runtime ({reason})"
         self._paths = {name: _check_layer(name, self.model) for name in self.layers if name != AUTO}
@@ -85,7 +78,6 @@ class RuntimeExplainer(Explainer):
         self._left_alone: Dict[str, Site] = {}
         self._runs = 0
         self._tail_backward = False
-        self._lock = threading.Lock()
         self._refresh_report()
         self.train(False)
 
@@ -224,15 +216,6 @@ class RuntimeExplainer(Explainer):
             self.rule.name, swapped, tuple((s.name, s.spelling) for s in self._left_alone.values()), (),
             layers=dict(self._paths), layer_reasons=dict(self._layer_reasons), capture=self.capture,
             ordinary_rule=self.rule.ordinary, runs=self._runs, tail_backward=self._tail_backward)
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state.pop("_lock", None)
-        return state
-
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        self._lock = threading.Lock()
 
     def extra_repr(self) -> str:
         return f"capture='runtime', rule={self.rule.name!r}, layers={self.layers}, swapped={len(self.swapped)}"
