@@ -8,6 +8,7 @@ Grad-CAM in one forward/backward pass, for every ReLU spelling.
 (torch.Size([1, 3, 64, 64]), torch.Size([1, 64, 64]))
 """
 from . import cam
+from . import images, viz
 from .errors import GuidedSwapError, InputError, LayerError, TargetError, TraceError
 from .explainer import ConversionReport, Explainer, Explanation, convert
 from .export import ExportError, export, export_program
