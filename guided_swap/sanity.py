@@ -139,11 +139,9 @@ def _rows(step: int, name: str, scores: Dict[str, Tuple[float, float]]) -> List[
 
 
 def randomization_figure(model: nn.Module, x: Tensor, layer: str = "auto", max_steps: Optional[int] = None, seed: int = 0):
-    """The classic figure for the first image: methods as rows, cascade steps as columns."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    """The classic figure for the first image: methods as rows, cascade steps as columns, each map min-max
+    scaled on its own (this figure compares shapes, not strengths). A ``matplotlib.figure.Figure``: no pyplot."""
+    from matplotlib.figure import Figure
 
     from .viz import minmax
 
@@ -156,7 +154,8 @@ def randomization_figure(model: nn.Module, x: Tensor, layer: str = "auto", max_s
     for name in blocks_top_down(model)[:max_steps]:
         randomize(model.get_submodule(name), generator)
         columns.append((f"+ {name}", method_maps(model, x, target, layer)))
-    fig, axes = plt.subplots(len(METHODS), len(columns), figsize=(1.6 * len(columns), 1.7 * len(METHODS)), squeeze=False)
+    fig = Figure(figsize=(1.6 * len(columns), 1.7 * len(METHODS)))
+    axes = fig.subplots(len(METHODS), len(columns), squeeze=False)
     for j, (title, maps) in enumerate(columns):
         for i, method in enumerate(METHODS):
             axes[i, j].imshow(minmax(maps[method][0]), cmap="gray")
