@@ -185,15 +185,6 @@ def _preprocessing(args, base):
     return Preprocessing(resize, crop, tuple(mean), tuple(std), source)
 
 
-def _check_figure_options(args) -> None:
-    from .writing import figure_options
-
-    accepted = figure_options()
-    for option in ("cmap", "scale"):
-        if getattr(args, option) is not None and option not in accepted:
-            raise CommandError(f"--{option} needs a guided_swap.viz.figure that takes {option}=; this one does not")
-
-
 def make_job(args):
     """The run the arguments describe; every usage error is raised here, before a model is built."""
     from . import model_spec
@@ -207,7 +198,6 @@ def make_job(args):
             raise CommandError(f"no such file or folder: {path!r}")
     source = model_spec.check(args.model, args.weights)
     labels = read_labels(args.labels) if args.labels else source.categories
-    _check_figure_options(args)
     return Job(inputs=args.inputs, out=args.out, source=source, method=args.method, layer=args.layer or "auto",
                target=parse_target(args.target, labels), preprocessing=_preprocessing(args, source.preprocessing),
                labels=labels, save=args.save, cmap=args.cmap, scale=args.scale, batch_size=args.batch_size,
@@ -297,9 +287,12 @@ def _explain_parser(sub) -> None:
                                                      "ImageNet's 0.229,0.224,0.225)")
     explain.add_argument("--save", type=_save, default=("npz", "png"), metavar="KINDS",
                          help="what to write per input: png, npz or png,npz (default)")
-    explain.add_argument("--cmap", type=_cmap, help="matplotlib colour map of the Grad-CAM overlay")
-    explain.add_argument("--scale", choices=("per-image", "shared"), help="colour scale of the maps: each map its "
-                                                                          "own, or one shared scale")
+    explain.add_argument("--cmap", type=_cmap, default="jet", help="matplotlib colour map of the Grad-CAM overlay "
+                                                                   "(default jet)")
+    explain.add_argument("--scale", choices=("shared", "per-image"), default="shared",
+                         help="colour scale of the figures: shared (default), one range per map kind over every "
+                              "input of the run, so the figures of a folder compare (drawn after all are "
+                              "explained); per-image, each map stretched to its own range (drawn at once)")
     explain.add_argument("--batch-size", type=_positive, default=8, help="images per forward/backward (default 8)")
     explain.add_argument("--workers", type=_count, default=2, help="DataLoader processes decoding images (default 2; "
                                                                    "0 decodes in the main process)")

@@ -148,15 +148,19 @@ def _differences(old: Dict[str, Any], new: Dict[str, Any]) -> str:
     return ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in keys[:3])
 
 
-def plan(items: List[Item], out: str, settings: Dict[str, Any], save: Sequence[str], force: bool) -> Plan:
-    """Sort inputs into done (same settings, input unchanged, every output present) and to do.
+def plan(items: List[Item], out: str, settings: Dict[str, Any], save: Sequence[str], force: bool,
+         done_kinds: Optional[Sequence[str]] = None) -> Plan:
+    """Sort inputs into done (same settings, input unchanged, every output of ``done_kinds`` present; default
+    ``save``) and to do.
 
     Raises :class:`~guided_swap.errors.CommandError` for an output path holding a file guided-swap did not
     write, and for results made with other settings unless ``force`` (then they are replaced).
     """
     result = Plan(out, items, [])
     foreign, conflicts = [], []
+    kinds = list(save if done_kinds is None else done_kinds)
     for index, item in enumerate(items):
+        stamp = source_stamp(item.path)
         paths = output_paths(out, item, save)
         existing = {kind: p for kind, p in paths.items() if os.path.lexists(p)}
         records = {kind: read_record(p) for kind, p in existing.items()}
@@ -166,10 +170,10 @@ def plan(items: List[Item], out: str, settings: Dict[str, Any], save: Sequence[s
             conflicts.append((item, next(r for r in old if r.get("settings") != settings)))
             result.replaced += 1
             result.todo.append(index)
-        elif len(old) == len(paths) and all(r.get("source") == source_stamp(item.path) for r in old):
-            result.done[index] = old[0]
+        elif all(records.get(kind) for kind in kinds) and all(r.get("source") == stamp for r in old):
+            result.done[index] = records[kinds[0]]
         else:
-            result.changed += any(r.get("source") != source_stamp(item.path) for r in old)
+            result.changed += any(r.get("source") != stamp for r in old)
             result.todo.append(index)
     if foreign:
         raise CommandError(f"{len(foreign)} output path(s) hold files guided-swap did not write (first: "

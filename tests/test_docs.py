@@ -92,6 +92,9 @@ def test_command_lines_parse():
             for command in _command_lines(code):
                 where = f"{page.name}:{line}: {command}"
                 words = shlex.split(command)
+                if words[:3] == ["python", "-m", "guided_swap"] or words[0] == "torchrun":
+                    assert "guided_swap" in words, where  # torchrun ... -m guided_swap ARGS: the same command
+                    words = ["guided-swap"] + words[words.index("guided_swap") + 1:]
                 if words[0] == "guided-swap":
                     if words[1] == "bench":  # options belong to the benchmark's own parser
                         continue

@@ -65,7 +65,7 @@ def test_sigkill_leaves_whole_results_only_and_the_next_run_finishes(tmp_path, m
 
 def test_ctrl_c_stops_after_the_batch_with_one_line(tmp_path, many, capsys):
     out = tmp_path / "out"
-    process = start(many, out, "--workers", "2")
+    process = start(many, out, "--workers", "2", "--scale", "per-image")  # figures drawn as it goes
     wait_for_results(process, out, 2)
     os.killpg(process.pid, signal.SIGINT)  # as a terminal does: the main process and its decode workers
     _, error = process.communicate(timeout=120)
@@ -78,7 +78,7 @@ def test_ctrl_c_stops_after_the_batch_with_one_line(tmp_path, many, capsys):
     assert len(lines) == COUNT and 2 <= len(done) < COUNT
     assert all(os.path.exists(out / output) for line in done for output in line["outputs"])
     assert main(["explain", str(many), "--model", "demo", "--out", str(out), "--save", "npz", "--workers", "0",
-                 "--writers", "0"]) == 0
+                 "--writers", "0", "--scale", "per-image"]) == 0
     assert f"{len(done)} of {COUNT} input(s) already done" in capsys.readouterr().err
     assert all(line["error"] is None for line in read_index(out))
     assert np.load(out / "pic15.png.npz")["cam"].shape == (48, 48)
