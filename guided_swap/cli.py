@@ -139,18 +139,13 @@ def _method_epilog() -> str:
 
 
 def read_labels(path: str) -> List[str]:
-    """Class names, one per line (a trailing empty line is fine, an empty name is not)."""
-    if not os.path.isfile(path):
-        raise CommandError(f"--labels: no file at {path!r}")
-    with open(path, encoding="utf-8") as stream:
-        names = stream.read().splitlines()
-    while names and not names[-1].strip():
-        names.pop()
-    empty = [i + 1 for i, name in enumerate(names) if not name.strip()]
-    if not names or empty:
-        raise CommandError(f"--labels {path!r}: " + (f"line {empty[0]} is empty" if names else "the file is empty")
-                           + "; write one class name per line")
-    return [name.strip() for name in names]
+    """Class names, one per line (:func:`guided_swap.labels.read_labels`); a bad file is a usage error."""
+    from . import labels
+
+    try:
+        return labels.read_labels(path)
+    except (OSError, ValueError) as error:
+        raise CommandError(f"--labels: {error}") from None
 
 
 def parse_target(text: str, labels: Optional[Sequence[str]]):

@@ -33,9 +33,8 @@ import torch
 from torch import nn
 
 from .errors import CommandError
+from .labels import IMAGENET_MEAN, IMAGENET_STD
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "network", "module", "ema", "model_ema",
                 "state_dict_ema")
 PREFIXES = ("module.", "_orig_mod.", "model.")
@@ -111,11 +110,19 @@ def _enum_weights(model: str, name: str):
 
 
 def _enum_preprocessing(weights) -> Preprocessing:
-    transforms = weights.transforms()
-    crop, resize = getattr(transforms, "crop_size", None), getattr(transforms, "resize_size", None)
-    if crop is None or resize is None:
+    from . import labels
+
+    try:
+        declared = labels.preprocessing(weights)
+    except ValueError:  # weights without image-classification transforms
         return Preprocessing()
-    return Preprocessing(resize[0], crop[0], tuple(transforms.mean), tuple(transforms.std), f"{weights} transforms")
+    return Preprocessing(declared["resize"], declared["crop"], declared["mean"], declared["std"], f"{weights} transforms")
+
+
+def _class_names(weights) -> Optional[List[str]]:
+    from . import labels
+
+    return labels.class_names(weights)
 
 
 def check(model: Optional[str], weights: Optional[str] = None) -> Source:
@@ -155,7 +162,7 @@ def check(model: Optional[str], weights: Optional[str] = None) -> Source:
     enum = _enum_weights(model, weights) if kind == "torchvision" else None
     if enum is not None:
         return Source(model, str(enum), kind, "enum", weights_url=enum.url, preprocessing=_enum_preprocessing(enum),
-                      categories=list(enum.meta.get("categories") or []) or None)
+                      categories=_class_names(enum))
     hint = " or a torchvision weights name (DEFAULT, IMAGENET1K_V1, ...)" if kind == "torchvision" else ""
     raise CommandError(f"no weights file at {weights!r}; --weights takes a checkpoint file{hint}")
 

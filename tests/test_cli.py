@@ -107,6 +107,7 @@ def test_python_m_guided_swap_help_explains_every_method_without_rst(capsys):
     (["--cmap", "jett"], "unknown colour map 'jett' (did you mean jet"),
     (["--std", "0,1,1"], "--std values must be positive"),
     (["--weights", "nope.pth"], "no weights file at 'nope.pth'"),
+    (["--labels", "nope.txt"], "--labels: no labels file at 'nope.txt'"),
 ])
 def test_usage_errors_are_one_line_with_exit_2_before_the_model_is_built(tmp_path, two, capsys, args, message):
     inputs = [] if args[0] == "missing/" else [two]
