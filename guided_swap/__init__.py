@@ -9,13 +9,15 @@ Grad-CAM in one forward/backward pass, for every ReLU spelling.
 """
 from . import cam
 from . import images, viz
-from .errors import GuidedSwapError, InputError, LayerError, TargetError, TraceError
-from .explainer import ConversionReport, Explainer, Explanation, convert
-from .export import ExportError, export, export_program
-from .io import LoadError, load
+from ._version import __version__
+from .build import ConversionReport, convert
+from .errors import (CommandError, ExportError, GuidedSwapError, InputError, LayerError, LoadError, OutputError,
+                     RuleError, TargetError, TraceError)
+from .explainer import Explainer, load
+from .export import export, export_program
+from .maps import Explanation, LayerMaps
+from .rules import Rule, get_rule, register_rule, rules, unregister_rule
 from .targets import Channel
-
-__version__ = "0.1.0"
 
 
 def layer_names(model, tracer_kwargs=None):
@@ -26,6 +28,7 @@ def layer_names(model, tracer_kwargs=None):
     return _names(trace(model, tracer_kwargs))
 
 
-__all__ = ["convert", "Explainer", "Explanation", "ConversionReport", "Channel", "layer_names", "load", "export",
-           "export_program", "cam", "GuidedSwapError", "TraceError", "LayerError", "TargetError", "InputError",
-           "LoadError", "ExportError", "__version__"]
+__all__ = ["convert", "Explainer", "Explanation", "LayerMaps", "ConversionReport", "Channel", "layer_names", "load",
+           "export", "export_program", "cam", "Rule", "rules", "register_rule", "unregister_rule", "get_rule",
+           "GuidedSwapError", "TraceError", "LayerError", "TargetError", "InputError", "OutputError", "RuleError",
+           "LoadError", "ExportError", "CommandError", "__version__"]

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from . import cam as cam_maths
 from . import reference
-from .explainer import convert
+from .build import convert
 
 DEFAULT_MODELS = (("resnet50", "layer4", 224), ("vgg16", "features.29", 224), ("densenet121", "features", 224),
                   ("googlenet", "inception5b", 224))
@@ -360,25 +360,6 @@ def to_markdown(results: dict) -> str:
     lines += ["", "Methods:"] + [f"- `{k}`: {v}" for k, v in DESCRIPTIONS.items()
                                  if k in results["config"]["methods"]]
     return "\n".join(lines) + "\n"
-
-
-def headline(results: dict) -> str:
-    """The README's table: time × the plain gradient, and deviation from the true guided map."""
-    names = [n for n in ("gs_guided", "gs_all", "gs_exported", "seed_hooks", "captum_gbp", "captum_ggc", "gradcam_lib")
-             if n in results["config"]["methods"]]
-    lines = ["| model | batch | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
-    for row in results["rows"]:
-        cells = []
-        for name in names:
-            e = row["methods"][name]
-            wrong = e["deviation"] is not None and e["deviation"] > 1e-3
-            cells.append(f"{e['time_ratio']:.2f}×" + (f" **wrong ({e['deviation']:.0%})**" if wrong else ""))
-        lines.append(f"| {row['model']} | {row['batch']} | " + " | ".join(cells) + " |")
-    m = results["machine"]
-    lines.append(f"\nTime as a multiple of the plain input gradient's (forward + one backward), median of "
-                 f"{results['config']['rounds']} interleaved rounds; {m['cpu']}, {m['cores']} cores, torch {m['torch']}, "
-                 f"{m['date']}. **wrong**: the map deviates from the true guided map by that much.")
-    return "\n".join(lines)
 
 
 def write(results: dict, directory: str) -> Tuple[str, str]:

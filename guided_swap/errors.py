@@ -1,4 +1,12 @@
-"""Exception classes. Every error a user can cause is one of these (or a plain ValueError/TypeError)."""
+"""Every exception the library raises on purpose: one base class, one class per kind of failure.
+
+Each also derives from the built-in type a caller would expect (ValueError, TypeError, RuntimeError), so
+``except ValueError`` keeps working.
+
+>>> import guided_swap as gs
+>>> issubclass(gs.LayerError, gs.GuidedSwapError) and issubclass(gs.LayerError, ValueError)
+True
+"""
 
 
 class GuidedSwapError(Exception):
@@ -6,7 +14,7 @@ class GuidedSwapError(Exception):
 
 
 class TraceError(GuidedSwapError, RuntimeError):
-    """torch.fx could not trace the model; the message names the failing line and the tracer options to try."""
+    """The model could not be captured as a graph; the message names the failing line and what to try."""
 
 
 class LayerError(GuidedSwapError, ValueError):
@@ -19,3 +27,23 @@ class TargetError(GuidedSwapError, ValueError):
 
 class InputError(GuidedSwapError, ValueError):
     """An input tensor of the wrong rank, channel count, device, or with NaN/Inf values."""
+
+
+class OutputError(GuidedSwapError, ValueError, TypeError):
+    """An ``output=`` entry that the model's output does not have, or a missing one for a multi-output model."""
+
+
+class RuleError(GuidedSwapError, ValueError):
+    """A backprop rule that is not registered, is malformed, or cannot be saved."""
+
+
+class LoadError(GuidedSwapError, ValueError):
+    """A file that is not a guided_swap explainer, is damaged, or was written by an incompatible version."""
+
+
+class ExportError(GuidedSwapError, RuntimeError):
+    """The explainer could not be exported as a static program; nothing was written."""
+
+
+class CommandError(GuidedSwapError):
+    """A usage error on the command line: printed as one line, exit status 2."""

@@ -18,14 +18,14 @@ import torch
 from torch import Tensor, nn
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from . import cam as cam_maths
 from ._files import atomic_write
-from .errors import GuidedSwapError
-from .explainer import Explainer, select_output
+from .errors import ExportError, GuidedSwapError
+from .explainer import Explainer
+from .maps import explanation_from_pass
+from .targets import select_output
 
-
-class ExportError(GuidedSwapError, RuntimeError):
-    """The explainer could not be exported as a static program; nothing was written."""
+#: The maps an exported program returns.
+EXPORTED_MAPS = ("logits", "gradient", "cam_raw", "cam", "guided_gradcam")
 
 
 class _Traced(nn.Module):
@@ -49,14 +49,10 @@ def _explain_function(explainer: Explainer, interpolate: str):
             return logits.gather(1, target.view(-1, 1)).squeeze(1), target
 
         call = lambda leaf: torch.func.functional_call(explainer.graph_module, state, (leaf,))
-        outputs, captures, _, _, grads = explainer.forward_backward(x, scorer, call)
-        result = {"logits": select_output(outputs, explainer.output).detach(), "gradient": grads[0]}
-        if explainer.layers:
-            cam_raw = cam_maths.gradcam(captures[0].detach(), grads[1])
-            result["cam_raw"] = cam_raw
-            result["cam"] = cam_maths.upsample(cam_raw, x.shape[2:], interpolate)
-            result["guided_gradcam"] = cam_maths.guided_gradcam(result["cam"], grads[0])
-        return result
+        result = explainer.forward_backward(x, scorer, call)
+        explanation = explanation_from_pass(result, layers=explainer.layers, logits=explainer._select(result.outputs),
+                                            input_size=x.shape[2:], interpolate=interpolate)
+        return explanation.to_dict([name for name in EXPORTED_MAPS if name in explanation.available()])
 
     return explain
 
@@ -67,6 +63,7 @@ def export_program(explainer: Explainer, example_input: Optional[Tensor] = None,
     if not isinstance(explainer, Explainer):
         raise TypeError(f"export() takes an Explainer from guided_swap.convert(), got {type(explainer).__name__}")
     x = _example(explainer, example_input)
+    explainer._ensure_built(x)
     target = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
     state = {k: v.detach() for k, v in list(explainer.graph_module.named_parameters()) +
              list(explainer.graph_module.named_buffers())}

@@ -1,4 +1,4 @@
-"""Save and load a converted explainer: graph code, weights, layers, rule and report in one file.
+"""The file format of a saved explainer: graph code, weights, layers, rule and report in one file.
 
 The file is a zip with a JSON header (format, guided_swap and torch versions, rule, layers) and the pickled
 explainer. The graph carries its own code, so loading does not need the model's class, only guided_swap
@@ -21,26 +21,21 @@ import zipfile
 import torch
 
 from ._files import atomic_write
-from .errors import GuidedSwapError
+from ._version import __version__
+from .errors import LoadError
 
 FORMAT = "guided_swap.explainer"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 HEADER, PAYLOAD = "guided_swap.json", "explainer.pt"
 
 
-class LoadError(GuidedSwapError, ValueError):
-    """A file that is not a guided_swap explainer, is damaged, or was written by an incompatible version."""
-
-
-def save(explainer, path: str) -> None:
-    """Write ``explainer`` to ``path`` atomically (a crash never leaves half a file under that name)."""
-    from . import __version__
-
+def save_object(obj, path: str, details: dict) -> None:
+    """Write ``obj`` with a header (format, versions, and ``details``) to ``path`` atomically: a crash never
+    leaves half a file under that name. Pickling errors propagate before anything is written."""
     header = {"format": FORMAT, "format_version": FORMAT_VERSION, "guided_swap_version": __version__,
-              "torch_version": torch.__version__, "rule": explainer.rule, "layers": list(explainer.layers),
-              "swapped": len(explainer.swapped)}
+              "torch_version": torch.__version__, **details}
     buffer = io.BytesIO()
-    torch.save(explainer, buffer)
+    torch.save(obj, buffer)
     with atomic_write(path) as temporary, zipfile.ZipFile(temporary, "w") as archive:
         archive.writestr(HEADER, json.dumps(header, indent=1))
         archive.writestr(PAYLOAD, buffer.getvalue())
@@ -78,8 +73,8 @@ def _check_compatible(path: str, header: dict) -> None:
                       "the graph is re-generated from its code, but check the maps once", stacklevel=3)
 
 
-def load(path: str, map_location=None):
-    """Load an explainer written by :meth:`Explainer.save`."""
+def load_object(path: str, map_location=None):
+    """The object saved by :func:`save_object`, after checking the header."""
     read_header(path)
     try:
         with zipfile.ZipFile(path) as archive:
@@ -90,8 +85,4 @@ def load(path: str, map_location=None):
     except (ModuleNotFoundError, AttributeError) as error:
         raise LoadError(f"{path!r} needs a class that is not importable here ({error}); a custom leaf module's "
                         "class must be importable when loading") from None
-    from .explainer import Explainer
-
-    if not isinstance(explainer, Explainer):
-        raise LoadError(f"{path!r} holds a {type(explainer).__name__}, not an Explainer")
     return explainer

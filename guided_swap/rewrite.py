@@ -8,7 +8,14 @@ Three steps, each a short function over an ``fx.GraphModule``:
    the later uses of the mutated tensor at the new node (fx would otherwise capture the mutated value).
 3. :func:`fork_plain` copies the part of the graph downstream of the captures with ordinary ReLUs, fed by
    detached aliases of the captures. One ``autograd.grad`` over both scores then gives the guided input
-   gradient and the ordinary gradient at each capture, exactly as two passes would (METHODS.md).
+   gradient and the ordinary gradient at each capture, exactly as two passes would (docs/methods.md).
+
+>>> import torch, torch.fx as fx
+>>> from guided_swap.rules import get_rule
+>>> gm = fx.symbolic_trace(torch.nn.Sequential(torch.nn.Conv2d(1, 1, 1), torch.nn.ReLU()))
+>>> swaps, _ = swap_rectifiers(gm, get_rule("guided"))
+>>> [(s.name, s.spelling) for s in swaps]
+[('1', 'nn.ReLU')]
 """
 import copy
 import inspect
@@ -21,6 +28,7 @@ from torch import fx, nn
 
 from . import ops, spellings
 from .errors import LayerError
+from .rules import Rule
 
 
 @dataclass(frozen=True)
@@ -42,19 +50,25 @@ def _module(gm: fx.GraphModule, node: fx.Node) -> Optional[nn.Module]:
 
 # --- 1. swapping --------------------------------------------------------------------------------------
 
-def swap_relus(gm: fx.GraphModule, rule: str) -> Tuple[List[Swap], Dict[fx.Node, fx.Node]]:
-    """Replace every ReLU call site by ``rule``'s op. Returns the swaps and a map old node -> new node."""
-    if rule not in ops.RULE_OPS:
+SLOT = "gs_rule"
+
+
+def swap_rectifiers(gm: fx.GraphModule, rule: Rule) -> Tuple[List[Swap], Dict[fx.Node, fx.Node]]:
+    """Replace every rectifier call site by ``rule``'s op. Returns the swaps and a map old node -> new node.
+
+    A rule whose gradient is autograd's own (``rule.ordinary``) needs no swap: the graph stays as it is.
+    """
+    if rule.ordinary:
         return [], {}
-    relu_op, relu6_op = ops.RULE_OPS[rule]
-    swaps, replaced = [], {}
+    swaps, replaced, slot = [], {}, None
     for node in list(gm.graph.nodes):
         call = spellings.match(node, _module(gm, node))
         if call is None:
             continue
-        op = relu_op if call.upper is None else relu6_op
+        if slot is None:
+            slot = _rule_slot(gm, rule)
         with gm.graph.inserting_before(node):
-            new = gm.graph.call_function(op, (call.input,), {"inplace": call.inplace})
+            new = gm.graph.call_function(ops.rectify, (call.input, slot), {"upper": call.upper, "inplace": call.inplace})
         new.meta = dict(node.meta)
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
@@ -63,7 +77,17 @@ def swap_relus(gm: fx.GraphModule, rule: str) -> Tuple[List[Swap], Dict[fx.Node,
     return swaps, replaced
 
 
-def unswapped_activations(gm: fx.GraphModule, leaf_modules: tuple) -> Tuple[List[Tuple[str, str]], List[str]]:
+def _rule_slot(gm: fx.GraphModule, rule: Rule) -> fx.Node:
+    """A ``get_attr`` node, placed after the inputs, for the module that holds ``rule`` in ``gm``."""
+    gm.add_submodule(SLOT, ops.RuleSlot(rule))
+    last_input = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
+    with gm.graph.inserting_after(last_input):
+        slot = gm.graph.get_attr(SLOT)
+    slot.meta["qualname"] = SLOT
+    return slot
+
+
+def unswapped_activations(gm: fx.GraphModule) -> Tuple[List[Tuple[str, str]], List[str]]:
     """Activations left with their ordinary gradient, and leaf modules that hide ReLUs from the rewrite."""
     left, hidden = [], []
     for node in gm.graph.nodes:
@@ -88,6 +112,8 @@ def mutated_input(gm: fx.GraphModule, node: fx.Node) -> Optional[fx.Node]:
     if node.op == "call_method":
         name = node.target
         return first if name.endswith("_") and not name.endswith("__") else None
+    if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
+        return first if _writes_first_argument(node.target) else None
     if node.op == "call_function":
         if node.kwargs.get("inplace") is True or node.target is operator.setitem:
             return first
@@ -96,6 +122,20 @@ def mutated_input(gm: fx.GraphModule, node: fx.Node) -> Optional[fx.Node]:
         name = getattr(node.target, "__name__", "")
         return first if name.endswith("_") and not name.startswith("_") else None
     return None
+
+
+def _writes_first_argument(op: "torch._ops.OpOverload") -> bool:
+    """Whether an aten op writes its first argument (``relu_``, ``add_``; not ``out=`` variants)."""
+    arguments = op._schema.arguments
+    alias = arguments[0].alias_info if arguments else None
+    return alias is not None and alias.is_write and not arguments[0].kwarg_only
+
+
+def _functional_twin(op: "torch._ops.OpOverload"):
+    """``aten.relu.default`` for ``aten.relu_.default``; None when there is none."""
+    name = op._schema.name.split("::")[-1]
+    packet = getattr(torch.ops.aten, name[:-1], None) if name.endswith("_") else None
+    return getattr(packet, op._overloadname, None) if packet is not None else None
 
 
 def _positional_inplace(node: fx.Node) -> bool:
@@ -119,10 +159,15 @@ def make_out_of_place(gm: fx.GraphModule, node: fx.Node) -> None:
     if node.op == "call_method" and hasattr(torch.Tensor, node.target[:-1]):
         node.target = node.target[:-1]
         return
-    if node.op == "call_function" and node.target in ops.ALL_OPS:
-        node.args, node.kwargs = node.args[:1], {"inplace": False}
+    if node.op == "call_function" and node.target is ops.rectify:
+        node.kwargs = {**node.kwargs, "inplace": False}
         return
-    if node.op == "call_function" and node.target is not operator.setitem:
+    if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
+        twin = _functional_twin(node.target)
+        if twin is not None:
+            node.target = twin
+            return
+    elif node.op == "call_function" and node.target is not operator.setitem:
         if "inplace" in node.kwargs or _positional_inplace(node):
             bound = inspect.signature(node.target).bind(*node.args, **node.kwargs)
             bound.arguments["inplace"] = False
@@ -203,7 +248,6 @@ def fork_plain(gm: fx.GraphModule, captures: Sequence[fx.Node], output_arg) -> T
     """
     graph = gm.graph
     downstream = descendants(captures)
-    plain_ops = {op: plain for pair in ops.RULE_OPS.values() for op, plain in zip(pair, ops.PLAIN_OPS)}
     env: Dict[fx.Node, fx.Node] = {}
 
     def outside(node: fx.Node) -> fx.Node:
@@ -212,29 +256,39 @@ def fork_plain(gm: fx.GraphModule, captures: Sequence[fx.Node], output_arg) -> T
                 env[node] = graph.call_function(ops.fork_detach, (node,))
         return env[node]
 
+    def lookup(value):
+        return fx.node.map_arg(value, lambda a: env[a] if a in env else outside(a))
+
     for capture in captures:
         if capture not in downstream:
             with graph.inserting_after(capture):
                 env[capture] = graph.call_function(ops.fork_leaf, (capture,))
     for node in [n for n in graph.nodes if n in downstream]:
-        anchor = node.next
-        args = fx.node.map_arg((node.args, node.kwargs), lambda a: env[a] if a in env else outside(a))
-        with graph.inserting_before(anchor):
-            twin = graph.create_node(node.op, plain_ops.get(node.target, node.target), *args, name=f"{node.name}_plain")
+        with graph.inserting_before(node.next):
+            twin, mutated = _plain_twin(gm, node, lookup)
         twin.meta = {"qualname": qualname(node) + "[plain]"}
-        mutated = mutated_input(gm, twin)
-        if twin.target in ops.PLAIN_OPS:
-            mutated = node.args[0] if node.kwargs.get("inplace") else None
-            twin.args, twin.kwargs = twin.args[:1], {"inplace": False}
-        elif mutated is not None:
-            make_out_of_place(gm, twin)
-            mutated = node.args[0]
         env[node] = twin
         if mutated is not None:  # later copies that read the mutated tensor read this result
             env[mutated] = twin
     fork_output = fx.node.map_arg(output_arg, lambda a: env[a] if a in env else _detach_before_output(graph, a))
     fork_captures = tuple(env[c] if c in env else c for c in captures)
     return fork_output, fork_captures
+
+
+def _plain_twin(gm: fx.GraphModule, node: fx.Node, lookup) -> Tuple[fx.Node, Optional[fx.Node]]:
+    """The fork's copy of ``node`` (out of place, ordinary rectifiers) and the tensor ``node`` mutates, if any."""
+    name = f"{node.name}_plain"
+    if node.op == "call_function" and node.target is ops.rectify:
+        source = node.args[0]
+        twin = gm.graph.create_node("call_function", ops.plain_rectify, (lookup(source),),
+                                    {"upper": node.kwargs["upper"]}, name=name)
+        return twin, source if node.kwargs["inplace"] else None
+    args, kwargs = lookup((node.args, node.kwargs))
+    twin = gm.graph.create_node(node.op, node.target, args, kwargs, name=name)
+    if mutated_input(gm, twin) is None:
+        return twin, None
+    make_out_of_place(gm, twin)
+    return twin, node.args[0]
 
 
 def _detach_before_output(graph: fx.Graph, node: fx.Node) -> fx.Node:

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .explainer import convert
+from .build import convert
 
 METHODS = ("gradient", "guided", "deconvnet", "gradcam", "guided_gradcam")
 

@@ -10,12 +10,15 @@ with one class per sample, a callable ``outputs -> (B,) score``, or a :class:`Ch
 (tensor([1, 0]), tensor([5., 7.]))
 """
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
-from .errors import TargetError
+from .errors import OutputError, TargetError
+
+#: Which entry of a model's output is explained: None (the output is one tensor), an index or a key.
+OutputKey = Union[None, int, str]
 
 
 @dataclass(frozen=True)
@@ -101,3 +104,15 @@ def callable_score(fn: Callable, outputs: Any, batch: int) -> Tensor:
     if score.shape != (batch,):
         raise TargetError(f"a callable target must return one score per sample, shape ({batch},); got {tuple(score.shape)}")
     return score
+
+
+def select_output(outputs: Any, key: OutputKey) -> Tensor:
+    """The entry of a model's outputs that is explained: the tensor itself, or ``outputs[key]``."""
+    if key is None:
+        if not isinstance(outputs, Tensor):
+            raise OutputError(f"the model returns a {type(outputs).__name__}; convert with output=KEY to say which "
+                              "entry is explained")
+        return outputs
+    if isinstance(key, str) and hasattr(outputs, "_fields"):
+        return getattr(outputs, key)
+    return outputs[key]

@@ -111,7 +111,7 @@ def test_incompatible_version_is_refused(tmp_path):
     ex.save(str(path))
     newer = tmp_path / "newer.gsx"
     with zipfile.ZipFile(path) as source, zipfile.ZipFile(newer, "w") as target:
-        header = source.read(gs.io.HEADER).replace(b'"format_version": 1', b'"format_version": 99')
+        header = source.read(gs.io.HEADER).replace(f'"format_version": {gs.io.FORMAT_VERSION}'.encode(), b'"format_version": 99')
         target.writestr(gs.io.HEADER, header)
         target.writestr(gs.io.PAYLOAD, source.read(gs.io.PAYLOAD))
     with pytest.raises(gs.LoadError, match="format 99"):

@@ -1,4 +1,5 @@
 """The user's model is never mutated: same parameters, buffers, modules, hooks and outputs, whatever we do."""
+import pytest
 import torch
 from torch import nn
 
@@ -48,7 +49,8 @@ def test_moving_or_switching_the_explainer_does_not_move_the_model():
     before = _snapshot(model)
     ex = gs.convert(model, layer="layer4")
     ex.double()
-    ex.train()
+    with pytest.raises(gs.GuidedSwapError, match="eval mode"):
+        ex.train()  # it would update BatchNorm buffers that the explainer shares with the model
     ex.eval()
     _assert_same(before, _snapshot(model))
     x = image_batch(32).double()

@@ -1,0 +1,195 @@
+"""The one path from a forward/backward pass to maps: :class:`LayerMaps` per layer, :class:`Explanation` overall.
+
+``Explainer.explain``, the exported program and the command line all build their maps here, through
+:func:`explanation_from_pass`; slicing a sample out (``e[i]``) and flattening to arrays (``e.to_dict()``) live
+here too.
+
+>>> import torch
+>>> A = torch.rand(2, 4, 3, 3); G = torch.randn(2, 4, 3, 3)
+>>> e = Explanation(logits=torch.randn(2, 10), target=torch.tensor([1, 2]), score=torch.zeros(2),
+...                 gradient=torch.randn(2, 3, 12, 12), layers={"layer4": LayerMaps(A, G, (12, 12))})
+>>> len(e), tuple(e[1].cam.shape), sorted(e.to_dict())
+(2, (1, 12, 12), ['cam', 'cam_raw', 'gradient', 'guided_gradcam', 'logits', 'score', 'target'])
+"""
+from dataclasses import dataclass, field, replace
+from functools import cached_property
+from typing import Any, Dict, NamedTuple, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from . import cam as cam_maths
+from .errors import LayerError
+
+
+class PassResult(NamedTuple):
+    """What one forward and one backward of an explainer give; every map is made from these."""
+
+    outputs: Any                   # the model's output, as the model returns it
+    captures: Tuple[Tensor, ...]   # the activation A at each captured layer
+    score: Tensor                  # (B,) the explained score
+    classes: Optional[Tensor]      # (B,) the class per sample, for class targets
+    input_grad: Tensor             # d score / d x under the explainer's rule
+    layer_grads: Tuple[Tensor, ...]  # the ordinary gradient G at each captured layer
+
+
+@dataclass
+class LayerMaps:
+    """The activation ``A`` and ordinary gradient ``G`` captured at one layer, and the maps made from them."""
+
+    activation: Tensor
+    grad: Tensor
+    input_size: Tuple[int, ...]
+    interpolate: str = "bilinear"
+
+    @cached_property
+    def cam_raw(self) -> Tensor:
+        """Grad-CAM at the layer's resolution."""
+        return cam_maths.gradcam(self.activation, self.grad)
+
+    @cached_property
+    def cam(self) -> Tensor:
+        """Grad-CAM resized to the input."""
+        return cam_maths.upsample(self.cam_raw, self.input_size, self.interpolate)
+
+    @cached_property
+    def pixelwise_cam_raw(self) -> Tensor:
+        """Pixel-wise CAM (HiResCAM) at the layer's resolution."""
+        return cam_maths.pixelwise_cam(self.activation, self.grad)
+
+    @cached_property
+    def guided_pixelwise_cam_raw(self) -> Tensor:
+        """Guided pixel-wise CAM (LayerCAM) at the layer's resolution."""
+        return cam_maths.guided_pixelwise_cam(self.activation, self.grad)
+
+    @property
+    def pixelwise_cam(self) -> Tensor:
+        return cam_maths.upsample(self.pixelwise_cam_raw, self.input_size, self.interpolate)
+
+    @property
+    def guided_pixelwise_cam(self) -> Tensor:
+        return cam_maths.upsample(self.guided_pixelwise_cam_raw, self.input_size, self.interpolate)
+
+    def __getitem__(self, index: Union[int, slice]) -> "LayerMaps":
+        rows = _rows(index)
+        return replace(self, activation=self.activation[rows], grad=self.grad[rows])
+
+
+@dataclass
+class Explanation:
+    """Everything one ``explain`` call computed. Maps from CAMs are made on first access.
+
+    ``gradient`` is the input gradient under the explainer's rule (guided backprop for ``"guided"``);
+    ``cam_raw``, ``cam`` and ``guided_gradcam`` come from the first layer, ``layers[name]`` from any.
+    ``e[i]`` is sample ``i`` as a batch of one, ``e[a:b]`` a sub-batch; ``e.to_dict()`` the maps by name.
+    """
+
+    logits: Tensor
+    target: Optional[Tensor]
+    score: Tensor
+    gradient: Tensor
+    layers: Dict[str, LayerMaps]
+    outputs: Any = field(repr=False, default=None)
+    rule: str = "guided"
+    swapped: Optional[int] = None  # rectifier call sites that carry the rule (0: every map is a plain gradient)
+
+    def _first(self) -> LayerMaps:
+        if not self.layers:
+            raise LayerError("this explainer captures no layer: convert with layer=NAME (or 'auto') for CAMs")
+        return next(iter(self.layers.values()))
+
+    @property
+    def cam_raw(self) -> Tensor:
+        """Grad-CAM at the layer's resolution, (B, *layer spatial)."""
+        return self._first().cam_raw
+
+    @property
+    def cam(self) -> Tensor:
+        """Grad-CAM resized to the input, (B, *input spatial)."""
+        return self._first().cam
+
+    @property
+    def guided_gradcam(self) -> Tensor:
+        """``cam * gradient`` per channel, the input's shape."""
+        return cam_maths.guided_gradcam(self.cam, self.gradient)
+
+    @property
+    def pixelwise_cam(self) -> Tensor:
+        return self._first().pixelwise_cam
+
+    @property
+    def guided_pixelwise_cam(self) -> Tensor:
+        return self._first().guided_pixelwise_cam
+
+    def __len__(self) -> int:
+        return self.gradient.shape[0]
+
+    def __getitem__(self, index: Union[int, slice]) -> "Explanation":
+        rows = _rows(index, len(self))
+        outputs = _slice_tree(self.outputs, rows, len(self))
+        return replace(self, logits=self.logits[rows], target=None if self.target is None else self.target[rows],
+                       score=self.score[rows], gradient=self.gradient[rows], outputs=outputs,
+                       layers={name: maps[rows] for name, maps in self.layers.items()})
+
+    def available(self) -> Tuple[str, ...]:
+        """The names :meth:`to_dict` accepts for this explanation."""
+        names = ["logits", "target", "score", "gradient"]
+        if self.layers:
+            names += ["cam_raw", "cam", "guided_gradcam", "pixelwise_cam", "guided_pixelwise_cam"]
+        if len(self.layers) > 1:
+            names += [f"layers.{layer}.{kind}" for layer in self.layers for kind in ("cam_raw", "cam")]
+        return tuple(name for name in names if name != "target" or self.target is not None)
+
+    def to_dict(self, names: Optional[Sequence[str]] = None) -> Dict[str, Tensor]:
+        """The maps by name: by default logits, target, score, gradient and, with a layer, cam_raw, cam and
+        guided_gradcam (and ``layers.NAME.cam``/``cam_raw`` for every layer when there are several)."""
+        available = self.available()
+        if names is None:
+            names = [n for n in available if n not in ("pixelwise_cam", "guided_pixelwise_cam")]
+        unknown = [name for name in names if name not in available]
+        if unknown:
+            raise ValueError(f"{unknown} are not maps of this explanation; available: {list(available)}")
+        return {name: self._get(name) for name in names}
+
+    def _get(self, name: str) -> Tensor:
+        if name.startswith("layers."):
+            layer, kind = name[len("layers."):].rsplit(".", 1)
+            return getattr(self.layers[layer], kind)
+        return getattr(self, name)
+
+
+def explanation_from_pass(result: PassResult, *, layers: Sequence[str], logits: Tensor, input_size: Sequence[int],
+                          interpolate: str = "bilinear", rule: str = "guided",
+                          swapped: Optional[int] = None) -> Explanation:
+    """The :class:`Explanation` of one pass: the one place maps are assembled."""
+    layer_maps = {name: LayerMaps(_tensor(a, name).detach(), g, tuple(input_size), interpolate)
+                  for name, a, g in zip(layers, result.captures, result.layer_grads)}
+    return Explanation(logits.detach(), result.classes, result.score.detach(), result.input_grad, layer_maps,
+                       _detach_tree(result.outputs), rule, swapped)
+
+
+def _tensor(value: Any, name: str) -> Tensor:
+    if not isinstance(value, Tensor):
+        raise LayerError(f"layer {name!r} produced a {type(value).__name__}, not a tensor; capture a tensor-valued node")
+    return value
+
+
+def _rows(index: Union[int, slice], length: Optional[int] = None) -> slice:
+    if isinstance(index, bool) or not isinstance(index, (int, slice)):
+        raise TypeError(f"index an explanation with an int or a slice, got {type(index).__name__}")
+    if isinstance(index, slice):
+        return index
+    if length is not None and not -length <= index < length:
+        raise IndexError(f"sample {index} is out of range for a batch of {length}")
+    index = index % length if length else index
+    return slice(index, index + 1)
+
+
+def _detach_tree(outputs: Any) -> Any:
+    return torch.utils._pytree.tree_map(lambda v: v.detach() if isinstance(v, Tensor) else v, outputs)
+
+
+def _slice_tree(outputs: Any, rows: slice, batch: int) -> Any:
+    """Slice every tensor of the model's outputs whose first dimension is the batch."""
+    return torch.utils._pytree.tree_map(
+        lambda v: v[rows] if isinstance(v, Tensor) and v.dim() and v.shape[0] == batch else v, outputs)
