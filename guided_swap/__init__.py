@@ -17,7 +17,8 @@ from .explainer import Explainer, load
 from .export import export, export_program
 from .maps import Explanation, LayerMaps
 from .rules import Rule, get_rule, register_rule, rules, unregister_rule
-from .targets import Channel
+from .runtime_explainer import RuntimeExplainer, convert_runtime
+from .targets import Box, Channel
 
 
 def layer_names(model, tracer_kwargs=None):
@@ -28,7 +29,7 @@ def layer_names(model, tracer_kwargs=None):
     return _names(trace(model, tracer_kwargs))
 
 
-__all__ = ["convert", "Explainer", "Explanation", "LayerMaps", "ConversionReport", "Channel", "layer_names", "load",
+__all__ = ["convert", "Explainer", "Explanation", "LayerMaps", "ConversionReport", "Channel", "Box", "convert_runtime", "RuntimeExplainer", "layer_names", "load",
            "export", "export_program", "cam", "Rule", "rules", "register_rule", "unregister_rule", "get_rule",
            "GuidedSwapError", "TraceError", "LayerError", "TargetError", "InputError", "OutputError", "RuleError",
            "LoadError", "ExportError", "CommandError", "__version__"]
