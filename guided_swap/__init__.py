@@ -8,6 +8,7 @@ Grad-CAM in one forward/backward pass, for every ReLU spelling.
 (torch.Size([1, 3, 64, 64]), torch.Size([1, 64, 64]))
 """
 from . import cam
+from . import images, viz
 from ._version import __version__
 from .build import ConversionReport, convert
 from .errors import (CommandError, ExportError, GuidedSwapError, InputError, LayerError, LoadError, OutputError,
