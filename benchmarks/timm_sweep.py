@@ -30,6 +30,7 @@ import platform
 import select
 import subprocess
 import sys
+import threading
 import time
 import traceback
 
@@ -213,14 +214,14 @@ def check_model(name: str, size: int, max_params: float, rtol: float) -> dict:
     return dict(row, status="FAIL" if problems else "ok", reason="; ".join(problems))
 
 
-def worker(names, size, max_params, rtol) -> None:
+def worker(names, size, max_params, rtol, threads) -> None:
     """Check ``names`` one after the other; tell the supervisor on stdout when each starts and ends."""
     import warnings
 
     import torch
 
     warnings.filterwarnings("ignore")
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    torch.set_num_threads(threads)
     for name in names:
         print("START " + name, flush=True)
         try:
@@ -256,8 +257,9 @@ def append_progress(progress: str, row: dict) -> None:
 
 def run_worker(names, args, done_callback) -> list:
     """Run a worker on ``names``; returns the names it did not reach (after a crash or a timeout)."""
-    command = [sys.executable, os.path.abspath(__file__), "--worker", "--size", str(args.size), "--max-params",
-               str(args.max_params), "--rtol", str(args.rtol), "--models", *names]
+    command = [sys.executable, os.path.abspath(__file__), "--worker", "--threads", str(args.threads),
+               "--size", str(args.size), "--max-params", str(args.max_params), "--rtol", str(args.rtol),
+               "--models", *names]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                                start_new_session=True)
     current, started = None, time.monotonic()
@@ -302,16 +304,26 @@ def supervise(args) -> None:
     pending = [n for n in names if n not in done or (args.redo and n in args.models)]
     print(f"{len(names)} models, {len(names) - len(pending)} done before, {len(pending)} to go", flush=True)
 
-    def record(row):
-        append_progress(paths(args.results)["progress"], row)
-        done[row["model"]] = row
-        write_summary(done, args)
-        print(f"{row['model']:45s} {row['status']:12s} {row.get('reason', '')}", flush=True)
+    lock = threading.Lock()
 
-    while pending:
-        batch, pending = pending[:args.restart_every], pending[args.restart_every:]
-        while batch:
-            batch = run_worker(batch, args, record)
+    def record(row):
+        with lock:
+            append_progress(paths(args.results)["progress"], row)
+            done[row["model"]] = row
+            write_summary(done, args)
+            print(f"{row['model']:45s} {row['status']:12s} {row.get('reason', '')}", flush=True)
+
+    def shard(names):
+        while names:
+            batch, names = names[:args.restart_every], names[args.restart_every:]
+            while batch:
+                batch = run_worker(batch, args, record)
+
+    threads = [threading.Thread(target=shard, args=(pending[i::args.workers],)) for i in range(args.workers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
     write_summary(done, args)
 
 
@@ -382,12 +394,14 @@ def main(argv=None) -> None:
     parser.add_argument("--timeout", type=float, default=1200.0, help="seconds per model")
     parser.add_argument("--restart-every", type=int, default=20, help="a fresh worker process every N models")
     parser.add_argument("--redo", action="store_true", help="check the --models named again")
+    parser.add_argument("--workers", type=int, default=1, help="worker processes side by side")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads per worker")
     parser.add_argument("--summary-only", action="store_true")
     parser.add_argument("--results", default=os.path.join(HERE, "results"), help="folder of the progress log and summary")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        worker(args.models, args.size, args.max_params, args.rtol)
+        worker(args.models, args.size, args.max_params, args.rtol, args.threads)
     elif args.summary_only:
         write_summary(load_progress(paths(args.results)["progress"]), args)
     else:

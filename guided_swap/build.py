@@ -172,7 +172,7 @@ class Plan:
                        made_out_of_place=built.made_out_of_place, forked=built.forked)
 
 
-CAPTURE_PATHS = ("auto", "fx", "export")
+CAPTURE_PATHS = ("auto", "fx", "export", "runtime")
 
 
 def convert(model: nn.Module, layer: Union[None, str, Sequence[str]] = AUTO, rule: Union[str, Rule] = "guided", *,
@@ -187,10 +187,12 @@ def convert(model: nn.Module, layer: Union[None, str, Sequence[str]] = AUTO, rul
     and any the user registered) or a :class:`~guided_swap.Rule` instance.
     ``output``: which entry of a tuple/namedtuple/dict output is explained.
     ``tracer_kwargs``: torch.fx options when the model does not trace (leaf_modules, autowrap_functions, ...).
-    ``capture``: ``"fx"`` (symbolic tracing), ``"export"`` (torch.export, for models fx cannot trace: data-dependent
-    shape checks, loops over sizes; it captures for inputs shaped like the example, any batch size), or
-    ``"auto"``: fx, falling back to export when fx fails. Without ``example_input`` the export capture happens on
-    the first input; the report says which path was used and why.
+    ``capture``: ``"fx"`` (symbolic tracing), ``"export"`` (torch.export, for models fx cannot trace: shape
+    checks, loops over sizes; it captures for inputs shaped like the example, any batch size), ``"runtime"``
+    (rectifier calls swapped while the model runs: detectors, data-dependent post-processing), or ``"auto"``: fx,
+    then export, then run time, each tried when the one before fails (a non-tensor input, such as a detector's
+    list of images, goes to run time). Without ``example_input`` the fallback happens on the first input. The
+    report's ``capture`` says which path was used and why.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert() takes a torch.nn.Module, got {type(model).__name__}")
@@ -221,15 +223,35 @@ def convert(model: nn.Module, layer: Union[None, str, Sequence[str]] = AUTO, rul
         else:
             built = None if plan.needs_example and example_input is None else plan.build(example_input)
             return Explainer(plan, built)
-    path = "export" if fx_error is None else f"export (fx failed at {fx_failure_site(fx_error)})"
+    if capture == "runtime":
+        return _runtime(model, names, rule, output, example_input, None)
+    fx_note = None if fx_error is None else f"fx failed at {fx_failure_site(fx_error)}"
 
-    def export_plan(example: Tensor) -> Plan:
-        return make_plan(trace_export(model, example), path)
+    def export_or_runtime(example: Any) -> Union[Plan, Explainer]:
+        """The export capture for a tensor input; the run-time capture when export cannot take the model."""
+        if not isinstance(example, Tensor) and capture == "auto":
+            return _runtime(model, names, rule, output, None, f"{fx_note}; the input is not a tensor")
+        try:
+            return make_plan(trace_export(model, example), "export" + (f" ({fx_note})" if fx_note else ""))
+        except (TraceError, TypeError) as export_error:
+            if capture == "export":
+                raise
+            reason = f"{fx_note}; export failed: {str(export_error).splitlines()[0][:200]}"
+            return _runtime(model, names, rule, output, None, reason)
 
     if example_input is None:
-        return Explainer.deferred(export_plan, rule, names, output, path)
-    plan = export_plan(example_input)
-    return Explainer(plan, plan.build(example_input))
+        path = (f"{fx_note}: " if fx_note else "") + "export (or run time if export fails)"
+        return Explainer.deferred(export_or_runtime, rule, names, output, path)
+    result = export_or_runtime(example_input)
+    return result if isinstance(result, Explainer) else Explainer(result, result.build(example_input))
+
+
+def _runtime(model: nn.Module, names, rule: Rule, output: OutputKey, example: Any, reason: Optional[str]):
+    from .runtime_explainer import convert_runtime
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # convert already warned about training mode
+        return convert_runtime(model, names or None, rule, output=output, example_input=example, reason=reason)
 
 
 def _copy_graph(graph: fx.Graph) -> Tuple[fx.Graph, Dict[fx.Node, fx.Node]]:

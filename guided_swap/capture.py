@@ -294,7 +294,8 @@ def _shapes(gm: fx.GraphModule, example: torch.Tensor) -> Dict[fx.Node, Tuple[in
 
     copies = {f"gm.{name}": buffer.clone() for name, buffer in gm.named_buffers()}
     modes = [(module, module.training) for module in gm.modules()]
-    gm.eval()
+    for module, _ in modes:  # not gm.eval(): an exported program's module refuses it
+        module.training = False
     try:
         with torch.no_grad():
             torch.func.functional_call(Probe(), copies, (example.detach().clone(),))

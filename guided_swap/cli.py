@@ -89,7 +89,8 @@ def _floats(text: str) -> tuple:
     try:
         values = tuple(float(part) for part in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"takes comma-separated numbers like 0.485,0.456,0.406; got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"takes comma-separated numbers like 0.485,0.456,0.406; got {text!r}") \
+            from None
     return values
 
 
@@ -180,7 +181,8 @@ def _preprocessing(args, base):
         raise CommandError(f"--std values must be positive, got {','.join(map(str, std))}")
     if len(mean) != len(std):
         raise CommandError(f"--mean has {len(mean)} value(s) and --std {len(std)}; give one per channel, or one")
-    return Preprocessing(resize, crop, tuple(mean), tuple(std), base.source)
+    source = "--mean/--std" if args.mean or args.std else base.source
+    return Preprocessing(resize, crop, tuple(mean), tuple(std), source)
 
 
 def _check_figure_options(args) -> None:
@@ -303,8 +305,9 @@ def _explain_parser(sub) -> None:
                                                                    "0 decodes in the main process)")
     explain.add_argument("--writers", type=_count, default=2, help="processes drawing and writing results "
                                                                    "(default 2; 0 writes in the main process)")
-    explain.add_argument("--device", type=_device, default="auto", help="auto (cuda if present), cpu, cuda or cuda:N; under "
-                                                          "torchrun each process takes cuda:LOCAL_RANK")
+    explain.add_argument("--device", type=_device, default="auto",
+                         help="auto (cuda if present), cpu, cuda or cuda:N; under torchrun each process takes "
+                              "cuda:LOCAL_RANK")
     explain.add_argument("--out", default="guided_swap_maps", help="results folder (default guided_swap_maps)")
     explain.add_argument("--force", action="store_true", help="replace results made with other settings")
     explain.add_argument("--report", action="store_true", help="print the whole conversion report")

@@ -47,6 +47,7 @@ class Explainer(nn.Module):
         self.input_spec = None
         self._plan: Optional[Plan] = None
         self._make_plan = make_plan
+        self._delegate: Optional[Explainer] = None  # the run-time explainer a deferred capture fell back to
         self._lock = threading.Lock()
         self._report = report
         if plan is not None:
@@ -74,12 +75,18 @@ class Explainer(nn.Module):
         self._report = plan.report(None)
         self.train(False)
 
-    def _ensure_captured(self, example: Optional[Tensor]) -> None:
+    def _ensure_captured(self, example: Any) -> None:
+        """Capture on the first input: a plan for this explainer, or an explainer of another path to delegate to."""
         if self._make_plan is None:
             return
         with self._lock:
             if self._make_plan is not None:
-                self._set_plan(self._make_plan(example[:1].detach()))
+                result = self._make_plan(example[:1].detach() if isinstance(example, Tensor) else example)
+                if isinstance(result, Explainer):
+                    self._delegate, self._make_plan = result, None
+                    self._report = result.report
+                else:
+                    self._set_plan(result)
 
     def _install(self, built: "Built") -> None:
         self.graph_module = built.graph_module
@@ -103,18 +110,20 @@ class Explainer(nn.Module):
     @property
     def report(self):
         """The :class:`~guided_swap.build.ConversionReport`: what was swapped, left alone and captured."""
-        return self._report
+        return self._report if self._delegate is None else self._delegate.report
 
     @property
     def swapped(self) -> Tuple[str, ...]:
         """The qualified node name of every rectifier call site that carries the rule."""
-        return tuple(s.name for s in self._report.swapped)
+        return tuple(s.name for s in self.report.swapped)
 
     # --- running ------------------------------------------------------------------------------------
 
     def forward(self, x: Tensor) -> Any:
         """The model's own output, bit for bit (the rule applies if you backpropagate through it)."""
         self._ensure_captured(x)
+        if self._delegate is not None:
+            return self._delegate(x)
         return self.forward_module(x)
 
     def explain(self, x: Tensor, target: Any = None, *, interpolate: str = "bilinear") -> Explanation:
@@ -123,6 +132,9 @@ class Explainer(nn.Module):
         ``target``: None (argmax), an int, one int per sample (sequence or LongTensor), a callable
         ``outputs -> (B,) score``, or :class:`guided_swap.Channel`.
         """
+        self._ensure_captured(x)
+        if self._delegate is not None:
+            return self._delegate.explain(x, target, interpolate=interpolate)
         self._check_input(x)
         if interpolate not in cam_maths.INTERPOLATIONS:
             raise ValueError(f"interpolate={interpolate!r} is not one of {cam_maths.INTERPOLATIONS}")
@@ -218,6 +230,8 @@ class Explainer(nn.Module):
 
     def save(self, path: str) -> None:
         """Save this explainer (graphs, weights, layers, rule, report) to one file; see :func:`load`."""
+        if self._delegate is not None:
+            return self._delegate.save(path)
         if self._plan is not None or self._make_plan is not None:
             raise LayerError("this explainer is resolved from its first input (layer='auto' or the export capture): "
                              "call explain(x) once, or convert with example_input=, before saving")

@@ -145,9 +145,10 @@ def build_explainer(job: Job, group, say: Callable[[str], None]):
     if job.target is not None and job.target >= classes:
         raise CommandError(f"--target {job.target} is not a class of this model: it has {classes} outputs "
                            f"(0..{classes - 1})")
-    if len(job.preprocessing.mean) not in (1, channels):
-        raise CommandError(f"--mean/--std have {len(job.preprocessing.mean)} values; the model takes {channels} "
-                           "channel(s): give one value per channel, or one for all")
+    given, values = job.preprocessing.source == "--mean/--std", len(job.preprocessing.mean)
+    if values not in (1, channels) and (given or values < channels):
+        raise CommandError(f"--mean/--std have {values} values; the model takes {channels} channel(s): give one "
+                           "value per channel, or one for all")
     return explainer, classes, channels
 
 

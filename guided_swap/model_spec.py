@@ -123,7 +123,7 @@ def check(model: Optional[str], weights: Optional[str] = None) -> Source:
     if model is None:
         if weights is None:
             raise CommandError("--model is required (a torchvision name, package.module:factory or demo), unless "
-                                 "--weights holds a whole pickled model")
+                               "--weights holds a whole pickled model")
         if not os.path.isfile(weights):
             raise CommandError(f"no weights file at {weights!r}")
         return Source(None, weights, "pickled", "file", sha256(weights))
@@ -147,7 +147,7 @@ def check(model: Optional[str], weights: Optional[str] = None) -> Source:
         names = _torchvision_names()
         if model not in names:
             raise CommandError(f"unknown model {model!r}{_did_you_mean(model, names)}; use a torchvision name "
-                                 "(guided-swap explain --help) or package.module:factory")
+                               "(guided-swap explain --help) or package.module:factory")
     if weights is None:
         return Source(model, None, kind, "random")
     if os.path.isfile(weights):
@@ -175,7 +175,7 @@ def build(source: Source, say: Callable[[str], None] = _stderr) -> nn.Module:
         content = read_checkpoint(source.weights, say)
         if not isinstance(content, nn.Module):
             raise CommandError(f"{source.weights!r} holds a state dict, not a whole model; name the architecture "
-                                 "with --model")
+                               "with --model")
         return content.eval()
     if source.weights_kind == "enum":
         return _torchvision_with_enum(source)
@@ -188,7 +188,7 @@ def build(source: Source, say: Callable[[str], None] = _stderr) -> nn.Module:
     checkpoint = read_checkpoint(source.weights, say)
     if isinstance(checkpoint, nn.Module):
         raise CommandError(f"{source.weights!r} holds a whole pickled model ({type(checkpoint).__name__}); "
-                             "leave out --model to use it as it is")
+                           "leave out --model to use it as it is")
     load_weights(model, checkpoint, source.weights, source.model)
     return model.eval()
 
@@ -217,8 +217,8 @@ def _torchvision_with_enum(source: Source) -> nn.Module:
         return torchvision.models.get_model(source.model, weights=source.weights.split(".", 1)[1]).eval()
     except OSError as error:  # URLError and friends: no internet, no cached copy
         raise CommandError(f"could not get {source.weights} from {source.weights_url}: {error}; download it "
-                             f"where there is internet into {torch.hub.get_dir()}/checkpoints, or pass "
-                             "--weights FILE") from None
+                           f"where there is internet into {torch.hub.get_dir()}/checkpoints, or pass "
+                           "--weights FILE") from None
 
 
 def read_checkpoint(path: str, say: Callable[[str], None] = _stderr) -> Any:
@@ -261,7 +261,7 @@ def _unwrap(content: Any, path: str) -> Any:
         if inner is None:
             keys = ", ".join(repr(k) for k in list(content)[:8])
             raise CommandError(f"{path!r} is a dict with keys {keys} but none holds a state dict (looked for "
-                                 f"{', '.join(WRAPPER_KEYS)})")
+                               f"{', '.join(WRAPPER_KEYS)})")
         content = inner
     raise CommandError(f"{path!r}: state dict nested too deep")
 

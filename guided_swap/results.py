@@ -91,7 +91,7 @@ def discover(inputs: Sequence[str], out: str) -> List[Item]:
         if _inside(_real(holder), out_real):
             what = "is" if _real(holder) == out_real else "holds"
             raise CommandError(f"--out {out!r} {what} the input folder {holder!r}: results would mix with (and could "
-                              "replace) inputs; give --out a folder of its own, outside the inputs")
+                               "replace) inputs; give --out a folder of its own, outside the inputs")
     paths, seen = [], set()
     for path in inputs:
         for file in _walk(path, out_real) if os.path.isdir(path) else [path]:
@@ -99,7 +99,8 @@ def discover(inputs: Sequence[str], out: str) -> List[Item]:
                 seen.add(_real(file))
                 paths.append(file)
     if not paths:
-        raise CommandError(f"no images found in {', '.join(map(repr, inputs))} (looked for {', '.join(IMAGE_SUFFIXES)})")
+        raise CommandError(f"no images found in {', '.join(map(repr, inputs))} "
+                           f"(looked for {', '.join(IMAGE_SUFFIXES)})")
     roots = [p if os.path.isdir(p) else os.path.dirname(os.path.abspath(p)) for p in inputs]
     return [Item(p, n) for p, n in zip(paths, layout_names(paths, roots))]
 
@@ -150,8 +151,8 @@ def _differences(old: Dict[str, Any], new: Dict[str, Any]) -> str:
 def plan(items: List[Item], out: str, settings: Dict[str, Any], save: Sequence[str], force: bool) -> Plan:
     """Sort inputs into done (same settings, input unchanged, every output present) and to do.
 
-    Raises :class:`~guided_swap.errors.CommandError` for an output path holding a file guided-swap did not write, and for results
-    made with other settings unless ``force`` (then they are replaced).
+    Raises :class:`~guided_swap.errors.CommandError` for an output path holding a file guided-swap did not
+    write, and for results made with other settings unless ``force`` (then they are replaced).
     """
     result = Plan(out, items, [])
     foreign, conflicts = [], []
@@ -171,13 +172,13 @@ def plan(items: List[Item], out: str, settings: Dict[str, Any], save: Sequence[s
             result.changed += any(r.get("source") != source_stamp(item.path) for r in old)
             result.todo.append(index)
     if foreign:
-        raise CommandError(f"{len(foreign)} output path(s) hold files guided-swap did not write (first: {foreign[0]!r}); "
-                          "they are never replaced: move them or choose another --out")
+        raise CommandError(f"{len(foreign)} output path(s) hold files guided-swap did not write (first: "
+                           f"{foreign[0]!r}); they are never replaced: move them or choose another --out")
     if conflicts and not force:
         item, record = conflicts[0]
         raise CommandError(f"{len(conflicts)} result(s) in {out!r} were made with other settings (first: {item.name}: "
-                          f"{_differences(record.get('settings') or {}, settings)}); pass --force to replace them, "
-                          "or choose another --out")
+                           f"{_differences(record.get('settings') or {}, settings)}); pass --force to replace them, "
+                           "or choose another --out")
     return result
 
 
