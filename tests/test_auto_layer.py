@@ -146,3 +146,24 @@ def test_input_spec_reads_a_functional_convolution_with_groups():
             return torch.nn.functional.conv2d(x, self.weight, groups=2).mean((2, 3))
 
     assert capture.input_spec(FunctionalConv()) == (4, 4)
+
+
+class TwoScales(nn.Module):
+    """Two conv stems at two scales whose tokens meet only in the pooling (CrossViT's layout)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fine = nn.Conv2d(3, 8, 4, 4)
+        self.coarse = nn.Conv2d(3, 8, 8, 8)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        tokens = torch.cat([torch.relu(self.fine(x)).flatten(2), torch.relu(self.coarse(x)).flatten(2)], dim=2)
+        return self.fc(tokens.mean(-1))
+
+
+def test_branches_that_meet_in_the_pooling_take_the_last_map_and_say_it_is_partial():
+    name, reason = auto(TwoScales().eval(), torch.zeros(1, 3, 32, 32))
+    assert name == "relu_1"
+    assert reason.startswith("relu_1: the last spatial map (4x4) before the global pooling at mean")
+    assert reason.endswith("other branches reach it too, so this map shows only part of the evidence")
