@@ -10,8 +10,8 @@ identity, batch 1, a real photograph at 224 px, or at the model's own size when 
 - the run-time ReLU/ReLU6 count from the fx-free reference (guided_swap.reference); models with none are
   listed as "no ReLU" and not checked further (counted on the meta device when the forward runs there);
   models over --max-params parameters are skipped, unbuilt;
-- ``gs.convert(model, example_input=x)``: default arguments, except that ``auto`` is given the input
-  (resolving ``auto`` lazily from the first explained input is not in guided_swap yet);
+- ``gs.convert(model)`` with default arguments (``layer="auto"`` resolved on the first explained input;
+  ``capture="auto"``: torch.fx, falling back to torch.export when fx cannot trace; the row records which);
 - logits bit-identical to the model's; swapped call sites == run-time count; guided gradient against the
   fx-free reference within --rtol (relative to its largest entry) and not all zero; the ``auto`` map larger
   than 1x1.
@@ -137,12 +137,6 @@ def first_line(error: BaseException) -> str:
     return text.splitlines()[0][:300] if text else type(error).__name__
 
 
-def fx_failure(error: BaseException) -> str:
-    lines = str(error).splitlines()
-    where = next((line.strip() for line in lines if line.strip().startswith("failing line:")), "")
-    return (lines[0][:300] if lines else type(error).__name__) + (f" ({where[:200]})" if where else "")
-
-
 def check_model(name: str, size: int, max_params: float, rtol: float) -> dict:
     import torch
 
@@ -178,20 +172,20 @@ def check_model(name: str, size: int, max_params: float, rtol: float) -> dict:
         logits = model(x)
     if not isinstance(logits, torch.Tensor):
         return dict(row, status="FAIL", reason=f"the model returns a {type(logits).__name__}")
+    target = logits.argmax(dim=1)
     try:
-        ex = gs.convert(model, example_input=x)
-    except gs.TraceError as error:
-        return dict(row, status="fx failed", reason=fx_failure(error))
+        ex = gs.convert(model)  # default arguments: auto resolved on the first input, fx falling back to export
+        e = ex.explain(x, target)
     except Exception as error:
-        return dict(row, status="FAIL", reason=f"convert: {type(error).__name__}: {first_line(error)}",
+        return dict(row, status="FAIL", reason=f"convert/explain: {type(error).__name__}: {first_line(error)}",
                     where=traceback.format_exc().splitlines()[-3][:300])
     with torch.no_grad():
-        row["logits_identical"] = bool(torch.equal(ex(x), logits))
+        row["logits_identical"] = bool(torch.equal(ex(x), logits)) and bool(torch.equal(e.logits, logits))
+    row["capture"] = ex.report.capture
     row["swapped"] = len(ex.swapped)
     row["spellings"] = sorted({s.spelling for s in ex.report.swapped})
     row["left_alone"] = sorted({kind for _, kind in ex.report.left_alone})
-    target = logits.argmax(dim=1)
-    e = ex.explain(x, target)
+    row["auto_reason"] = ex.report.layer_reasons.get("auto")
     expected = reference.input_gradient(model, x, target)
     scale = float(expected.abs().max())
     row["gradient_rel_error"] = float((e.gradient - expected).abs().max()) / scale if scale > 0 else None
@@ -329,7 +323,7 @@ def supervise(args) -> None:
 
 # --- the summary ---------------------------------------------------------------------------------------
 
-ORDER = ("ok", "FAIL", "fx failed", "timeout", "crashed", "does not run", "build failed", "skipped", "no ReLU")
+ORDER = ("ok", "FAIL", "timeout", "crashed", "does not run", "build failed", "skipped", "no ReLU")
 
 
 def write_summary(rows: dict, args) -> None:
@@ -339,12 +333,13 @@ def write_summary(rows: dict, args) -> None:
     from guided_swap._files import atomic_write
 
     counts = {status: sum(r["status"] == status for r in rows.values()) for status in ORDER}
-    relu_models = sum(counts[s] for s in ("ok", "FAIL", "fx failed", "timeout", "crashed"))
+    relu_models = sum(counts[s] for s in ("ok", "FAIL", "timeout", "crashed"))
+    counts["ok via export"] = sum(r["status"] == "ok" and r.get("capture", "fx") != "fx" for r in rows.values())
     settings = {"date": datetime.date.today().isoformat(), "timm": timm.__version__, "torch": torch.__version__,
                 "python": platform.python_version(), "size": args.size, "batch": 1, "max_params": args.max_params,
                 "rtol": args.rtol, "timeout_s": args.timeout, "listed": len(timm.list_models()),
                 "weights": "random (pretrained=False, seed 0), BatchNorm statistics randomised",
-                "convert": "gs.convert(model, example_input=x): default layer='auto', rule='guided'"}
+                "convert": "gs.convert(model): default arguments (layer='auto', rule='guided', capture='auto')"}
     summary = {"settings": settings, "counts": counts, "relu_models_checked": relu_models,
                "models": [rows[name] for name in sorted(rows)]}
     with atomic_write(paths(args.results)["json"]) as path:
@@ -361,22 +356,22 @@ def markdown(summary: dict) -> str:
              f"timm {s['timm']}, torch {s['torch']}, {s['date']}; {s['weights']}; batch 1 at {s['size']} px "
              f"(or the model's fixed size); {s['convert']}; guided gradient against the fx-free reference "
              f"within {s['rtol']:g} relative.", "",
-             f"Swept {sum(counts.values())} of {s['listed']} listed models. "
+             f"Swept {sum(counts[status] for status in ORDER)} of {s['listed']} listed models. "
              f"**{summary['relu_models_checked']} call ReLU/ReLU6 at run time**: "
-             f"{counts['ok']} exact (ok), {counts['FAIL']} FAIL, {counts['fx failed']} fx failed (export path), "
-             f"{counts['timeout']} timed out, {counts['crashed']} crashed. "
+             f"{counts['ok']} exact (ok; {counts['ok via export']} of them through the torch.export path, fx "
+             f"failing), {counts['FAIL']} FAIL, {counts['timeout']} timed out, {counts['crashed']} crashed. "
              f"Not checked: {counts['no ReLU']} without ReLU, {counts['skipped']} over "
              f"{s['max_params'] / 1e6:.0f}M parameters, {counts['does not run']} that do not run at the size, "
              f"{counts['build failed']} that do not build.", "",
-             "| model | status | params (M) | input | ReLU calls | swapped | gradient rel. error | auto layer | "
-             "auto map | note |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| model | status | capture | params (M) | input | ReLU calls | swapped | gradient rel. error | "
+             "auto layer | auto map | note |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     rank = {status: i for i, status in enumerate(ORDER)}
     for row in sorted(summary["models"], key=lambda r: (rank.get(r["status"], 99), r["model"])):
         if row["status"] in ("no ReLU",):
             continue
         error = row.get("gradient_rel_error")
-        lines.append("| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |".format(
-            row["model"], row["status"], row.get("params_m", ""),
+        lines.append("| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |".format(
+            row["model"], row["status"], row.get("capture", "").split(" (")[0], row.get("params_m", ""),
             "x".join(str(v) for v in row.get("input", [])[2:]), row.get("relu_calls", ""), row.get("swapped", ""),
             "" if error is None else f"{error:.1e}", row.get("auto_layer", ""),
             "x".join(str(v) for v in row.get("auto_map", [])), str(row.get("reason", "")).replace("|", "/")))

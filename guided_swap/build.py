@@ -247,11 +247,9 @@ def convert(model: nn.Module, layer: Union[None, str, Sequence[str]] = AUTO, rul
 
 
 def _runtime(model: nn.Module, names, rule: Rule, output: OutputKey, example: Any, reason: Optional[str]):
-    from .runtime_explainer import convert_runtime
+    from .runtime_explainer import build_runtime  # it builds on this module's report classes
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # convert already warned about training mode
-        return convert_runtime(model, names or None, rule, output=output, example_input=example, reason=reason)
+    return build_runtime(model, names, rule, output, example, reason)
 
 
 def _copy_graph(graph: fx.Graph) -> Tuple[fx.Graph, Dict[fx.Node, fx.Node]]:

@@ -91,11 +91,13 @@ def auto_layer(gm: fx.GraphModule, example: torch.Tensor, output: Any = None,
     graph = _Graph(gm, _shapes(gm, example), example.dim(), output)
     head = graph.global_pooling()
     if head is not None:
-        node = graph.dominating_map(head)
+        node, every_path = graph.dominating_map(head)
         if node is None:
             raise LayerError(f"layer='auto' found no feature map larger than 1x1 before {_describe(gm, head)} "
                              f"for an input of shape {tuple(example.shape)}; pass a larger input or layer=NAME; {HINT}")
         why = f"the last spatial map ({graph.size(node)}) before {_pooling_kind(graph, head)} at {_describe(gm, head)}"
+        if not every_path:
+            why += "; other branches reach it too, so this map shows only part of the evidence"
     else:
         node, scope = graph.map_feeding_head()
         why = (f"the last backbone map ({graph.size(node)}) feeding the prediction head {scope!r}; "
@@ -157,13 +159,20 @@ class _Graph:
                     stack.append(user)
         return False
 
-    def dominating_map(self, end: fx.Node) -> Optional[fx.Node]:
-        """The last map before ``end`` that every path from the input to ``end`` crosses; pooling steps skipped."""
-        before = sorted(_upstream([end]) - {end}, key=self.order.__getitem__, reverse=True)
+    def dominating_map(self, end: fx.Node) -> Tuple[Optional[fx.Node], bool]:
+        """The last map before ``end`` that every path from the input to ``end`` crosses (pooling steps skipped),
+        and True; else, when branches reach ``end`` side by side (CrossViT's two patch sizes), the last map
+        before it and False; (None, False) when there is no map at all."""
+        before = [n for n in sorted(_upstream([end]) - {end}, key=self.order.__getitem__, reverse=True)
+                  if self.is_map(n) and not _is_pool(self.gm, n)]
         for node in before:
-            if self.is_map(node) and not _is_pool(self.gm, node) and self._dominates(node, end):
-                return node
-        return None
+            if self._dominates(node, end):
+                return node, True
+        # No single map carries everything: fall back to maps on a convolution's grid (never an attention
+        # tensor of a transformer branch, which has the input's rank too).
+        grids = {self.shapes[c][2:] for c in self.convs if c in self.shapes}
+        on_grid = [n for n in before if self.shapes[n][2:] in grids]
+        return (on_grid[0], False) if on_grid else (None, False)
 
     def _dominates(self, node: fx.Node, end: fx.Node) -> bool:
         """Whether every tensor path from the input to ``end`` crosses ``node`` (shapes read off do not count)."""

@@ -244,7 +244,14 @@ def convert_runtime(model: nn.Module, layer: Union[None, str, Sequence[str]] = A
         warnings.warn("the model is in training mode; the explainer explains it as deployed (eval mode: BatchNorm "
                       "running statistics, no dropout) and never updates its buffers. Call model.eval() before "
                       "convert() to silence this", stacklevel=2)
-    explainer = RuntimeExplainer(model, layer_list(layer), rule, output, reason)
+    return build_runtime(model, layer_list(layer), rule, output, example_input, reason)
+
+
+def build_runtime(model: nn.Module, layers: Sequence[str], rule: Rule, output: OutputKey, example_input: Any = None,
+                  reason: Optional[str] = None) -> RuntimeExplainer:
+    """:func:`convert_runtime` after its argument checks and warnings (for ``guided_swap.convert``'s fallback,
+    which has made them already)."""
+    explainer = RuntimeExplainer(model, layers, rule, output, reason)
     if example_input is not None:
         explainer._check_input(example_input)
         with explainer._lock, torch.no_grad():

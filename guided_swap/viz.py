@@ -227,8 +227,8 @@ def gradient_title(rule: str, swapped: Optional[int]) -> str:
 def _titles(explanation, swapped: Optional[int], layer_nodes: Mapping[str, str]) -> Dict[str, str]:
     gradient = gradient_title(getattr(explanation, "rule", "guided"), swapped)
     layer = next(iter(explanation.layers), None) if getattr(explanation, "layers", None) else None
-    if layer is not None and layer == "auto" and layer in layer_nodes:
-        layer = layer_nodes[layer]  # the node "auto" chose says more than "auto"
+    if layer == "auto":  # the node "auto" chose says something; "auto" itself does not
+        layer = layer_nodes.get(layer)
     cam = f"Grad-CAM ({layer})" if layer else "Grad-CAM"
     guided_gradcam = "Guided Grad-CAM" if gradient == "guided backprop" else f"Grad-CAM ×\n{gradient}"
     return {"gradient": gradient, "cam": cam, "guided_gradcam": guided_gradcam}
@@ -291,8 +291,8 @@ def figure(explanation, inputs, panels: Optional[Sequence[str]] = None, *, expla
     explanation has; asking for a CAM panel of an explanation without a captured layer is an error).
 
     Titles say what each map is. The gradient panel is named by the rule, and "plain gradient (no ReLU
-    swapped)" when nothing was swapped: pass ``explainer`` (the one that made the explanation) or ``swapped``
-    (the count); without either, and unless the explanation carries the count, the title names only the rule.
+    swapped)" when nothing was swapped: the count is ``swapped``, else ``explainer``'s, else the explanation's
+    own (``e.swapped``); where none is known the title names only the rule.
     The Grad-CAM panel names its layer (the node ``"auto"`` chose, given ``explainer``). The input panel is
     titled with the class name (``labels[target]``, else "class N"), its probability (softmax of the logits, or
     ``probabilities``) and ``notes[i]``.

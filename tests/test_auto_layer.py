@@ -27,7 +27,7 @@ def test_gates_and_a_conv_head_after_pooling_are_never_chosen():
     assert reason == "gates: the last spatial map (16x16) before the global pooling at adaptive_avg_pool2d"
     x = image_batch(32)
     target = lively_targets(model, x, model.gates)
-    e = gs.convert(model, example_input=x[:1]).explain(x, target)
+    e = gs.convert(model).explain(x, target)
     assert e.cam_raw.shape == (2, 16, 16)
     assert_nontrivial(e.cam_raw)
     assert relative_error(e.cam_raw, reference.gradcam(model, x, target, model.gates)) <= 1e-5
@@ -79,8 +79,7 @@ def test_torchvision_segmentation_gets_a_nonzero_cam_from_the_backbone(name, mod
     torch.manual_seed(0)
     model = randomise_batchnorm(torchvision.models.get_model(name, weights=None, weights_backbone=None)).eval()
     x = image_batch(48)[:1]
-    ex = gs.convert(model, output="out", example_input=x)  # the default layer="auto"
-    assert ex.report.layers["auto"] == node
+    ex = gs.convert(model, output="out")  # the default layer="auto", resolved on the first input
     with torch.no_grad():
         ranked = model(x)["out"].mean((2, 3)).argsort(dim=1, descending=True)[0].tolist()
     for cls in ranked[:5]:  # random weights: the first class whose Grad-CAM is not empty
@@ -88,6 +87,8 @@ def test_torchvision_segmentation_gets_a_nonzero_cam_from_the_backbone(name, mod
         if float((expected != 0).float().mean()) >= 0.25:
             break
     e = ex.explain(x, lambda outputs: outputs["out"][:, cls].mean((1, 2)))
+    assert ex.report.layers["auto"] == node
+    assert "feeding the prediction head 'classifier'" in ex.report.layer_reasons["auto"]
     assert_nontrivial(e.cam_raw)
     assert relative_error(e.cam_raw, expected) <= 1e-5
 
@@ -118,7 +119,7 @@ def test_input_spec_is_read_from_the_graph():
     model = SpaceToDepthNet().eval()
     assert capture.input_spec(model) is None  # a reshape comes first: no check, rather than a wrong one
     x = image_batch(16)
-    e = gs.convert(model, example_input=x[:1]).explain(x)
+    e = gs.convert(model).explain(x)
     assert torch.equal(e.logits, model(x)) and e.cam_raw.shape == (2, 8, 8)
 
 
@@ -145,3 +146,24 @@ def test_input_spec_reads_a_functional_convolution_with_groups():
             return torch.nn.functional.conv2d(x, self.weight, groups=2).mean((2, 3))
 
     assert capture.input_spec(FunctionalConv()) == (4, 4)
+
+
+class TwoScales(nn.Module):
+    """Two conv stems at two scales whose tokens meet only in the pooling (CrossViT's layout)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fine = nn.Conv2d(3, 8, 4, 4)
+        self.coarse = nn.Conv2d(3, 8, 8, 8)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        tokens = torch.cat([torch.relu(self.fine(x)).flatten(2), torch.relu(self.coarse(x)).flatten(2)], dim=2)
+        return self.fc(tokens.mean(-1))
+
+
+def test_branches_that_meet_in_the_pooling_take_the_last_map_and_say_it_is_partial():
+    name, reason = auto(TwoScales().eval(), torch.zeros(1, 3, 32, 32))
+    assert name == "relu_1"
+    assert reason.startswith("relu_1: the last spatial map (4x4) before the global pooling at mean")
+    assert reason.endswith("other branches reach it too, so this map shows only part of the evidence")

@@ -77,9 +77,21 @@ def _command_lines(code: str):
             yield line
 
 
+def _guided_swap_arguments(words):
+    """The arguments of a guided-swap command line (``guided-swap ...``, ``python -m guided_swap ...``,
+    ``torchrun [options] -m guided_swap ...``), or None when the line runs something else."""
+    if words[0] == "guided-swap":
+        return words[1:]
+    if words[0] in ("python", "torchrun") and "-m" in words:
+        at = words.index("-m")
+        if words[at + 1:at + 2] == ["guided_swap"]:
+            return words[at + 2:]
+    return None
+
+
 def test_command_lines_parse():
-    """Each ``guided-swap`` line parses with the real command's parser; ``python -m guided_swap.X`` names a
-    module with a ``main``; install and test lines are the only others allowed."""
+    """Each guided-swap line parses with the real command's parser; ``python -m guided_swap.X`` names a module
+    with a ``main``; install and test lines are the only others allowed."""
     import importlib
 
     from guided_swap import cli
@@ -92,21 +104,16 @@ def test_command_lines_parse():
             for command in _command_lines(code):
                 where = f"{page.name}:{line}: {command}"
                 words = shlex.split(command)
-                if words[:3] == ["python", "-m", "guided_swap"] or words[0] == "torchrun":
-                    assert "guided_swap" in words, where  # torchrun ... -m guided_swap ARGS: the same command
-                    words = ["guided-swap"] + words[words.index("guided_swap") + 1:]
-                if words[0] == "guided-swap":
-                    if words[1] == "bench":  # options belong to the benchmark's own parser
+                arguments = _guided_swap_arguments(words)
+                if arguments is not None:
+                    if arguments[:1] == ["bench"]:  # its options belong to the benchmark's own parser
                         continue
                     try:
-                        cli.parser().parse_args(words[1:])
+                        cli.parser().parse_args(arguments)
                     except SystemExit:
                         pytest.fail(f"does not parse: {where}")
                 elif words[:2] == ["python", "-m"]:
-                    module = importlib.import_module(words[2])
-                    assert hasattr(module, "main"), where
-                    if hasattr(module, "parser"):
-                        module.parser().parse_args(words[3:])
+                    assert hasattr(importlib.import_module(words[2]), "main"), where
                 else:
                     assert command.startswith(NOT_COMMANDS), f"a shell line the suite cannot check: {where}"
                 checked += 1

@@ -23,15 +23,15 @@ CASES = [
     ("tresnet_m", "body", "a space-to-depth stem (the first conv takes 48 channels)"),
     ("mobilenetv2_050", "bn2", "ReLU6"),
 ]
-UNTRACEABLE = [  # symbolic tracing meets data-dependent control flow: the torch.export capture path's work
-    ("tf_mobilenetv3_small_minimal_100", "TF 'same' padding computed from the input size (timm/layers/padding.py)"),
-    ("bat_resnext26ts", "`if t <= 1` on a traced size (timm/layers/non_local_attn.py)"),
+UNTRACEABLE = [  # symbolic tracing meets data-dependent control flow; convert falls back to torch.export
+    ("tf_mobilenetv3_small_minimal_100", {}, "blocks", "TF 'same' padding computed from the input size"),
+    ("vgg11", {"mlp_ratio": 1 / 16}, "features.19", "`if x.shape[-2] < self.input_kernel_size` in the head"),
 ]
 
 
-def build(name):
+def build(name, **kwargs):
     torch.manual_seed(0)
-    return randomise_batchnorm(timm.create_model(name, pretrained=False)).eval()
+    return randomise_batchnorm(timm.create_model(name, pretrained=False, **kwargs)).eval()
 
 
 @pytest.fixture(scope="module", params=CASES, ids=[name for name, _, _ in CASES])
@@ -48,7 +48,7 @@ def test_exact_against_the_fx_free_reference(case):
     counter = reference.ReLURule()
     with torch.no_grad(), counter:
         logits = model(x)
-    ex = gs.convert(model, example_input=x)  # layer="auto"; lazy auto from the real input is the lead's step
+    ex = gs.convert(model)  # default arguments: layer="auto", resolved on the first input
     assert len(ex.swapped) == counter.calls > 0
     e = ex.explain(x, target)
     assert torch.equal(e.logits, logits)
@@ -74,16 +74,22 @@ def test_captum_agrees_where_its_hooks_see_every_relu(name):
     assert relative_error(ours, expected) <= 1e-5
 
 
-@pytest.mark.parametrize("name,why", UNTRACEABLE, ids=[name for name, _ in UNTRACEABLE])
-@pytest.mark.xfail(strict=False, reason="fx cannot trace it; the torch.export capture path (issue 10, point 2) will")
-def test_models_with_control_flow(name, why):
-    model = build(name)
+@pytest.mark.parametrize("name,kwargs,module,why", UNTRACEABLE, ids=[name for name, *_ in UNTRACEABLE])
+def test_models_with_control_flow_go_through_the_export_path(name, kwargs, module, why):
+    model = build(name, **kwargs)  # timm's vgg11 with a narrow head: 9M parameters instead of 133M
     x = image_batch(64)[:1]
-    ex = gs.convert(model, example_input=x)
-    e = ex.explain(x, 1)
+    target = lively_targets(model, x, model.get_submodule(module), candidates=4)
+    ex = gs.convert(model)  # default arguments: fx fails, export captures on the first input
+    e = ex.explain(x, target)
+    assert ex.report.capture.startswith("export (fx failed at"), ex.report.capture
     assert torch.equal(e.logits, model(x))
     assert len(ex.swapped) == reference.count_relu_calls(model, x)
-    assert relative_error(e.gradient, reference.input_gradient(model, x, [1])) <= 1e-5
+    expected_gradient = reference.input_gradient(model, x, target)
+    expected_cam = reference.gradcam(model, x, target, model.get_submodule(module))
+    assert_nontrivial(expected_gradient)
+    assert_nontrivial(expected_cam)
+    assert relative_error(e.gradient, expected_gradient) <= 1e-5
+    assert relative_error(e.cam_raw, expected_cam) <= 1e-5, f"auto chose {ex.report.layers['auto']}"
 
 
 @pytest.mark.parametrize("cls,module", [(CifarNet, "features.6"), (FunctionalResNet, "layer2")])
@@ -92,9 +98,7 @@ def test_cifar_size_models_with_auto(cls, module):
     model = randomise_batchnorm(cls()).eval()
     x = image_batch(32)
     target = lively_targets(model, x, model.get_submodule(module), candidates=4)
-    # example_input is passed until auto is resolved lazily from the explained input (the lead's build step);
-    # CifarNet's fixed-size Linear head cannot run on the 224 px probe that convert uses without it.
-    e = gs.convert(model, example_input=x[:1]).explain(x, target)
+    e = gs.convert(model).explain(x, target)  # auto resolved on this 32 px input: the fixed head cannot take more
     assert_nontrivial(e.cam_raw)
     assert relative_error(e.cam_raw, reference.gradcam(model, x, target, model.get_submodule(module))) <= 1e-5
     assert relative_error(e.gradient, reference.input_gradient(model, x, target)) <= 1e-5

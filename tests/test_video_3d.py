@@ -70,9 +70,9 @@ def test_cams_over_every_spatial_axis_match_two_hooked_passes(name):
     model = build()
     x = torch.randn(shape, generator=torch.Generator().manual_seed(1))
     target, cam_raw, cam, guided_gradcam, pixelwise = two_pass_gradcam(model, x, model.get_submodule(layer_name))
-    ex = gs.convert(model, example_input=x[:1])  # layer="auto"; lazy auto from the real input is the lead's step
-    assert ex.report.layers["auto"].startswith(layer_name), ex.report.layers
+    ex = gs.convert(model)  # layer="auto", resolved on the first input
     e = ex.explain(x, target)
+    assert ex.report.layers["auto"].startswith(layer_name), ex.report.layers
     assert torch.equal(e.logits, model(x))
     assert e.cam_raw.shape == cam_raw.shape and e.cam.shape == (shape[0],) + shape[2:]
     assert_nontrivial(cam_raw)
