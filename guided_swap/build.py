@@ -175,6 +175,14 @@ class Plan:
 CAPTURE_PATHS = ("auto", "fx", "export", "runtime")
 
 
+def warn_if_training(model: nn.Module, stacklevel: int = 2) -> None:
+    """Say that a model in training mode is explained as deployed (every capture path does so)."""
+    if model.training:
+        warnings.warn("the model is in training mode; the explainer explains it as deployed (eval mode: BatchNorm "
+                      "running statistics, no dropout) and never updates its buffers. Call model.eval() before "
+                      "convert() to silence this", stacklevel=stacklevel)
+
+
 def convert(model: nn.Module, layer: Union[None, str, Sequence[str]] = AUTO, rule: Union[str, Rule] = "guided", *,
             output: OutputKey = None, example_input: Optional[Tensor] = None,
             tracer_kwargs: Optional[Dict[str, Any]] = None, capture: str = "auto") -> Explainer:
@@ -199,10 +207,7 @@ def convert(model: nn.Module, layer: Union[None, str, Sequence[str]] = AUTO, rul
     if capture not in CAPTURE_PATHS:
         raise ValueError(f"capture={capture!r} is not one of {CAPTURE_PATHS}")
     rule = get_rule(rule)
-    if model.training:
-        warnings.warn("the model is in training mode; the explainer explains it as deployed (eval mode: BatchNorm "
-                      "running statistics, no dropout) and never updates its buffers. Call model.eval() before "
-                      "convert() to silence this", stacklevel=2)
+    warn_if_training(model, stacklevel=3)
     names = capture_layers.layer_list(layer)
 
     def make_plan(traced: Traced, path: str) -> Plan:

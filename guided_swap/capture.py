@@ -74,6 +74,7 @@ def auto_layer(gm: fx.GraphModule, example: torch.Tensor, output: Any = None,
     a spatial map, so it never counts, and neither does a 1x1 conv head that runs after the pooling.
     Without such a pooling (segmentation), it is the last backbone map that feeds the prediction head: the
     outermost module around the last convolution that does not hold the whole network (``classifier``).
+    When branches meet only in the pooling, no map carries everything; the reason then says so.
 
     ``example`` runs once through an fx.Interpreter, in eval mode on copies of the buffers, so BatchNorm
     running statistics never change. ``output`` restricts the search to one entry of a structured output;
@@ -161,8 +162,8 @@ class _Graph:
 
     def dominating_map(self, end: fx.Node) -> Tuple[Optional[fx.Node], bool]:
         """The last map before ``end`` that every path from the input to ``end`` crosses (pooling steps skipped),
-        and True; else, when branches reach ``end`` side by side (CrossViT's two patch sizes), the last map
-        before it and False; (None, False) when there is no map at all."""
+        and True; else, when branches reach ``end`` side by side (CrossViT's two patch sizes), the last map on
+        a convolution's grid before it, and False; (None, False) when there is no map at all."""
         before = [n for n in sorted(_upstream([end]) - {end}, key=self.order.__getitem__, reverse=True)
                   if self.is_map(n) and not _is_pool(self.gm, n)]
         for node in before:

@@ -21,7 +21,6 @@ a (B, C, H, W) tensor, or a list of (C, H, W) images of one size for a torchvisi
 >>> tuple(e.gradient.shape), tuple(e.cam.shape), len(ex.swapped), ex.report.capture
 ((2, 3, 64, 64), (2, 64, 64), 17, 'runtime')
 """
-import warnings
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -29,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from . import cam as cam_maths
-from .build import AUTO, ConversionReport
+from .build import AUTO, ConversionReport, warn_if_training
 from .capture import layer_list
 from .errors import ExportError, GuidedSwapError, InputError, LayerError, TargetError
 from .explainer import Explainer
@@ -240,10 +239,7 @@ def convert_runtime(model: nn.Module, layer: Union[None, str, Sequence[str]] = A
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert_runtime() takes a torch.nn.Module, got {type(model).__name__}")
     rule = get_rule(rule)
-    if model.training:
-        warnings.warn("the model is in training mode; the explainer explains it as deployed (eval mode: BatchNorm "
-                      "running statistics, no dropout) and never updates its buffers. Call model.eval() before "
-                      "convert() to silence this", stacklevel=2)
+    warn_if_training(model, stacklevel=3)
     return build_runtime(model, layer_list(layer), rule, output, example_input, reason)
 
 
