@@ -8,11 +8,15 @@ One run:
    every rank takes its share of the inputs to do (:mod:`guided_swap.distributed`),
    decodes them in ``workers`` DataLoader processes and writes one ``.npz`` and/or ``.png`` per input, each
    atomically, each carrying its record;
-3. rank 0 gathers the records and rewrites ``OUT/index.jsonl``, one line per input.
+3. with one colour scale for the run (``--scale shared``, the default), the figures wait for a second pass:
+   rank 0 merges the records' sums into one range per kind of map, and the inputs whose figure is missing or
+   on another range are explained again and drawn (:mod:`guided_swap.writing`);
+4. rank 0 gathers the records and rewrites ``OUT/index.jsonl``, one line per input.
 
 Ctrl-C (or SIGTERM) stops after the current batch; what was written stays, and the same command finishes
 the job. A killed process leaves only hidden temporaries, removed by the next run.
 """
+import os
 import signal
 import sys
 import time
@@ -318,6 +322,4 @@ def _finish(job: Job, plan: Plan, settings, gathered, drawn, seconds: float, gro
 
 
 def _has_figure(job: Job, plan: Plan, index: int) -> bool:
-    import os
-
     return os.path.exists(results.output_paths(job.out, plan.items[index], ("png",))["png"])
