@@ -18,7 +18,8 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, fx, nn
 
-from . import capture, rewrite
+from . import capture, layouts, rewrite
+from .layouts import Layout
 from .errors import LayerError, OutputError
 from .rules import Rule, get_rule
 from .targets import OutputKey
@@ -50,6 +51,7 @@ class ConversionReport:
     forked: bool = False
     capture: str = "fx"
     ordinary_rule: bool = False
+    layouts: Dict[str, Layout] = field(default_factory=dict)  # how each capture becomes (B, C, *spatial)
 
     def _layer_names(self):
         return list(dict.fromkeys(list(self.layers) + list(self.layer_reasons)))
@@ -57,6 +59,9 @@ class ConversionReport:
     def _layer_line(self, name: str, reason_format: str) -> str:
         node = self.layers.get(name)
         line = f"layer {name!r} captures node {node!r}" if node else f"layer {name!r}"
+        layout = getattr(self, "layouts", {}).get(name)  # reports saved before layouts had none
+        if layout is not None and layout.kind != "nchw":
+            line += f" [{layout.describe()}]"
         reason = self.layer_reasons.get(name)
         return line + (" " + reason_format.format(reason) if reason else "")
 
@@ -101,14 +106,18 @@ class Built:
     layer_reasons: Dict[str, str]
     made_out_of_place: Tuple[str, ...]
     forked: bool
+    layouts: Dict[str, Layout] = field(default_factory=dict)
 
 
 class Plan:
     """A traced model with its rectifiers swapped: makes the forward graph, and the explain graph once the
     layers can be resolved (``auto`` needs an input: the user's first one unless an example was given)."""
 
-    def __init__(self, traced: Traced, model: nn.Module, layers: Sequence[str], rule: Rule, output: OutputKey):
+    def __init__(self, traced: Traced, model: nn.Module, layers: Sequence[str], rule: Rule, output: OutputKey,
+                 given_layouts: Optional[Dict[str, Layout]] = None):
         self.traced, self.layers, self.rule, self.output = traced, list(layers), rule, output
+        self.given_layouts, self.input_spec = dict(given_layouts or {}), capture.input_spec(model)
+        self.layouts_need_input = False  # a capture's layout is read from the first input (see layouts.decide)
         self.model_name = type(model).__name__
         self._model_modules = set(dict(model.named_modules()))
         gm = traced.module
@@ -123,7 +132,7 @@ class Plan:
 
     @property
     def needs_example(self) -> bool:
-        return AUTO in self.layers
+        return AUTO in self.layers or self.layouts_need_input
 
     def forward_graph(self) -> fx.GraphModule:
         """The swapped graph computing only the model's output (no captures, no fork)."""
@@ -141,6 +150,7 @@ class Plan:
             else:
                 nodes[name] = env[self.named[name]]
         captured = [nodes[name] for name in self.layers]
+        read = layouts.decide(gm, nodes, example, self.given_layouts, self.input_spec)
         made_out_of_place = rewrite.protect(gm, captured)
         output_node = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
         output_arg = output_node.args[0]
@@ -151,7 +161,7 @@ class Plan:
         gm.delete_all_unused_submodules()
         gm.recompile()
         return Built(gm, {name: rewrite.qualname(node) for name, node in nodes.items()}, reasons,
-                     tuple(made_out_of_place), forked)
+                     tuple(made_out_of_place), forked, read)
 
     def report(self, built: Optional[Built]) -> ConversionReport:
         report = ConversionReport(self.rule.name, tuple(self.swaps), tuple(self.left_alone), tuple(self.hidden),
@@ -161,12 +171,13 @@ class Plan:
             return replace(report, layers={n: rewrite.qualname(node) for n, node in self.named.items()},
                            layer_reasons=pending)
         return replace(report, layers=built.layers, layer_reasons=built.layer_reasons,
-                       made_out_of_place=built.made_out_of_place, forked=built.forked)
+                       made_out_of_place=built.made_out_of_place, forked=built.forked, layouts=built.layouts)
 
 
 def convert(model: nn.Module, layer: Union[None, str, Sequence[str]] = AUTO, rule: Union[str, Rule] = "guided", *,
             output: OutputKey = None, example_input: Optional[Tensor] = None,
-            tracer_kwargs: Optional[Dict[str, Any]] = None):
+            tracer_kwargs: Optional[Dict[str, Any]] = None, layout: layouts.LayoutSpec = None,
+            reshape: Optional[Any] = None):
     """Convert ``model`` once into an :class:`~guided_swap.Explainer`. The model itself is never changed.
 
     ``layer``: a module name (``"layer4"``), a graph node name (``"layer4.1.relu_1"``), a list of names,
@@ -176,6 +187,10 @@ def convert(model: nn.Module, layer: Union[None, str, Sequence[str]] = AUTO, rul
     and any the user registered) or a :class:`~guided_swap.Rule` instance.
     ``output``: which entry of a tuple/namedtuple/dict output is explained.
     ``tracer_kwargs``: torch.fx options when the model does not trace (leaf_modules, autowrap_functions, ...).
+    ``layout``/``reshape``: how a capture becomes the (B, C, *spatial) map of the CAMs, when the graph cannot
+    tell (it reads token (B, N, C) and channels-last captures itself): ``"tokens"``, ``"nhwc"``, ``"nchw"``, a
+    :class:`~guided_swap.Layout`, or a callable ``reshape(t) -> (B, C, *spatial)``; one for every layer or a
+    dict by layer name (docs/transformers.md).
     """
     from .explainer import Explainer
 
@@ -187,15 +202,24 @@ def convert(model: nn.Module, layer: Union[None, str, Sequence[str]] = AUTO, rul
                       "running statistics, no dropout) and never updates its buffers. Call model.eval() before "
                       "convert() to silence this", stacklevel=2)
     names = capture.layer_list(layer)
-    plan = Plan(trace(model, tracer_kwargs), model, names, rule, output)
+    given = layouts.overrides(layout, reshape, names)
+    plan = Plan(trace(model, tracer_kwargs), model, names, rule, output, given)
     if plan.hidden:
         warnings.warn(f"ReLUs inside leaf modules cannot be swapped and keep their ordinary gradient: {plan.hidden}",
                       stacklevel=2)
-    built = None if plan.needs_example and example_input is None else plan.build(example_input)
+    built = None
+    if not (plan.needs_example and example_input is None):
+        try:
+            built = plan.build(example_input)
+        except layouts.NeedsInput:
+            plan.layouts_need_input = True  # built at the first explain(), like layer="auto"
     return Explainer(plan, built, input_spec=capture.input_spec(model))
 
 
 def _auto(gm: fx.GraphModule, example: Tensor) -> Tuple[fx.Node, str]:
+    transformer = layouts.auto_layer(gm, example)  # None for a CNN
+    if transformer is not None:
+        return transformer
     node = capture.auto_layer(gm, example)
     if isinstance(node, tuple):
         return node
