@@ -180,10 +180,14 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="small inputs, for a smoke run (not written)")
     args = parser.parse_args(argv)
     size, vit = (64, 224) if args.quick else (224, 224)
-    rows = [all_seven("resnet50", "layer4", size, 2, args.rounds),
-            transformer("vit_b_16", "encoder.layers.encoder_layer_11.ln_1", vit, 1, args.rounds),
-            transformer("timm:vit_small_patch16_224", "blocks.11.norm1", vit, 1, args.rounds),
-            transformer("swin_t", "features.7.1.norm1", vit, 1, args.rounds)]
+    jobs = [(all_seven, "resnet50", "layer4", size, 2),
+            (transformer, "vit_b_16", "encoder.layers.encoder_layer_11.ln_1", vit, 1),
+            (transformer, "timm:vit_small_patch16_224", "blocks.11.norm1", vit, 1),
+            (transformer, "swin_t", "features.7.1.norm1", vit, 1)]
+    rows = []
+    for job, *arguments in jobs:
+        rows.append(job(*arguments, args.rounds))
+        print(json.dumps(rows[-1]), flush=True)
     result = {"rows": rows, "rounds": args.rounds, "environment": {
         "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
         "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}}

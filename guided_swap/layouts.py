@@ -224,7 +224,8 @@ def decide(gm: fx.GraphModule, nodes: Mapping[str, fx.Node], example: Optional[T
             elif node not in reader.shapes:
                 layouts[name] = Layout("unknown", reason=f"node {node.name!r} does not produce a tensor")
             else:
-                layouts[name] = layout_of(reader.axes.get(node), reader.shapes[node], tuple(example.shape[2:]))
+                size = tuple((example if example is not None else stand_in).shape[2:])
+                layouts[name] = layout_of(reader.axes.get(node), reader.shapes[node], size)
             if name in given:  # layout="tokens": the grid and prefix come from the graph when it holds them
                 read = layouts[name]
                 layouts[name] = replace(read, reason="layout='tokens' given; grid read from the graph") \
@@ -297,12 +298,13 @@ def _cnn_would_find(reader: graph_axes.Reader, node: fx.Node) -> bool:
 
 
 def _has_transformer_ops(gm: fx.GraphModule) -> bool:
+    """A layer norm or an attention somewhere: worth one run to read the axes (a CNN has neither)."""
     for node in gm.graph.nodes:
         module = gm.get_submodule(node.target) if node.op == "call_module" else None
-        if isinstance(module, (nn.LayerNorm, nn.MultiheadAttention)) or type(module).__name__ == "Permute":
+        if isinstance(module, (nn.LayerNorm, nn.MultiheadAttention)) or type(module).__name__ == "RMSNorm":
             return True
         if node.op in ("call_function", "call_method") and graph_axes.name_of(node.target) in (
-                "layer_norm", "permute", "transpose", "scaled_dot_product_attention", "softmax"):
+                "layer_norm", "rms_norm", "scaled_dot_product_attention", "softmax"):
             return True
     return False
 

@@ -106,6 +106,9 @@ def test_timm_vits_read_grid_and_prefix_tokens_from_the_graph(name, prefix):
     references = hooked_gradcam(model, {"norm1": model.blocks[11].norm1}, x, target,
                                 tokens_to_map(model.num_prefix_tokens, tuple(model.patch_embed.grid_size)))
     _compare(e, references, {"blocks.11.norm1": "norm1", "auto": "norm1"})
+    if prefix == 2:  # a named layer alone: read at convert time, on a zero 224-pixel stand-in
+        named = gs.convert(model, layer="blocks.11.norm1")
+        assert named.report.layouts["blocks.11.norm1"] == layout
 
 
 @pytest.fixture(scope="module")
