@@ -1,6 +1,6 @@
 """Class activation maps as pure functions of the activation ``A`` (B, K, *spatial) and its gradient ``G``.
 
-All of them take ordinary gradients (METHODS.md); none needs a model. The spatial part may have any rank:
+All of them take ordinary gradients (docs/methods.md); none needs a model. The spatial part may have any rank:
 (l) for a Conv1d signal, (h, w) for an image, (d, h, w) or (t, h, w) for a volume or a video.
 
 >>> import torch

@@ -243,6 +243,9 @@ def _needs_grid(layout: Layout) -> bool:
 
 def _zero_input(gm: fx.GraphModule, input_spec: Optional[Tuple[int, int]]) -> Optional[Tensor]:
     """A stand-in for the input, on the meta device: only its shape is used (on fake tensors)."""
+    if input_spec is None:  # the graph did not show it plainly: the first convolution's input
+        conv = next((m for m in gm.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
+        input_spec = None if conv is None else (conv.weight.dim(), conv.in_channels)
     if input_spec is None:
         return None
     rank, channels = input_spec

@@ -10,7 +10,7 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 import guided_swap as gs
 from guided_swap import cam
-from tests.conftest import assert_nontrivial, image_batch, lively_targets, make_model, relative_error
+from conftest import assert_nontrivial, image_batch, lively_targets, make_model, relative_error
 
 LIBRARY = {"gradcam": pgc.GradCAM, "gradcam++": pgc.GradCAMPlusPlus, "xgradcam": pgc.XGradCAM,
            "layercam": pgc.LayerCAM, "hirescam": pgc.HiResCAM, "elementwise": pgc.GradCAMElementWise,
