@@ -11,13 +11,15 @@ Build one with :func:`guided_swap.convert`.
 """
 import pickle
 import threading
+import warnings
+from collections import Counter
 from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from . import cam as cam_maths
-from . import io
+from . import io, smoothing
 from .errors import GuidedSwapError, InputError, LayerError, LoadError, RuleError
 from .maps import Explanation, PassResult, explanation_from_pass
 from .rules import Rule
@@ -126,24 +128,43 @@ class Explainer(nn.Module):
             return self._delegate(x)
         return self.forward_module(x)
 
-    def explain(self, x: Tensor, target: Any = None, *, interpolate: str = "bilinear") -> Explanation:
-        """One forward and one backward: the rule's input gradient and Grad-CAM at every captured layer.
+    def explain(self, x: Tensor, target: Any = None, *, interpolate: str = "bilinear", smooth: Optional[int] = None,
+                noise: Optional[float] = None, generator: Optional[torch.Generator] = None,
+                chunk: Optional[int] = None) -> Explanation:
+        """One forward and one backward: the rule's input gradient and every CAM at every captured layer.
 
         ``target``: None (argmax), an int, one int per sample (sequence or LongTensor), a callable
         ``outputs -> (B,) score``, or :class:`guided_swap.Channel`.
+        ``smooth=N``: SmoothGrad, the mean map over N noisy copies of each input, noise ``noise`` (default 0.15)
+        times each input's value range, drawn from ``generator``, ``chunk`` inputs per pass (default: the
+        batch size); see :mod:`guided_swap.smoothing` for what is averaged.
         """
         self._ensure_captured(x)
         if self._delegate is not None:
-            return self._delegate.explain(x, target, interpolate=interpolate)
+            given = dict(smooth=smooth, noise=noise, generator=generator, chunk=chunk)
+            return self._delegate.explain(x, target, interpolate=interpolate,
+                                          **{k: v for k, v in given.items() if v is not None})
         self._check_input(x)
         if interpolate not in cam_maths.INTERPOLATIONS:
             raise ValueError(f"interpolate={interpolate!r} is not one of {cam_maths.INTERPOLATIONS}")
+        smoothing.check(smooth, noise, generator, chunk, x)
         self._ensure_built(x)
+        self._warn_if_nothing_swapped()
+        if smooth is not None:
+            return smoothing.smooth_explain(self, x, target, copies=smooth, noise=noise, generator=generator,
+                                            chunk=chunk, interpolate=interpolate)
         result = self.forward_backward(
             x, lambda out, caps, fixed: self._score(target if fixed is None else fixed, out, caps, x.shape[0]))
         return explanation_from_pass(result, layers=self.layers, logits=self._select(result.outputs),
                                      input_size=tuple(x.shape[2:]), interpolate=interpolate, rule=self.rule.name,
-                                     swapped=len(self.swapped))
+                                     swapped=len(self.swapped), layouts=getattr(self.report, "layouts", None))
+
+    def _warn_if_nothing_swapped(self) -> None:
+        """Once per explainer: with no rectifier swapped, the rule's "guided" map is the plain gradient."""
+        if self.swapped or self.rule.ordinary or self.__dict__.get("_warned_nothing_swapped"):
+            return
+        self._warned_nothing_swapped = True
+        warnings.warn(_nothing_swapped_message(self.report), stacklevel=3)
 
     def forward_backward(self, x: Tensor, scorer: Callable, call: Optional[Callable] = None) -> PassResult:
         """The one forward and one backward every map comes from (shared by :meth:`explain` and export).
@@ -256,6 +277,20 @@ def load(path: str, map_location=None) -> Explainer:
     if not isinstance(explainer, Explainer):
         raise LoadError(f"{path!r} holds a {type(explainer).__name__}, not an Explainer")
     return explainer
+
+
+def _nothing_swapped_message(report) -> str:
+    kinds = Counter(kind for _, kind in report.left_alone)
+    names = [name for name, _ in report.left_alone]
+    if kinds:
+        alone = ", ".join(f"{count} x {kind}" for kind, count in kinds.items())
+        alone = f"left alone with their ordinary gradient: {alone} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+    else:
+        alone = "no other activation was found either"
+    hidden = f"; ReLUs hidden in leaf modules: {', '.join(report.hidden_in_leaves)}" if report.hidden_in_leaves else ""
+    return (f"no ReLU was found in this model, so nothing carries the {report.rule!r} rule: e.gradient is the plain "
+            f"gradient, not {report.rule} backprop, and Guided Grad-CAM is Grad-CAM times that plain gradient. "
+            f"Activations {alone}{hidden}")
 
 
 def _picklable(obj: Any) -> bool:
