@@ -21,6 +21,8 @@ a (B, C, H, W) tensor, or a list of (C, H, W) images of one size for a torchvisi
 >>> tuple(e.gradient.shape), tuple(e.cam.shape), len(ex.swapped), ex.report.capture
 ((2, 3, 64, 64), (2, 64, 64), 17, 'runtime')
 """
+import pickle
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -226,6 +228,28 @@ class RuntimeExplainer(Explainer):
     def _ensure_built(self, example) -> None:
         raise ExportError(_NO_GRAPH)
 
+    # --- saving -------------------------------------------------------------------------------------------
+
+    def save(self, path: str) -> None:
+        """Save this explainer to one file (:func:`guided_swap.load` reads it back).
+
+        It has no graph: the file holds its copy of the model, so, as with ``torch.save(model)``, loading
+        needs the model's classes importable by the same names (a class defined in a script's ``__main__``
+        loads only in that script). A class that cannot be imported by name is refused here, before anything
+        is written.
+        """
+        hidden = _unimportable_classes(self.model)
+        if hidden:
+            raise TypeError(f"this explainer was captured at run time and holds a copy of the model, whose classes "
+                            f"{hidden} cannot be imported by name (defined inside a function?), so the file could "
+                            "not be loaded: define them at the top level of a module, or convert again instead of "
+                            "saving")
+        try:
+            super().save(path)
+        except (pickle.PicklingError, AttributeError) as error:
+            raise TypeError(f"this explainer was captured at run time and holds a copy of the model, which cannot be "
+                            f"pickled ({error}); nothing was written: convert again instead of saving") from error
+
     # --- report, module behaviour -------------------------------------------------------------------------
 
     def _refresh_report(self) -> None:
@@ -345,6 +369,18 @@ def _grad(total: Tensor, inputs: List[Tensor], retain_graph: bool = False) -> Li
         grad = next(grads) if tensor.requires_grad else None
         result.append(torch.zeros_like(tensor) if grad is None else grad)
     return result
+
+
+def _unimportable_classes(model: nn.Module) -> List[str]:
+    """The qualified names of the model's module classes that pickle cannot find again by name."""
+    hidden = []
+    for cls in {type(m) for m in model.modules()}:
+        found = sys.modules.get(cls.__module__)
+        for part in cls.__qualname__.split("."):
+            found = getattr(found, part, None)
+        if found is not cls:
+            hidden.append(f"{cls.__module__}.{cls.__qualname__}")
+    return sorted(hidden)
 
 
 def _check_layer(name: str, model: nn.Module) -> str:
