@@ -81,7 +81,9 @@ def _own_containers(value: Any, modules: Dict[int, nn.Module], copies: Dict[int,
             if new is not item:
                 clone[key] = new
     elif isinstance(value, list):
-        clone[:] = [_own_containers(item, modules, copies) for item in value]
+        items = [_own_containers(item, modules, copies) for item in value]
+        if any(new is not old for new, old in zip(items, value)):
+            clone[:] = items
     return clone
 
 
