@@ -246,7 +246,7 @@ def cam_title(name: str, layer: Optional[str] = None) -> str:
     >>> cam_title("gradcam++", "layer4"), cam_title("hirescam"), cam_title("my-cam", "layer4")
     ('Grad-CAM++ (layer4)', 'HiResCAM', 'my-cam (layer4)')
     >>> cam_title("layercam", "blocks.1.norm1.layer_norm")  # a long name goes on a line of its own
-    'LayerCAM\n(blocks.1.norm1.layer_norm)'
+    'LayerCAM\\n(blocks.1.norm1.layer_norm)'
     """
     title = CAM_TITLES.get(name, name)
     if not layer:
