@@ -258,11 +258,11 @@ def smoothing_note(smoothing: Optional[Mapping]) -> str:
     """The line a smoothed map's title gets: how many noisy copies were averaged, and the noise.
 
     >>> smoothing_note({"copies": 16, "noise": 0.15, "chunk": 8}), smoothing_note(None)
-    ('\\nSmoothGrad: mean of 16 copies, noise 0.15', '')
+    ('\\nSmoothGrad: 16 copies, noise 0.15', '')
     """
     if not smoothing:
         return ""
-    return f"\nSmoothGrad: mean of {smoothing['copies']} copies, noise {smoothing['noise']:g}"
+    return f"\nSmoothGrad: {smoothing['copies']} copies, noise {smoothing['noise']:g}"
 
 
 def _titles(explanation, swapped: Optional[int], layer_nodes: Mapping[str, str], panels: Sequence[str]) \

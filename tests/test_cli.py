@@ -319,7 +319,7 @@ def test_smooth_is_the_mean_over_seeded_noisy_copies(tmp_path, two, figures):
     torch.testing.assert_close(gradient, plain.gradient.mean(0), rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(layercam, plain.cams_raw["layercam"].mean(0), rtol=1e-4, atol=1e-6)
     assert not torch.allclose(gradient, plain.gradient[0], rtol=1e-2)  # a mean, not one copy
-    assert all(title.endswith("SmoothGrad: mean of 3 copies, noise 0.1") for title in figures["cat.png.png"][1:])
+    assert all(title.endswith("SmoothGrad: 3 copies, noise 0.1") for title in figures["cat.png.png"][1:])
 
 
 def test_a_vit_gives_a_patch_grid_grad_cam(tmp_path, two, model_module):
