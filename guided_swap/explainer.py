@@ -83,16 +83,23 @@ class Explainer(nn.Module):
         """The model's own output, bit for bit (the rule applies if you backpropagate through it)."""
         return self.forward_module(x)
 
-    def explain(self, x: Tensor, target: Any = None, *, interpolate: str = "bilinear") -> Explanation:
+    def explain(self, x: Tensor, target: Any = None, *, interpolate: str = "bilinear",
+                check_finite: Optional[bool] = None) -> Explanation:
         """One forward and one backward: the rule's input gradient and Grad-CAM at every captured layer.
 
         ``target``: None (argmax), an int, one int per sample (sequence or LongTensor), a callable
         ``outputs -> (B,) score``, or :class:`guided_swap.Channel`.
+        ``check_finite``: refuse an input holding NaN or Inf. None checks inputs on the CPU only: on a GPU the
+        check would wait for the device on every call; True checks there too, False never checks.
         """
-        self._check_input(x)
+        self._check_input(x, check_finite)
         if interpolate not in cam_maths.INTERPOLATIONS:
             raise ValueError(f"interpolate={interpolate!r} is not one of {cam_maths.INTERPOLATIONS}")
         self._ensure_built(x)
+        if self._compiled is not None:
+            explanation = self._compiled.explain(self, x, target, interpolate)
+            if explanation is not None:  # None: compiling failed, a warning said why; run eagerly
+                return explanation
         result = self.forward_backward(
             x, lambda out, caps, fixed: self._score(target if fixed is None else fixed, out, caps, x.shape[0]))
         return explanation_from_pass(result, layers=self.layers, logits=self._select(result.outputs),
@@ -129,7 +136,7 @@ class Explainer(nn.Module):
     def _select(self, outputs: Any) -> Tensor:
         return select_output(outputs, self.output)
 
-    def _check_input(self, x: Any) -> None:
+    def _check_input(self, x: Any, check_finite: Optional[bool] = None) -> None:
         if not isinstance(x, Tensor):
             raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
         if not x.is_floating_point():
@@ -147,8 +154,35 @@ class Explainer(nn.Module):
         if parameter is not None and (x.device != parameter.device or x.dtype != parameter.dtype):
             raise InputError(f"input is {x.dtype} on {x.device} but the explainer is {parameter.dtype} on "
                              f"{parameter.device}: move one, e.g. x.to(device, dtype) or explainer.to(...)")
-        if not bool(torch.isfinite(x).all()):
+        if check_finite is None:
+            check_finite = x.device.type == "cpu"  # elsewhere bool() would wait for the device
+        if check_finite and not bool(torch.isfinite(x).all()):
             raise InputError("input holds NaN or Inf values; every map would be NaN. Clean the input first")
+
+    # --- compiling -------------------------------------------------------------------------------------
+
+    _compiled = None  # a CompiledExplain once compile() was called (a class default: old saved files lack it)
+
+    def compile(self, **torch_compile_options) -> None:
+        """Compile in place, like ``nn.Module.compile``: ``explain`` then runs one compiled pass (forward, the
+        rule's backward and the CAM maths; ``mode="reduce-overhead"`` on CUDA replays it as a CUDA graph) and
+        ``ex(x)`` runs the compiled forward. The options go to ``torch.compile``. See
+        :mod:`guided_swap.compiled` for which shapes and targets compile once, and when it falls back to eager.
+        """
+        from .compiled import CompiledExplain
+
+        self._compiled = CompiledExplain(torch_compile_options)
+        super().compile(**torch_compile_options)
+
+    @property
+    def compiled(self) -> bool:
+        """Whether :meth:`compile` was called (a saved and loaded explainer is not compiled)."""
+        return self._compiled is not None
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.pop("_compiled", None)  # compiled code is not saved: compile again after loading
+        return state
 
     # --- module behaviour -----------------------------------------------------------------------------
 
