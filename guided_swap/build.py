@@ -9,17 +9,18 @@ and captures. The plain forward (``ex(x)``) gets a graph of its own that compute
 >>> print(ex.report.summary())
 fx capture; rule guided: 17 rectifier call site(s) swapped; layer 'layer4' captures node 'layer4.1.relu_1'
 """
-import copy
-import threading
 import warnings
 from dataclasses import dataclass, field, replace
-from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, NamedTuple, Optional, Sequence, Tuple, Union
 
-import torch
 from torch import Tensor, fx, nn
 
-from . import capture, rewrite
-from .errors import LayerError, OutputError
+from . import capture as capture_layers
+from . import layouts, rewrite
+from .export_capture import fx_failure_site, trace_export
+from .errors import OutputError, TraceError
+from .explainer import Explainer
+from .layouts import Layout
 from .rules import Rule, get_rule
 from .targets import OutputKey
 from .trace import Traced, trace
@@ -50,6 +51,7 @@ class ConversionReport:
     forked: bool = False
     capture: str = "fx"
     ordinary_rule: bool = False
+    layouts: Dict[str, Layout] = field(default_factory=dict)  # how each capture becomes (B, C, *spatial)
 
     def _layer_names(self):
         return list(dict.fromkeys(list(self.layers) + list(self.layer_reasons)))
@@ -57,6 +59,9 @@ class ConversionReport:
     def _layer_line(self, name: str, reason_format: str) -> str:
         node = self.layers.get(name)
         line = f"layer {name!r} captures node {node!r}" if node else f"layer {name!r}"
+        layout = getattr(self, "layouts", {}).get(name)  # reports saved before layouts had none
+        if layout is not None and layout.kind != "nchw":
+            line += f" [{layout.describe()}]"
         reason = self.layer_reasons.get(name)
         return line + (" " + reason_format.format(reason) if reason else "")
 
@@ -64,6 +69,8 @@ class ConversionReport:
         """One line: the capture path, how many rectifiers carry the rule, the layers, what was left alone."""
         if self.ordinary_rule:
             parts = [f"{self.capture} capture; rule {self.rule}: ordinary gradients, nothing swapped"]
+        elif "pending" in self.capture:
+            parts = [f"{self.capture}; rule {self.rule}"]
         else:
             parts = [f"{self.capture} capture; rule {self.rule}: {len(self.swapped)} rectifier call site(s) swapped"]
         parts += [self._layer_line(name, "({})") for name in self._layer_names()]
@@ -101,29 +108,36 @@ class Built:
     layer_reasons: Dict[str, str]
     made_out_of_place: Tuple[str, ...]
     forked: bool
+    layouts: Dict[str, Layout] = field(default_factory=dict)
 
 
 class Plan:
     """A traced model with its rectifiers swapped: makes the forward graph, and the explain graph once the
     layers can be resolved (``auto`` needs an input: the user's first one unless an example was given)."""
 
-    def __init__(self, traced: Traced, model: nn.Module, layers: Sequence[str], rule: Rule, output: OutputKey):
+    def __init__(self, traced: Traced, model: nn.Module, layers: Sequence[str], rule: Rule, output: OutputKey,
+                 capture_path: str = "fx", given_layouts: Optional[Dict[str, Layout]] = None):
         self.traced, self.layers, self.rule, self.output = traced, list(layers), rule, output
+        self.capture_path = capture_path
+        self.given_layouts = dict(given_layouts or {})
+        self.layouts_need_input = False  # a capture's layout is read from the first input (see layouts.decide)
         self.model_name = type(model).__name__
         self._model_modules = set(dict(model.named_modules()))
         gm = traced.module
         # Named layers resolve now (a wrong name is an error at convert, not at the first explain).
-        self.named = {name: capture.resolve(name, traced, model) for name in layers if name != AUTO}
+        self.named = {name: capture_layers.resolve(name, traced, model) for name in layers if name != AUTO}
+        self.input_spec = capture_layers.input_spec(gm)  # read from the graph before the rectifiers change it
         self.swaps, replaced = rewrite.swap_rectifiers(gm, rule)
         self.named = {name: replaced.get(node, node) for name, node in self.named.items()}
+        self.module_outputs = {name: [replaced.get(node, node) for node in nodes]
+                               for name, nodes in traced.module_outputs.items()}
         self.swapped_nodes = list(replaced.values())
         self.left_alone, self.hidden = rewrite.unswapped_activations(gm)
         _check_output_key(_output_arg(gm.graph), output)
-        self.lock = threading.Lock()
 
     @property
     def needs_example(self) -> bool:
-        return AUTO in self.layers
+        return AUTO in self.layers or self.layouts_need_input
 
     def forward_graph(self) -> fx.GraphModule:
         """The swapped graph computing only the model's output (no captures, no fork)."""
@@ -137,10 +151,15 @@ class Plan:
         nodes, reasons = {}, {}
         for name in self.layers:
             if name == AUTO:
-                nodes[name], reasons[name] = _auto(gm, example)
+                module_outputs = {module: [env[n] for n in outs if n in env]
+                                  for module, outs in self.module_outputs.items()}
+                chosen = layouts.auto_layer(gm, example)  # transformers; None for a CNN
+                nodes[name], reasons[name] = chosen or capture_layers.auto_layer(gm, example, self.output,
+                                                                                 module_outputs)
             else:
                 nodes[name] = env[self.named[name]]
         captured = [nodes[name] for name in self.layers]
+        read = layouts.decide(gm, nodes, example, self.given_layouts, self.input_spec)
         made_out_of_place = rewrite.protect(gm, captured)
         output_node = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
         output_arg = output_node.args[0]
@@ -151,22 +170,34 @@ class Plan:
         gm.delete_all_unused_submodules()
         gm.recompile()
         return Built(gm, {name: rewrite.qualname(node) for name, node in nodes.items()}, reasons,
-                     tuple(made_out_of_place), forked)
+                     tuple(made_out_of_place), forked, read)
 
     def report(self, built: Optional[Built]) -> ConversionReport:
         report = ConversionReport(self.rule.name, tuple(self.swaps), tuple(self.left_alone), tuple(self.hidden),
-                                  ordinary_rule=self.rule.ordinary)
+                                  capture=self.capture_path, ordinary_rule=self.rule.ordinary)
         if built is None:
             pending = {name: "resolved at the first explain() from its input" for name in self.layers if name == AUTO}
             return replace(report, layers={n: rewrite.qualname(node) for n, node in self.named.items()},
                            layer_reasons=pending)
         return replace(report, layers=built.layers, layer_reasons=built.layer_reasons,
-                       made_out_of_place=built.made_out_of_place, forked=built.forked)
+                       made_out_of_place=built.made_out_of_place, forked=built.forked, layouts=built.layouts)
+
+
+CAPTURE_PATHS = ("auto", "fx", "export", "runtime")
+
+
+def warn_if_training(model: nn.Module, stacklevel: int = 2) -> None:
+    """Say that a model in training mode is explained as deployed (every capture path does so)."""
+    if model.training:
+        warnings.warn("the model is in training mode; the explainer explains it as deployed (eval mode: BatchNorm "
+                      "running statistics, no dropout) and never updates its buffers. Call model.eval() before "
+                      "convert() to silence this", stacklevel=stacklevel)
 
 
 def convert(model: nn.Module, layer: Union[None, str, Sequence[str]] = AUTO, rule: Union[str, Rule] = "guided", *,
             output: OutputKey = None, example_input: Optional[Tensor] = None,
-            tracer_kwargs: Optional[Dict[str, Any]] = None):
+            tracer_kwargs: Optional[Dict[str, Any]] = None, capture: str = "auto", layout: layouts.LayoutSpec = None,
+            reshape: Optional[Any] = None) -> Explainer:
     """Convert ``model`` once into an :class:`~guided_swap.Explainer`. The model itself is never changed.
 
     ``layer``: a module name (``"layer4"``), a graph node name (``"layer4.1.relu_1"``), a list of names,
@@ -176,30 +207,87 @@ def convert(model: nn.Module, layer: Union[None, str, Sequence[str]] = AUTO, rul
     and any the user registered) or a :class:`~guided_swap.Rule` instance.
     ``output``: which entry of a tuple/namedtuple/dict output is explained.
     ``tracer_kwargs``: torch.fx options when the model does not trace (leaf_modules, autowrap_functions, ...).
+    ``capture``: ``"fx"`` (symbolic tracing), ``"export"`` (torch.export, for models fx cannot trace: shape
+    checks, loops over sizes; it captures for inputs shaped like the example, any batch size), ``"runtime"``
+    (rectifier calls swapped while the model runs: detectors, data-dependent post-processing), or ``"auto"``: fx,
+    then export, then run time, each tried when the one before fails (a non-tensor input, such as a detector's
+    list of images, goes to run time). Without ``example_input`` the fallback happens on the first input. The
+    report's ``capture`` says which path was used and why.
+    ``layout``/``reshape``: how a capture becomes the (B, C, *spatial) map of the CAMs, when the graph cannot
+    tell (it reads token (B, N, C) and channels-last captures itself): ``"tokens"``, ``"nhwc"``, ``"nchw"``, a
+    :class:`~guided_swap.Layout`, or a callable ``reshape(t) -> (B, C, *spatial)``; one for every layer or a
+    dict by layer name (docs/transformers.md). Graph capture paths only.
     """
-    from .explainer import Explainer
-
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert() takes a torch.nn.Module, got {type(model).__name__}")
+    if capture not in CAPTURE_PATHS:
+        raise ValueError(f"capture={capture!r} is not one of {CAPTURE_PATHS}")
     rule = get_rule(rule)
-    if model.training:
-        warnings.warn("the model is in training mode; the explainer explains it as deployed (eval mode: BatchNorm "
-                      "running statistics, no dropout) and never updates its buffers. Call model.eval() before "
-                      "convert() to silence this", stacklevel=2)
-    names = capture.layer_list(layer)
-    plan = Plan(trace(model, tracer_kwargs), model, names, rule, output)
-    if plan.hidden:
-        warnings.warn(f"ReLUs inside leaf modules cannot be swapped and keep their ordinary gradient: {plan.hidden}",
-                      stacklevel=2)
-    built = None if plan.needs_example and example_input is None else plan.build(example_input)
-    return Explainer(plan, built, input_spec=capture.input_spec(model))
+    warn_if_training(model, stacklevel=3)
+    names = capture_layers.layer_list(layer)
+    given = layouts.overrides(layout, reshape, names)
+
+    def make_plan(traced: Traced, path: str) -> Plan:
+        plan = Plan(traced, model, names, rule, output, path, given)
+        if plan.hidden:
+            warnings.warn(f"ReLUs inside leaf modules cannot be swapped and keep their ordinary gradient: "
+                          f"{plan.hidden}", stacklevel=3)
+        return plan
+
+    def runtime(example: Any, reason: Optional[str]) -> Explainer:
+        if given:
+            warnings.warn("layout=/reshape= apply to graph captures (fx, export); the run-time capture takes every "
+                          "captured layer as a channels-first map", stacklevel=4)
+        return _runtime(model, names, rule, output, example, reason)
+
+    fx_error = None
+    if capture in ("auto", "fx"):
+        try:
+            plan = make_plan(trace(model, tracer_kwargs), "fx")
+        except TraceError as error:
+            if capture == "fx":
+                raise
+            fx_error = error
+        else:
+            return Explainer(plan, _build_now(plan, example_input))
+    if capture == "runtime":
+        return runtime(example_input, None)
+    fx_note = None if fx_error is None else f"fx failed at {fx_failure_site(fx_error)}"
+
+    def export_or_runtime(example: Any) -> Union[Plan, Explainer]:
+        """The export capture for a tensor input; the run-time capture when export cannot take the model."""
+        if not isinstance(example, Tensor) and capture == "auto":
+            return runtime(None, f"{fx_note}; the input is not a tensor")
+        try:
+            return make_plan(trace_export(model, example), "export" + (f" ({fx_note})" if fx_note else ""))
+        except (TraceError, TypeError) as export_error:
+            if capture == "export":
+                raise
+            reason = f"{fx_note}; export failed: {str(export_error).splitlines()[0][:200]}"
+            return runtime(None, reason)
+
+    if example_input is None:
+        path = (f"{fx_note}: " if fx_note else "") + "export (or run time if export fails)"
+        return Explainer.deferred(export_or_runtime, rule, names, output, path)
+    result = export_or_runtime(example_input)
+    return result if isinstance(result, Explainer) else Explainer(result, result.build(example_input))
 
 
-def _auto(gm: fx.GraphModule, example: Tensor) -> Tuple[fx.Node, str]:
-    node = capture.auto_layer(gm, example)
-    if isinstance(node, tuple):
-        return node
-    return node, "auto: the last map with the last convolution's spatial size"
+def _build_now(plan: Plan, example: Optional[Tensor]) -> Optional[Built]:
+    """The explain graph now, or None when it waits for the first input (auto, or a layout read from a run)."""
+    if plan.needs_example and example is None:
+        return None
+    try:
+        return plan.build(example)
+    except layouts.NeedsInput:
+        plan.layouts_need_input = True
+        return None
+
+
+def _runtime(model: nn.Module, names, rule: Rule, output: OutputKey, example: Any, reason: Optional[str]):
+    from .runtime_explainer import build_runtime  # it builds on this module's report classes
+
+    return build_runtime(model, names, rule, output, example, reason)
 
 
 def _copy_graph(graph: fx.Graph) -> Tuple[fx.Graph, Dict[fx.Node, fx.Node]]:

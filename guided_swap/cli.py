@@ -1,168 +1,227 @@
-"""The ``guided-swap`` command: explain images, run the demo, list layers, export, benchmark.
+"""The guided-swap command: explain images, run the demo, list layers, export, benchmark.
 
     guided-swap demo
-    guided-swap explain photos/ --model resnet50 --weights resnet50.pth --layer layer4 --out maps/
+    guided-swap explain photos/ --model resnet50 --weights resnet50.pth --out maps/
+    torchrun --nproc-per-node=4 -m guided_swap explain photos/ --model resnet50 --weights r50.pth --out maps/
     guided-swap layers resnet50
     guided-swap export --model resnet18 --layer layer4 --shape 2,3,224,224 --out resnet18.pt2
     guided-swap bench
 
-Errors are one line on stderr and a non-zero exit code (``--traceback`` shows the whole story).
+Errors are one line on stderr (--traceback shows the whole story). Exit codes: 0 done, 1 some inputs could
+not be explained, 2 a usage error (nothing was written), 130 interrupted.
 """
 import argparse
-import importlib
+import difflib
 import os
 import sys
-import warnings
+import textwrap
 from typing import List, Optional, Sequence
 
-import numpy as np
-import torch
-from torch import nn
-
-from ._files import atomic_write
 from .errors import CommandError, GuidedSwapError
-from .rules import rules
 
-METHODS = ("guided", "deconvnet", "gradient", "gradcam", "guided-gradcam", "all")
-RULE_OF_METHOD = {"guided": "guided", "deconvnet": "deconvnet", "gradient": "gradient", "gradcam": "gradient",
-                  "guided-gradcam": "guided", "all": "guided"}
+METHOD_HELP = {
+    "guided": "guided backprop: the input gradient, each ReLU passing back only positive gradient where its "
+              "input was positive",
+    "deconvnet": "deconvnet: the input gradient, each ReLU passing back the positive part of the gradient",
+    "gradient": "the plain input gradient (saliency); nothing is swapped",
+    "gradcam": "Grad-CAM at --layer only: the positive part of the layer's activations weighted by their mean "
+               "gradient",
+    "guided-gradcam": "Guided Grad-CAM, guided backprop times Grad-CAM, shown with both factors (as all)",
+    "all": "guided backprop, Grad-CAM and Guided Grad-CAM (the default)",
+}
 
+EXPLAIN_EPILOG = """\
+methods (--method):
+{methods}
 
-def load_model(spec: str, weights: Optional[str] = None) -> nn.Module:
-    """A model from a torchvision name, ``package.module:factory``, or ``demo``; weights from a state-dict file."""
-    if spec == "demo":
-        from .demo import load_demo
+outputs:
+  For each input, OUT/NAME.npz (the maps, the input as fed, logits, target) and OUT/NAME.png (the figure),
+  where NAME is the input's path relative to the folder holding all inputs, extension kept:
+  photos/sub/cat.jpg gives OUT/sub/cat.jpg.npz and OUT/sub/cat.jpg.png. Every panel in a figure is an array
+  in its .npz. Both files record the settings that made them, and OUT/index.jsonl has one JSON line per input:
+  input, outputs, target, score, top-5 classes, the Grad-CAM peak, the settings, and an error if any.
+  --out must be a folder of its own (not an input folder, nor one holding inputs); results folders are never
+  searched for inputs.
 
-        return load_demo()[0]
-    if ":" in spec:
-        module_name, _, factory_name = spec.partition(":")
-        try:
-            factory = getattr(importlib.import_module(module_name), factory_name)
-        except (ImportError, AttributeError) as error:
-            raise CommandError(f"cannot load model factory {spec!r}: {error}") from None
-        model = factory()
-    else:
-        import torchvision
+reruns:
+  Inputs whose results were made with the same settings are skipped, so an interrupted run is finished by
+  running the same command again. If results in OUT were made with other settings (model, weights, layer,
+  method, target, size, normalisation, labels, picture options, library version), the run refuses to start;
+  --force replaces them. A file in OUT that guided-swap did not write is never replaced.
 
-        if spec not in torchvision.models.list_models():
-            raise CommandError(f"unknown model {spec!r}: use a torchvision name (e.g. resnet50) or package.module:factory")
-        model = torchvision.models.get_model(spec, weights=None)
-    if not isinstance(model, nn.Module):
-        raise CommandError(f"{spec!r} did not give a torch.nn.Module but a {type(model).__name__}")
-    if weights is None:
-        if spec != "demo":
-            print(f"guided-swap: warning: {spec} has random weights (pass --weights FILE for a trained model)",
-                  file=sys.stderr)
-    else:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state) if isinstance(state, dict) else state
-        try:
-            model.load_state_dict(state)
-        except (RuntimeError, TypeError) as error:
-            raise CommandError(f"weights {weights!r} do not fit {spec}: {str(error).splitlines()[0]}") from None
-    return model.eval()
+several processes or machines (torch.distributed):
+  torchrun --nproc-per-node=N -m guided_swap explain IN --out OUT ...
+  shares the inputs among N processes, one device each (cuda:LOCAL_RANK with CUDA, else the CPU). For
+  several machines sharing a file system, run on each:
+  torchrun --nnodes=2 --nproc-per-node=N --rdzv-backend=c10d --rdzv-endpoint=HOST:29400 --rdzv-id=JOB \\
+      -m guided_swap explain IN --out OUT ...
+"""
 
 
-def _input_options(args, model: nn.Module) -> dict:
-    if args.model == "demo":
-        from .demo import SIZE, checkpoint
+class _Parser(argparse.ArgumentParser):
+    """argparse, with usage errors as one line."""
 
-        stats = checkpoint()
-        return {"resize": SIZE, "crop": SIZE, "mean": (stats["mean"],), "std": (stats["std"],), "channels": 1}
-    from .capture import input_spec
-
-    channels = (input_spec(model) or (4, 3))[1]
-    return {"resize": args.resize, "crop": args.size, "channels": channels}
+    def error(self, message):
+        self.exit(2, f"guided-swap: error: {message} (see {self.prog} --help)\n")
 
 
-def _output_name(relative: str) -> str:
-    stem = os.path.splitext(relative)[0]
-    return stem.replace(os.sep, "__").replace("/", "__")
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"takes a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
-def _write_npz(path: str, arrays: dict) -> None:
-    with atomic_write(path, suffix=".npz") as temporary, open(temporary, "wb") as stream:
-        np.savez_compressed(stream, **arrays)
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"takes a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
 
 
-def _maps(explanation, method: str) -> dict:
-    arrays = {"logits": explanation.logits.numpy(), "target": explanation.target.numpy()}
-    if method in ("guided", "deconvnet", "gradient", "guided-gradcam", "all"):
-        arrays["gradient"] = explanation.gradient.numpy()
-    if method in ("gradcam", "guided-gradcam", "all"):
-        arrays["cam"], arrays["cam_raw"] = explanation.cam.numpy(), explanation.cam_raw.numpy()
-    if method in ("guided-gradcam", "all"):
-        arrays["guided_gradcam"] = explanation.guided_gradcam.numpy()
-    return arrays
+def _floats(text: str) -> tuple:
+    try:
+        values = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"takes comma-separated numbers like 0.485,0.456,0.406; got {text!r}") \
+            from None
+    return values
 
 
-def _progress(done: int, total: int, note: str) -> None:
-    end = "\n" if done == total or not sys.stderr.isatty() else "\r"
-    print(f"[{done}/{total}] {note}", end=end, file=sys.stderr, flush=True)
+def _save(text: str) -> tuple:
+    from .results import KINDS
+
+    kinds = tuple(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
+    wrong = [k for k in kinds if k not in KINDS]
+    if wrong or not kinds:
+        raise argparse.ArgumentTypeError(f"takes png, npz or png,npz; got {text!r}")
+    return kinds
+
+
+def _cmap(text: str) -> str:
+    from matplotlib import colormaps
+
+    if text not in colormaps:
+        close = difflib.get_close_matches(text, list(colormaps), n=3)
+        raise argparse.ArgumentTypeError(f"unknown colour map {text!r}" + (f" (did you mean {', '.join(close)}?)"
+                                                                          if close else ""))
+    return text
+
+
+def _device(text: str) -> str:
+    import re
+
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"takes auto, cpu, cuda, cuda:N or mps; got {text!r}")
+    return text
+
+
+def _method_help(name: str) -> str:
+    if name in METHOD_HELP:
+        return METHOD_HELP[name]
+    from .rules import get_rule
+
+    doc = (type(get_rule(name)).__doc__ or "").strip().split("\n")[0]
+    return "the input gradient under the registered rule " + name + (f": {doc}" if doc else "")
+
+
+def _method_epilog() -> str:
+    from .folder import method_names
+
+    return "\n".join(textwrap.fill(f"{name:15s} {_method_help(name)}", 110, initial_indent="  ",
+                                   subsequent_indent=" " * 18) for name in method_names())
+
+
+def read_labels(path: str) -> List[str]:
+    """Class names, one per line (:func:`guided_swap.labels.read_labels`); a bad file is a usage error."""
+    from . import labels
+
+    try:
+        return labels.read_labels(path)
+    except (OSError, ValueError) as error:
+        raise CommandError(f"--labels: {error}") from None
+
+
+def parse_target(text: str, labels: Optional[Sequence[str]]):
+    """``auto`` (None), a class index, or a class name from the labels."""
+    if text == "auto":
+        return None
+    if text.lstrip("-").isdigit():
+        if int(text) < 0:
+            raise CommandError(f"--target must be a class index of 0 or more, a class name, or auto; got {text}")
+        return int(text)
+    if labels is None:
+        raise CommandError(f"--target {text!r} is not a class index; a class name needs --labels FILE (or weights "
+                           "that come with class names)")
+    if text in labels:
+        return list(labels).index(text)
+    close = difflib.get_close_matches(text, labels, n=3)
+    raise CommandError(f"--target {text!r} is not one of the class names" +
+                       (f" (did you mean {', '.join(close)}?)" if close else ""))
+
+
+def _preprocessing(args, base):
+    from .model_spec import Preprocessing
+
+    crop = args.size or base.crop
+    resize = args.resize or (base.resize if args.size is None else max(crop, round(crop * base.resize / base.crop)))
+    mean, std = args.mean or base.mean, args.std or base.std
+    if any(s <= 0 for s in std):
+        raise CommandError(f"--std values must be positive, got {','.join(map(str, std))}")
+    if len(mean) != len(std):
+        raise CommandError(f"--mean has {len(mean)} value(s) and --std {len(std)}; give one per channel, or one")
+    source = "--mean/--std" if args.mean or args.std else base.source
+    return Preprocessing(resize, crop, tuple(mean), tuple(std), source)
+
+
+def make_job(args):
+    """The run the arguments describe; every usage error is raised here, before a model is built."""
+    from . import model_spec
+    from .folder import Job, uses_layer
+
+    if args.layer is not None and not uses_layer(args.method):
+        raise CommandError(f"--layer is for the Grad-CAM methods (gradcam, guided-gradcam, all); --method "
+                           f"{args.method} captures no layer")
+    for path in args.inputs:
+        if not os.path.exists(path):
+            raise CommandError(f"no such file or folder: {path!r}")
+    source = model_spec.check(args.model, args.weights)
+    labels = read_labels(args.labels) if args.labels else source.categories
+    return Job(inputs=args.inputs, out=args.out, source=source, method=args.method, layer=args.layer or "auto",
+               target=parse_target(args.target, labels), preprocessing=_preprocessing(args, source.preprocessing),
+               labels=labels, save=args.save, cmap=args.cmap, scale=args.scale, batch_size=args.batch_size,
+               workers=args.workers, writers=args.writers, force=args.force, device=args.device, report=args.report)
 
 
 def cmd_explain(args) -> int:
-    from . import convert
-    from .images import find_images, load_image
-    from .viz import figure, save_png
+    from .folder import run
 
-    if args.batch_size < 1:
-        raise CommandError("--batch-size must be at least 1")
-    images = find_images(args.inputs)
-    if not images:
-        raise CommandError(f"no images found in {args.inputs}")
-    model = load_model(args.model, args.weights)
-    options = _input_options(args, model)
-    layer = None if args.method in ("guided", "deconvnet", "gradient") else args.layer
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        example = torch.zeros(1, options["channels"], options["crop"], options["crop"])
-        explainer = convert(model, layer=layer, rule=RULE_OF_METHOD[args.method], example_input=example)
-    os.makedirs(args.out, exist_ok=True)
-    todo = [(path, _output_name(rel)) for path, rel in images
-            if not (os.path.exists(os.path.join(args.out, _output_name(rel) + ".npz")) and
-                    os.path.exists(os.path.join(args.out, _output_name(rel) + ".png")))]
-    skipped_done, failed = len(images) - len(todo), 0
-    if skipped_done:
-        print(f"guided-swap: {skipped_done} image(s) already done in {args.out}, skipping them", file=sys.stderr)
-    for start in range(0, len(todo), args.batch_size):
-        batch, names = [], []
-        for path, name in todo[start:start + args.batch_size]:
-            try:
-                batch.append(load_image(path, **options))
-                names.append(name)
-            except (ValueError, TypeError, OSError) as error:
-                failed += 1
-                print(f"guided-swap: skipped {path}: {error}", file=sys.stderr)
-        if batch:
-            x = torch.stack(batch)
-            target = None if args.target == "auto" else int(args.target)
-            explanation = explainer.explain(x, target)
-            arrays = _maps(explanation, args.method)
-            for i, name in enumerate(names):
-                _write_npz(os.path.join(args.out, name + ".npz"), {k: v[i] for k, v in arrays.items()})
-                one = explanation[i]
-                save_png(figure(one, x[i:i + 1], mean=options.get("mean", (0.485, 0.456, 0.406)),
-                                std=options.get("std", (0.229, 0.224, 0.225)), notes=[name]),
-                         os.path.join(args.out, name + ".png"))
-        _progress(min(start + args.batch_size, len(todo)), len(todo), names[-1] if names else "")
-    print(f"guided-swap: explained {len(todo) - failed} image(s) into {args.out}" +
-          (f"; {failed} could not be read" if failed else ""), file=sys.stderr)
-    return 1 if failed else 0
+    return run(make_job(args))
 
 
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    path = run_demo(args.out)
-    print(path)
+    print(run_demo(args.out))
     return 0
+
+
+def _model(model: Optional[str], weights: Optional[str]):
+    from .model_spec import build, check
+
+    return build(check(model, weights))
 
 
 def cmd_layers(args) -> int:
     from . import layer_names
 
-    names = layer_names(load_model(args.model, args.weights))
+    names = layer_names(_model(args.model, args.weights))
     print("modules (capture what the module returns):")
     print("\n".join("  " + name for name in names["modules"]))
     print("graph nodes (torchvision naming):")
@@ -171,57 +230,96 @@ def cmd_layers(args) -> int:
 
 
 def cmd_export(args) -> int:
+    import torch
+
     from . import convert, export
 
     try:
         shape = tuple(int(part) for part in args.shape.split(","))
     except ValueError:
         raise CommandError(f"--shape takes comma-separated sizes like 2,3,224,224; got {args.shape!r}") from None
-    model = load_model(args.model, args.weights)
+    model = _model(args.model, args.weights)
     layer = None if args.layer == "none" else args.layer
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        explainer = convert(model, layer=layer, rule=args.rule, example_input=torch.zeros((1,) + shape[1:]))
-        export(explainer, torch.randn(shape), args.out)
+    explainer = convert(model, layer=layer, rule=args.rule, example_input=torch.zeros((1,) + shape[1:]))
+    export(explainer, torch.randn(shape), args.out)
     print(args.out)
     return 0
 
 
-def cmd_bench(args, rest: List[str]) -> int:
+def cmd_bench(rest: List[str]) -> int:
     from .benchmark import main as bench_main
 
     return bench_main(rest)
 
 
+def _explain_parser(sub) -> None:
+    from .folder import method_names
+
+    explain = sub.add_parser("explain", help="explain images or folders of images",
+                             description="Explain images or folders of images: one .npz and one .png per input.",
+                             epilog=EXPLAIN_EPILOG.format(methods=_method_epilog()),
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
+    explain.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
+    explain.add_argument("--model", help="a torchvision name (resnet50), package.module:factory, or demo; leave out "
+                                         "when --weights holds a whole pickled model")
+    explain.add_argument("--weights", help="checkpoint file (a state dict, possibly wrapped or with a module. prefix, "
+                                           "a .safetensors file, or a whole pickled model), or a torchvision weights "
+                                           "name such as DEFAULT or IMAGENET1K_V1; without it a torchvision model has "
+                                           "random weights (seed 0)")
+    explain.add_argument("--method", default="all", choices=method_names(), help="what to compute (see below)")
+    explain.add_argument("--layer", help="for the Grad-CAM methods: a module or graph node name, or auto (default: "
+                                         "the last convolutional map); see guided-swap layers MODEL")
+    explain.add_argument("--target", default="auto", help="class index, class name (with labels), or auto: each "
+                                                          "image's top class")
+    explain.add_argument("--labels", metavar="FILE", help="class names, one per line (default: those that come with "
+                                                          "the weights, if any)")
+    explain.add_argument("--size", type=_positive, help="centre-crop size (default: the model's, else 224)")
+    explain.add_argument("--resize", type=_positive, help="shorter side before the crop (default: the model's, "
+                                                          "else 256, scaled with --size)")
+    explain.add_argument("--mean", type=_floats, help="normalisation mean per channel (default: the model's, else "
+                                                      "ImageNet's 0.485,0.456,0.406)")
+    explain.add_argument("--std", type=_floats, help="normalisation std per channel (default: the model's, else "
+                                                     "ImageNet's 0.229,0.224,0.225)")
+    explain.add_argument("--save", type=_save, default=("npz", "png"), metavar="KINDS",
+                         help="what to write per input: png, npz or png,npz (default)")
+    explain.add_argument("--cmap", type=_cmap, default="jet", help="matplotlib colour map of the Grad-CAM overlay "
+                                                                   "(default jet)")
+    explain.add_argument("--scale", choices=("shared", "per-image"), default="shared",
+                         help="colour scale of the figures: shared (default), one range per map kind over every "
+                              "input of the run, so the figures of a folder compare (drawn after all are "
+                              "explained); per-image, each map stretched to its own range (drawn at once)")
+    explain.add_argument("--batch-size", type=_positive, default=8, help="images per forward/backward (default 8)")
+    explain.add_argument("--workers", type=_count, default=2, help="DataLoader processes decoding images (default 2; "
+                                                                   "0 decodes in the main process)")
+    explain.add_argument("--writers", type=_count, default=2, help="processes drawing and writing results "
+                                                                   "(default 2; 0 writes in the main process)")
+    explain.add_argument("--device", type=_device, default="auto",
+                         help="auto (cuda if present), cpu, cuda or cuda:N; under torchrun each process takes "
+                              "cuda:LOCAL_RANK")
+    explain.add_argument("--out", default="guided_swap_maps", help="results folder (default guided_swap_maps)")
+    explain.add_argument("--force", action="store_true", help="replace results made with other settings")
+    explain.add_argument("--report", action="store_true", help="print the whole conversion report")
+
+
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="guided-swap", description=__doc__.split("\n")[0])
+    top = _Parser(prog="guided-swap", description=__doc__.split("\n")[0], epilog=__doc__.split("\n", 1)[1],
+                  formatter_class=argparse.RawDescriptionHelpFormatter)
     top.add_argument("--traceback", action="store_true", help="show the full traceback of an error")
     sub = top.add_subparsers(dest="command", required=True)
-
-    explain = sub.add_parser("explain", help="explain images or folders of images")
-    explain.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
-    explain.add_argument("--model", required=True, help="torchvision name, package.module:factory, or demo")
-    explain.add_argument("--weights", help="state-dict file for the model")
-    explain.add_argument("--layer", default="auto", help="module or graph node name, or auto (see: guided-swap layers)")
-    explain.add_argument("--method", default="all", choices=METHODS)
-    explain.add_argument("--target", default="auto", help="class index, or auto (each image's top class)")
-    explain.add_argument("--batch-size", type=int, default=8)
-    explain.add_argument("--size", type=int, default=224, help="centre-crop size")
-    explain.add_argument("--resize", type=int, default=256, help="shorter side before the crop")
-    explain.add_argument("--out", default="guided_swap_maps")
+    _explain_parser(sub)
 
     demo = sub.add_parser("demo", help="the main job, offline, on the bundled face/non-face CNN")
     demo.add_argument("--out", default="guided_swap_demo")
 
     layers = sub.add_parser("layers", help="list the names --layer accepts")
-    layers.add_argument("model")
-    layers.add_argument("--weights")
+    layers.add_argument("model", nargs="?", help="as explain's --model")
+    layers.add_argument("--weights", help="as explain's --weights")
 
     export = sub.add_parser("export", help="export a .pt2 program (forward + rule backward + CAM maths)")
-    export.add_argument("--model", required=True)
-    export.add_argument("--weights")
+    export.add_argument("--model", help="as explain's --model")
+    export.add_argument("--weights", help="as explain's --weights")
     export.add_argument("--layer", default="auto", help="module or node name, auto, or none")
-    export.add_argument("--rule", default="guided", choices=rules(), help="a registered backprop rule")
+    export.add_argument("--rule", default="guided", choices=_rules())
     export.add_argument("--shape", default="2,3,224,224", help="example input shape; the batch stays dynamic")
     export.add_argument("--out", required=True)
 
@@ -229,21 +327,52 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
+def _rules() -> List[str]:
+    from .folder import rule_names
+
+    return rule_names()
+
+
+def _report_error(error: BaseException, usage: bool) -> None:
+    rank = int(os.environ.get("RANK", "0"))
+    if rank and usage:
+        return  # every rank makes the same usage error; rank 0 says it
+    message = str(error).splitlines()[0] if str(error) else type(error).__name__
+    if not usage and not isinstance(error, (GuidedSwapError, OSError)):
+        message = f"{type(error).__name__}: {message} (--traceback shows where)"
+    print(f"guided-swap: {f'[rank {rank}] ' if rank else ''}error: {message}", file=sys.stderr)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from ._console import warnings_in_one_line
+
     argv = list(sys.argv[1:] if argv is None else argv)
-    top = parser()
     if "bench" in argv[:2]:
-        return cmd_bench(None, argv[argv.index("bench") + 1:])
-    args = top.parse_args(argv)
+        return cmd_bench(argv[argv.index("bench") + 1:])
+    args = parser().parse_args(argv)
+    with warnings_in_one_line():
+        return _command(args)
+
+
+def _command(args) -> int:
+    from .folder import Quiet
+
     commands = {"explain": cmd_explain, "demo": cmd_demo, "layers": cmd_layers, "export": cmd_export}
     try:
         return commands[args.command](args)
-    except (GuidedSwapError, ValueError, TypeError, OSError) as error:
+    except Quiet:
+        return 2
+    except KeyboardInterrupt:
         if args.traceback:
             raise
-        message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        print(f"guided-swap: error: {message}", file=sys.stderr)
-        return 2
+        print("guided-swap: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # noqa: BLE001 - the one place every error becomes one line
+        if args.traceback:
+            raise
+        usage = isinstance(error, (CommandError, ValueError, TypeError))
+        _report_error(error, usage)
+        return 2 if usage else 1
 
 
 if __name__ == "__main__":

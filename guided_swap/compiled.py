@@ -16,6 +16,13 @@ Targets are checked on the host before the pass, without a device synchronisatio
 (None, an int, a list, a CPU tensor); a CUDA tensor of classes is checked after the pass, at the cost of one
 synchronisation. Class indices and channels are tensors inside the graph, so new values never recompile.
 
+Several captured layers are one pass, as in eager mode. Grad-CAM is computed inside the pass for channels-first
+and channels-last captures; a token or ``reshape=`` capture's CAMs, and every other registered CAM
+(``e.cams[name]``), are computed on first access, eagerly, from the compiled pass's activations and gradients.
+What runs eagerly, with a warning that says why (once): ``explain(smooth=N)`` (SmoothGrad's chunks), an explainer
+of the run-time capture path (``capture="runtime"``, or the one a deferred capture fell back to: its Python
+hooks on every call cannot be traced), and a kind of target whose pass torch.compile could not compile.
+
 >>> import torch, guided_swap as gs
 >>> from torch import nn
 >>> _ = torch.manual_seed(0)
@@ -94,6 +101,8 @@ class CompiledExplain:
         self.eager_kinds: Dict[str, str] = {}  # kind of target -> why it runs eagerly
         self._warned_breaks = False
         self._last_compiled_callable: Any = None
+        self._forward: Optional[Callable] = None
+        self._warned_eager: set = set()
 
     def function(self, kind: str) -> Callable:
         """The compiled pass for one kind of target. Each kind gets a code object of its own, so each has its
@@ -129,11 +138,27 @@ class CompiledExplain:
         _check_after(explainer, kind, argument, target, result)
         explanation = explanation_from_pass(result, layers=explainer.layers, logits=explainer._select(result.outputs),
                                             input_size=tuple(x.shape[2:]), interpolate=interpolate,
-                                            rule=explainer.rule.name, swapped=len(explainer.swapped))
+                                            rule=explainer.rule.name, swapped=len(explainer.swapped),
+                                            layouts=_layouts(explainer))
         for maps, computed in zip(explanation.layers.values(), cams):
-            if computed is not None:  # functools.cached_property reads its value from the instance dict
-                maps.__dict__["cam_raw"], maps.__dict__["cam"] = computed
+            if computed is not None:
+                _keep_gradcam(maps, *computed)
         return explanation
+
+    def forward(self, module: Callable, x: Tensor) -> Any:
+        """``module(x)`` compiled, with the batch dimension dynamic by this module's rule."""
+        if self._forward is None:
+            self._forward = compile_pass(fresh_function(_call, "explainer_forward"), self.options)
+        if self.dynamic_batch and isinstance(x, Tensor) and x.dim() and x.shape[0] >= 2:
+            x = x.view(x.shape)  # an alias that autograd follows back to x: the mark stays off the user's tensor
+            mark_batch_dynamic([x])
+        return self._forward(module, x)
+
+    def warn_eager(self, what: str, reason: str) -> None:
+        """Warn once per ``what`` that it runs eagerly, and why."""
+        if what not in self._warned_eager:
+            self._warned_eager.add(what)
+            warnings.warn(f"compiled explainer: {what} runs eagerly ({reason})", stacklevel=4)
 
     def _warn_on_graph_breaks(self, before: int) -> None:
         new = _graph_breaks() - before
@@ -152,6 +177,10 @@ class CompiledExplain:
                           "on the values it closes over. Reuse one function (lambdas written once in the code are "
                           f"fine); after {torch._dynamo.config.recompile_limit} compiles torch runs it eagerly",
                           stacklevel=4)
+
+
+def _call(module: Callable, x: Tensor) -> Any:
+    return module(x)
 
 
 def _reason(error: BaseException) -> str:
@@ -197,15 +226,38 @@ def _explain_pass(explainer, x: Tensor, kind: str, argument: Any, interpolate: s
         return logits.gather(1, classes.unsqueeze(1)).squeeze(1), classes
 
     result = explainer.forward_backward(x, scorer)
-    cams = tuple(_cams(a, g, x.shape[2:], interpolate) for a, g in zip(result.captures, result.layer_grads))
+    layouts = _layouts(explainer)
+    cams = tuple(_cams(a, g, x.shape[2:], interpolate, layouts.get(name), name)
+                 for name, a, g in zip(explainer.layers, result.captures, result.layer_grads))
     return PassResult(*(_detach(v) for v in result)), cams
 
 
-def _cams(activation: Any, grad: Tensor, size, interpolate: str) -> Optional[Tuple[Tensor, Tensor]]:
+#: Layouts whose Grad-CAM the compiled pass computes (a permutation at most). A token or reshape= layout's
+#: CAMs are computed on first access, eagerly, like every other registered CAM.
+_IN_PASS_LAYOUTS = ("nchw", "nhwc")
+
+
+def _layouts(explainer) -> Dict[str, Any]:
+    return getattr(explainer.report, "layouts", None) or {}
+
+
+def _cams(activation: Any, grad: Tensor, size, interpolate: str, layout: Any, name: str
+          ) -> Optional[Tuple[Tensor, Tensor]]:
     if not isinstance(activation, Tensor) or activation.dim() < 3:
         return None  # LayerMaps raises the usual error when such a map is asked for
+    if layout is not None:
+        if layout.kind not in _IN_PASS_LAYOUTS:
+            return None
+        activation, grad = layout.to_channels_first(activation, size, name), layout.to_channels_first(grad, size, name)
     raw = cam_maths.gradcam(activation.detach(), grad)
     return raw, cam_maths.upsample(raw, size, interpolate)
+
+
+def _keep_gradcam(maps, raw: Tensor, resized: Tensor) -> None:
+    """Hand the pass's Grad-CAM to the layer's maps, so ``cam``/``cams["gradcam"]`` are not computed again.
+    (CamMaps caches each map under its name and function; Grad-CAM is built in, never replaced.)"""
+    key = ("gradcam", cam_maths.gradcam)
+    maps.cams_raw._cache[key], maps.cams._cache[key] = raw, resized
 
 
 def _detach(value: Any) -> Any:

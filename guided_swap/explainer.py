@@ -10,18 +10,23 @@ Build one with :func:`guided_swap.convert`.
 (torch.Size([2, 3, 64, 64]), torch.Size([2, 2, 2]), torch.Size([2, 64, 64]), torch.Size([2, 3, 64, 64]), 17)
 """
 import pickle
-from typing import Any, Callable, Dict, Optional, Tuple
+import threading
+import warnings
+from collections import Counter
+from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from . import cam as cam_maths
-from . import io
-from .build import Built, GraphOutputs, Plan
+from . import io, smoothing
 from .errors import GuidedSwapError, InputError, LayerError, LoadError, RuleError
 from .maps import Explanation, PassResult, explanation_from_pass
 from .rules import Rule
 from .targets import Channel, callable_score, channel_score, class_score, select_output
+
+if TYPE_CHECKING:  # build.py imports this module; the types are only named here
+    from .build import Built, Plan
 
 
 class Explainer(nn.Module):
@@ -32,23 +37,60 @@ class Explainer(nn.Module):
     runs the model as deployed (eval mode), so it never updates BatchNorm statistics.
     """
 
-    def __init__(self, plan: Plan, built: Optional[Built], *, input_spec: Optional[Tuple[int, int]]):
+    def __init__(self, plan: Optional["Plan"], built: Optional["Built"], *, rule: Optional[Rule] = None,
+                 layers: Sequence[str] = (), output: Any = None, report: Any = None,
+                 make_plan: Optional[Callable[[Tensor], "Plan"]] = None):
         super().__init__()
-        self.rule: Rule = plan.rule
-        self.layers = tuple(plan.layers)
-        self.output = plan.output
-        self.input_spec = input_spec
-        self.forward_module = plan.forward_graph()
+        self.rule: Rule = plan.rule if plan is not None else rule
+        self.layers = tuple(plan.layers if plan is not None else layers)
+        self.output = plan.output if plan is not None else output
+        self.forward_module = None
         self.graph_module = None
-        self._plan: Optional[Plan] = plan
-        self._report = plan.report(built)
+        self.input_spec = None
+        self._plan: Optional[Plan] = None
+        self._make_plan = make_plan
+        self._delegate: Optional[Explainer] = None  # the run-time explainer a deferred capture fell back to
+        self._lock = threading.Lock()
+        self._report = report
+        if plan is not None:
+            self._set_plan(plan)
         if built is not None:
             self._install(built)
         self.train(False)
 
+    @classmethod
+    def deferred(cls, make_plan: Callable[[Tensor], "Plan"], rule: Rule, layers: Sequence[str], output: Any,
+                 capture: str) -> "Explainer":
+        """An explainer whose graph is captured from its first input (the export path needs one)."""
+        from .build import ConversionReport
+
+        report = ConversionReport(rule.name, (), (), (), capture=f"{capture}, pending: captured from the first input",
+                                  ordinary_rule=rule.ordinary)
+        return cls(None, None, rule=rule, layers=layers, output=output, report=report, make_plan=make_plan)
+
     # --- building on demand -------------------------------------------------------------------------
 
-    def _install(self, built: Built) -> None:
+    def _set_plan(self, plan: "Plan") -> None:
+        self._plan, self._make_plan = plan, None
+        self.input_spec = plan.input_spec
+        self.forward_module = plan.forward_graph()
+        self._report = plan.report(None)
+        self.train(False)
+
+    def _ensure_captured(self, example: Any) -> None:
+        """Capture on the first input: a plan for this explainer, or an explainer of another path to delegate to."""
+        if self._make_plan is None:
+            return
+        with self._lock:
+            if self._make_plan is not None:
+                result = self._make_plan(example[:1].detach() if isinstance(example, Tensor) else example)
+                if isinstance(result, Explainer):
+                    self._delegate, self._make_plan = result, None
+                    self._report = result.report
+                else:
+                    self._set_plan(result)
+
+    def _install(self, built: "Built") -> None:
         self.graph_module = built.graph_module
         self.forked = built.forked
         self._report = self._plan.report(built)
@@ -56,67 +98,99 @@ class Explainer(nn.Module):
         self.train(False)
 
     def _ensure_built(self, example: Optional[Tensor]) -> None:
-        """Resolve ``layer="auto"`` on ``example`` (the first input) the first time it is needed."""
-        if self._plan is None:
+        """Capture the graph and resolve ``layer="auto"`` on ``example`` (the first input) when first needed."""
+        if self._plan is None and self._make_plan is None:
             return
-        with self._plan.lock:
-            if self._plan is None:
-                return
-            if example is None:
-                raise LayerError("layer='auto' is resolved from an input: call explain(x) once, or convert with "
-                                 "example_input=")
-            self._install(self._plan.build(example[:1].detach()))
+        if example is None:
+            raise LayerError("this explainer is resolved from an input: call explain(x) once, or convert with "
+                             "example_input=")
+        self._ensure_captured(example)
+        with self._lock:
+            if self._plan is not None:
+                self._install(self._plan.build(example[:1].detach()))
 
     @property
     def report(self):
         """The :class:`~guided_swap.build.ConversionReport`: what was swapped, left alone and captured."""
-        return self._report
+        return self._report if self._delegate is None else self._delegate.report
 
     @property
     def swapped(self) -> Tuple[str, ...]:
         """The qualified node name of every rectifier call site that carries the rule."""
-        return tuple(s.name for s in self._report.swapped)
+        return tuple(s.name for s in self.report.swapped)
 
     # --- running ------------------------------------------------------------------------------------
 
     def forward(self, x: Tensor) -> Any:
         """The model's own output, bit for bit (the rule applies if you backpropagate through it)."""
+        self._ensure_captured(x)
+        if self._delegate is not None:
+            return self._delegate(x)
+        if self._compiled is not None:
+            return self._compiled.forward(self.forward_module, x)
         return self.forward_module(x)
 
-    def explain(self, x: Tensor, target: Any = None, *, interpolate: str = "bilinear",
-                check_finite: Optional[bool] = None) -> Explanation:
-        """One forward and one backward: the rule's input gradient and Grad-CAM at every captured layer.
+    def explain(self, x: Tensor, target: Any = None, *, interpolate: str = "bilinear", smooth: Optional[int] = None,
+                noise: Optional[float] = None, generator: Optional[torch.Generator] = None,
+                chunk: Optional[int] = None, check_finite: Optional[bool] = None) -> Explanation:
+        """One forward and one backward: the rule's input gradient and every CAM at every captured layer.
 
         ``target``: None (argmax), an int, one int per sample (sequence or LongTensor), a callable
         ``outputs -> (B,) score``, or :class:`guided_swap.Channel`.
+        ``smooth=N``: SmoothGrad, the mean map over N noisy copies of each input, noise ``noise`` (default 0.15)
+        times each input's value range, drawn from ``generator``, ``chunk`` inputs per pass (default: the
+        batch size); see :mod:`guided_swap.smoothing` for what is averaged.
         ``check_finite``: refuse an input holding NaN or Inf. None checks inputs on the CPU only: on a GPU the
         check would wait for the device on every call; True checks there too, False never checks.
         """
+        self._ensure_captured(x)
+        if self._delegate is not None:
+            self._compile_delegate()
+            given = dict(smooth=smooth, noise=noise, generator=generator, chunk=chunk)
+            if type(self._delegate).explain is Explainer.explain:  # the run-time explainer always checks
+                given["check_finite"] = check_finite
+            return self._delegate.explain(x, target, interpolate=interpolate,
+                                          **{k: v for k, v in given.items() if v is not None})
         self._check_input(x, check_finite)
         if interpolate not in cam_maths.INTERPOLATIONS:
             raise ValueError(f"interpolate={interpolate!r} is not one of {cam_maths.INTERPOLATIONS}")
+        smoothing.check(smooth, noise, generator, chunk, x)
         self._ensure_built(x)
+        self._warn_if_nothing_swapped()
+        if smooth is not None:
+            if self._compiled is not None:
+                self._compiled.warn_eager("smooth=", "SmoothGrad's chunks run the eager pass")
+            return smoothing.smooth_explain(self, x, target, copies=smooth, noise=noise, generator=generator,
+                                            chunk=chunk, interpolate=interpolate)
         if self._compiled is not None:
             explanation = self._compiled.explain(self, x, target, interpolate)
-            if explanation is not None:  # None: compiling failed, a warning said why; run eagerly
+            if explanation is not None:  # None: this kind of target runs eagerly, a warning said why
                 return explanation
         result = self.forward_backward(
             x, lambda out, caps, fixed: self._score(target if fixed is None else fixed, out, caps, x.shape[0]))
         return explanation_from_pass(result, layers=self.layers, logits=self._select(result.outputs),
                                      input_size=tuple(x.shape[2:]), interpolate=interpolate, rule=self.rule.name,
-                                     swapped=len(self.swapped))
+                                     swapped=len(self.swapped), layouts=getattr(self.report, "layouts", None))
+
+    def _warn_if_nothing_swapped(self) -> None:
+        """Once per explainer: with no rectifier swapped, the rule's "guided" map is the plain gradient."""
+        if self.swapped or self.rule.ordinary or self.__dict__.get("_warned_nothing_swapped"):
+            return
+        self._warned_nothing_swapped = True
+        warnings.warn(_nothing_swapped_message(self.report), stacklevel=3)
 
     def forward_backward(self, x: Tensor, scorer: Callable, call: Optional[Callable] = None) -> PassResult:
         """The one forward and one backward every map comes from (shared by :meth:`explain` and export).
 
         ``scorer(outputs, captures_by_layer, classes_or_None) -> (score (B,), classes)`` is called on the
-        main graph, then, with the classes it chose, on the plain fork if there is one.
+        main graph, then, with the classes it chose, on the plain fork if there is one. The explain graph
+        returns a :class:`guided_swap.build.GraphOutputs`, read here by name.
         """
         self._ensure_built(x)
         call = self.graph_module if call is None else call
         with torch.enable_grad():
             leaf = x.detach().requires_grad_(True)
-            out = GraphOutputs(*call(leaf))
+            out = call(leaf)
             score, classes = scorer(out.model, dict(zip(self.layers, out.captures)), None)
             scores, grad_at = [score.sum()], list(out.captures)
             if self.forked:
@@ -143,6 +217,7 @@ class Explainer(nn.Module):
             raise TypeError(f"input must be a floating-point tensor, got dtype {x.dtype}; convert it with x.float()")
         if torch.is_inference_mode_enabled():
             raise GuidedSwapError("explain() needs autograd, which torch.inference_mode() turns off; call it outside")
+        self._ensure_captured(x)
         if self.input_spec is not None:
             rank, channels = self.input_spec
             if x.dim() != rank:
@@ -167,24 +242,40 @@ class Explainer(nn.Module):
         """Compile in place, like ``nn.Module.compile``: ``explain`` then runs one compiled pass (forward, the
         rule's backward and the CAM maths; ``mode="reduce-overhead"`` on CUDA replays it as a CUDA graph) and
         ``ex(x)`` runs the compiled forward. The options go to ``torch.compile``. See
-        :mod:`guided_swap.compiled` for which shapes and targets compile once, and when it falls back to eager.
+        :mod:`guided_swap.compiled` for which shapes and targets compile once, and when it runs eagerly.
         """
         from .compiled import CompiledExplain
 
-        self._compiled = CompiledExplain(torch_compile_options)
-        super().compile(**torch_compile_options)
+        compiled = CompiledExplain(torch_compile_options)  # refuses options torch.compile does not take
+        if type(self).explain is not Explainer.explain:  # the run-time capture: a Python hook on every call
+            compiled.warn_eager("compile()", f"{type(self).__name__} captures its graph at run time, "
+                                "which torch.compile cannot trace; explain runs eagerly")
+            return
+        self._compiled = compiled
+        self._compile_delegate()
+
+    def _compile_delegate(self) -> None:
+        """A deferred explainer compiled before its capture passes compile() on to the explainer it delegates to."""
+        if self._compiled is not None and self._delegate is not None and not self._delegate.compiled:
+            self._delegate.compile(**self._compiled.options)
 
     @property
     def compiled(self) -> bool:
         """Whether :meth:`compile` was called (a saved and loaded explainer is not compiled)."""
         return self._compiled is not None
 
+    # --- module behaviour -----------------------------------------------------------------------------
+
     def __getstate__(self):
-        state = super().__getstate__()
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
+        state = dict(state)
+        state.pop("_lock", None)
         state.pop("_compiled", None)  # compiled code is not saved: compile again after loading
         return state
 
-    # --- module behaviour -----------------------------------------------------------------------------
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._lock = threading.Lock()
 
     def train(self, mode: bool = True) -> "Explainer":
         """Explainers run the model as deployed: ``train(True)`` is refused (it would update the model's
@@ -206,9 +297,11 @@ class Explainer(nn.Module):
 
     def save(self, path: str) -> None:
         """Save this explainer (graphs, weights, layers, rule, report) to one file; see :func:`load`."""
-        if self._plan is not None:
-            raise LayerError("layer='auto' is not resolved yet: call explain(x) once, or convert with example_input=, "
-                             "before saving")
+        if self._delegate is not None:
+            return self._delegate.save(path)
+        if self._plan is not None or self._make_plan is not None:
+            raise LayerError("this explainer is resolved from its first input (layer='auto' or the export capture): "
+                             "call explain(x) once, or convert with example_input=, before saving")
         header = {"rule": self.rule.name, "rule_class": f"{type(self.rule).__module__}.{type(self.rule).__qualname__}",
                   "layers": list(self.layers), "swapped": len(self.swapped)}
         try:
@@ -230,6 +323,20 @@ def load(path: str, map_location=None) -> Explainer:
     if not isinstance(explainer, Explainer):
         raise LoadError(f"{path!r} holds a {type(explainer).__name__}, not an Explainer")
     return explainer
+
+
+def _nothing_swapped_message(report) -> str:
+    kinds = Counter(kind for _, kind in report.left_alone)
+    names = [name for name, _ in report.left_alone]
+    if kinds:
+        alone = ", ".join(f"{count} x {kind}" for kind, count in kinds.items())
+        alone = f"left alone with their ordinary gradient: {alone} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+    else:
+        alone = "no other activation was found either"
+    hidden = f"; ReLUs hidden in leaf modules: {', '.join(report.hidden_in_leaves)}" if report.hidden_in_leaves else ""
+    return (f"no ReLU was found in this model, so nothing carries the {report.rule!r} rule: e.gradient is the plain "
+            f"gradient, not {report.rule} backprop, and Guided Grad-CAM is Grad-CAM times that plain gradient. "
+            f"Activations {alone}{hidden}")
 
 
 def _picklable(obj: Any) -> bool:

@@ -17,24 +17,60 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from .rules import get_rule
+
 _RELU = {F.relu, torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_}
 _RELU6 = {F.relu6}
 _HARDTANH = {F.hardtanh, F.hardtanh_}
-_INPLACE = {torch.relu_, torch.Tensor.relu_, F.hardtanh_}
+# rectifiers in disguise: clamp(x, min=0) / clamp(x, 0, 6), clamp_min(x, 0), threshold(x, 0, 0)
+_CLAMP = {torch.clamp, torch.clamp_, torch.clip, torch.clip_,
+          torch.Tensor.clamp, torch.Tensor.clamp_, torch.Tensor.clip, torch.Tensor.clip_}
+_CLAMP_MIN = {torch.clamp_min, torch.clamp_min_, torch.Tensor.clamp_min, torch.Tensor.clamp_min_}
+_THRESHOLD = {F.threshold, torch.threshold, torch.threshold_}
+_INPLACE = {torch.relu_, torch.Tensor.relu_, F.hardtanh_, torch.clamp_, torch.clip_, torch.Tensor.clamp_,
+            torch.Tensor.clip_, torch.clamp_min_, torch.Tensor.clamp_min_, torch.threshold_}
+
+
+def _given(args, kwargs, index: int, name: str, default=None):
+    return kwargs[name] if name in kwargs else (args[index] if len(args) > index else default)
+
+
+def _number(value, wanted: float) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == wanted
 
 
 def _relu_call(func, args, kwargs) -> Optional[tuple]:
     """(upper bound, in place) when ``func(*args, **kwargs)`` is a ReLU or ReLU6, else None."""
-    if func in _RELU:
-        return None, func in _INPLACE or bool(kwargs.get("inplace", args[1] if len(args) > 1 else False))
-    if func in _RELU6:
-        return 6.0, bool(kwargs.get("inplace", args[1] if len(args) > 1 else False))
+    inplace = func in _INPLACE or bool(kwargs.get("inplace", False))
+    if "out" in kwargs:
+        return None
+    if func in _RELU or func in _RELU6:
+        return (6.0 if func in _RELU6 else None), inplace or bool(_given(args, kwargs, 1, "inplace", False))
     if func in _HARDTANH:
-        low = kwargs.get("min_val", args[1] if len(args) > 1 else -1.0)
-        high = kwargs.get("max_val", args[2] if len(args) > 2 else 1.0)
+        low, high = _given(args, kwargs, 1, "min_val", -1.0), _given(args, kwargs, 2, "max_val", 1.0)
         if low == 0 and high == 6:
-            return 6.0, func in _INPLACE or bool(kwargs.get("inplace", args[3] if len(args) > 3 else False))
+            return 6.0, inplace or bool(_given(args, kwargs, 3, "inplace", False))
+    if func in _CLAMP and _number(_given(args, kwargs, 1, "min"), 0):
+        high = _given(args, kwargs, 2, "max")
+        if high is None or _number(high, 6):
+            return (None if high is None else 6.0), inplace
+    if func in _CLAMP_MIN and _number(_given(args, kwargs, 1, "min"), 0):
+        return None, inplace
+    if func in _THRESHOLD and _number(_given(args, kwargs, 1, "threshold"), 0) and \
+            _number(_given(args, kwargs, 2, "value"), 0):
+        return None, inplace or bool(_given(args, kwargs, 3, "inplace", False))
     return None
+
+
+def _rectify(x: Tensor, upper: Optional[float], inplace: bool) -> Tensor:
+    """The canonical ReLU / ReLU6 call, whatever the spelling: its backward masks ``0 < x (< 6)``.
+
+    ``clamp``'s own backward would also pass the gradient where ``x`` is exactly 0 (or 6); a rule is
+    defined by the rectifier, not by how it was written, so every spelling gets the same mask.
+    """
+    if upper is None:
+        return torch.relu_(x) if inplace else torch.relu(x)
+    return F.hardtanh(x, 0.0, upper, inplace=inplace)
 
 
 class ReLURule(TorchFunctionMode):
@@ -49,8 +85,6 @@ class ReLURule(TorchFunctionMode):
 
     def __init__(self, rule=None):
         super().__init__()
-        from .rules import get_rule
-
         self.rule = None if rule is None else get_rule(rule)
         self.calls = 0
 
@@ -63,8 +97,8 @@ class ReLURule(TorchFunctionMode):
         x = args[0]
         if self.rule is None or self.rule.name == "gradient" or not x.requires_grad:
             return func(*args, **kwargs)
-        if self.rule.name == "guided":  # the ordinary backward masks [0 < x < upper] after the clamp
-            out = func(*args, **kwargs)
+        if self.rule.name == "guided":  # the canonical backward masks [0 < x < upper] after the clamp
+            out = _rectify(x, *call)
             out.register_hook(lambda g: g.clamp(min=0))
             return out
         upper, inplace = call
@@ -107,7 +141,7 @@ def input_gradient(model: nn.Module, x: Tensor, target: Any, rule: str = "guided
 
 
 def gradcam(model: nn.Module, x: Tensor, target: Any, layer: nn.Module, output=None) -> Tensor:
-    """Grad-CAM (B, h, w) at ``layer``'s output with ordinary gradients, from a forward hook.
+    """Grad-CAM (B, *spatial) at ``layer``'s output with ordinary gradients, from a forward hook.
 
     The activation is cloned and the gradient read by a tensor hook at the moment the module returns, so an
     in-place op after the module (DenseNet's ``F.relu(features, inplace=True)``) changes neither.
@@ -126,5 +160,5 @@ def gradcam(model: nn.Module, x: Tensor, target: Any, layer: nn.Module, output=N
         logits.gather(1, torch.as_tensor(target).view(-1, 1)).sum().backward()
     finally:
         handle.remove()
-    weights = seen["grad"].mean(dim=(2, 3), keepdim=True)
+    weights = seen["grad"].mean(dim=tuple(range(2, seen["grad"].dim())), keepdim=True)
     return torch.relu((weights * seen["activation"]).sum(dim=1))

@@ -23,11 +23,12 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import fx, nn
 
+from . import ops
 from .errors import TraceError
 
 TRACER_OPTIONS = ("leaf_modules", "autowrap_functions", "autowrap_modules", "concrete_args")
-_TORCH_DIR = os.path.dirname(torch.__file__)
-_PACKAGE_DIR = os.path.dirname(__file__)
+_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
 def mirror(model: nn.Module) -> nn.Module:
@@ -74,8 +75,6 @@ class QualnameTracer(fx.Tracer):
     def __init__(self, leaf_modules=(), autowrap_functions=(), autowrap_modules=(math,)):
         # The library's own graph functions are always leaves: GraphModule unpickling re-traces the saved code
         # with this tracer class, and must not trace into an autograd.Function.
-        from . import ops
-
         own = ops.GRAPH_FUNCTIONS
         super().__init__(autowrap_modules=tuple(autowrap_modules), autowrap_functions=own + tuple(autowrap_functions))
         self.leaf_modules = tuple(leaf_modules)
@@ -153,9 +152,14 @@ def trace(model: nn.Module, tracer_kwargs: Optional[Dict[str, Any]] = None) -> T
     return Traced(module, tracer.module_outputs, names, leaves)
 
 
+def _inside(filename: str, directory: str) -> bool:
+    return os.path.commonpath([os.path.abspath(filename), directory]) == directory
+
+
 def _trace_failure_message(model: nn.Module, error: Exception) -> str:
+    # Compare whole path components: ".../site-packages/torchvision" is the model's code, not torch's.
     frames = [f for f in traceback.extract_tb(error.__traceback__)
-              if not f.filename.startswith(_TORCH_DIR) and not f.filename.startswith(_PACKAGE_DIR)]
+              if not _inside(f.filename, _TORCH_DIR) and not _inside(f.filename, _PACKAGE_DIR)]
     where = ""
     if frames:
         frame = frames[-1]

@@ -1,83 +1,248 @@
-"""The guided-swap command end to end, in subprocesses: demo, explain a folder (and rerun), bad inputs."""
+"""The guided-swap command: help, one-line usage errors before any model is built, labels, methods that draw and
+save only what they computed, the summary line and report, warnings, the other commands."""
+import json
 import os
 import subprocess
 import sys
+import textwrap
+import warnings
 
 import numpy as np
 import pytest
-from skimage import data, io
+from skimage import io
+
+from guided_swap import results
+from guided_swap.cli import main
+from guided_swap.results import read_index
+
+from test_folder import save_image
 
 
-def guided_swap(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "guided_swap.cli", *args], capture_output=True, text=True, cwd=cwd,
+def guided_swap(*args):
+    return subprocess.run([sys.executable, "-m", "guided_swap", *map(str, args)], capture_output=True, text=True,
                           env={**os.environ, "MPLBACKEND": "Agg"})
 
 
+def run(*args) -> int:
+    """main() in this process; argparse's usage errors give their exit code too."""
+    try:
+        return main([*map(str, args)])
+    except SystemExit as stop:
+        return stop.code
+
+
+@pytest.fixture()
+def two(tmp_path):
+    save_image(tmp_path / "in" / "cat.png", "chelsea")
+    save_image(tmp_path / "in" / "astronaut.jpg", "astronaut")
+    return tmp_path / "in"
+
+
+@pytest.fixture()
+def figures(monkeypatch):
+    """The panel titles of every figure written, by output path."""
+    drawn = {}
+    write = results.write_png
+
+    def spy(fig, path, record):
+        drawn[os.path.basename(path)] = [axis.get_title() for axis in fig.axes if axis.get_title()]
+        write(fig, path, record)
+
+    monkeypatch.setattr(results, "write_png", spy)
+    return drawn
+
+
+@pytest.fixture()
+def model_module(tmp_path, monkeypatch):
+    """An importable module of tiny models: a GELU net (no ReLU) and one that warns while traced."""
+    (tmp_path / "tiny_models.py").write_text(textwrap.dedent("""
+        import warnings
+        from torch import nn
+
+        def gelu_net():
+            return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.GELU(), nn.Conv2d(4, 8, 3, padding=1), nn.GELU(),
+                                 nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
+
+        class Chatty(nn.Sequential):
+            def forward(self, x):
+                warnings.warn("hello from the model's forward")
+                return super().forward(x)
+
+        def chatty():
+            return Chatty(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return "tiny_models"
+
+
 def test_demo_writes_its_figure(tmp_path):
-    done = guided_swap("demo", "--out", str(tmp_path / "demo"))
+    done = guided_swap("demo", "--out", tmp_path / "demo")
     assert done.returncode == 0, done.stderr
     picture = io.imread(str(tmp_path / "demo" / "demo.png"))
     assert picture.ndim == 3 and picture.shape[0] > 1000 and picture.std() > 20
 
 
-@pytest.fixture()
-def folder(tmp_path):
-    root = tmp_path / "images"
-    (root / "nested").mkdir(parents=True)
-    io.imsave(str(root / "cat.png"), data.chelsea())
-    io.imsave(str(root / "nested" / "astronaut.jpg"), data.astronaut())
-    io.imsave(str(root / "grey16.png"), (data.camera().astype(np.uint16) * 257), check_contrast=False)
-    return root
+def test_python_m_guided_swap_help_explains_every_method_without_rst(capsys):
+    done = guided_swap("explain", "--help")
+    assert done.returncode == 0 and "`" not in done.stdout
+    from guided_swap.cli import METHOD_HELP
+    from guided_swap.folder import method_names
+
+    for method in method_names():
+        assert f"  {method:15s} {METHOD_HELP[method][:20]}" in done.stdout
+    for promise in ("--force", "index.jsonl", "torchrun --nproc-per-node", "OUT/sub/cat.jpg.npz"):
+        assert promise in done.stdout
+    assert run("--help") == 0 and "`" not in capsys.readouterr().out
 
 
-def test_explain_a_folder_then_rerun_skips_done_images(tmp_path, folder):
-    out = tmp_path / "maps"
-    done = guided_swap("explain", str(folder), "--model", "resnet18", "--layer", "layer4", "--size", "64",
-                       "--resize", "72", "--batch-size", "2", "--out", str(out))
-    assert done.returncode == 0, done.stderr
-    names = sorted(os.listdir(out))
-    assert names == ["cat.npz", "cat.png", "grey16.npz", "grey16.png", "nested__astronaut.npz", "nested__astronaut.png"]
-    maps = np.load(out / "cat.npz")
-    assert maps["gradient"].shape == (3, 64, 64) and maps["cam"].shape == (64, 64)
-    assert maps["guided_gradcam"].shape == (3, 64, 64) and int(maps["target"]) == int(maps["logits"].argmax())
-    before = {name: os.path.getmtime(out / name) for name in names}
-    again = guided_swap("explain", str(folder), "--model", "resnet18", "--layer", "layer4", "--size", "64",
-                        "--resize", "72", "--out", str(out))
-    assert again.returncode == 0 and "3 image(s) already done" in again.stderr
-    assert before == {name: os.path.getmtime(out / name) for name in names}
+@pytest.mark.parametrize("args, message", [
+    (["missing/"], "no such file or folder: 'missing/'"),
+    (["--size", "0"], "argument --size: must be at least 1, got 0"),
+    (["--batch-size", "0"], "argument --batch-size: must be at least 1"),
+    (["--size", "big"], "argument --size: takes a whole number, got 'big'"),
+    (["--target", "cat"], "--target 'cat' is not a class index; a class name needs --labels"),
+    (["--model", "resnet9000"], "unknown model 'resnet9000' (did you mean"),
+    (["--save", "gif"], "argument --save: takes png, npz or png,npz"),
+    (["--method", "guided", "--layer", "layer4"], "--layer is for the Grad-CAM methods"),
+    (["--cmap", "jett"], "unknown colour map 'jett' (did you mean jet"),
+    (["--std", "0,1,1"], "--std values must be positive"),
+    (["--weights", "nope.pth"], "no weights file at 'nope.pth'"),
+    (["--labels", "nope.txt"], "--labels: no labels file at 'nope.txt'"),
+])
+def test_usage_errors_are_one_line_with_exit_2_before_the_model_is_built(tmp_path, two, capsys, args, message):
+    inputs = [] if args[0] == "missing/" else [two]
+    code = run("explain", *inputs, "--model", "resnet18", "--out", tmp_path / "out", *args)
+    error = capsys.readouterr().err
+    assert code == 2 and error.count("\n") == 1 and message in error, error
+    assert "random weights" not in error and not (tmp_path / "out").exists()  # no model was built, nothing written
 
 
-def test_bad_file_is_reported_and_the_rest_explained(tmp_path, folder):
-    (folder / "broken.png").write_bytes(b"this is not a png")
-    done = guided_swap("explain", str(folder), "--model", "resnet18", "--method", "guided", "--size", "32",
-                       "--resize", "32", "--out", str(tmp_path / "maps"))
-    assert done.returncode == 1
-    assert "skipped" in done.stderr and "broken.png" in done.stderr and "Traceback" not in done.stderr
-    assert len([n for n in os.listdir(tmp_path / "maps") if n.endswith(".npz")]) == 3
+def test_labels_name_the_classes_and_the_target(tmp_path, two, figures):
+    labels = tmp_path / "labels.txt"
+    labels.write_text("no face\na face\n")
+    out = tmp_path / "out"
+    assert run("explain", two, "--model", "demo", "--labels", labels, "--target", "a face", "--out", out,
+               "--workers", "0", "--writers", "0") == 0
+    for line in read_index(out):
+        assert (line["target"], line["target_name"]) == (1, "a face")
+        assert sorted(c["name"] for c in line["top5"]) == ["a face", "no face"]
+    assert figures["cat.png.png"][0].startswith("a face: p=")
+    labels.write_text("one\ntwo\nthree\n")
+    assert run("explain", two, "--model", "demo", "--labels", labels, "--out", tmp_path / "o2") == 2
 
 
-def test_bad_layer_and_bad_model_are_one_line_errors(tmp_path, folder):
-    done = guided_swap("explain", str(folder), "--model", "resnet18", "--layer", "layer9", "--out", str(tmp_path))
-    assert done.returncode == 2 and "Traceback" not in done.stderr
-    assert "layer 'layer9' is not in ResNet" in done.stderr and "layer4" in done.stderr
-    done = guided_swap("explain", str(folder), "--model", "resnet9000", "--out", str(tmp_path))
-    assert done.returncode == 2 and "unknown model" in done.stderr
-    done = guided_swap("explain", str(tmp_path / "missing.png"), "--model", "resnet18", "--out", str(tmp_path))
-    assert done.returncode == 1 and "no image file" in done.stderr
+def test_torchvision_weights_bring_their_class_names(tmp_path, two, monkeypatch):
+    import torch
+    import torchvision
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))  # offline: a cached file
+    os.makedirs(tmp_path / "hub" / "checkpoints")
+    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth")
+    out = tmp_path / "out"
+    assert run("explain", two / "cat.png", "--model", "resnet18", "--weights", "DEFAULT", "--size", "64",
+               "--method", "gradcam", "--out", out, "--workers", "0", "--writers", "0") == 0
+    line = read_index(out)[0]
+    categories = torchvision.models.ResNet18_Weights.DEFAULT.meta["categories"]
+    assert line["target_name"] == categories[line["target"]] and line["settings"]["weights"].startswith("ResNet18")
 
 
-def test_layers_lists_names():
-    done = guided_swap("layers", "resnet18")
-    assert done.returncode == 0 and "layer4.1.relu_1" in done.stdout and "  layer4\n" in done.stdout
+def keys(path) -> set:
+    with np.load(path) as maps:
+        return set(maps.files)
 
 
-def test_export_command(tmp_path):
-    path = tmp_path / "r18.pt2"
-    done = guided_swap("export", "--model", "demo", "--layer", "auto", "--shape", "2,1,48,48", "--out", str(path))
-    assert done.returncode == 0, done.stderr
+def explain_demo(out, *args) -> int:
+    return run("explain", *args, "--model", "demo", "--out", out, "--workers", "0", "--writers", "0")
+
+
+def test_gradcam_draws_and_saves_only_grad_cam(tmp_path, two, figures):
+    assert explain_demo(tmp_path / "out", two, "--method", "gradcam") == 0
+    titles = figures["cat.png.png"]
+    assert len(titles) == 2 and "Grad-CAM" in titles[1]  # the input, then Grad-CAM: nothing else was computed
+    assert not [t for t in titles if "Guided" in t or "backprop" in t or "gradient" in t], titles
+    assert keys(tmp_path / "out" / "cat.png.npz") == {"input", "logits", "target", "score", "cam", "cam_raw", "record"}
+
+
+@pytest.mark.parametrize("method", ["all", "deconvnet"])
+def test_every_panel_drawn_is_in_the_npz(tmp_path, two, figures, method):
+    from guided_swap.writing import panels
+
+    assert explain_demo(tmp_path / "out", two, "--method", method) == 0
+    assert len(figures["cat.png.png"]) == len(panels(method))  # one titled axis per panel
+    assert set(panels(method)) <= keys(tmp_path / "out" / "cat.png.npz")
+    assert ("cam" in panels(method)) == (method == "all")
+
+
+def test_save_chooses_the_files(tmp_path, two, capsys):
+    out = tmp_path / "out"
+    assert explain_demo(out, two, "--save", "png") == 0
+    assert sorted(os.listdir(out)) == [results.MARKER, "astronaut.jpg.png", "cat.png.png", results.INDEX]
+    assert run("explain", two, "--model", "demo", "--save", "png", "--out", out) == 0
+    assert "2 of 2 input(s) already done" in capsys.readouterr().err  # the PNGs carry their settings
+    assert explain_demo(tmp_path / "o2", two, "--save", "npz") == 0
+    assert not [name for name in os.listdir(tmp_path / "o2") if name.endswith(".png")]
+
+
+def test_summary_line_always_and_the_report_on_request(tmp_path, two, capsys):
+    assert explain_demo(tmp_path / "out", two, "--report") == 0
+    captured = capsys.readouterr()
+    summary = [line for line in captured.err.splitlines() if "swapped" in line]
+    assert len(summary) == 1 and summary[0].startswith("guided-swap: model demo: ")
+    assert "rule guided: 4 rectifier call site(s) swapped; layer 'auto' captures node 'relu_'" in summary[0]
+    assert "swapped 4 rectifier call site(s):" in captured.out and "layer 'auto' captures node" in captured.out
+
+
+def test_a_model_without_relu_is_said_to_give_a_plain_gradient(tmp_path, two, capsys, model_module):
+    assert run("explain", two / "cat.png", "--model", f"{model_module}:gelu_net", "--size", "32",
+               "--out", tmp_path / "out", "--workers", "0", "--writers", "0") == 0
+    error = capsys.readouterr().err
+    summary = [line for line in error.splitlines() if "swapped" in line]
+    assert len(summary) == 1 and "0 rectifier call site(s) swapped" in summary[0]
+    assert "2 other activation(s) left alone (nn.GELU)" in summary[0]
+    assert "no rectifier found, so the guided map is a plain gradient" in summary[0]
+
+
+def show_on_stderr(message, category, filename, lineno, file=None, line=None):
+    sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))  # as Python does
+
+
+def test_library_warnings_reach_the_user_in_one_line(tmp_path, two, capsys, model_module):
+    with warnings.catch_warnings():  # as outside pytest: warnings are shown, not recorded
+        warnings.simplefilter("default")
+        warnings.showwarning = show_on_stderr  # pytest's recorder would swallow them
+        assert run("explain", two / "cat.png", "--model", f"{model_module}:chatty", "--size", "32",
+                   "--out", tmp_path / "out", "--workers", "0", "--writers", "0") == 0
+    error = capsys.readouterr().err
+    assert "guided-swap: warning: UserWarning: hello from the model's forward\n" in error
+
+
+def test_bad_layer_is_one_line(tmp_path, two, capsys):
+    assert run("explain", two, "--model", "resnet18", "--layer", "layer9", "--out", tmp_path / "out") == 2
+    error = capsys.readouterr().err
+    assert "Traceback" not in error and "layer 'layer9' is not in ResNet" in error and "layer4" in error
+
+
+def test_layers_lists_names(capsys):
+    assert run("layers", "resnet18") == 0
+    out = capsys.readouterr().out
+    assert "layer4.1.relu_1" in out and "  layer4\n" in out
+
+
+def test_export_command(tmp_path, capsys):
     import torch
 
+    path = tmp_path / "r18.pt2"
+    assert run("export", "--model", "demo", "--layer", "auto", "--shape", "2,1,48,48", "--out", path) == 0
+    assert os.listdir(tmp_path) == ["r18.pt2"]
     out = torch.export.load(str(path)).module()(torch.randn(3, 1, 48, 48), torch.tensor([0, 1, 1]))
     assert out["cam"].shape == (3, 48, 48)
-    done = guided_swap("export", "--model", "demo", "--shape", "two", "--out", str(path))
-    assert done.returncode == 2 and "--shape" in done.stderr
+    assert run("export", "--model", "demo", "--shape", "two", "--out", path) == 2
+    assert "--shape" in capsys.readouterr().err
+
+
+def test_mean_and_std_must_fit_the_channels(tmp_path, two, capsys):
+    assert explain_demo(tmp_path / "out", two, "--mean", "0.5,0.5,0.5", "--std", "0.2,0.2,0.2") == 2
+    assert "the model takes 1 channel(s)" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    assert explain_demo(tmp_path / "out", two / "cat.png", "--mean", "0.5", "--std", "0.25", "--save", "npz") == 0
+    with np.load(tmp_path / "out" / "cat.png.npz") as maps:
+        assert json.loads(str(maps["record"]))["settings"]["mean"] == [0.5]

@@ -12,9 +12,8 @@ from torch import nn
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import guided_swap as gs
-from guided_swap import compiled, ops
+from guided_swap import compiled
 from guided_swap.errors import InputError, TargetError
-from guided_swap.rules import get_rule
 
 from conftest import assert_nontrivial, randomise_batchnorm, relative_error
 
@@ -56,6 +55,7 @@ def counted(backend="eager", layers=LAYERS):
     return explainer, counter
 
 
+@pytest.mark.slow
 def test_inductor_maps_match_eager_and_float64_and_batches_share_one_graph():
     model = tiny_cnn()
     eager = gs.convert(model, layer=LAYERS)
@@ -222,7 +222,7 @@ def test_cudagraph_outputs_are_copied():
     assert copy["b"][1] == 3 and torch.equal(copy["a"], tree["a"]) and copy["a"].data_ptr() != tree["a"].data_ptr()
 
 
-# --- eager: no host synchronisation for the finiteness check, the guided fast path --------------------------
+# --- eager: no host synchronisation for the finiteness check --------------------------
 
 def test_finiteness_is_checked_on_cpu_by_default_and_on_request():
     explainer = gs.convert(tiny_cnn(), layer=None)
@@ -244,34 +244,43 @@ def test_finiteness_is_not_read_off_other_devices_by_default():
         explainer._check_input(x, check_finite=True)
 
 
-def _grad(fn, x, g):
-    x = x.clone().requires_grad_(True)
-    fn(x * 1.0).backward(g)
-    return x.grad
+# --- what the compiled pass hands to eager code, and says so ----------------------------------------------
+
+def test_smoothing_runs_eagerly_with_a_warning_and_the_eager_maps():
+    explainer, counter = counted()
+    x = torch.randn(2, 3, 16, 16)
+    with pytest.warns(UserWarning, match=r"smooth= runs eagerly \(SmoothGrad"):
+        e = explainer.explain(x, [1, 2], smooth=3, generator=torch.Generator().manual_seed(0))
+    expected = gs.convert(tiny_cnn(), layer=LAYERS).explain(x, [1, 2], smooth=3,
+                                                             generator=torch.Generator().manual_seed(0))
+    assert_same_maps(e, expected)
+    assert counter.frame_count == 0
 
 
-@pytest.mark.parametrize("upper", [None, 6.0])
-@pytest.mark.parametrize("inplace", [False, True])
-def test_guided_fast_path_equals_the_rule_function_bit_for_bit(upper, inplace):
-    rule = get_rule("guided")
-    x = torch.randn(4, 64) * 5
-    x[0, :8] = torch.tensor([0.0, 6.0, -0.0, 5.999, 6.001, 1e-30, -1e-30, 0.5])
-    g = torch.randn(4, 64)
-    fast = _grad(lambda t: ops.rectify(t, ops.RuleSlot(rule), upper=upper, inplace=inplace), x, g)
-    function = _grad(lambda t: ops.RectifierFunction.apply(t, rule, upper, inplace), x, g)
-    assert_nontrivial(fast, 0.1)
-    assert torch.equal(fast, function)
+def channels_last_view(t):
+    return t.permute(0, 2, 3, 1)
 
 
-def test_guided_fast_path_hooks_nothing_without_grad_and_handles_views():
-    slot = ops.RuleSlot(get_rule("guided"))
-    with torch.no_grad():
-        x = torch.randn(8)
-        assert torch.equal(ops.rectify(x, slot), torch.relu(x))
-    base = torch.randn(4, 6, requires_grad=True)
-    y = base * 1.0
-    ops.rectify(y[:, :3], slot, inplace=True)  # in place on a view: the Function path
-    g = torch.randn(4, 6)
-    (y * g).sum().backward()
-    expected = torch.where(torch.arange(6) < 3, g.clamp(min=0) * (base > 0), g)
-    assert torch.equal(base.grad, expected.detach())
+def test_layouts_reach_the_compiled_cams():
+    """A channels-last layout is applied inside the pass; a reshape= layout's CAMs are made eagerly on access.
+    Either way every CAM equals the eager explainer's with the same layouts."""
+    layouts = dict(layout={"1": "nhwc"}, reshape={"3": channels_last_view})
+    explainer = gs.convert(tiny_cnn(), layer=LAYERS, **layouts)
+    explainer.compile(backend="eager")
+    x = torch.randn(2, 3, 16, 16)
+    e, expected = explainer.explain(x, [0, 3]), gs.convert(tiny_cnn(), layer=LAYERS, **layouts).explain(x, [0, 3])
+    assert tuple(e.layers["1"].cam_raw.shape) == (2, 4, 16)  # the layout was used: (C, H, W) read as (H, W, C)
+    key = ("gradcam", gs.cam.gradcam)
+    assert key in e.layers["1"].cams_raw._cache and key not in e.layers["3"].cams_raw._cache  # made in the pass, or not
+    assert_same_maps(e, expected)
+    for name in ("gradcam++", "layercam"):
+        assert torch.equal(e.layers["3"].cams[name], expected.layers["3"].cams[name])
+
+
+def test_the_run_time_capture_explains_eagerly_with_a_warning():
+    explainer = gs.convert(tiny_cnn(), layer="3", capture="runtime")
+    with pytest.warns(UserWarning, match="captures its graph at run time.*runs eagerly"):
+        explainer.compile(backend="eager")
+    assert not explainer.compiled
+    x = torch.randn(2, 3, 16, 16)
+    assert_nontrivial(explainer.explain(x, [0, 1]).gradient, 0.03)

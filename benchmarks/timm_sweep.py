@@ -1,0 +1,407 @@
+"""Sweep every timm model that calls ReLU or ReLU6: convert with default arguments and check it exactly.
+
+    nice python benchmarks/timm_sweep.py                   # all of timm.list_models(); resumes where it stopped
+    python benchmarks/timm_sweep.py --models resnet18 dla34  # a few, e.g. to look again after a fix
+    python benchmarks/timm_sweep.py --summary-only          # rewrite the summary from the progress log
+
+For each model (random weights, pretrained=False, eval mode, BatchNorm statistics randomised away from the
+identity, batch 1, a real photograph at 224 px, or at the model's own size when it takes only that one):
+
+- the run-time ReLU/ReLU6 count from the fx-free reference (guided_swap.reference); models with none are
+  listed as "no ReLU" and not checked further (counted on the meta device when the forward runs there);
+  models over --max-params parameters are skipped, unbuilt;
+- ``gs.convert(model)`` with default arguments (``layer="auto"`` resolved on the first explained input;
+  ``capture="auto"``: torch.fx, falling back to torch.export when fx cannot trace; the row records which);
+- logits bit-identical to the model's; swapped call sites == run-time count; guided gradient against the
+  fx-free reference within --rtol (relative to its largest entry) and not all zero; the ``auto`` map larger
+  than 1x1.
+
+Each model runs in a worker process that is restarted after a crash or a timeout; every finished model is
+appended to benchmarks/results/timm_sweep.progress.jsonl, so a rerun resumes. The summary goes to
+benchmarks/results/timm_sweep.{json,md}, rewritten atomically after every model.
+"""
+import argparse
+import datetime
+import gc
+import json
+import math
+import os
+import platform
+import select
+import subprocess
+import sys
+import threading
+import time
+import traceback
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def paths(results: str) -> dict:
+    return {"progress": os.path.join(results, "timm_sweep.progress.jsonl"),
+            "json": os.path.join(results, "timm_sweep.json"), "md": os.path.join(results, "timm_sweep.md")}
+
+
+# --- one model, inside the worker ---------------------------------------------------------------------
+
+def meta_model(name: str):
+    """The model built on the meta device: no memory, no initialisation, shapes only."""
+    import timm
+    import torch
+
+    with torch.device("meta"):
+        return timm.create_model(name, pretrained=False).eval()
+
+
+def meta_relu_count(model, size: int):
+    """The run-time ReLU count of a forward on meta tensors, or None if the forward needs real values.
+
+    A forward that runs on the meta device has no value-dependent control flow, so it calls exactly the
+    rectifiers a real forward calls; this spares building and running the many models without any.
+    """
+    import torch
+
+    from guided_swap import reference
+
+    channels, sizes, _ = sizes_to_try(model, size)
+    try:
+        return reference.count_relu_calls(model, torch.zeros((1, channels) + tuple(sizes[0]), device="meta"))
+    except Exception:
+        return None
+
+
+def build(name: str):
+    import timm
+    import torch
+
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False)
+    randomise_batchnorm(model)
+    return model.eval()
+
+
+def randomise_batchnorm(model) -> None:
+    """Running statistics and affine parameters far from the identity (as tests/conftest.py does)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.running_mean is not None:
+                shape = module.running_mean.shape
+                module.running_mean.copy_(torch.rand(shape, generator=generator) - 0.5)
+                module.running_var.copy_(torch.rand(shape, generator=generator) * 1.5 + 0.5)
+                if module.affine:
+                    module.weight.copy_(torch.rand(shape, generator=generator) * 1.5 + 0.25)
+                    module.bias.copy_((torch.rand(shape, generator=generator) - 0.5) * 0.2)
+
+
+def photograph(size: int, channels: int, mean, std):
+    from skimage import data
+
+    from guided_swap.images import load_image
+
+    x = load_image(data.astronaut(), resize=round(size * 256 / 224), crop=size, mean=mean, std=std,
+                   channels=channels)
+    return x.unsqueeze(0)
+
+
+def sizes_to_try(model, size: int):
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    default = tuple(cfg.get("input_size", (3, size, size)))
+    if cfg.get("fixed_input_size", False) or default[1:] == (size, size):
+        return default[0], [default[1:]], cfg
+    return default[0], [(size, size), default[1:]], cfg
+
+
+def relu_count_and_input(model, size: int):
+    """The run-time ReLU count at the first input size the model runs at, and that input."""
+    import torch
+
+    from guided_swap import reference
+
+    channels, sizes, cfg = sizes_to_try(model, size)
+    mean, std = cfg.get("mean", (0.485, 0.456, 0.406)), cfg.get("std", (0.229, 0.224, 0.225))
+    failure = None
+    for hw in sizes:
+        x = photograph(hw[0], channels, mean, std) if hw[0] == hw[1] else torch.randn((1, channels) + tuple(hw))
+        try:
+            return reference.count_relu_calls(model, x), x, None
+        except Exception as error:  # the model does not run at this size
+            failure = f"{type(error).__name__}: {first_line(error)}"
+    return None, None, failure
+
+
+def first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:300] if text else type(error).__name__
+
+
+def check_model(name: str, size: int, max_params: float, rtol: float) -> dict:
+    import torch
+
+    import guided_swap as gs
+    from guided_swap import reference
+
+    row = {"model": name}
+    started = time.perf_counter()
+    try:
+        meta = meta_model(name)
+        row["params_m"] = round(sum(p.numel() for p in meta.parameters()) / 1e6, 2)
+    except Exception as error:
+        meta, row["params_m"] = None, None
+        row["meta_build"] = first_line(error)
+    if row["params_m"] is not None and row["params_m"] * 1e6 > max_params:
+        return dict(row, status="skipped", reason=f"{row['params_m']:.0f}M parameters, over {max_params / 1e6:.0f}M")
+    if meta is not None and meta_relu_count(meta, size) == 0:
+        return dict(row, status="no ReLU", reason="counted on the meta device")
+    del meta
+    try:
+        model = build(name)
+    except Exception as error:
+        return dict(row, status="build failed", reason=first_line(error))
+    if row["params_m"] is None:
+        row["params_m"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
+    count, x, failure = relu_count_and_input(model, size)
+    if count is None:
+        return dict(row, status="does not run", reason=failure)
+    row.update(input=list(x.shape), relu_calls=count)
+    if count == 0:
+        return dict(row, status="no ReLU")
+    with torch.no_grad():
+        logits = model(x)
+    if not isinstance(logits, torch.Tensor):
+        return dict(row, status="FAIL", reason=f"the model returns a {type(logits).__name__}")
+    target = logits.argmax(dim=1)
+    try:
+        ex = gs.convert(model)  # default arguments: auto resolved on the first input, fx falling back to export
+        e = ex.explain(x, target)
+    except Exception as error:
+        return dict(row, status="FAIL", reason=f"convert/explain: {type(error).__name__}: {first_line(error)}",
+                    where=traceback.format_exc().splitlines()[-3][:300])
+    with torch.no_grad():
+        row["logits_identical"] = bool(torch.equal(ex(x), logits)) and bool(torch.equal(e.logits, logits))
+    row["capture"] = ex.report.capture
+    row["swapped"] = len(ex.swapped)
+    row["spellings"] = sorted({s.spelling for s in ex.report.swapped})
+    row["left_alone"] = sorted({kind for _, kind in ex.report.left_alone})
+    row["auto_reason"] = ex.report.layer_reasons.get("auto")
+    expected = reference.input_gradient(model, x, target)
+    scale = float(expected.abs().max())
+    row["gradient_rel_error"] = float((e.gradient - expected).abs().max()) / scale if scale > 0 else None
+    row["gradient_nonzero"] = round(float((expected != 0).float().mean()), 4)
+    row["auto_layer"] = next(iter(ex.report.layers.values()))
+    row["auto_map"] = list(e.cam_raw.shape[1:])
+    row["cam_nonzero"] = round(float((e.cam_raw != 0).float().mean()), 4)
+    problems = []
+    if not row["logits_identical"]:
+        problems.append("logits differ")
+    if row["swapped"] != count:
+        problems.append(f"swapped {row['swapped']} of {count} run-time calls")
+    if row["gradient_rel_error"] is None or row["gradient_nonzero"] < 0.01:
+        problems.append("reference gradient all zero")
+    elif row["gradient_rel_error"] > rtol:
+        problems.append(f"gradient error {row['gradient_rel_error']:.1e}")
+    if math.prod(row["auto_map"]) <= 1:
+        problems.append(f"auto map {row['auto_map']}")
+    row["seconds"] = round(time.perf_counter() - started, 1)
+    return dict(row, status="FAIL" if problems else "ok", reason="; ".join(problems))
+
+
+def worker(names, size, max_params, rtol, threads) -> None:
+    """Check ``names`` one after the other; tell the supervisor on stdout when each starts and ends."""
+    import warnings
+
+    import torch
+
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(threads)
+    for name in names:
+        print("START " + name, flush=True)
+        try:
+            row = check_model(name, size, max_params, rtol)
+        except Exception as error:  # a bug in a check must not stop the sweep
+            row = {"model": name, "status": "FAIL", "reason": f"{type(error).__name__}: {first_line(error)}",
+                   "where": traceback.format_exc().splitlines()[-3][:300]}
+        print("DONE " + json.dumps(row), flush=True)
+        gc.collect()
+
+
+# --- the supervisor ----------------------------------------------------------------------------------
+
+def load_progress(progress: str) -> dict:
+    rows = {}
+    if os.path.exists(progress):
+        with open(progress) as handle:
+            for line in handle:
+                line = line.strip()
+                if line:
+                    row = json.loads(line)
+                    rows[row["model"]] = row
+    return rows
+
+
+def append_progress(progress: str, row: dict) -> None:
+    os.makedirs(os.path.dirname(progress), exist_ok=True)
+    with open(progress, "a") as handle:
+        handle.write(json.dumps(row) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def run_worker(names, args, done_callback) -> list:
+    """Run a worker on ``names``; returns the names it did not reach (after a crash or a timeout)."""
+    command = [sys.executable, os.path.abspath(__file__), "--worker", "--threads", str(args.threads),
+               "--size", str(args.size), "--max-params", str(args.max_params), "--rtol", str(args.rtol),
+               "--models", *names]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                               start_new_session=True)
+    current, started = None, time.monotonic()
+    remaining = list(names)
+    try:
+        while True:
+            ready, _, _ = select.select([process.stdout], [], [], 5.0)
+            if ready:
+                line = process.stdout.readline()
+                if not line:  # the worker exited
+                    break
+                if line.startswith("START "):
+                    current, started = line[6:].strip(), time.monotonic()
+                elif line.startswith("DONE "):
+                    row = json.loads(line[5:])
+                    done_callback(row)
+                    remaining.remove(row["model"])
+                    current = None
+            if current is not None and time.monotonic() - started > args.timeout:
+                os.killpg(process.pid, 9)
+                process.wait()
+                done_callback({"model": current, "status": "timeout",
+                               "reason": f"over {args.timeout:.0f} s (2 CPU cores)"})
+                remaining.remove(current)
+                return remaining
+        code = process.wait()
+        if current is not None:
+            done_callback({"model": current, "status": "crashed", "reason": f"worker exit code {code}"})
+            remaining.remove(current)
+        return remaining
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, 9)
+            process.wait()
+
+
+def supervise(args) -> None:
+    import timm
+
+    names = args.models or timm.list_models()
+    done = load_progress(paths(args.results)["progress"])
+    pending = [n for n in names if n not in done or (args.redo and n in args.models)]
+    print(f"{len(names)} models, {len(names) - len(pending)} done before, {len(pending)} to go", flush=True)
+
+    lock = threading.Lock()
+
+    def record(row):
+        with lock:
+            append_progress(paths(args.results)["progress"], row)
+            done[row["model"]] = row
+            write_summary(done, args)
+            print(f"{row['model']:45s} {row['status']:12s} {row.get('reason', '')}", flush=True)
+
+    def shard(names):
+        while names:
+            batch, names = names[:args.restart_every], names[args.restart_every:]
+            while batch:
+                batch = run_worker(batch, args, record)
+
+    threads = [threading.Thread(target=shard, args=(pending[i::args.workers],)) for i in range(args.workers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    write_summary(done, args)
+
+
+# --- the summary ---------------------------------------------------------------------------------------
+
+ORDER = ("ok", "FAIL", "timeout", "crashed", "does not run", "build failed", "skipped", "no ReLU")
+
+
+def write_summary(rows: dict, args) -> None:
+    import timm
+    import torch
+
+    from guided_swap._files import atomic_write
+
+    counts = {status: sum(r["status"] == status for r in rows.values()) for status in ORDER}
+    relu_models = sum(counts[s] for s in ("ok", "FAIL", "timeout", "crashed"))
+    counts["ok via export"] = sum(r["status"] == "ok" and r.get("capture", "fx") != "fx" for r in rows.values())
+    settings = {"date": datetime.date.today().isoformat(), "timm": timm.__version__, "torch": torch.__version__,
+                "python": platform.python_version(), "size": args.size, "batch": 1, "max_params": args.max_params,
+                "rtol": args.rtol, "timeout_s": args.timeout, "listed": len(timm.list_models()),
+                "weights": "random (pretrained=False, seed 0), BatchNorm statistics randomised",
+                "convert": "gs.convert(model): default arguments (layer='auto', rule='guided', capture='auto')"}
+    summary = {"settings": settings, "counts": counts, "relu_models_checked": relu_models,
+               "models": [rows[name] for name in sorted(rows)]}
+    with atomic_write(paths(args.results)["json"]) as path:
+        with open(path, "w") as handle:
+            json.dump(summary, handle, indent=1)
+    with atomic_write(paths(args.results)["md"]) as path:
+        with open(path, "w") as handle:
+            handle.write(markdown(summary))
+
+
+def markdown(summary: dict) -> str:
+    s, counts = summary["settings"], summary["counts"]
+    lines = ["# timm sweep: every timm model that calls ReLU or ReLU6", "",
+             f"timm {s['timm']}, torch {s['torch']}, {s['date']}; {s['weights']}; batch 1 at {s['size']} px "
+             f"(or the model's fixed size); {s['convert']}; guided gradient against the fx-free reference "
+             f"within {s['rtol']:g} relative.", "",
+             f"Swept {sum(counts[status] for status in ORDER)} of {s['listed']} listed models. "
+             f"**{summary['relu_models_checked']} call ReLU/ReLU6 at run time**: "
+             f"{counts['ok']} exact (ok; {counts['ok via export']} of them through the torch.export path, fx "
+             f"failing), {counts['FAIL']} FAIL, {counts['timeout']} timed out, {counts['crashed']} crashed. "
+             f"Not checked: {counts['no ReLU']} without ReLU, {counts['skipped']} over "
+             f"{s['max_params'] / 1e6:.0f}M parameters, {counts['does not run']} that do not run at the size, "
+             f"{counts['build failed']} that do not build.", "",
+             "| model | status | capture | params (M) | input | ReLU calls | swapped | gradient rel. error | "
+             "auto layer | auto map | note |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    rank = {status: i for i, status in enumerate(ORDER)}
+    for row in sorted(summary["models"], key=lambda r: (rank.get(r["status"], 99), r["model"])):
+        if row["status"] in ("no ReLU",):
+            continue
+        error = row.get("gradient_rel_error")
+        lines.append("| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |".format(
+            row["model"], row["status"], row.get("capture", "").split(" (")[0], row.get("params_m", ""),
+            "x".join(str(v) for v in row.get("input", [])[2:]), row.get("relu_calls", ""), row.get("swapped", ""),
+            "" if error is None else f"{error:.1e}", row.get("auto_layer", ""),
+            "x".join(str(v) for v in row.get("auto_map", [])), str(row.get("reason", "")).replace("|", "/")))
+    no_relu = sorted(r["model"] for r in summary["models"] if r["status"] == "no ReLU")
+    lines += ["", f"Models without a ReLU/ReLU6 call at run time ({len(no_relu)}): " + ", ".join(no_relu), ""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="*", help="model names (default: every timm.list_models() entry)")
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--max-params", type=float, default=100e6)
+    parser.add_argument("--rtol", type=float, default=1e-5)
+    parser.add_argument("--timeout", type=float, default=1200.0, help="seconds per model")
+    parser.add_argument("--restart-every", type=int, default=20, help="a fresh worker process every N models")
+    parser.add_argument("--redo", action="store_true", help="check the --models named again")
+    parser.add_argument("--workers", type=int, default=1, help="worker processes side by side")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads per worker")
+    parser.add_argument("--summary-only", action="store_true")
+    parser.add_argument("--results", default=os.path.join(HERE, "results"), help="folder of the progress log and summary")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        worker(args.models, args.size, args.max_params, args.rtol, args.threads)
+    elif args.summary_only:
+        write_summary(load_progress(paths(args.results)["progress"]), args)
+    else:
+        supervise(args)
+
+
+if __name__ == "__main__":
+    main()
