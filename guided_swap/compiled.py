@@ -34,6 +34,7 @@ hooks on every call cannot be traced), and a kind of target whose pass torch.com
 >>> e.cam.shape, ex.compiled
 (torch.Size([2, 8, 8]), True)
 """
+import re
 import types
 import warnings
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
@@ -42,9 +43,13 @@ import torch
 from torch import Tensor
 
 from . import cam as cam_maths
+from . import export_capture
 from .errors import GuidedSwapError, TargetError
 from .maps import Explanation, PassResult, explanation_from_pass
 from .targets import Channel, _as_long_tensor, callable_score, class_score
+
+_substitute_in_graph = getattr(torch.compiler, "substitute_in_graph", None) or \
+    torch._dynamo.decorators.substitute_in_graph
 
 #: torch >= 2.11 traces ``torch.autograd.grad`` into the graph; older versions break the graph there.
 TRACES_AUTOGRAD = hasattr(torch._dynamo.config, "trace_autograd_ops")
@@ -177,6 +182,36 @@ class CompiledExplain:
                           "on the values it closes over. Reuse one function (lambdas written once in the code are "
                           f"fine); after {torch._dynamo.config.recompile_limit} compiles torch runs it eagerly",
                           stacklevel=4)
+
+
+# --- the export path's shape check, traceable -----------------------------------------------------------
+# A graph captured with torch.export starts with check_input_shape, which evaluates torch.export's guard
+# strings with eval(): torch.compile cannot trace that, and the graph break splits the explain pass. Traced,
+# the check below takes its place: "x.size()[i] == N" guards (the usual ones: sizes fixed at capture) become
+# comparisons torch.compile resolves while tracing; any other guard, or a misfit, runs the original eagerly
+# (which raises the usual InputError).
+
+_SIZE_GUARD = re.compile(r"x\.size\(\)\[([0-9]+)\] == ([0-9]+)")
+
+
+@torch._dynamo.assume_constant_result
+def _fixed_sizes(guards: Tuple[str, ...]) -> Optional[Tuple[Tuple[int, int], ...]]:
+    matches = [_SIZE_GUARD.fullmatch(guard) for guard in guards]
+    return None if not all(matches) else tuple((int(m[1]), int(m[2])) for m in matches)
+
+
+_check_eagerly = torch._dynamo.disable(export_capture.check_input_shape)
+
+
+@_substitute_in_graph(export_capture.check_input_shape)
+def _traceable_check_input_shape(x: Tensor, guards: Tuple[str, ...] = (), example: Tuple[int, ...] = (),
+                                 dynamic_size: bool = False) -> None:
+    sizes = _fixed_sizes(tuple(guards))
+    fits = sizes is not None
+    for dim, size in sizes or ():
+        fits = fits and x.dim() > dim and x.shape[dim] == size
+    if not fits:
+        _check_eagerly(x, guards, example, dynamic_size)
 
 
 def _call(module: Callable, x: Tensor) -> Any:

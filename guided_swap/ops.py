@@ -13,16 +13,19 @@ what ``torch.relu`` saves. In-place calls stay in place (``mark_dirty``).
 tensor([0., 0., 4., 0.])
 
 Speed. A Python ``autograd.Function`` costs about three times a native ReLU in CPU time per call (the Python
-forward, its context object and a Python backward called from the engine): on a GPU at small batches that
-CPU time *is* the explainer's time. A rule that defines :meth:`~guided_swap.rules.Rule.incoming` (guided
-backprop does: ``max(g, 0) * [out > 0]`` is autograd's own ReLU backward applied to ``max(g, 0)``) therefore
-takes a shorter path in eager mode: the native ReLU (or ReLU6) runs unchanged and one gradient pre-hook on its
-backward node applies ``incoming`` to the arriving gradient. What is saved for backward is exactly what
-``torch.relu`` saves; the map equals the rule's ``backward`` (bit for bit for the built-in rule). Rules without
-``incoming`` (deconvnet ignores the mask), in-place calls on a view (the view's backward node belongs to its
-base), and every rule under ``torch.compile`` (which traces the Function and fuses the rule into the
-surrounding kernels) use :class:`RectifierFunction`. ``make_fx`` (the ``.pt2`` export) runs eagerly on proxy
-tensors, so it records the pre-hook's ops like any others.
+forward, its context object and a Python backward called from the engine): on a GPU at small batches that CPU time
+*is* the explainer's time. A rule that defines :meth:`~guided_swap.rules.Rule.incoming` (guided backprop does:
+``max(g, 0) * [out > 0]`` is autograd's own ReLU backward applied to ``max(g, 0)``) therefore takes a shorter path
+in eager mode: the native ReLU (or ReLU6) runs unchanged and one gradient pre-hook on its backward node applies
+``incoming`` to the arriving gradient: the Python forward and its context object go, and the Python backward
+becomes one hook call (about a third of the cost a swapped rectifier adds over a plain ReLU;
+benchmarks/results/rectifier_cpu.md). Registering and calling the hook, and the extra ``max(g, 0)`` kernel, are
+the floor of eager mode: no native op has that backward. What is saved for backward is exactly what ``torch.relu``
+saves; the map equals the rule's ``backward`` (bit for bit for the built-in rule). Rules without ``incoming``
+(deconvnet ignores the mask), in-place calls on a view (the view's backward node belongs to its base), and every
+rule under ``torch.compile`` (which traces the Function and fuses the rule into the surrounding kernels) use
+:class:`RectifierFunction`. ``make_fx`` (the ``.pt2`` export) runs eagerly on proxy tensors, so it records the
+pre-hook's ops like any others.
 
 >>> slot = RuleSlot(get_rule("guided"))
 >>> y = rectify(torch.tensor([-1.0, 2.0], requires_grad=True), slot)

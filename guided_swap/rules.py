@@ -47,7 +47,7 @@ class Rule:
     An optional method, for speed: a rule whose gradient is "change the incoming gradient, then the ordinary
     ReLU mask" may say so with :meth:`incoming`. In eager mode the rectifier then stays autograd's native
     ReLU/ReLU6 node, with one gradient pre-hook that applies ``incoming``, instead of a Python
-    ``autograd.Function`` (about half the CPU time per rectifier; see :mod:`guided_swap.ops`). A rule that
+    ``autograd.Function`` (less CPU time per rectifier; see :mod:`guided_swap.ops`). A rule that
     defines only ``incoming`` gets ``backward = incoming(g) * [output > 0]``; one that defines both must make
     them agree (``backward`` runs under ``torch.compile`` and on the run-time capture path).
 

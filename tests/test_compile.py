@@ -284,3 +284,21 @@ def test_the_run_time_capture_explains_eagerly_with_a_warning():
     assert not explainer.compiled
     x = torch.randn(2, 3, 16, 16)
     assert_nontrivial(explainer.explain(x, [0, 1]).gradient, 0.03)
+
+
+def test_a_deferred_explainer_compiled_before_its_capture():
+    """capture="export" captures from the first input: compile() before it applies to the captured graph, whose
+    shape check (eval of torch.export's guards) is traced without a graph break and still refuses a misfit."""
+    explainer = gs.convert(tiny_cnn(), layer="3", capture="export", layout="nchw")
+    counter = CompileCounterWithBackend("eager")
+    explainer.compile(backend=counter)
+    eager = gs.convert(tiny_cnn(), layer="3", capture="export", layout="nchw")
+    for batch in (2, 3):
+        x = torch.randn(batch, 3, 16, 16)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            e = explainer.explain(x, list(range(batch)))
+        assert_same_maps(e, eager.explain(x, list(range(batch))), 1e-5)
+    assert counter.frame_count == 1 and "export" in explainer.report.capture
+    with pytest.raises(InputError, match="does not fit"):
+        explainer.explain(torch.randn(2, 3, 20, 20))
