@@ -8,9 +8,17 @@ One run:
    every rank takes its share of the inputs to do (:mod:`guided_swap.distributed`),
    decodes them in ``workers`` DataLoader processes and writes one ``.npz`` and/or ``.png`` per input, each
    atomically, each carrying its record;
-3. with one colour scale for the run (``--scale shared``, the default), the figures wait for a second pass:
-   rank 0 merges the records' sums into one range per kind of map, and the inputs whose figure is missing or
-   on another range are explained again and drawn (:mod:`guided_swap.writing`);
+3. with one colour scale for the run (``--scale shared``, the default), the figures wait for a drawing pass:
+   rank 0 merges the records' sums into one range per kind of map, and the figures missing or on another range
+   are drawn from the maps already saved, so no input is explained twice in one run (with ``--smooth N`` that
+   would cost N copies again). With ``--save png,npz`` they come from the ``.npz`` files; with ``--save png``
+   step 2 also wrote the arrays each figure shows (:func:`~guided_swap.writing.figure_names`, float32 as
+   computed) to a hidden temporary ``OUT/.NAME.maps.PID-TOKEN.part``, removed once its figure is drawn or the
+   run stops. Each file must carry the very record rank 0 made the range from (its fingerprint), so a file
+   another process replaced meanwhile is not drawn from: that input's index line says so. Each rank draws the
+   figures of the inputs it explained, from its own files, and its share of the done results to redraw. A done
+   result whose figure is on an old range is redrawn from its ``.npz``; a result of an earlier ``--save png``
+   run has no maps kept, so it is explained again to be drawn (once: it was not explained in step 2);
 4. rank 0 gathers the records and rewrites ``OUT/index.jsonl``, one line per input.
 
 Ctrl-C (or SIGTERM) stops after the current batch; what was written stays, and the same command finishes

@@ -13,6 +13,8 @@ Layout (``OUT`` is ``--out``):
   classes, the Grad-CAM peak, and the *settings* that made it. A file at an output path without a record
   was not written by guided-swap and is never replaced.
 - ``OUT/index.jsonl``: one record per input of the last run, failures included (``error`` set).
+- Hidden temporaries only (``.NAME.PID-TOKEN.part``, :mod:`guided_swap._files`), removed by the next run: the
+  half-written results of a killed run, and ``.NAME.maps.PID-TOKEN.part``, the arrays of a figure still to draw.
 
 >>> layout_names(["photos/a.jpg", "photos/sub/a.png"], ["photos"])
 ['a.jpg', 'sub/a.png']
