@@ -79,7 +79,8 @@ def figure_as_before(args, name: str, limits) -> np.ndarray:
     one = replace(one, layers={nodes.get(key, key): maps for key, maps in one.layers.items()})
     p = job.preprocessing
     fig = viz.figure(one, x[None], panels(job.method, job.cams), labels=job.labels, notes=[name], mean=p.mean,
-                     std=p.std, cmap=job.cmap, scale="shared", limits={k: tuple(v) for k, v in limits.items()})
+                     std=p.std, cmap=job.cmap, scale="shared" if limits else "per-image",
+                     limits={k: tuple(v) for k, v in limits.items()} if limits else None)
     stream = io.BytesIO()
     fig.savefig(stream, format="png", dpi=110)
     return pixels(stream)
@@ -94,6 +95,15 @@ def test_each_input_is_explained_once_and_drawn_as_its_explanation(tmp_path, thr
     limits = read_record(str(out / "a.png.png"))["limits"]
     assert limits == read_record(str(out / "c.png.png"))["limits"]  # one scale over the run
     assert np.array_equal(pixels(out / "a.png.png"), figure_as_before(arguments(three, out), "a.png", limits))
+
+
+@pytest.mark.parametrize("extra", [("--scale", "per-image"), ("--method", "gradcam", "--save", "png")])
+def test_per_image_and_grad_cam_only_figures_are_those_of_the_explanation(tmp_path, three, extra):
+    args = arguments(three / "b.png", tmp_path / "out", *extra)
+    assert main(args) == 0
+    limits = read_record(str(tmp_path / "out" / "b.png.png"))["limits"]
+    assert (limits is None) == ("per-image" in extra)
+    assert np.array_equal(pixels(tmp_path / "out" / "b.png.png"), figure_as_before(args, "b.png", limits))
 
 
 def test_png_only_and_png_with_npz_draw_the_same_pictures_with_smoothgrad(tmp_path, three, explained):
