@@ -39,7 +39,8 @@ from .decoding import Decoded, loader
 from .errors import CommandError, GuidedSwapError
 from .model_spec import Preprocessing, Source
 from .results import Plan
-from .writing import CAM_METHODS, Writers, draw_saved, explain_batch, figure_names, look, shared_limits, uses_layer
+from .writing import (CAM_METHODS, Writers, draw_saved, explain_batch, figure_context, figure_names, shared_limits,
+                      uses_layer)
 
 INTERRUPTED = "not explained: the run was interrupted; run the same command again to finish"
 NO_FIGURE = "figure not drawn: the run was interrupted; run the same command again to finish"
@@ -101,9 +102,9 @@ class Job:
             "rule": rule_of(self.method), "target": "auto" if self.target is None else self.target,
             "resize": p.resize, "size": p.crop, "mean": list(p.mean), "std": list(p.std),
             "labels_sha256": None if self.labels is None else sha256_text("\n".join(self.labels)),
-            "cmap": self.cmap, "scale": self.scale, "cams": list(self.cams), "smooth": self._smoothing()})
+            "cmap": self.cmap, "scale": self.scale, "cams": list(self.cams), "smooth": self.smoothing()})
 
-    def _smoothing(self) -> Optional[Dict[str, Any]]:
+    def smoothing(self) -> Optional[Dict[str, Any]]:
         from .smoothing import DEFAULT_NOISE
         from .writing import SMOOTHING_SEED
 
@@ -311,8 +312,8 @@ def _draw(explainer, job: Job, plan: Plan, mine: Sequence[int], drawing: Drawing
             if rec is None or results.fingerprint(rec) != drawing.from_files[index]:
                 records[index] = results.failure_record(item, settings, _changed(job, path))
             else:
-                writers.submit(job, item, rec, maps, look(explainer, job, rec.get("layers") or {}), drawing.limits,
-                               stashed.get(index), work=draw_saved)
+                context = figure_context(explainer, job, rec.get("layers") or {})
+                writers.submit(job, item, rec, maps, context, drawing.limits, stashed.get(index), work=draw_saved)
                 records[index] = rec
             bar.update(1)
             if flag.raised and (done % job.batch_size == 0 or done == len(mine)):

@@ -105,7 +105,7 @@ def figure_names(method: str, cams: Sequence[str] = ()) -> List[str]:
 
 
 @dataclass(frozen=True)
-class Look:
+class FigureContext:
     """What a figure says besides its arrays: the rule, how many rectifiers carry it, the node of the captured
     layer (its key in ``Explanation.layers`` as the figure titles it) and the smoothing."""
 
@@ -115,13 +115,14 @@ class Look:
     smoothing: Optional[Dict[str, Any]]
 
 
-def look(explainer, job, nodes: Dict[str, str]) -> Look:
-    """The :class:`Look` of this run's figures; ``nodes``: the record's ``layers`` (the node each layer name
-    became, ``auto`` included)."""
+def figure_context(explainer, job, nodes: Dict[str, str]) -> FigureContext:
+    """The :class:`FigureContext` of this run's figures; ``nodes``: the record's ``layers`` (the node each layer
+    name became, ``auto`` included)."""
     first = explainer.layers[0] if explainer.layers else None
-    smoothing = job._smoothing()
-    return Look(explainer.rule.name, len(explainer.swapped), None if first is None else nodes.get(first, first),
-                None if smoothing is None else {"copies": smoothing["copies"], "noise": float(smoothing["noise"])})
+    smoothing = job.smoothing()
+    layer = None if first is None else nodes.get(first, first)
+    smoothing = None if smoothing is None else {"copies": smoothing["copies"], "noise": float(smoothing["noise"])}
+    return FigureContext(explainer.rule.name, len(explainer.swapped), layer, smoothing)
 
 
 @dataclass
@@ -142,31 +143,33 @@ class Saved:
     cams: Dict[str, np.ndarray] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, maps: Dict[str, np.ndarray], seen: Look) -> "Saved":
+    def of(cls, maps: Dict[str, np.ndarray], context: FigureContext) -> "Saved":
         def row(name):
             return maps[name][None] if name in maps else None
 
         return cls(torch.from_numpy(row("logits")), torch.from_numpy(row("target")), torch.from_numpy(row("score")),
                    row("gradient") if "gradient" in maps else np.zeros((1, 0), np.float32),
-                   {} if seen.layer is None else {seen.layer: None}, seen.rule, seen.swapped, seen.smoothing,
+                   {} if context.layer is None else {context.layer: None}, context.rule, context.swapped,
+                   context.smoothing,
                    row("cam"), row("guided_gradcam"),
                    {name[len("cams."):]: row(name) for name in maps if name.startswith("cams.")})
 
 
-def figure(job, maps: Dict[str, np.ndarray], seen: Look, item: Item, limits: Optional[Dict[str, List[float]]] = None):
+def figure(job, maps: Dict[str, np.ndarray], context: FigureContext, item: Item,
+           limits: Optional[Dict[str, List[float]]] = None):
     """The figure of one input from its arrays (:func:`figure_names`): its panels (:func:`panels`), titled by
     what each map is, on ``limits`` (one scale shared by the run) or each map on its own range."""
     from . import viz
 
     p = job.preprocessing
-    return viz.figure(Saved.of(maps, seen), maps["input"][None], panels(job.method, job.cams), labels=job.labels,
-                      notes=[item.name], mean=p.mean, std=p.std, cmap=job.cmap,
+    return viz.figure(Saved.of(maps, context), maps["input"][None], panels(job.method, job.cams),
+                      labels=job.labels, notes=[item.name], mean=p.mean, std=p.std, cmap=job.cmap,
                       scale="shared" if limits else "per-image",
                       limits={k: tuple(v) for k, v in limits.items()} if limits else None)
 
 
-def write_result(job, item: Item, rec: dict, maps: Dict[str, np.ndarray], seen: Look, kinds: Sequence[str],
-                 limits: Optional[Dict[str, List[float]]], stash: Optional[str] = None) -> None:
+def write_result(job, item: Item, rec: dict, maps: Dict[str, np.ndarray], context: FigureContext,
+                 kinds: Sequence[str], limits: Optional[Dict[str, List[float]]], stash: Optional[str] = None) -> None:
     """The ``kinds`` of output (``npz``, ``png``) of one input, each atomically; the PNG's record has its
     limits. ``stash``: a hidden temporary path that gets the figure's arrays, for a figure drawn later."""
     paths = results.output_paths(job.out, item, kinds)
@@ -175,19 +178,20 @@ def write_result(job, item: Item, rec: dict, maps: Dict[str, np.ndarray], seen: 
     if stash is not None:
         results.write_stash(stash, {name: maps[name] for name in figure_names(job.method, job.cams)}, rec)
     if "png" in paths:
-        results.write_png(figure(job, maps, seen, item, limits), paths["png"], dict(rec, limits=limits))
+        results.write_png(figure(job, maps, context, item, limits), paths["png"], dict(rec, limits=limits))
 
 
-def draw_saved(job, item: Item, rec: dict, maps: Dict[str, np.ndarray], seen: Look,
+def draw_saved(job, item: Item, rec: dict, maps: Dict[str, np.ndarray], context: FigureContext,
                limits: Dict[str, List[float]], stash: Optional[str]) -> None:
     """The PNG of one input from the arrays a file held (its ``.npz``, or the ``stash`` then removed)."""
-    write_result(job, item, rec, maps, seen, ("png",), limits)
+    write_result(job, item, rec, maps, context, ("png",), limits)
     if stash is not None:
         results.remove_stash(stash)
 
 
 class Writers:
-    """:func:`write_result` (or ``work``) in ``count`` forked processes (0: in this one), at most ``backlog`` waiting."""
+    """:func:`write_result` (or another ``work``) in ``count`` forked processes (0: in this one), at most
+    ``backlog`` waiting."""
 
     def __init__(self, count: int, backlog: int = 64):
         self.pool = None
@@ -241,7 +245,7 @@ def explain_batch(explainer, job, batch, items: Sequence[Item], settings: dict, 
     x = torch.stack([tensor for _, tensor in good]).to(group.device)
     rows = _explain(explainer, job, x)
     nodes = dict(explainer.report.layers)
-    seen = look(explainer, job, nodes)
+    context = figure_context(explainer, job, nodes)
     made_by = {"rank": group.rank, "world": group.world, "device": str(group.device)}
     for i, (index, _) in enumerate(good):
         maps = {key: value[0] for key, value in arrays(rows[i], x[i:i + 1], job.method, job.cams).items()}
@@ -250,7 +254,7 @@ def explain_batch(explainer, job, batch, items: Sequence[Item], settings: dict, 
         if stash:
             stashed[index] = part_name(results.stash_base(job.out, items[index]))
         if kinds or stash:
-            writers.submit(job, items[index], records[index], maps, seen, kinds, limits, stashed.get(index))
+            writers.submit(job, items[index], records[index], maps, context, kinds, limits, stashed.get(index))
     return records, stashed
 
 
