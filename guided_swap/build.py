@@ -16,10 +16,11 @@ from typing import Any, Dict, NamedTuple, Optional, Sequence, Tuple, Union
 from torch import Tensor, fx, nn
 
 from . import capture as capture_layers
-from . import rewrite
+from . import layouts, rewrite
 from .export_capture import fx_failure_site, trace_export
 from .errors import OutputError, TraceError
 from .explainer import Explainer
+from .layouts import Layout
 from .rules import Rule, get_rule
 from .targets import OutputKey
 from .trace import Traced, trace
@@ -50,6 +51,7 @@ class ConversionReport:
     forked: bool = False
     capture: str = "fx"
     ordinary_rule: bool = False
+    layouts: Dict[str, Layout] = field(default_factory=dict)  # how each capture becomes (B, C, *spatial)
 
     def _layer_names(self):
         return list(dict.fromkeys(list(self.layers) + list(self.layer_reasons)))
@@ -57,6 +59,9 @@ class ConversionReport:
     def _layer_line(self, name: str, reason_format: str) -> str:
         node = self.layers.get(name)
         line = f"layer {name!r} captures node {node!r}" if node else f"layer {name!r}"
+        layout = getattr(self, "layouts", {}).get(name)  # reports saved before layouts had none
+        if layout is not None and layout.kind != "nchw":
+            line += f" [{layout.describe()}]"
         reason = self.layer_reasons.get(name)
         return line + (" " + reason_format.format(reason) if reason else "")
 
@@ -103,6 +108,7 @@ class Built:
     layer_reasons: Dict[str, str]
     made_out_of_place: Tuple[str, ...]
     forked: bool
+    layouts: Dict[str, Layout] = field(default_factory=dict)
 
 
 class Plan:
@@ -110,9 +116,11 @@ class Plan:
     layers can be resolved (``auto`` needs an input: the user's first one unless an example was given)."""
 
     def __init__(self, traced: Traced, model: nn.Module, layers: Sequence[str], rule: Rule, output: OutputKey,
-                 capture_path: str = "fx"):
+                 capture_path: str = "fx", given_layouts: Optional[Dict[str, Layout]] = None):
         self.traced, self.layers, self.rule, self.output = traced, list(layers), rule, output
         self.capture_path = capture_path
+        self.given_layouts = dict(given_layouts or {})
+        self.layouts_need_input = False  # a capture's layout is read from the first input (see layouts.decide)
         self.model_name = type(model).__name__
         self._model_modules = set(dict(model.named_modules()))
         gm = traced.module
@@ -129,7 +137,7 @@ class Plan:
 
     @property
     def needs_example(self) -> bool:
-        return AUTO in self.layers
+        return AUTO in self.layers or self.layouts_need_input
 
     def forward_graph(self) -> fx.GraphModule:
         """The swapped graph computing only the model's output (no captures, no fork)."""
@@ -145,10 +153,13 @@ class Plan:
             if name == AUTO:
                 module_outputs = {module: [env[n] for n in outs if n in env]
                                   for module, outs in self.module_outputs.items()}
-                nodes[name], reasons[name] = capture_layers.auto_layer(gm, example, self.output, module_outputs)
+                chosen = layouts.auto_layer(gm, example)  # transformers; None for a CNN
+                nodes[name], reasons[name] = chosen or capture_layers.auto_layer(gm, example, self.output,
+                                                                                 module_outputs)
             else:
                 nodes[name] = env[self.named[name]]
         captured = [nodes[name] for name in self.layers]
+        read = layouts.decide(gm, nodes, example, self.given_layouts, self.input_spec)
         made_out_of_place = rewrite.protect(gm, captured)
         output_node = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
         output_arg = output_node.args[0]
@@ -159,7 +170,7 @@ class Plan:
         gm.delete_all_unused_submodules()
         gm.recompile()
         return Built(gm, {name: rewrite.qualname(node) for name, node in nodes.items()}, reasons,
-                     tuple(made_out_of_place), forked)
+                     tuple(made_out_of_place), forked, read)
 
     def report(self, built: Optional[Built]) -> ConversionReport:
         report = ConversionReport(self.rule.name, tuple(self.swaps), tuple(self.left_alone), tuple(self.hidden),
@@ -169,15 +180,24 @@ class Plan:
             return replace(report, layers={n: rewrite.qualname(node) for n, node in self.named.items()},
                            layer_reasons=pending)
         return replace(report, layers=built.layers, layer_reasons=built.layer_reasons,
-                       made_out_of_place=built.made_out_of_place, forked=built.forked)
+                       made_out_of_place=built.made_out_of_place, forked=built.forked, layouts=built.layouts)
 
 
-CAPTURE_PATHS = ("auto", "fx", "export")
+CAPTURE_PATHS = ("auto", "fx", "export", "runtime")
+
+
+def warn_if_training(model: nn.Module, stacklevel: int = 2) -> None:
+    """Say that a model in training mode is explained as deployed (every capture path does so)."""
+    if model.training:
+        warnings.warn("the model is in training mode; the explainer explains it as deployed (eval mode: BatchNorm "
+                      "running statistics, no dropout) and never updates its buffers. Call model.eval() before "
+                      "convert() to silence this", stacklevel=stacklevel)
 
 
 def convert(model: nn.Module, layer: Union[None, str, Sequence[str]] = AUTO, rule: Union[str, Rule] = "guided", *,
             output: OutputKey = None, example_input: Optional[Tensor] = None,
-            tracer_kwargs: Optional[Dict[str, Any]] = None, capture: str = "auto") -> Explainer:
+            tracer_kwargs: Optional[Dict[str, Any]] = None, capture: str = "auto", layout: layouts.LayoutSpec = None,
+            reshape: Optional[Any] = None) -> Explainer:
     """Convert ``model`` once into an :class:`~guided_swap.Explainer`. The model itself is never changed.
 
     ``layer``: a module name (``"layer4"``), a graph node name (``"layer4.1.relu_1"``), a list of names,
@@ -187,28 +207,38 @@ def convert(model: nn.Module, layer: Union[None, str, Sequence[str]] = AUTO, rul
     and any the user registered) or a :class:`~guided_swap.Rule` instance.
     ``output``: which entry of a tuple/namedtuple/dict output is explained.
     ``tracer_kwargs``: torch.fx options when the model does not trace (leaf_modules, autowrap_functions, ...).
-    ``capture``: ``"fx"`` (symbolic tracing), ``"export"`` (torch.export, for models fx cannot trace: data-dependent
-    shape checks, loops over sizes; it captures for inputs shaped like the example, any batch size), or
-    ``"auto"``: fx, falling back to export when fx fails. Without ``example_input`` the export capture happens on
-    the first input; the report says which path was used and why.
+    ``capture``: ``"fx"`` (symbolic tracing), ``"export"`` (torch.export, for models fx cannot trace: shape
+    checks, loops over sizes; it captures for inputs shaped like the example, any batch size), ``"runtime"``
+    (rectifier calls swapped while the model runs: detectors, data-dependent post-processing), or ``"auto"``: fx,
+    then export, then run time, each tried when the one before fails (a non-tensor input, such as a detector's
+    list of images, goes to run time). Without ``example_input`` the fallback happens on the first input. The
+    report's ``capture`` says which path was used and why.
+    ``layout``/``reshape``: how a capture becomes the (B, C, *spatial) map of the CAMs, when the graph cannot
+    tell (it reads token (B, N, C) and channels-last captures itself): ``"tokens"``, ``"nhwc"``, ``"nchw"``, a
+    :class:`~guided_swap.Layout`, or a callable ``reshape(t) -> (B, C, *spatial)``; one for every layer or a
+    dict by layer name (docs/transformers.md). Graph capture paths only.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert() takes a torch.nn.Module, got {type(model).__name__}")
     if capture not in CAPTURE_PATHS:
         raise ValueError(f"capture={capture!r} is not one of {CAPTURE_PATHS}")
     rule = get_rule(rule)
-    if model.training:
-        warnings.warn("the model is in training mode; the explainer explains it as deployed (eval mode: BatchNorm "
-                      "running statistics, no dropout) and never updates its buffers. Call model.eval() before "
-                      "convert() to silence this", stacklevel=2)
+    warn_if_training(model, stacklevel=3)
     names = capture_layers.layer_list(layer)
+    given = layouts.overrides(layout, reshape, names)
 
     def make_plan(traced: Traced, path: str) -> Plan:
-        plan = Plan(traced, model, names, rule, output, path)
+        plan = Plan(traced, model, names, rule, output, path, given)
         if plan.hidden:
             warnings.warn(f"ReLUs inside leaf modules cannot be swapped and keep their ordinary gradient: "
                           f"{plan.hidden}", stacklevel=3)
         return plan
+
+    def runtime(example: Any, reason: Optional[str]) -> Explainer:
+        if given:
+            warnings.warn("layout=/reshape= apply to graph captures (fx, export); the run-time capture takes every "
+                          "captured layer as a channels-first map", stacklevel=4)
+        return _runtime(model, names, rule, output, example, reason)
 
     fx_error = None
     if capture in ("auto", "fx"):
@@ -219,17 +249,45 @@ def convert(model: nn.Module, layer: Union[None, str, Sequence[str]] = AUTO, rul
                 raise
             fx_error = error
         else:
-            built = None if plan.needs_example and example_input is None else plan.build(example_input)
-            return Explainer(plan, built)
-    path = "export" if fx_error is None else f"export (fx failed at {fx_failure_site(fx_error)})"
+            return Explainer(plan, _build_now(plan, example_input))
+    if capture == "runtime":
+        return runtime(example_input, None)
+    fx_note = None if fx_error is None else f"fx failed at {fx_failure_site(fx_error)}"
 
-    def export_plan(example: Tensor) -> Plan:
-        return make_plan(trace_export(model, example), path)
+    def export_or_runtime(example: Any) -> Union[Plan, Explainer]:
+        """The export capture for a tensor input; the run-time capture when export cannot take the model."""
+        if not isinstance(example, Tensor) and capture == "auto":
+            return runtime(None, f"{fx_note}; the input is not a tensor")
+        try:
+            return make_plan(trace_export(model, example), "export" + (f" ({fx_note})" if fx_note else ""))
+        except (TraceError, TypeError) as export_error:
+            if capture == "export":
+                raise
+            reason = f"{fx_note}; export failed: {str(export_error).splitlines()[0][:200]}"
+            return runtime(None, reason)
 
     if example_input is None:
-        return Explainer.deferred(export_plan, rule, names, output, path)
-    plan = export_plan(example_input)
-    return Explainer(plan, plan.build(example_input))
+        path = (f"{fx_note}: " if fx_note else "") + "export (or run time if export fails)"
+        return Explainer.deferred(export_or_runtime, rule, names, output, path)
+    result = export_or_runtime(example_input)
+    return result if isinstance(result, Explainer) else Explainer(result, result.build(example_input))
+
+
+def _build_now(plan: Plan, example: Optional[Tensor]) -> Optional[Built]:
+    """The explain graph now, or None when it waits for the first input (auto, or a layout read from a run)."""
+    if plan.needs_example and example is None:
+        return None
+    try:
+        return plan.build(example)
+    except layouts.NeedsInput:
+        plan.layouts_need_input = True
+        return None
+
+
+def _runtime(model: nn.Module, names, rule: Rule, output: OutputKey, example: Any, reason: Optional[str]):
+    from .runtime_explainer import build_runtime  # it builds on this module's report classes
+
+    return build_runtime(model, names, rule, output, example, reason)
 
 
 def _copy_graph(graph: fx.Graph) -> Tuple[fx.Graph, Dict[fx.Node, fx.Node]]:

@@ -14,11 +14,13 @@ tensor([[[2., 2.],
 >>> upsample(torch.ones(1, 2, 2, 2), (4, 8, 8)).shape   # a (B, t, h, w) map, trilinear
 torch.Size([1, 4, 8, 8])
 """
-from typing import Sequence
+from typing import Callable, Dict, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .errors import GuidedSwapError
 
 # "linear", "bilinear" and "trilinear" all mean linear interpolation along every spatial axis of the map.
 LINEAR = ("linear", "bilinear", "trilinear")
@@ -86,3 +88,138 @@ def guided_gradcam(cam: Tensor, guided_gradient: Tensor) -> Tensor:
     if cam.shape[0] != guided_gradient.shape[0] or cam.shape[1:] != guided_gradient.shape[2:]:
         raise ValueError(f"cam {tuple(cam.shape)} does not fit gradient {tuple(guided_gradient.shape)}")
     return cam.unsqueeze(1) * guided_gradient
+
+
+# --- more gradient CAMs from the same A and G -------------------------------------------------------------
+# Each follows its paper and pytorch-grad-cam's code (the tests compare them), ReLU applied, any spatial rank.
+
+#: Added to Grad-CAM++'s denominator, as pytorch-grad-cam does (it matters only where G² is ~1e-6 or smaller).
+PLUSPLUS_EPS = 1e-6
+#: Added to XGrad-CAM's per-channel activation sums, as pytorch-grad-cam does.
+XGRADCAM_EPS = 1e-7
+
+
+def gradcam_plusplus(activation: Tensor, gradient: Tensor) -> Tensor:
+    """Grad-CAM++ (Chattopadhyay et al. 2018, eq. 19 with the exponential score): ``ReLU(sum_k w_k A_k)`` with
+    ``w_k = sum_p alpha_kp ReLU(G_kp)``, ``alpha = G² / (2 G² + sum_p(A_k) G³ + eps)``, 0 where ``G = 0``."""
+    _check(activation, gradient)
+    dims = _spatial_dims(gradient)
+    square = gradient * gradient
+    alpha = square / (2 * square + activation.sum(dim=dims, keepdim=True) * square * gradient + PLUSPLUS_EPS)
+    alpha = torch.where(gradient != 0, alpha, torch.zeros_like(alpha))
+    weights = (alpha * torch.relu(gradient)).sum(dim=dims, keepdim=True)
+    return torch.relu((weights * activation).sum(dim=1))
+
+
+def xgradcam(activation: Tensor, gradient: Tensor) -> Tensor:
+    """XGrad-CAM (Fu et al. 2020): ``w_k = sum_p G_kp A_kp / (sum_p A_kp + eps)``; ``ReLU(sum_k w_k A_k)``."""
+    _check(activation, gradient)
+    dims = _spatial_dims(gradient)
+    weights = (gradient * activation).sum(dim=dims, keepdim=True) / (activation.sum(dim=dims, keepdim=True) +
+                                                                     XGRADCAM_EPS)
+    return torch.relu((weights * activation).sum(dim=1))
+
+
+def elementwise_gradcam(activation: Tensor, gradient: Tensor) -> Tensor:
+    """Element-wise Grad-CAM (pytorch-grad-cam's GradCAMElementWise): ``ReLU(sum_k ReLU(G_k * A_k))``."""
+    _check(activation, gradient)
+    return torch.relu(torch.relu(gradient * activation).sum(dim=1))
+
+
+def eigengradcam(activation: Tensor, gradient: Tensor) -> Tensor:
+    """EigenGrad-CAM: the first principal component of ``G * A`` over the positions, ReLU applied.
+
+    Per sample, the (positions x channels) matrix ``G * A`` is centred over the positions and projected on its
+    first right singular vector ``v``, as pytorch-grad-cam does. An SVD leaves the sign of ``v`` arbitrary; here
+    it is fixed per sample so that ``sum_k v_k >= 0``, which is the same as saying that the map correlates
+    positively with the (centred) evidence ``sum_k G_k A_k`` for the target at each position. Two equal top
+    singular values leave the component itself ambiguous (a map with a single position gives zeros).
+    """
+    _check(activation, gradient)
+    product = (gradient * activation).flatten(2).transpose(1, 2)        # (B, positions, K)
+    work = product.float() if product.dtype in (torch.float16, torch.bfloat16) else product
+    centred = work - work.mean(dim=1, keepdim=True)
+    _, _, vh = torch.linalg.svd(centred, full_matrices=False)
+    first = vh[:, 0, :]                                                  # (B, K)
+    sign = torch.where(first.sum(dim=1, keepdim=True) >= 0, 1.0, -1.0).to(first.dtype)
+    projection = (centred @ (first * sign).unsqueeze(2)).squeeze(2)      # (B, positions)
+    return torch.relu(projection).to(activation.dtype).view(activation.shape[:1] + activation.shape[2:])
+
+
+# --- the registry: every gradient CAM by name ---------------------------------------------------------------
+
+CamFunction = Callable[[Tensor, Tensor], Tensor]
+_CAMS: Dict[str, CamFunction] = {
+    "gradcam": gradcam, "gradcam++": gradcam_plusplus, "xgradcam": xgradcam, "layercam": guided_pixelwise_cam,
+    "hirescam": pixelwise_cam, "elementwise": elementwise_gradcam, "eigengradcam": eigengradcam,
+}
+BUILT_IN = tuple(_CAMS)
+
+
+class CamError(GuidedSwapError, KeyError, ValueError):
+    """A CAM name that is not registered, a bad registration, or a CAM function that returns a wrong shape."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+def cam_methods() -> Tuple[str, ...]:
+    """The names of every gradient CAM, built-in first, then the user's in the order registered.
+
+    >>> cam_methods()[:7]
+    ('gradcam', 'gradcam++', 'xgradcam', 'layercam', 'hirescam', 'elementwise', 'eigengradcam')
+    """
+    return tuple(_CAMS)
+
+
+def register_cam(name: str, fn: CamFunction, *, replace: bool = False) -> CamFunction:
+    """Make ``fn(A, G) -> (B, *spatial)`` usable by name: ``e.cams[name]``, ``e.layers[L].cams_raw[name]``.
+
+    ``A`` and ``G`` are the (B, K, *spatial) activation and ordinary gradient at the layer (token and
+    channels-last captures already turned channels-first). Returns ``fn``.
+
+    >>> import torch, guided_swap as gs
+    >>> _ = gs.register_cam("gradient-norm", lambda A, G: G.norm(dim=1))
+    >>> "gradient-norm" in gs.cam_methods()
+    True
+    >>> gs.unregister_cam("gradient-norm")
+    """
+    if not isinstance(name, str) or not name:
+        raise CamError(f"a CAM needs a non-empty string name, got {name!r}")
+    if not callable(fn):
+        raise CamError(f"register_cam({name!r}, fn): fn must be callable (A, G) -> map, got {type(fn).__name__}")
+    if name in BUILT_IN:
+        raise CamError(f"{name!r} is a built-in CAM and cannot be replaced; give yours another name")
+    if name in _CAMS and not replace:
+        raise CamError(f"a CAM named {name!r} is already registered; pass replace=True to replace it")
+    _CAMS[name] = fn
+    return fn
+
+
+def unregister_cam(name: str) -> None:
+    """Remove a user's CAM (built-in ones stay)."""
+    if name in BUILT_IN:
+        raise CamError(f"{name!r} is a built-in CAM and cannot be removed")
+    if name not in _CAMS:
+        raise CamError(f"no CAM named {name!r} is registered; registered: {cam_methods()}")
+    del _CAMS[name]
+
+
+def get_cam(name: str) -> CamFunction:
+    """The function registered as ``name``."""
+    if not isinstance(name, str) or name not in _CAMS:
+        raise CamError(f"{name!r} is not a registered CAM; the CAMs are {cam_methods()} "
+                       "(add your own with guided_swap.register_cam)")
+    return _CAMS[name]
+
+
+def compute(name: str, activation: Tensor, gradient: Tensor) -> Tensor:
+    """The CAM ``name`` of ``(A, G)``, checked to be one (B, *spatial) map."""
+    _check(activation, gradient)
+    out = get_cam(name)(activation, gradient)
+    expected = activation.shape[:1] + activation.shape[2:]
+    if not isinstance(out, Tensor) or out.shape != expected:
+        shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise CamError(f"the CAM {name!r} returned {shape} for an activation {tuple(activation.shape)}; a CAM "
+                       f"function must return one map per sample, {tuple(expected)}")
+    return out

@@ -89,7 +89,8 @@ def _floats(text: str) -> tuple:
     try:
         values = tuple(float(part) for part in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"takes comma-separated numbers like 0.485,0.456,0.406; got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"takes comma-separated numbers like 0.485,0.456,0.406; got {text!r}") \
+            from None
     return values
 
 
@@ -138,18 +139,13 @@ def _method_epilog() -> str:
 
 
 def read_labels(path: str) -> List[str]:
-    """Class names, one per line (a trailing empty line is fine, an empty name is not)."""
-    if not os.path.isfile(path):
-        raise CommandError(f"--labels: no file at {path!r}")
-    with open(path, encoding="utf-8") as stream:
-        names = stream.read().splitlines()
-    while names and not names[-1].strip():
-        names.pop()
-    empty = [i + 1 for i, name in enumerate(names) if not name.strip()]
-    if not names or empty:
-        raise CommandError(f"--labels {path!r}: " + (f"line {empty[0]} is empty" if names else "the file is empty")
-                           + "; write one class name per line")
-    return [name.strip() for name in names]
+    """Class names, one per line (:func:`guided_swap.labels.read_labels`); a bad file is a usage error."""
+    from . import labels
+
+    try:
+        return labels.read_labels(path)
+    except (OSError, ValueError) as error:
+        raise CommandError(f"--labels: {error}") from None
 
 
 def parse_target(text: str, labels: Optional[Sequence[str]]):
@@ -180,16 +176,8 @@ def _preprocessing(args, base):
         raise CommandError(f"--std values must be positive, got {','.join(map(str, std))}")
     if len(mean) != len(std):
         raise CommandError(f"--mean has {len(mean)} value(s) and --std {len(std)}; give one per channel, or one")
-    return Preprocessing(resize, crop, tuple(mean), tuple(std), base.source)
-
-
-def _check_figure_options(args) -> None:
-    from .writing import figure_options
-
-    accepted = figure_options()
-    for option in ("cmap", "scale"):
-        if getattr(args, option) is not None and option not in accepted:
-            raise CommandError(f"--{option} needs a guided_swap.viz.figure that takes {option}=; this one does not")
+    source = "--mean/--std" if args.mean or args.std else base.source
+    return Preprocessing(resize, crop, tuple(mean), tuple(std), source)
 
 
 def make_job(args):
@@ -205,7 +193,6 @@ def make_job(args):
             raise CommandError(f"no such file or folder: {path!r}")
     source = model_spec.check(args.model, args.weights)
     labels = read_labels(args.labels) if args.labels else source.categories
-    _check_figure_options(args)
     return Job(inputs=args.inputs, out=args.out, source=source, method=args.method, layer=args.layer or "auto",
                target=parse_target(args.target, labels), preprocessing=_preprocessing(args, source.preprocessing),
                labels=labels, save=args.save, cmap=args.cmap, scale=args.scale, batch_size=args.batch_size,
@@ -295,16 +282,20 @@ def _explain_parser(sub) -> None:
                                                      "ImageNet's 0.229,0.224,0.225)")
     explain.add_argument("--save", type=_save, default=("npz", "png"), metavar="KINDS",
                          help="what to write per input: png, npz or png,npz (default)")
-    explain.add_argument("--cmap", type=_cmap, help="matplotlib colour map of the Grad-CAM overlay")
-    explain.add_argument("--scale", choices=("per-image", "shared"), help="colour scale of the maps: each map its "
-                                                                          "own, or one shared scale")
+    explain.add_argument("--cmap", type=_cmap, default="jet", help="matplotlib colour map of the Grad-CAM overlay "
+                                                                   "(default jet)")
+    explain.add_argument("--scale", choices=("shared", "per-image"), default="shared",
+                         help="colour scale of the figures: shared (default), one range per map kind over every "
+                              "input of the run, so the figures of a folder compare (drawn after all are "
+                              "explained); per-image, each map stretched to its own range (drawn at once)")
     explain.add_argument("--batch-size", type=_positive, default=8, help="images per forward/backward (default 8)")
     explain.add_argument("--workers", type=_count, default=2, help="DataLoader processes decoding images (default 2; "
                                                                    "0 decodes in the main process)")
     explain.add_argument("--writers", type=_count, default=2, help="processes drawing and writing results "
                                                                    "(default 2; 0 writes in the main process)")
-    explain.add_argument("--device", type=_device, default="auto", help="auto (cuda if present), cpu, cuda or cuda:N; under "
-                                                          "torchrun each process takes cuda:LOCAL_RANK")
+    explain.add_argument("--device", type=_device, default="auto",
+                         help="auto (cuda if present), cpu, cuda or cuda:N; under torchrun each process takes "
+                              "cuda:LOCAL_RANK")
     explain.add_argument("--out", default="guided_swap_maps", help="results folder (default guided_swap_maps)")
     explain.add_argument("--force", action="store_true", help="replace results made with other settings")
     explain.add_argument("--report", action="store_true", help="print the whole conversion report")

@@ -5,9 +5,10 @@
 >>> from guided_swap.results import Item
 >>> from guided_swap.model_spec import Preprocessing
 >>> path = os.path.join(tempfile.mkdtemp(), "a.png")
->>> io.imsave(path, np.zeros((40, 50, 3), np.uint8))
+>>> io.imsave(path, np.zeros((40, 50, 3), np.uint8), check_contrast=False)
 >>> items = [Item(path, "a.png"), Item(path + ".missing", "b.png")]
->>> [(i, None if t is None else tuple(t.shape), e is None) for i, t, e in Decoded(items, [0, 1], Preprocessing(32, 32), 3)]
+>>> decoded = Decoded(items, [0, 1], Preprocessing(32, 32), channels=3)
+>>> [(i, None if t is None else tuple(t.shape), e is None) for i, t, e in decoded]
 [(0, (3, 32, 32), True), (1, None, False)]
 """
 from typing import Sequence

@@ -11,13 +11,15 @@ Build one with :func:`guided_swap.convert`.
 """
 import pickle
 import threading
+import warnings
+from collections import Counter
 from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from . import cam as cam_maths
-from . import io
+from . import io, smoothing
 from .errors import GuidedSwapError, InputError, LayerError, LoadError, RuleError
 from .maps import Explanation, PassResult, explanation_from_pass
 from .rules import Rule
@@ -47,6 +49,7 @@ class Explainer(nn.Module):
         self.input_spec = None
         self._plan: Optional[Plan] = None
         self._make_plan = make_plan
+        self._delegate: Optional[Explainer] = None  # the run-time explainer a deferred capture fell back to
         self._lock = threading.Lock()
         self._report = report
         if plan is not None:
@@ -74,12 +77,18 @@ class Explainer(nn.Module):
         self._report = plan.report(None)
         self.train(False)
 
-    def _ensure_captured(self, example: Optional[Tensor]) -> None:
+    def _ensure_captured(self, example: Any) -> None:
+        """Capture on the first input: a plan for this explainer, or an explainer of another path to delegate to."""
         if self._make_plan is None:
             return
         with self._lock:
             if self._make_plan is not None:
-                self._set_plan(self._make_plan(example[:1].detach()))
+                result = self._make_plan(example[:1].detach() if isinstance(example, Tensor) else example)
+                if isinstance(result, Explainer):
+                    self._delegate, self._make_plan = result, None
+                    self._report = result.report
+                else:
+                    self._set_plan(result)
 
     def _install(self, built: "Built") -> None:
         self.graph_module = built.graph_module
@@ -103,35 +112,59 @@ class Explainer(nn.Module):
     @property
     def report(self):
         """The :class:`~guided_swap.build.ConversionReport`: what was swapped, left alone and captured."""
-        return self._report
+        return self._report if self._delegate is None else self._delegate.report
 
     @property
     def swapped(self) -> Tuple[str, ...]:
         """The qualified node name of every rectifier call site that carries the rule."""
-        return tuple(s.name for s in self._report.swapped)
+        return tuple(s.name for s in self.report.swapped)
 
     # --- running ------------------------------------------------------------------------------------
 
     def forward(self, x: Tensor) -> Any:
         """The model's own output, bit for bit (the rule applies if you backpropagate through it)."""
         self._ensure_captured(x)
+        if self._delegate is not None:
+            return self._delegate(x)
         return self.forward_module(x)
 
-    def explain(self, x: Tensor, target: Any = None, *, interpolate: str = "bilinear") -> Explanation:
-        """One forward and one backward: the rule's input gradient and Grad-CAM at every captured layer.
+    def explain(self, x: Tensor, target: Any = None, *, interpolate: str = "bilinear", smooth: Optional[int] = None,
+                noise: Optional[float] = None, generator: Optional[torch.Generator] = None,
+                chunk: Optional[int] = None) -> Explanation:
+        """One forward and one backward: the rule's input gradient and every CAM at every captured layer.
 
         ``target``: None (argmax), an int, one int per sample (sequence or LongTensor), a callable
         ``outputs -> (B,) score``, or :class:`guided_swap.Channel`.
+        ``smooth=N``: SmoothGrad, the mean map over N noisy copies of each input, noise ``noise`` (default 0.15)
+        times each input's value range, drawn from ``generator``, ``chunk`` inputs per pass (default: the
+        batch size); see :mod:`guided_swap.smoothing` for what is averaged.
         """
+        self._ensure_captured(x)
+        if self._delegate is not None:
+            given = dict(smooth=smooth, noise=noise, generator=generator, chunk=chunk)
+            return self._delegate.explain(x, target, interpolate=interpolate,
+                                          **{k: v for k, v in given.items() if v is not None})
         self._check_input(x)
         if interpolate not in cam_maths.INTERPOLATIONS:
             raise ValueError(f"interpolate={interpolate!r} is not one of {cam_maths.INTERPOLATIONS}")
+        smoothing.check(smooth, noise, generator, chunk, x)
         self._ensure_built(x)
+        self._warn_if_nothing_swapped()
+        if smooth is not None:
+            return smoothing.smooth_explain(self, x, target, copies=smooth, noise=noise, generator=generator,
+                                            chunk=chunk, interpolate=interpolate)
         result = self.forward_backward(
             x, lambda out, caps, fixed: self._score(target if fixed is None else fixed, out, caps, x.shape[0]))
         return explanation_from_pass(result, layers=self.layers, logits=self._select(result.outputs),
                                      input_size=tuple(x.shape[2:]), interpolate=interpolate, rule=self.rule.name,
-                                     swapped=len(self.swapped))
+                                     swapped=len(self.swapped), layouts=getattr(self.report, "layouts", None))
+
+    def _warn_if_nothing_swapped(self) -> None:
+        """Once per explainer: with no rectifier swapped, the rule's "guided" map is the plain gradient."""
+        if self.swapped or self.rule.ordinary or self.__dict__.get("_warned_nothing_swapped"):
+            return
+        self._warned_nothing_swapped = True
+        warnings.warn(_nothing_swapped_message(self.report), stacklevel=3)
 
     def forward_backward(self, x: Tensor, scorer: Callable, call: Optional[Callable] = None) -> PassResult:
         """The one forward and one backward every map comes from (shared by :meth:`explain` and export).
@@ -218,6 +251,8 @@ class Explainer(nn.Module):
 
     def save(self, path: str) -> None:
         """Save this explainer (graphs, weights, layers, rule, report) to one file; see :func:`load`."""
+        if self._delegate is not None:
+            return self._delegate.save(path)
         if self._plan is not None or self._make_plan is not None:
             raise LayerError("this explainer is resolved from its first input (layer='auto' or the export capture): "
                              "call explain(x) once, or convert with example_input=, before saving")
@@ -242,6 +277,20 @@ def load(path: str, map_location=None) -> Explainer:
     if not isinstance(explainer, Explainer):
         raise LoadError(f"{path!r} holds a {type(explainer).__name__}, not an Explainer")
     return explainer
+
+
+def _nothing_swapped_message(report) -> str:
+    kinds = Counter(kind for _, kind in report.left_alone)
+    names = [name for name, _ in report.left_alone]
+    if kinds:
+        alone = ", ".join(f"{count} x {kind}" for kind, count in kinds.items())
+        alone = f"left alone with their ordinary gradient: {alone} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+    else:
+        alone = "no other activation was found either"
+    hidden = f"; ReLUs hidden in leaf modules: {', '.join(report.hidden_in_leaves)}" if report.hidden_in_leaves else ""
+    return (f"no ReLU was found in this model, so nothing carries the {report.rule!r} rule: e.gradient is the plain "
+            f"gradient, not {report.rule} backprop, and Guided Grad-CAM is Grad-CAM times that plain gradient. "
+            f"Activations {alone}{hidden}")
 
 
 def _picklable(obj: Any) -> bool:

@@ -169,9 +169,21 @@ def _unlifted_graph(program, root: nn.Module, sizes: Tuple[int, ...], dynamic_si
         env[node].meta = _with_known_scopes(node.meta, known)
     outputs = [env[a] if isinstance(a, fx.Node) else a
                for a, spec in zip(output.args[0], signature.output_specs) if spec.kind == OutputKind.USER_OUTPUT]
-    graph.output(torch.utils._pytree.tree_unflatten(outputs, program.call_spec.out_spec))
+    graph.output(_built_in_graph(graph, torch.utils._pytree.tree_unflatten(outputs, program.call_spec.out_spec)))
     graph.lint()
     return graph
+
+
+def _built_in_graph(graph: fx.Graph, value: Any) -> Any:
+    """The model's output structure for the output node: a namedtuple becomes a call of its class, as fx's
+    own tracer records it (the generated code could not name the class otherwise)."""
+    if isinstance(value, tuple) and hasattr(value, "_fields"):
+        return graph.call_function(type(value), tuple(_built_in_graph(graph, v) for v in value))
+    if isinstance(value, (list, tuple)):
+        return type(value)(_built_in_graph(graph, v) for v in value)
+    if isinstance(value, dict):
+        return {k: _built_in_graph(graph, v) for k, v in value.items()}
+    return value
 
 
 def _with_known_scopes(meta: Dict[str, Any], known: set) -> Dict[str, Any]:
@@ -187,7 +199,7 @@ def _state_attribute(graph: fx.Graph, root: nn.Module, target: str, program, nod
     try:
         _get_attribute(root, target)
     except AttributeError:  # a tensor built inside forward, lifted by export
-        setattr_path(root, target, program.constants[target])
+        _set_attribute(root, target, program.constants[target])
     attribute = graph.get_attr(target)
     attribute.meta = {"val": node.meta.get("val")}
     return attribute
@@ -200,7 +212,7 @@ def _get_attribute(root: nn.Module, target: str) -> Any:
     return value
 
 
-def setattr_path(root: nn.Module, target: str, value: Any) -> None:
+def _set_attribute(root: nn.Module, target: str, value: Any) -> None:
     *parents, name = target.split(".")
     module = root
     for part in parents:
@@ -217,7 +229,7 @@ def _copy_program_attribute(root: nn.Module, program_module: nn.Module, target: 
     try:
         _get_attribute(root, target)
     except AttributeError:
-        setattr_path(root, target, _get_attribute(program_module, target))
+        _set_attribute(root, target, _get_attribute(program_module, target))
 
 
 def _written_state(graph: fx.Graph) -> List[str]:

@@ -8,11 +8,15 @@ One run:
    every rank takes its share of the inputs to do (:mod:`guided_swap.distributed`),
    decodes them in ``workers`` DataLoader processes and writes one ``.npz`` and/or ``.png`` per input, each
    atomically, each carrying its record;
-3. rank 0 gathers the records and rewrites ``OUT/index.jsonl``, one line per input.
+3. with one colour scale for the run (``--scale shared``, the default), the figures wait for a second pass:
+   rank 0 merges the records' sums into one range per kind of map, and the inputs whose figure is missing or
+   on another range are explained again and drawn (:mod:`guided_swap.writing`);
+4. rank 0 gathers the records and rewrites ``OUT/index.jsonl``, one line per input.
 
 Ctrl-C (or SIGTERM) stops after the current batch; what was written stays, and the same command finishes
 the job. A killed process leaves only hidden temporaries, removed by the next run.
 """
+import os
 import signal
 import sys
 import time
@@ -27,9 +31,10 @@ from .decoding import Decoded, loader
 from .errors import CommandError, GuidedSwapError
 from .model_spec import Preprocessing, Source
 from .results import Plan
-from .writing import CAM_METHODS, Writers, explain_batch, uses_layer
+from .writing import CAM_METHODS, Writers, explain_batch, shared_limits, uses_layer
 
 INTERRUPTED = "not explained: the run was interrupted; run the same command again to finish"
+NO_FIGURE = "figure not drawn: the run was interrupted; run the same command again to finish"
 
 
 def rule_names() -> List[str]:
@@ -64,8 +69,8 @@ class Job:
     preprocessing: Preprocessing = field(default_factory=Preprocessing)
     labels: Optional[List[str]] = None
     save: Tuple[str, ...] = ("npz", "png")
-    cmap: Optional[str] = None
-    scale: Optional[str] = None
+    cmap: str = "jet"
+    scale: str = "shared"
     batch_size: int = 8
     workers: int = 0
     writers: int = 0
@@ -92,8 +97,9 @@ def _say(message: str) -> None:
     print(f"guided-swap: {message}", file=sys.stderr, flush=True)
 
 
-def _plan(job: Job, settings: Dict[str, Any]) -> Plan:
-    return results.plan(results.discover(job.inputs, job.out), job.out, settings, job.save, job.force)
+def _plan(job: Job, settings: Dict[str, Any], done_kinds: Sequence[str]) -> Plan:
+    items = results.discover(job.inputs, job.out)
+    return results.plan(items, job.out, settings, job.save, job.force, done_kinds)
 
 
 def _prepare(job: Job, group) -> None:
@@ -106,12 +112,12 @@ def _prepare(job: Job, group) -> None:
     distributed.broadcast(None, group)
 
 
-def _shared_plan(job: Job, settings: Dict[str, Any], group) -> Plan:
+def _shared_plan(job: Job, settings: Dict[str, Any], group, done_kinds: Sequence[str]) -> Plan:
     """Rank 0 plans; every rank gets the plan, or rank 0's error (raised everywhere, printed by rank 0)."""
     plan, error = None, None
     if group.main:
         try:
-            plan = _plan(job, settings)
+            plan = _plan(job, settings, done_kinds)
         except (GuidedSwapError, OSError) as caught:
             error = caught
     plan, message = distributed.broadcast((plan, None if error is None else str(error)), group)
@@ -145,9 +151,10 @@ def build_explainer(job: Job, group, say: Callable[[str], None]):
     if job.target is not None and job.target >= classes:
         raise CommandError(f"--target {job.target} is not a class of this model: it has {classes} outputs "
                            f"(0..{classes - 1})")
-    if len(job.preprocessing.mean) not in (1, channels):
-        raise CommandError(f"--mean/--std have {len(job.preprocessing.mean)} values; the model takes {channels} "
-                           "channel(s): give one value per channel, or one for all")
+    given, values = job.preprocessing.source == "--mean/--std", len(job.preprocessing.mean)
+    if values not in (1, channels) and (given or values < channels):
+        raise CommandError(f"--mean/--std have {values} values; the model takes {channels} channel(s): give one "
+                           "value per channel, or one for all")
     return explainer, classes, channels
 
 
@@ -190,10 +197,10 @@ def stop_after_batch():
             signal.signal(sig, old)
 
 
-def _progress(total: int, group):
+def _progress(total: int, group, what: str):
     from tqdm import tqdm
 
-    desc = "explaining" if group.world == 1 else f"rank 0 of {group.world}"
+    desc = what if group.world == 1 else f"{what} (rank 0 of {group.world})"
     return tqdm(total=total, desc=desc, unit="img", disable=None if group.main else True, file=sys.stderr,
                 dynamic_ncols=True)
 
@@ -207,9 +214,47 @@ def run(job: Job, say: Callable[[str], None] = _say) -> int:
         distributed.stop(group)
 
 
+def _stages(job: Job) -> Tuple[Tuple[str, ...], bool]:
+    """What the explaining pass writes, and whether the figures wait for a second pass on one shared scale."""
+    shared = job.scale == "shared" and "png" in job.save
+    return tuple(kind for kind in job.save if not (shared and kind == "png")), shared
+
+
+def _pass(explainer, job: Job, plan: Plan, indices, settings, group, channels: int, kinds, limits, flag, what: str):
+    """Explain this rank's share of ``indices`` and write their ``kinds`` of output; (records, interrupted)."""
+    mine = distributed.shard(indices, group)
+    records, interrupted = {}, False
+    batches = loader(Decoded(plan.items, mine, job.preprocessing, channels), job.batch_size, job.workers)
+    writers = Writers(job.writers, backlog=2 * job.batch_size)  # Ctrl-C waits for at most two batches' writes
+    with _progress(len(mine), group, what) as bar, writers:
+        for batch in batches:
+            records.update(explain_batch(explainer, job, batch, plan.items, settings, group, writers, kinds, limits))
+            bar.update(len(batch))
+            if flag.raised:
+                interrupted = True
+                break
+        writers.finish()
+    return records, interrupted
+
+
+def _figures_to_draw(job: Job, plan: Plan, records: Dict[int, dict], settings) -> Tuple[List[int], dict]:
+    """Rank 0, second pass: the scale shared by every result of the run, and the inputs whose figure is missing
+    or was drawn on another scale (all of them when new results moved the scale)."""
+    good = [records[i] for i in sorted(records) if records[i]["error"] is None]
+    limits = shared_limits(good, job.method)
+    todo = []
+    for i in sorted(records):
+        if records[i]["error"] is None:
+            old = results.read_record(results.output_paths(job.out, plan.items[i], ("png",))["png"])
+            if old is None or old.get("settings") != settings or old.get("limits") != limits:
+                todo.append(i)
+    return todo, limits
+
+
 def _run(job: Job, group, say) -> int:
     settings = job.settings()
-    plan = _shared_plan(job, settings, group)
+    first, shared = _stages(job)
+    plan = _shared_plan(job, settings, group, first or job.save)
     if plan.replaced:
         say(f"--force: replacing {plan.replaced} result(s) made with other settings")
     if plan.changed:
@@ -221,44 +266,60 @@ def _run(job: Job, group, say) -> int:
     say(summary(explainer, job))
     if job.report and group.main:
         print(explainer.report)
-    mine = distributed.shard(plan.todo, group)
-    records, interrupted, started = {}, False, time.perf_counter()
-    batches = loader(Decoded(plan.items, mine, job.preprocessing, channels), job.batch_size, job.workers)
-    writers = Writers(job.writers, backlog=2 * job.batch_size)  # Ctrl-C waits for at most two batches' writes
-    with stop_after_batch() as flag, _progress(len(mine), group) as bar, writers:
-        for batch in batches:
-            records.update(explain_batch(explainer, job, batch, plan.items, settings, group, writers))
-            bar.update(len(batch))
-            if flag.raised:
-                interrupted = True
-                break
-        writers.finish()
-    gathered = distributed.gather((records, interrupted, time.perf_counter() - started), group)
+    started = time.perf_counter()
+    common = (explainer, job, plan)
+    with stop_after_batch() as flag:
+        made = _pass(*common, plan.todo, settings, group, channels, first, None, flag, "explaining")
+        gathered = distributed.gather(made, group)
+        drawn: Optional[list] = None
+        if shared:
+            records = _merged(plan, gathered) if group.main else None
+            stopped = group.main and any(interrupted for _, interrupted in gathered)
+            todo, limits = _figures_to_draw(job, plan, records, settings) if group.main and not stopped else ([], None)
+            todo, limits = distributed.broadcast((todo, limits), group)
+            if todo:
+                say(f"drawing {len(todo)} figure(s) on one colour scale shared by the {len(plan.items)} input(s)")
+            drawn = distributed.gather(_pass(*common, todo, settings, group, channels, ("png",), limits, flag,
+                                             "drawing"), group)
+    seconds = distributed.gather(time.perf_counter() - started, group)
     if not group.main:
         return 0
-    return _finish(job, plan, settings, gathered, group, say)
+    return _finish(job, plan, settings, gathered, drawn, max(seconds), group, say)
 
 
-def _finish(job: Job, plan: Plan, settings, gathered, group, say) -> int:
-    """Rank 0: the index from every rank's records, the failures, one closing line."""
+def _merged(plan: Plan, gathered) -> Dict[int, dict]:
     records: Dict[int, dict] = dict(plan.done)
-    for share, _, _ in gathered:
+    for share, _ in gathered:
         records.update(share)
-    interrupted = any(flag for _, flag, _ in gathered)
-    seconds = max(took for _, _, took in gathered)  # the slowest rank ends the run
+    return records
+
+
+def _finish(job: Job, plan: Plan, settings, gathered, drawn, seconds: float, group, say) -> int:
+    """Rank 0: the index from every rank's records, the failures, one closing line."""
+    records = _merged(plan, gathered)
+    interrupted = any(flag for _, flag in gathered + (drawn or []))
+    if drawn is not None and interrupted:  # a result whose figure is still to draw is not done
+        figured = {i for share, _ in drawn for i in share}
+        records = {i: r if r["error"] is not None or i in figured or _has_figure(job, plan, i)
+                   else results.failure_record(plan.items[i], settings, NO_FIGURE) for i, r in records.items()}
     lines = [records.get(i) or results.failure_record(item, settings, INTERRUPTED) for i, item in enumerate(plan.items)]
     results.write_index(job.out, lines)
-    made = sum(len([r for r in share.values() if r["error"] is None]) for share, _, _ in gathered)
-    failed = [r for r in lines if r["error"] is not None and r["error"] != INTERRUPTED]
+    made = sum(len([r for r in share.values() if r["error"] is None]) for share, _ in gathered)
+    failed = [r for r in lines if r["error"] is not None and r["error"] not in (INTERRUPTED, NO_FIGURE)]
     for record in failed:
         say(f"could not explain {record['input']}: {record['error']}")
     rate = f"{made / seconds:.1f} images/s" if seconds > 0 and made else "no images"
     where = f"{group.world} processes" if group.world > 1 else f"1 process, {job.workers} decode worker(s)"
     if interrupted:
-        say(f"interrupted: stopped after the current batch; {len(plan.done) + made} of {len(plan.items)} input(s) "
-            f"done in {job.out}; run the same command again to finish")
+        finished = len([line for line in lines if line["error"] is None])
+        say(f"interrupted: stopped after the current batch; {finished} of {len(plan.items)} input(s) done in "
+            f"{job.out}; run the same command again to finish")
         return 130
     say(f"explained {made} image(s) in {seconds:.1f} s ({rate}, {where}) into {job.out}"
         + (f"; {len(plan.done)} already done" if plan.done else "")
         + (f"; {len(failed)} could not be read (see {job.out}/index.jsonl)" if failed else ""))
     return 1 if failed else 0
+
+
+def _has_figure(job: Job, plan: Plan, index: int) -> bool:
+    return os.path.exists(results.output_paths(job.out, plan.items[index], ("png",))["png"])

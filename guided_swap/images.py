@@ -1,16 +1,21 @@
 """Loading images as model inputs: the usual ImageNet resize, centre crop and normalisation, configurable.
 
+Files are shown the way a phone or a viewer shows them (EXIF orientation applied). An image smaller than the
+model's input is upsampled with a warning that names its size: its maps show the upsampling, not detail.
+:func:`guided_swap.labels.preprocessing` gives the keywords a torchvision or timm model declares.
+
 >>> import numpy as np
 >>> load_image(np.zeros((300, 400), dtype=np.uint16)).shape   # 16-bit grayscale, to 3 channels
 torch.Size([3, 224, 224])
 """
 import os
+import warnings
 from typing import Sequence, Union
 
 import numpy as np
 import torch
 
-from .viz import IMAGENET_MEAN, IMAGENET_STD
+from .labels import IMAGENET_MEAN, IMAGENET_STD
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp")
 
@@ -39,17 +44,50 @@ def to_unit_float(image: np.ndarray) -> np.ndarray:
     return np.repeat(image, 3, axis=-1) if image.shape[-1] == 1 else image
 
 
+EXIF_ORIENTATION = 0x0112
+
+
 def read_image(path: str) -> np.ndarray:
-    """Read an image file; a clear error names the file when it cannot be read."""
+    """Read an image file, turned upright by its EXIF orientation; a clear error names the file when it cannot
+    be read."""
     from skimage import io as skio
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no image file at {path!r}")
     try:
-        return skio.imread(path)
+        pixels = skio.imread(path)
     except Exception as error:  # imageio/PIL raise many types for bad files
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise ValueError(f"cannot read image {path!r}: {reason}") from None
+    return apply_orientation(pixels, exif_orientation(path))
+
+
+def exif_orientation(path: str) -> int:
+    """The EXIF orientation tag of an image file (1..8), 1 (upright) when it has none or cannot say."""
+    try:
+        from PIL import Image
+
+        with Image.open(path) as image:
+            value = image.getexif().get(EXIF_ORIENTATION, 1)
+    except Exception:  # not an image PIL reads (e.g. some TIFFs): no EXIF to apply
+        return 1
+    return int(value) if value in range(1, 9) else 1
+
+
+def apply_orientation(image: np.ndarray, orientation: int) -> np.ndarray:
+    """Turn an (H, W[, C]) array as EXIF ``orientation`` (1..8) says, the way viewers and ``PIL.ImageOps.
+    exif_transpose`` do: 6 (a phone held upright) is a quarter turn clockwise.
+
+    >>> a = np.arange(6).reshape(2, 3)
+    >>> apply_orientation(a, 6).tolist()
+    [[3, 0], [4, 1], [5, 2]]
+    """
+    turns = {1: lambda a: a, 2: np.fliplr, 3: lambda a: np.rot90(a, 2), 4: np.flipud,
+             5: lambda a: np.swapaxes(a, 0, 1), 6: lambda a: np.rot90(a, -1),
+             7: lambda a: np.swapaxes(np.rot90(a, 2), 0, 1), 8: lambda a: np.rot90(a, 1)}
+    if orientation not in turns:
+        raise ValueError(f"EXIF orientation must be 1..8, got {orientation}")
+    return np.ascontiguousarray(turns[orientation](image))
 
 
 def load_image(path_or_array: Union[str, np.ndarray], resize: int = 256, crop: int = 224,
@@ -67,6 +105,7 @@ def load_image(path_or_array: Union[str, np.ndarray], resize: int = 256, crop: i
         image = to_unit_float(image)
     except (TypeError, ValueError) as error:
         raise type(error)(f"{name}: {error}") from None
+    _warn_if_small(name, image.shape[:2], crop or resize)
     if resize is not None:
         h, w = image.shape[:2]
         scale = resize / min(h, w)
@@ -83,6 +122,14 @@ def load_image(path_or_array: Union[str, np.ndarray], resize: int = 256, crop: i
     mean_t = torch.tensor(mean[:channels], dtype=torch.float32).view(-1, 1, 1)
     std_t = torch.tensor(std[:channels], dtype=torch.float32).view(-1, 1, 1)
     return (tensor - mean_t) / std_t
+
+
+def _warn_if_small(name: str, size, model_size) -> None:
+    height, width = size
+    if model_size is not None and min(height, width) < model_size:
+        warnings.warn(f"{name}: image is {height}x{width} pixels, smaller than the model's {model_size}x{model_size} "
+                      f"input; it is upsampled {model_size / min(height, width):.1f}x, so its maps show the "
+                      "upsampling rather than detail", UserWarning, stacklevel=3)
 
 
 def find_images(paths: Sequence[str]):

@@ -10,16 +10,20 @@ here too.
 ...                 gradient=torch.randn(2, 3, 12, 12), layers={"layer4": LayerMaps(A, G, (12, 12))})
 >>> len(e), tuple(e[1].cam.shape), sorted(e.to_dict())
 (2, (1, 12, 12), ['cam', 'cam_raw', 'gradient', 'guided_gradcam', 'logits', 'score', 'target'])
+>>> tuple(e.cams["gradcam++"].shape), tuple(e.layers["layer4"].cams_raw["eigengradcam"].shape)
+((2, 12, 12), (2, 3, 3))
 """
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from functools import cached_property
-from typing import Any, Dict, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from . import cam as cam_maths
 from .errors import LayerError
+from .layouts import CHANNELS_FIRST, Layout
 
 
 class PassResult(NamedTuple):
@@ -33,46 +37,125 @@ class PassResult(NamedTuple):
     layer_grads: Tuple[Tensor, ...]  # the ordinary gradient G at each captured layer
 
 
+class CamMaps(Mapping):
+    """Every registered CAM (``guided_swap.cam_methods()``) of one layer by name, each computed on first access.
+
+    ``fixed`` holds maps computed ahead (a smoothed explanation's means over the noisy copies): only those
+    names are available then.
+    """
+
+    def __init__(self, make: Callable[[str], Tensor], fixed: Optional[Dict[str, Tensor]] = None):
+        self._make, self._fixed, self._cache = make, fixed, {}
+
+    def __getitem__(self, name: str) -> Tensor:
+        if self._fixed is not None:
+            if name not in self._fixed:
+                raise cam_maths.CamError(f"{name!r} is not among the CAMs of this smoothed explanation "
+                                         f"{tuple(self._fixed)}: smoothing computes the CAMs registered when "
+                                         "explain() is called")
+            return self._make(name)
+        function = cam_maths.get_cam(name)  # re-registering a name under replace=True computes it afresh
+        if (name, function) not in self._cache:
+            self._cache[(name, function)] = self._make(name)
+        return self._cache[(name, function)]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(tuple(self._fixed) if self._fixed is not None else cam_maths.cam_methods())
+
+    def __len__(self) -> int:
+        return len(tuple(iter(self)))
+
+    def __contains__(self, name: object) -> bool:
+        return name in tuple(iter(self))
+
+    def __repr__(self) -> str:
+        return f"CamMaps({list(iter(self))})"
+
+
 @dataclass
 class LayerMaps:
-    """The activation ``A`` and ordinary gradient ``G`` captured at one layer, and the maps made from them."""
+    """The activation ``A`` and ordinary gradient ``G`` captured at one layer, and the maps made from them.
+
+    ``activation`` and ``grad`` are the captured tensors as the model holds them; ``layout`` says how they
+    become the (B, C, *spatial) ``feature_map`` and ``feature_grad`` that every CAM is computed from (a token
+    (B, N, C) or channels-last capture is reshaped, a CNN's is taken as it is). ``cams_raw[name]`` is any
+    registered CAM at the layer's resolution, ``cams[name]`` resized to the input; ``cam_raw``/``cam`` are
+    Grad-CAM, ``pixelwise_cam`` HiResCAM and ``guided_pixelwise_cam`` LayerCAM.
+    """
 
     activation: Tensor
     grad: Tensor
     input_size: Tuple[int, ...]
     interpolate: str = "bilinear"
+    layout: Layout = CHANNELS_FIRST
+    name: str = ""
+    fixed_cams: Optional[Dict[str, Tensor]] = field(default=None, repr=False)  # precomputed raw maps (smoothing)
 
     @cached_property
+    def _feature(self) -> Tuple[Tensor, Tensor]:
+        return (self.layout.to_channels_first(self.activation, self.input_size, self.name),
+                self.layout.to_channels_first(self.grad, self.input_size, self.name))
+
+    @property
+    def feature_map(self) -> Tensor:
+        """``A`` as (B, C, *spatial): what the CAMs are computed from."""
+        return self._feature[0]
+
+    @property
+    def feature_grad(self) -> Tensor:
+        """``G`` as (B, C, *spatial)."""
+        return self._feature[1]
+
+    def _raw(self, name: str) -> Tensor:
+        if self.fixed_cams is not None:
+            return self.fixed_cams[name]
+        return cam_maths.compute(name, *self._feature)
+
+    @cached_property
+    def cams_raw(self) -> CamMaps:
+        """Every registered CAM at the layer's resolution, (B, *layer spatial), by name."""
+        return CamMaps(self._raw, self.fixed_cams)
+
+    @cached_property
+    def cams(self) -> CamMaps:
+        """Every registered CAM resized to the input, (B, *input spatial), by name."""
+        return CamMaps(lambda name: cam_maths.upsample(self.cams_raw[name], self.input_size, self.interpolate),
+                       self.fixed_cams)
+
+    @property
     def cam_raw(self) -> Tensor:
         """Grad-CAM at the layer's resolution."""
-        return cam_maths.gradcam(self.activation, self.grad)
+        return self.cams_raw["gradcam"]
 
-    @cached_property
+    @property
     def cam(self) -> Tensor:
         """Grad-CAM resized to the input."""
-        return cam_maths.upsample(self.cam_raw, self.input_size, self.interpolate)
+        return self.cams["gradcam"]
 
-    @cached_property
+    @property
     def pixelwise_cam_raw(self) -> Tensor:
         """Pixel-wise CAM (HiResCAM) at the layer's resolution."""
-        return cam_maths.pixelwise_cam(self.activation, self.grad)
+        return self.cams_raw["hirescam"]
 
-    @cached_property
+    @property
     def guided_pixelwise_cam_raw(self) -> Tensor:
         """Guided pixel-wise CAM (LayerCAM) at the layer's resolution."""
-        return cam_maths.guided_pixelwise_cam(self.activation, self.grad)
+        return self.cams_raw["layercam"]
 
     @property
     def pixelwise_cam(self) -> Tensor:
-        return cam_maths.upsample(self.pixelwise_cam_raw, self.input_size, self.interpolate)
+        """HiResCAM resized to the input."""
+        return self.cams["hirescam"]
 
     @property
     def guided_pixelwise_cam(self) -> Tensor:
-        return cam_maths.upsample(self.guided_pixelwise_cam_raw, self.input_size, self.interpolate)
+        """LayerCAM resized to the input."""
+        return self.cams["layercam"]
 
     def __getitem__(self, index: Union[int, slice]) -> "LayerMaps":
         rows = _rows(index)
-        return replace(self, activation=self.activation[rows], grad=self.grad[rows])
+        fixed = None if self.fixed_cams is None else {k: v[rows] for k, v in self.fixed_cams.items()}
+        return replace(self, activation=self.activation[rows], grad=self.grad[rows], fixed_cams=fixed)
 
 
 @dataclass
@@ -92,6 +175,7 @@ class Explanation:
     outputs: Any = field(repr=False, default=None)
     rule: str = "guided"
     swapped: Optional[int] = None  # rectifier call sites that carry the rule (0: every map is a plain gradient)
+    smoothing: Optional[Dict[str, Any]] = None  # SmoothGrad settings (copies, noise, chunk) when smoothed
 
     def _first(self) -> LayerMaps:
         if not self.layers:
@@ -115,11 +199,23 @@ class Explanation:
 
     @property
     def pixelwise_cam(self) -> Tensor:
+        """HiResCAM resized to the input (``cams["hirescam"]``)."""
         return self._first().pixelwise_cam
 
     @property
     def guided_pixelwise_cam(self) -> Tensor:
+        """LayerCAM resized to the input (``cams["layercam"]``)."""
         return self._first().guided_pixelwise_cam
+
+    @property
+    def cams(self) -> CamMaps:
+        """Every registered CAM (``guided_swap.cam_methods()``) of the first layer, resized to the input."""
+        return self._first().cams
+
+    @property
+    def cams_raw(self) -> CamMaps:
+        """Every registered CAM of the first layer at its resolution."""
+        return self._first().cams_raw
 
     def __len__(self) -> int:
         return self.gradient.shape[0]
@@ -136,6 +232,7 @@ class Explanation:
         names = ["logits", "target", "score", "gradient"]
         if self.layers:
             names += ["cam_raw", "cam", "guided_gradcam", "pixelwise_cam", "guided_pixelwise_cam"]
+            names += [f"{kind}.{cam}" for kind in ("cams", "cams_raw") for cam in self._first().cams]
         if len(self.layers) > 1:
             names += [f"layers.{layer}.{kind}" for layer in self.layers for kind in ("cam_raw", "cam")]
         return tuple(name for name in names if name != "target" or self.target is not None)
@@ -145,7 +242,8 @@ class Explanation:
         guided_gradcam (and ``layers.NAME.cam``/``cam_raw`` for every layer when there are several)."""
         available = self.available()
         if names is None:
-            names = [n for n in available if n not in ("pixelwise_cam", "guided_pixelwise_cam")]
+            names = [n for n in available if n not in ("pixelwise_cam", "guided_pixelwise_cam")
+                     and not n.startswith("cams")]
         unknown = [name for name in names if name not in available]
         if unknown:
             raise ValueError(f"{unknown} are not maps of this explanation; available: {list(available)}")
@@ -155,14 +253,23 @@ class Explanation:
         if name.startswith("layers."):
             layer, kind = name[len("layers."):].rsplit(".", 1)
             return getattr(self.layers[layer], kind)
+        if name.startswith("cams.") or name.startswith("cams_raw."):
+            kind, cam = name.split(".", 1)
+            return getattr(self, kind)[cam]
         return getattr(self, name)
 
 
 def explanation_from_pass(result: PassResult, *, layers: Sequence[str], logits: Tensor, input_size: Sequence[int],
-                          interpolate: str = "bilinear", rule: str = "guided",
-                          swapped: Optional[int] = None) -> Explanation:
-    """The :class:`Explanation` of one pass: the one place maps are assembled."""
-    layer_maps = {name: LayerMaps(_tensor(a, name).detach(), g, tuple(input_size), interpolate)
+                          interpolate: str = "bilinear", rule: str = "guided", swapped: Optional[int] = None,
+                          layouts: Optional[Dict[str, Layout]] = None) -> Explanation:
+    """The :class:`Explanation` of one pass: the one place maps are assembled.
+
+    ``layouts`` (the conversion report's) say how each capture becomes (B, C, *spatial); a layer without one
+    is taken as channels first.
+    """
+    layouts = layouts or {}
+    layer_maps = {name: LayerMaps(_tensor(a, name).detach(), g, tuple(input_size), interpolate,
+                                  layouts.get(name, CHANNELS_FIRST), name)
                   for name, a, g in zip(layers, result.captures, result.layer_grads)}
     return Explanation(logits.detach(), result.classes, result.score.detach(), result.input_grad, layer_maps,
                        _detach_tree(result.outputs), rule, swapped)

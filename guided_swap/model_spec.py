@@ -33,9 +33,8 @@ import torch
 from torch import nn
 
 from .errors import CommandError
+from .labels import IMAGENET_MEAN, IMAGENET_STD
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "network", "module", "ema", "model_ema",
                 "state_dict_ema")
 PREFIXES = ("module.", "_orig_mod.", "model.")
@@ -111,11 +110,19 @@ def _enum_weights(model: str, name: str):
 
 
 def _enum_preprocessing(weights) -> Preprocessing:
-    transforms = weights.transforms()
-    crop, resize = getattr(transforms, "crop_size", None), getattr(transforms, "resize_size", None)
-    if crop is None or resize is None:
+    from . import labels
+
+    try:
+        declared = labels.preprocessing(weights)
+    except ValueError:  # weights without image-classification transforms
         return Preprocessing()
-    return Preprocessing(resize[0], crop[0], tuple(transforms.mean), tuple(transforms.std), f"{weights} transforms")
+    return Preprocessing(declared["resize"], declared["crop"], declared["mean"], declared["std"], f"{weights} transforms")
+
+
+def _class_names(weights) -> Optional[List[str]]:
+    from . import labels
+
+    return labels.class_names(weights)
 
 
 def check(model: Optional[str], weights: Optional[str] = None) -> Source:
@@ -123,7 +130,7 @@ def check(model: Optional[str], weights: Optional[str] = None) -> Source:
     if model is None:
         if weights is None:
             raise CommandError("--model is required (a torchvision name, package.module:factory or demo), unless "
-                                 "--weights holds a whole pickled model")
+                               "--weights holds a whole pickled model")
         if not os.path.isfile(weights):
             raise CommandError(f"no weights file at {weights!r}")
         return Source(None, weights, "pickled", "file", sha256(weights))
@@ -147,7 +154,7 @@ def check(model: Optional[str], weights: Optional[str] = None) -> Source:
         names = _torchvision_names()
         if model not in names:
             raise CommandError(f"unknown model {model!r}{_did_you_mean(model, names)}; use a torchvision name "
-                                 "(guided-swap explain --help) or package.module:factory")
+                               "(guided-swap explain --help) or package.module:factory")
     if weights is None:
         return Source(model, None, kind, "random")
     if os.path.isfile(weights):
@@ -155,7 +162,7 @@ def check(model: Optional[str], weights: Optional[str] = None) -> Source:
     enum = _enum_weights(model, weights) if kind == "torchvision" else None
     if enum is not None:
         return Source(model, str(enum), kind, "enum", weights_url=enum.url, preprocessing=_enum_preprocessing(enum),
-                      categories=list(enum.meta.get("categories") or []) or None)
+                      categories=_class_names(enum))
     hint = " or a torchvision weights name (DEFAULT, IMAGENET1K_V1, ...)" if kind == "torchvision" else ""
     raise CommandError(f"no weights file at {weights!r}; --weights takes a checkpoint file{hint}")
 
@@ -175,7 +182,7 @@ def build(source: Source, say: Callable[[str], None] = _stderr) -> nn.Module:
         content = read_checkpoint(source.weights, say)
         if not isinstance(content, nn.Module):
             raise CommandError(f"{source.weights!r} holds a state dict, not a whole model; name the architecture "
-                                 "with --model")
+                               "with --model")
         return content.eval()
     if source.weights_kind == "enum":
         return _torchvision_with_enum(source)
@@ -188,7 +195,7 @@ def build(source: Source, say: Callable[[str], None] = _stderr) -> nn.Module:
     checkpoint = read_checkpoint(source.weights, say)
     if isinstance(checkpoint, nn.Module):
         raise CommandError(f"{source.weights!r} holds a whole pickled model ({type(checkpoint).__name__}); "
-                             "leave out --model to use it as it is")
+                           "leave out --model to use it as it is")
     load_weights(model, checkpoint, source.weights, source.model)
     return model.eval()
 
@@ -217,8 +224,8 @@ def _torchvision_with_enum(source: Source) -> nn.Module:
         return torchvision.models.get_model(source.model, weights=source.weights.split(".", 1)[1]).eval()
     except OSError as error:  # URLError and friends: no internet, no cached copy
         raise CommandError(f"could not get {source.weights} from {source.weights_url}: {error}; download it "
-                             f"where there is internet into {torch.hub.get_dir()}/checkpoints, or pass "
-                             "--weights FILE") from None
+                           f"where there is internet into {torch.hub.get_dir()}/checkpoints, or pass "
+                           "--weights FILE") from None
 
 
 def read_checkpoint(path: str, say: Callable[[str], None] = _stderr) -> Any:
@@ -261,7 +268,7 @@ def _unwrap(content: Any, path: str) -> Any:
         if inner is None:
             keys = ", ".join(repr(k) for k in list(content)[:8])
             raise CommandError(f"{path!r} is a dict with keys {keys} but none holds a state dict (looked for "
-                                 f"{', '.join(WRAPPER_KEYS)})")
+                               f"{', '.join(WRAPPER_KEYS)})")
         content = inner
     raise CommandError(f"{path!r}: state dict nested too deep")
 

@@ -91,7 +91,7 @@ def discover(inputs: Sequence[str], out: str) -> List[Item]:
         if _inside(_real(holder), out_real):
             what = "is" if _real(holder) == out_real else "holds"
             raise CommandError(f"--out {out!r} {what} the input folder {holder!r}: results would mix with (and could "
-                              "replace) inputs; give --out a folder of its own, outside the inputs")
+                               "replace) inputs; give --out a folder of its own, outside the inputs")
     paths, seen = [], set()
     for path in inputs:
         for file in _walk(path, out_real) if os.path.isdir(path) else [path]:
@@ -99,7 +99,8 @@ def discover(inputs: Sequence[str], out: str) -> List[Item]:
                 seen.add(_real(file))
                 paths.append(file)
     if not paths:
-        raise CommandError(f"no images found in {', '.join(map(repr, inputs))} (looked for {', '.join(IMAGE_SUFFIXES)})")
+        raise CommandError(f"no images found in {', '.join(map(repr, inputs))} "
+                           f"(looked for {', '.join(IMAGE_SUFFIXES)})")
     roots = [p if os.path.isdir(p) else os.path.dirname(os.path.abspath(p)) for p in inputs]
     return [Item(p, n) for p, n in zip(paths, layout_names(paths, roots))]
 
@@ -147,15 +148,19 @@ def _differences(old: Dict[str, Any], new: Dict[str, Any]) -> str:
     return ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in keys[:3])
 
 
-def plan(items: List[Item], out: str, settings: Dict[str, Any], save: Sequence[str], force: bool) -> Plan:
-    """Sort inputs into done (same settings, input unchanged, every output present) and to do.
+def plan(items: List[Item], out: str, settings: Dict[str, Any], save: Sequence[str], force: bool,
+         done_kinds: Optional[Sequence[str]] = None) -> Plan:
+    """Sort inputs into done (same settings, input unchanged, every output of ``done_kinds`` present; default
+    ``save``) and to do.
 
-    Raises :class:`~guided_swap.errors.CommandError` for an output path holding a file guided-swap did not write, and for results
-    made with other settings unless ``force`` (then they are replaced).
+    Raises :class:`~guided_swap.errors.CommandError` for an output path holding a file guided-swap did not
+    write, and for results made with other settings unless ``force`` (then they are replaced).
     """
     result = Plan(out, items, [])
     foreign, conflicts = [], []
+    kinds = list(save if done_kinds is None else done_kinds)
     for index, item in enumerate(items):
+        stamp = source_stamp(item.path)
         paths = output_paths(out, item, save)
         existing = {kind: p for kind, p in paths.items() if os.path.lexists(p)}
         records = {kind: read_record(p) for kind, p in existing.items()}
@@ -165,19 +170,19 @@ def plan(items: List[Item], out: str, settings: Dict[str, Any], save: Sequence[s
             conflicts.append((item, next(r for r in old if r.get("settings") != settings)))
             result.replaced += 1
             result.todo.append(index)
-        elif len(old) == len(paths) and all(r.get("source") == source_stamp(item.path) for r in old):
-            result.done[index] = old[0]
+        elif all(records.get(kind) for kind in kinds) and all(r.get("source") == stamp for r in old):
+            result.done[index] = records[kinds[0]]
         else:
-            result.changed += any(r.get("source") != source_stamp(item.path) for r in old)
+            result.changed += any(r.get("source") != stamp for r in old)
             result.todo.append(index)
     if foreign:
-        raise CommandError(f"{len(foreign)} output path(s) hold files guided-swap did not write (first: {foreign[0]!r}); "
-                          "they are never replaced: move them or choose another --out")
+        raise CommandError(f"{len(foreign)} output path(s) hold files guided-swap did not write (first: "
+                           f"{foreign[0]!r}); they are never replaced: move them or choose another --out")
     if conflicts and not force:
         item, record = conflicts[0]
         raise CommandError(f"{len(conflicts)} result(s) in {out!r} were made with other settings (first: {item.name}: "
-                          f"{_differences(record.get('settings') or {}, settings)}); pass --force to replace them, "
-                          "or choose another --out")
+                           f"{_differences(record.get('settings') or {}, settings)}); pass --force to replace them, "
+                           "or choose another --out")
     return result
 
 

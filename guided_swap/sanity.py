@@ -26,8 +26,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .build import convert
+from .rules import rules
 
-METHODS = ("gradient", "guided", "deconvnet", "gradcam", "guided_gradcam")
+
+
+def methods() -> Tuple[str, ...]:
+    """The maps compared: one per registered rule (``guided_swap.rules()``), then Grad-CAM and Guided Grad-CAM."""
+    return rules() + ("gradcam", "guided_gradcam")
 
 
 # --- the maps compared -------------------------------------------------------------------------------
@@ -35,11 +40,10 @@ METHODS = ("gradient", "guided", "deconvnet", "gradcam", "guided_gradcam")
 def method_maps(model: nn.Module, x: Tensor, target: Tensor, layer: str) -> Dict[str, np.ndarray]:
     """(B, H, W) grey maps of every method: max over channels of |map|, and the upsampled Grad-CAM."""
     maps = {}
-    for rule in ("gradient", "guided", "deconvnet"):
+    for rule in rules():
         e = convert(model, layer=layer, rule=rule, example_input=x[:1]).explain(x, target)
         maps[rule] = e.gradient.abs().amax(dim=1).numpy()
-        if rule == "gradient":
-            maps["gradcam"] = e.cam.numpy()
+        maps.setdefault("gradcam", e.cam.numpy())  # Grad-CAM takes ordinary gradients under every rule
         if rule == "guided":
             maps["guided_gradcam"] = e.guided_gradcam.abs().amax(dim=1).numpy()
     return maps
@@ -139,11 +143,9 @@ def _rows(step: int, name: str, scores: Dict[str, Tuple[float, float]]) -> List[
 
 
 def randomization_figure(model: nn.Module, x: Tensor, layer: str = "auto", max_steps: Optional[int] = None, seed: int = 0):
-    """The classic figure for the first image: methods as rows, cascade steps as columns."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    """The classic figure for the first image: methods as rows, cascade steps as columns, each map min-max
+    scaled on its own (this figure compares shapes, not strengths). A ``matplotlib.figure.Figure``: no pyplot."""
+    from matplotlib.figure import Figure
 
     from .viz import minmax
 
@@ -156,9 +158,10 @@ def randomization_figure(model: nn.Module, x: Tensor, layer: str = "auto", max_s
     for name in blocks_top_down(model)[:max_steps]:
         randomize(model.get_submodule(name), generator)
         columns.append((f"+ {name}", method_maps(model, x, target, layer)))
-    fig, axes = plt.subplots(len(METHODS), len(columns), figsize=(1.6 * len(columns), 1.7 * len(METHODS)), squeeze=False)
+    fig = Figure(figsize=(1.6 * len(columns), 1.7 * len(methods())))
+    axes = fig.subplots(len(methods()), len(columns), squeeze=False)
     for j, (title, maps) in enumerate(columns):
-        for i, method in enumerate(METHODS):
+        for i, method in enumerate(methods()):
             axes[i, j].imshow(minmax(maps[method][0]), cmap="gray")
             axes[i, j].set_xticks([])
             axes[i, j].set_yticks([])
@@ -265,11 +268,11 @@ def localization(model: nn.Module, x: Tensor, boxes: Tensor, target, layer: str 
 
 def table_markdown(rows: List[dict]) -> str:
     steps = sorted({(r["step"], r["randomized"]) for r in rows})
-    lines = ["| randomised up to | " + " | ".join(f"{m} SSIM / ρ" for m in METHODS) + " |",
-             "|---" * (len(METHODS) + 1) + "|"]
+    lines = ["| randomised up to | " + " | ".join(f"{m} SSIM / ρ" for m in methods()) + " |",
+             "|---" * (len(methods()) + 1) + "|"]
     for step, name in steps:
         cells = {r["method"]: r for r in rows if r["step"] == step}
-        lines.append(f"| {name} | " + " | ".join(f"{cells[m]['ssim']:.2f} / {cells[m]['spearman']:.2f}" for m in METHODS) + " |")
+        lines.append(f"| {name} | " + " | ".join(f"{cells[m]['ssim']:.2f} / {cells[m]['spearman']:.2f}" for m in methods()) + " |")
     return "\n".join(lines)
 
 

@@ -285,10 +285,6 @@ def contains_relu(module: nn.Module) -> bool:
 # the bounds that make it one (``clamp(x, 0)``, ``clamp(x, 0, 6)``, ``threshold(x, 0, 0)``); any other
 # bounds leave it alone. Keys are OpOverloads (what export records) and their packets (``torch.ops.aten.relu``).
 
-def _is_zero(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0
-
-
 def _aten_bounds(node: fx.Node, low_name: str, high_name: str) -> Tuple[Any, Any]:
     return _arg(node, 1, low_name), _arg(node, 2, high_name)
 

@@ -1,8 +1,8 @@
 """What is explained: a score per sample, built from a target and the model's outputs.
 
 A target is one of: None (each sample's argmax), an int (the same class for all), a sequence or LongTensor
-with one class per sample, a callable ``outputs -> (B,) score``, or a :class:`Channel` of a captured layer
-(feature visualisation).
+with one class per sample, a callable ``outputs -> (B,) score``, a :class:`Channel` of a captured layer
+(feature visualisation), or a :class:`Box`: one detection per image of a detector (torchvision's list of dicts).
 
 >>> import torch
 >>> score, classes = class_score(torch.tensor([[1.0, 5.0], [7.0, 2.0]]), None)
@@ -10,7 +10,7 @@ with one class per sample, a callable ``outputs -> (B,) score``, or a :class:`Ch
 (tensor([1, 0]), tensor([5., 7.]))
 """
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -32,6 +32,69 @@ class Channel:
     layer: str
     channel: int
     unit: Optional[Tuple[int, ...]] = None
+
+
+@dataclass(frozen=True)
+class Box:
+    """Explain one detection per image: the score of detection ``index`` in each image's dict of a detector
+    that returns torchvision's format (a list with one dict per image: ``boxes``, ``labels``, ``scores``, most
+    confident first). With ``label``, ``index`` counts only the detections of that class. :meth:`indices`
+    says which detection of ``outputs[b]`` was explained. The score is differentiable: torchvision keeps the
+    autograd graph from the image to ``scores`` through non-maximum suppression (an index selection).
+
+    >>> import torch
+    >>> detections = [{"scores": torch.tensor([0.9, 0.5, 0.2]), "labels": torch.tensor([3, 1, 1])}]
+    >>> Box(0).indices(detections), Box(1, label=1).indices(detections), box_score(Box(1, label=1), detections, 1)
+    ([0], [2], tensor([0.2000]))
+    """
+
+    index: int = 0
+    label: Optional[int] = None
+
+    def __post_init__(self):
+        for name in ("index", "label"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise TypeError(f"Box {name} must be an int, got {type(value).__name__}")
+        if self.index < 0:
+            raise ValueError(f"Box index must be >= 0 (0 is each image's most confident detection), got {self.index}")
+
+    def indices(self, outputs: Any) -> List[int]:
+        """The position of the explained detection in each image's dict, validated against ``outputs``."""
+        return [self._index(b, detections) for b, detections in enumerate(_detections(outputs))]
+
+    def _index(self, image: int, detections: Dict[str, Tensor]) -> int:
+        scores = detections["scores"]
+        if self.label is None:
+            candidates, which = torch.arange(scores.shape[0]), "detections"
+        elif "labels" not in detections:
+            raise TargetError(f"Box(label={self.label}) needs 'labels' in each image's dict; image {image} has "
+                              f"{sorted(detections)}")
+        else:
+            candidates = torch.nonzero(detections["labels"] == self.label).flatten()
+            which = f"detections of label {self.label}"
+        if self.index >= candidates.numel():
+            raise TargetError(f"image {image} has {candidates.numel()} {which}; Box(index={self.index}) needs at least "
+                              f"{self.index + 1}. Pick a lower index, or lower the detector's score threshold "
+                              "(box_score_thresh for Faster/Mask R-CNN, score_thresh for RetinaNet, FCOS and SSD)")
+        return int(candidates[self.index])
+
+
+def _detections(outputs: Any) -> List[Dict[str, Tensor]]:
+    if not isinstance(outputs, (list, tuple)) or not all(isinstance(d, dict) and "scores" in d for d in outputs):
+        raise TargetError("a Box target needs a detector's output, a list with one dict per image holding 'scores' "
+                          f"(torchvision's format); this model returns a {type(outputs).__name__}. Pass a callable "
+                          "target outputs -> (B,) score instead")
+    return list(outputs)
+
+
+def box_score(target: Box, outputs: Any, batch: int) -> Tensor:
+    """The (B,) score of a :class:`Box` target: each image's chosen detection score."""
+    detections = _detections(outputs)
+    if len(detections) != batch:
+        raise TargetError(f"the detector returned {len(detections)} dicts for a batch of {batch} images")
+    picked = target.indices(detections)
+    return torch.stack([d["scores"][i] for d, i in zip(detections, picked)])
 
 
 def class_indices(logits: Tensor, target: Any) -> Tensor:

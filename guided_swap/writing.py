@@ -7,7 +7,7 @@ pool of writer processes (drawing a figure takes far longer than explaining the 
 import multiprocessing
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
-from typing import Any, Deque, Dict, List, Sequence, Tuple
+from typing import Any, Deque, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -64,60 +64,51 @@ def record(job, item: Item, maps: Dict[str, np.ndarray], settings: dict, layer_n
             "settings": settings, "source": results.source_stamp(item.path), "made_by": made_by, "error": None}
 
 
-def figure(job, one, x: torch.Tensor, item: Item):
-    """The figure of one input: its panels (:func:`panels`), titled by what each map is."""
+def moments(maps: Dict[str, np.ndarray], method: str) -> Dict[str, List[float]]:
+    """Per map panel: count, sum, sum of squares, min and max of its values, so a colour scale shared by many
+    results can be made from their records alone (:func:`shared_limits`)."""
+    from .viz import _Moments
+
+    out = {}
+    for panel in panels(method)[1:]:
+        m = _Moments()
+        m.add(np.asarray(maps[panel], dtype=np.float64))
+        out[panel] = [m.count, m.total, m.squares, m.low, m.high]
+    return out
+
+
+def shared_limits(records: Iterable[dict], method: str) -> Dict[str, List[float]]:
+    """One colour range per map panel over every record's maps (as ``viz.shared_limits`` over the maps)."""
+    from .viz import _Moments
+
+    merged = {panel: _Moments() for panel in panels(method)[1:]}
+    for rec in records:
+        for panel, (count, total, squares, low, high) in (rec.get("moments") or {}).items():
+            m = merged[panel]
+            m.count, m.total, m.squares = m.count + count, m.total + total, m.squares + squares
+            m.low, m.high = min(m.low, low), max(m.high, high)
+    return {panel: [float(v) for v in m.limits(panel)] for panel, m in merged.items() if m.count}
+
+
+def figure(job, one, x: torch.Tensor, item: Item, limits: Optional[Dict[str, List[float]]] = None):
+    """The figure of one input: its panels (:func:`panels`), titled by what each map is, on ``limits`` (one
+    scale shared by the run) or each map on its own range."""
     from . import viz
 
     p = job.preprocessing
-    options = {"labels": job.labels, "mean": p.mean, "std": p.std, "notes": [item.name]}
-    accepted = figure_options()
-    options.update({k: v for k, v in (("cmap", job.cmap), ("scale", job.scale)) if v is not None and k in accepted})
-    if "panels" in accepted:
-        return viz.figure(one, x, panels(job.method), **options)
-    if job.method == "gradcam":
-        return _cam_figure(one, x, job, item)
-    return viz.figure(one, x, **options)
+    return viz.figure(one, x, panels(job.method), labels=job.labels, notes=[item.name], mean=p.mean, std=p.std,
+                      cmap=job.cmap, scale="shared" if limits else "per-image",
+                      limits={k: tuple(v) for k, v in limits.items()} if limits else None)
 
 
-def figure_options() -> set:
-    """The keyword arguments ``viz.figure`` takes."""
-    import inspect
-
-    from . import viz
-
-    return set(inspect.signature(viz.figure).parameters)
-
-
-def _cam_figure(one, x: torch.Tensor, job, item: Item):
-    """Input and Grad-CAM only, for a ``viz.figure`` that cannot leave panels out."""
-    from matplotlib.figure import Figure
-
-    from . import viz
-
-    p = job.preprocessing
-    picture = viz.denormalize(x[0], p.mean, p.std)
-    target = int(one.target[0])
-    probability = float(torch.softmax(one.logits.double(), dim=1)[0, target])
-    name = job.labels[target] if job.labels is not None else target
-    fig = Figure(figsize=(5.2, 2.9))
-    axes = fig.subplots(1, 2)
-    axes[0].imshow(picture)
-    axes[0].set_title(f"{name}: p={probability:.2f}\n{item.name}", fontsize=9)
-    axes[1].imshow(viz.overlay(picture, viz.minmax(one.cam[0]), cmap=job.cmap or "jet"))
-    axes[1].set_title("Grad-CAM", fontsize=9)
-    for axis in axes:
-        axis.axis("off")
-    fig.tight_layout()
-    return fig
-
-
-def write_result(job, item: Item, rec: dict, maps: Dict[str, np.ndarray], one, x: torch.Tensor) -> None:
-    """The ``.npz`` and/or the PNG of one input, each atomic."""
-    paths = results.output_paths(job.out, item, job.save)
+def write_result(job, item: Item, rec: dict, maps: Dict[str, np.ndarray], one, x: torch.Tensor,
+                 kinds: Sequence[str], limits: Optional[Dict[str, List[float]]]) -> None:
+    """The ``kinds`` of output (``npz``, ``png``) of one input, each atomic; the PNG's record has its limits."""
+    paths = results.output_paths(job.out, item, kinds)
     if "npz" in paths:
         results.write_npz(paths["npz"], maps, rec)
     if "png" in paths:
-        results.write_png(figure(job, one, x, item), paths["png"], rec)
+        results.write_png(figure(job, one, x, item, limits), paths["png"], dict(rec, limits=limits))
 
 
 class Writers:
@@ -157,10 +148,10 @@ class Writers:
         self.close()
 
 
-def explain_batch(explainer, job, batch, items: Sequence[Item], settings: dict, group,
-                  writers: Writers) -> Dict[int, dict]:
-    """Explain one decoded batch and hand its results to the writers; the records by input index (an
-    unreadable input's record has its error)."""
+def explain_batch(explainer, job, batch, items: Sequence[Item], settings: dict, group, writers: Writers,
+                  kinds: Sequence[str], limits: Optional[Dict[str, List[float]]] = None) -> Dict[int, dict]:
+    """Explain one decoded batch and hand the ``kinds`` of output to the writers; the records by input index
+    (an unreadable input's record has its error)."""
     records = {}
     good = [(index, tensor) for index, tensor, error in batch if error is None]
     for index, _, error in batch:
@@ -171,20 +162,23 @@ def explain_batch(explainer, job, batch, items: Sequence[Item], settings: dict, 
     x = torch.stack([tensor for _, tensor in good]).to(group.device)
     explanation = explainer.explain(x, job.target)
     batch_maps = arrays(explanation, x, job.method)
-    layer_nodes = dict(explainer.report.layers)
+    nodes = dict(explainer.report.layers)
     made_by = {"rank": group.rank, "world": group.world, "device": str(group.device)}
     for i, (index, _) in enumerate(good):
         maps = {key: value[i] for key, value in batch_maps.items()}
-        records[index] = record(job, items[index], maps, settings, layer_nodes, made_by)
-        writers.submit(job, items[index], records[index], maps, _cpu(explanation[i]), x[i:i + 1].cpu())
+        records[index] = dict(record(job, items[index], maps, settings, nodes, made_by), moments=moments(maps, job.method))
+        if kinds:
+            writers.submit(job, items[index], records[index], maps, _cpu(explanation[i], nodes), x[i:i + 1].cpu(),
+                           kinds, limits)
     return records
 
 
-def _cpu(one):
-    """An explanation row with its tensors on the CPU (what a writer process receives)."""
+def _cpu(one, nodes: Dict[str, str]):
+    """An explanation row with its tensors on the CPU (what a writer process receives), its layers named by the
+    graph node they capture (the title shows the node ``auto`` chose)."""
     from dataclasses import replace
 
-    layers = {name: replace(maps, activation=maps.activation.cpu(), grad=maps.grad.cpu())
+    layers = {nodes.get(name, name): replace(maps, activation=maps.activation.cpu(), grad=maps.grad.cpu())
               for name, maps in one.layers.items()}
     return replace(one, logits=one.logits.cpu(), target=None if one.target is None else one.target.cpu(),
                    score=one.score.cpu(), gradient=one.gradient.cpu(), outputs=None, layers=layers)

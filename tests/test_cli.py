@@ -1,5 +1,6 @@
 """The guided-swap command: help, one-line usage errors before any model is built, labels, methods that draw and
 save only what they computed, the summary line and report, warnings, the other commands."""
+import json
 import os
 import subprocess
 import sys
@@ -106,6 +107,7 @@ def test_python_m_guided_swap_help_explains_every_method_without_rst(capsys):
     (["--cmap", "jett"], "unknown colour map 'jett' (did you mean jet"),
     (["--std", "0,1,1"], "--std values must be positive"),
     (["--weights", "nope.pth"], "no weights file at 'nope.pth'"),
+    (["--labels", "nope.txt"], "--labels: no labels file at 'nope.txt'"),
 ])
 def test_usage_errors_are_one_line_with_exit_2_before_the_model_is_built(tmp_path, two, capsys, args, message):
     inputs = [] if args[0] == "missing/" else [two]
@@ -149,36 +151,40 @@ def keys(path) -> set:
         return set(maps.files)
 
 
+def explain_demo(out, *args) -> int:
+    return run("explain", *args, "--model", "demo", "--out", out, "--workers", "0", "--writers", "0")
+
+
 def test_gradcam_draws_and_saves_only_grad_cam(tmp_path, two, figures):
-    out = tmp_path / "out"
-    assert run("explain", two, "--model", "demo", "--method", "gradcam", "--out", out, "--workers", "0", "--writers", "0") == 0
-    assert figures["cat.png.png"][1:] == ["Grad-CAM"]
-    assert keys(out / "cat.png.npz") == {"input", "logits", "target", "score", "cam", "cam_raw", "record"}
+    assert explain_demo(tmp_path / "out", two, "--method", "gradcam") == 0
+    titles = figures["cat.png.png"]
+    assert len(titles) == 2 and "Grad-CAM" in titles[1]  # the input, then Grad-CAM: nothing else was computed
+    assert not [t for t in titles if "Guided" in t or "backprop" in t or "gradient" in t], titles
+    assert keys(tmp_path / "out" / "cat.png.npz") == {"input", "logits", "target", "score", "cam", "cam_raw", "record"}
 
 
 @pytest.mark.parametrize("method", ["all", "deconvnet"])
 def test_every_panel_drawn_is_in_the_npz(tmp_path, two, figures, method):
-    out = tmp_path / "out"
-    assert run("explain", two, "--model", "demo", "--method", method, "--out", out, "--workers", "0", "--writers", "0") == 0
-    array_of = {f"{'guided' if method == 'all' else method} backprop": "gradient", "Grad-CAM": "cam",
-                "Guided Grad-CAM": "guided_gradcam"}
-    titles = figures["cat.png.png"][1:]
-    assert titles and all(title in array_of for title in titles)
-    assert {"input"} | {array_of[title] for title in titles} <= keys(out / "cat.png.npz")
+    from guided_swap.writing import panels
+
+    assert explain_demo(tmp_path / "out", two, "--method", method) == 0
+    assert len(figures["cat.png.png"]) == len(panels(method))  # one titled axis per panel
+    assert set(panels(method)) <= keys(tmp_path / "out" / "cat.png.npz")
+    assert ("cam" in panels(method)) == (method == "all")
 
 
 def test_save_chooses_the_files(tmp_path, two, capsys):
     out = tmp_path / "out"
-    assert run("explain", two, "--model", "demo", "--save", "png", "--out", out, "--workers", "0", "--writers", "0") == 0
+    assert explain_demo(out, two, "--save", "png") == 0
     assert sorted(os.listdir(out)) == [results.MARKER, "astronaut.jpg.png", "cat.png.png", results.INDEX]
     assert run("explain", two, "--model", "demo", "--save", "png", "--out", out) == 0
     assert "2 of 2 input(s) already done" in capsys.readouterr().err  # the PNGs carry their settings
-    assert run("explain", two, "--model", "demo", "--save", "npz", "--out", tmp_path / "o2", "--workers", "0", "--writers", "0") == 0
+    assert explain_demo(tmp_path / "o2", two, "--save", "npz") == 0
     assert not [name for name in os.listdir(tmp_path / "o2") if name.endswith(".png")]
 
 
 def test_summary_line_always_and_the_report_on_request(tmp_path, two, capsys):
-    assert run("explain", two, "--model", "demo", "--report", "--out", tmp_path / "out", "--workers", "0", "--writers", "0") == 0
+    assert explain_demo(tmp_path / "out", two, "--report") == 0
     captured = capsys.readouterr()
     summary = [line for line in captured.err.splitlines() if "swapped" in line]
     assert len(summary) == 1 and summary[0].startswith("guided-swap: model demo: ")
@@ -232,3 +238,11 @@ def test_export_command(tmp_path, capsys):
     assert out["cam"].shape == (3, 48, 48)
     assert run("export", "--model", "demo", "--shape", "two", "--out", path) == 2
     assert "--shape" in capsys.readouterr().err
+
+
+def test_mean_and_std_must_fit_the_channels(tmp_path, two, capsys):
+    assert explain_demo(tmp_path / "out", two, "--mean", "0.5,0.5,0.5", "--std", "0.2,0.2,0.2") == 2
+    assert "the model takes 1 channel(s)" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    assert explain_demo(tmp_path / "out", two / "cat.png", "--mean", "0.5", "--std", "0.25", "--save", "npz") == 0
+    with np.load(tmp_path / "out" / "cat.png.npz") as maps:
+        assert json.loads(str(maps["record"]))["settings"]["mean"] == [0.5]

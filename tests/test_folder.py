@@ -78,7 +78,8 @@ def test_out_that_is_or_holds_an_input_folder_is_refused_before_anything(tmp_pat
 
 def test_results_inside_an_input_folder_are_never_inputs(tmp_path, clashing, capsys):
     assert explain(clashing, "--model", "demo", "--out", clashing / "maps") == 0  # with PNGs: images
-    assert explain(clashing, "--model", "demo", "--save", "npz", "--out", clashing / "maps2") == 0  # maps/*.png are not inputs
+    # the figures in maps/ are images, but never inputs
+    assert explain(clashing, "--model", "demo", "--save", "npz", "--out", clashing / "maps2") == 0
     assert len(read_index(clashing / "maps2")) == 4
     assert files(clashing / "maps2") == [n for n in files(clashing / "maps") if not n.endswith(".png")]
     assert explain(clashing / "maps", "--model", "demo", "--out", tmp_path / "x") == 2
@@ -94,7 +95,7 @@ def test_each_result_records_its_settings(tmp_path, clashing):
 
     stats = demo.checkpoint()
     assert settings["model"] == "demo" and settings["weights_sha256"] == sha256(demo.WEIGHTS)
-    assert (settings["layer"], settings["method"], settings["rule"], settings["target"]) == ("conv3", "all", "guided", 1)
+    assert [settings[k] for k in ("layer", "method", "rule", "target")] == ["conv3", "all", "guided", 1]
     assert (settings["size"], settings["mean"], settings["std"]) == (48, [stats["mean"]], [stats["std"]])
     assert settings["version"] == __version__
     from PIL import Image
@@ -192,3 +193,33 @@ def test_decode_and_write_workers_give_the_same_results(tmp_path, clashing):
     for name in ("pic.jpg", "sub/pic.jpg"):
         with np.load(tmp_path / "a" / (name + ".npz")) as a, np.load(tmp_path / "b" / (name + ".npz")) as b:
             assert np.array_equal(a["gradient"], b["gradient"]) and np.array_equal(a["cam"], b["cam"])
+
+
+def test_figures_share_one_colour_scale_over_the_run(tmp_path, clashing, capsys):
+    from guided_swap import viz
+    from guided_swap.results import read_record
+
+    out = tmp_path / "out"
+    assert explain(clashing / "pic.jpg", clashing / "sub" / "pic.jpg", "--model", "demo", "--out", out) == 0
+    names = ["pic.jpg", "sub/pic.jpg"]
+    limits = [read_record(str(out / (name + ".png")))["limits"] for name in names]
+    with np.load(out / "pic.jpg.npz") as a, np.load(out / "sub" / "pic.jpg.npz") as b:
+        assert not np.isclose(a["cam"].max(), b["cam"].max())  # two ranges, one scale
+        expected = viz.shared_limits([dict(a), dict(b)], ("gradient", "cam", "guided_gradcam"))
+    assert limits[0] == limits[1] and limits[0].keys() == expected.keys()
+    assert all(np.allclose(limits[0][panel], expected[panel]) for panel in expected)
+    capsys.readouterr()
+    assert explain(clashing / "pic.jpg", clashing / "sub" / "pic.jpg", "--model", "demo", "--out", out) == 0
+    assert "drawing" not in capsys.readouterr().err  # same inputs, same scale: nothing to redraw
+    save_image(clashing / "sub" / "dark.png", "camera")
+    assert explain(clashing / "pic.jpg", clashing / "sub", "--model", "demo", "--out", out) == 0
+    assert "drawing 3 figure(s) on one colour scale shared by the 3 input(s)" in capsys.readouterr().err
+    assert len({json.dumps(read_record(str(out / (n + ".png")))["limits"]) for n in names + ["sub/dark.png"]}) == 1
+
+
+def test_per_image_figures_are_drawn_on_their_own_ranges(tmp_path, clashing, capsys):
+    from guided_swap.results import read_record
+
+    out = tmp_path / "out"
+    assert explain(clashing / "pic.jpg", "--model", "demo", "--scale", "per-image", "--out", out) == 0
+    assert read_record(str(out / "pic.jpg.png"))["limits"] is None and "drawing" not in capsys.readouterr().err

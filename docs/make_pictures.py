@@ -1,0 +1,92 @@
+"""Regenerate the pictures in README.md and docs/ from the shipped demo models (seconds, no training):
+
+    python docs/make_pictures.py            # writes docs/images/*.png
+
+The models themselves are rebuilt with ``python -m guided_swap.demo --train [faces|photos]`` (deterministic).
+To keep the repository small the PNGs are drawn at 72-90 dpi with 32 levels per colour channel (white stays
+white); a palette of 256 colours would band the colour bars.
+"""
+import io
+import os
+import sys
+
+import torch
+
+import guided_swap as gs
+from guided_swap import demo, viz
+from guided_swap._files import atomic_write
+
+IMAGES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "images")
+
+
+def save_small(fig, name: str, dpi: int = 72, levels: int = 32) -> str:
+    """The figure as a PNG in docs/images with ``levels`` values per channel (written atomically)."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=dpi, format="png")
+    step = 255 / (levels - 1)
+    picture = Image.open(buffer).convert("RGB").point(lambda v: int(round(round(v / step) * step)))
+    path = os.path.join(IMAGES, name)
+    with atomic_write(path, suffix=".png") as temporary:
+        picture.save(temporary, format="png", optimize=True)
+    return path
+
+
+def demo_figure():
+    """The README picture: the faces demo, every map (what ``guided-swap demo`` writes)."""
+    model, x, truth = demo.load_demo()
+    stats = demo.checkpoint()
+    ex = gs.convert(model, layer="auto", example_input=x[:1])
+    return viz.figure(ex.explain(x), x, explainer=ex, labels=list(demo.CLASSES), mean=(stats["mean"],),
+                      std=(stats["std"],), notes=[f"true: {label}" for label in truth])
+
+
+def rules_figure(rows=(0, 1, 4, 5)):
+    """The three backward rules side by side on faces-demo images, one shared colour range per rule."""
+    from matplotlib.figure import Figure
+
+    model, x, _ = demo.load_demo()
+    stats = demo.checkpoint()
+    x = x[list(rows)]
+    rules = ("gradient", "deconvnet", "guided")
+    explainers = {rule: gs.convert(model, layer=None, rule=rule) for rule in rules}
+    maps = {rule: ex.explain(x).gradient for rule, ex in explainers.items()}
+    fig = Figure(figsize=(11, 2.4 * len(x)), layout="constrained")
+    axes = fig.subplots(len(x), 1 + len(rules), squeeze=False)
+    for i in range(len(x)):
+        picture = viz.denormalize(x[i], (stats["mean"],), (stats["std"],))
+        axes[i, 0].imshow(picture)
+        axes[i, 0].set_title("input", fontsize=9)
+        for ax, rule in zip(axes[i, 1:], rules):
+            limits = viz.shared_limits([{"gradient": maps[rule]}])["gradient"]
+            viz.draw_map(fig, ax, "gradient", maps[rule][i], picture, limits)
+            ax.set_title(viz.gradient_title(rule, len(explainers[rule].swapped)), fontsize=9)
+        for ax in axes[i]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    return fig
+
+
+def worked_example_figures():
+    """The worked example: the four photographs, then the collage explained for each class."""
+    model, x, names = demo.load_photos()
+    ex = gs.convert(model, layer="auto", example_input=x[:1])
+    photos = viz.figure(ex.explain(x), x, explainer=ex, labels=names)
+    collage = demo.collage().repeat(len(names), 1, 1, 1)
+    every_class = ex.explain(collage, torch.arange(len(names)))
+    shared = viz.figure(every_class, collage, explainer=ex, labels=names)
+    return photos, shared
+
+
+def main() -> int:
+    print(save_small(demo_figure(), "demo.png", dpi=80))
+    print(save_small(rules_figure(), "rules.png", dpi=90))
+    photos, collage = worked_example_figures()
+    print(save_small(photos, "worked_example_photos.png"))
+    print(save_small(collage, "worked_example_collage.png"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,188 @@
+"""Transformers: token (B, N, C) and channels-last captures read from the graph, against plain-hook references."""
+import warnings
+
+import pytest
+import timm
+import torch
+import torchvision
+
+import guided_swap as gs
+from conftest import assert_nontrivial, image_batch, relative_error
+
+
+def hooked_gradcam(model, modules, x, target, to_map):
+    """Grad-CAM the usual way: forward hooks keep each module's output, the ordinary backward of the target
+    score fills their .grad, and ``to_map`` (written from the model's own attributes) reshapes both."""
+    kept, handles = {}, []
+    for name, module in modules.items():
+        def keep(_, __, output, name=name):
+            output.retain_grad()
+            kept[name] = output
+        handles.append(module.register_forward_hook(keep))
+    try:
+        logits = model(x)
+        logits.gather(1, target.view(-1, 1)).sum().backward()
+    finally:
+        for handle in handles:
+            handle.remove()
+    maps = {}
+    for name, output in kept.items():
+        A, G = to_map(output.detach()), to_map(output.grad)
+        weights = G.mean(dim=tuple(range(2, G.dim())), keepdim=True)
+        maps[name] = torch.relu((weights * A).sum(dim=1))
+    return maps
+
+
+def tokens_to_map(prefix, grid):
+    def to_map(t):
+        return t[:, prefix:].reshape(t.shape[0], *grid, t.shape[-1]).permute(0, 3, 1, 2)
+    return to_map
+
+
+def nhwc_to_map(t):
+    return t.permute(0, 3, 1, 2)
+
+
+def _quiet_explain(explainer, x, target):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the no-rectifier warning; tested on its own below
+        return explainer.explain(x, target)
+
+
+def _compare(e, references, names):
+    for ours, theirs in names.items():
+        expected = references[theirs]
+        assert_nontrivial(expected, 0.05)
+        assert e.layers[ours].cam_raw.shape == expected.shape
+        assert relative_error(e.layers[ours].cam_raw, expected) < 1e-4, ours
+
+
+def test_torchvision_vit_b_16_class_token():
+    torch.manual_seed(0)
+    model = torchvision.models.vit_b_16().eval()
+    torch.nn.init.normal_(model.heads.head.weight, std=0.02)  # torchvision initialises the head to zeros
+    x, target = image_batch(224, names=("chelsea",)), torch.tensor([3])
+    layer = "encoder.layers.encoder_layer_11.ln_1"
+    ex = gs.convert(model, layer=["auto", layer])
+    e = _quiet_explain(ex, x, target)
+    assert ex.report.layers["auto"] == layer  # the input of the last attention: its patch tokens reach the class token
+    grid = (model.image_size // model.patch_size,) * 2
+    layout = ex.report.layouts[layer]
+    assert (layout.kind, layout.grid, layout.prefix) == ("tokens", grid, 1)
+    references = hooked_gradcam(model, {layer: model.get_submodule(layer)}, x, target, tokens_to_map(1, grid))
+    _compare(e, references, {layer: layer, "auto": layer})
+    assert e.cam.shape == (1, 224, 224) and "tokens (B, N, C): 1 prefix + 14x14 patches" in ex.report.summary()
+    # nothing is swapped in a GELU net: the gradient is the plain one, Guided Grad-CAM is Grad-CAM times it
+    leaf = x.clone().requires_grad_(True)
+    model(leaf)[0, 3].backward()
+    assert relative_error(e.gradient, leaf.grad) < 1e-5
+    assert torch.equal(e.guided_gradcam, e.cam.unsqueeze(1) * e.gradient)
+
+
+def test_torchvision_swin_t_channels_last():
+    torch.manual_seed(0)
+    model = torchvision.models.swin_t().eval()
+    x, target = image_batch(96), torch.tensor([3, 7])
+    ex = gs.convert(model, layer=["auto", "features.7.1.norm1"])
+    e = _quiet_explain(ex, x, target)
+    assert ex.report.layers["auto"] == "norm"  # the last stage's map, before the pooling
+    assert ex.report.layouts["features.7.1.norm1"].kind == "nhwc" and ex.report.layouts["auto"].kind == "nhwc"
+    references = hooked_gradcam(model, {"norm": model.norm, "block": model.features[7][1].norm1}, x, target,
+                                nhwc_to_map)
+    _compare(e, references, {"features.7.1.norm1": "block", "auto": "norm"})
+    assert e.cam_raw.shape == (2, 3, 3) and e.cam.shape == (2, 96, 96)
+
+
+@pytest.mark.parametrize("name, prefix", [("vit_tiny_patch16_224", 1), ("deit_tiny_distilled_patch16_224", 2)])
+def test_timm_vits_read_grid_and_prefix_tokens_from_the_graph(name, prefix):
+    torch.manual_seed(0)
+    model = timm.create_model(name).eval()
+    x, target = image_batch(224, names=("astronaut",)), torch.tensor([5])
+    ex = gs.convert(model, layer=["auto", "blocks.11.norm1"])
+    e = _quiet_explain(ex, x, target)
+    layout = ex.report.layouts["blocks.11.norm1"]
+    assert layout.grid == tuple(model.patch_embed.grid_size) and layout.prefix == model.num_prefix_tokens == prefix
+    assert ex.report.layers["auto"] == ex.report.layers["blocks.11.norm1"]
+    references = hooked_gradcam(model, {"norm1": model.blocks[11].norm1}, x, target,
+                                tokens_to_map(model.num_prefix_tokens, tuple(model.patch_embed.grid_size)))
+    _compare(e, references, {"blocks.11.norm1": "norm1", "auto": "norm1"})
+    if prefix == 2:  # a named layer alone: read at convert time, on a zero 224-pixel stand-in
+        named = gs.convert(model, layer="blocks.11.norm1")
+        assert named.report.layouts["blocks.11.norm1"] == layout
+
+
+@pytest.fixture(scope="module")
+def small_vit():
+    """A timm ViT on a 64x96 input: 1 class token + a 4x6 grid = 25 tokens, a square number that is no 5x5 grid."""
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=(64, 96), depth=2).eval()
+    x = torch.nn.functional.interpolate(image_batch(96), size=(64, 96), mode="bilinear")
+    return model, x, torch.tensor([1, 2])
+
+
+def test_a_non_square_grid_is_read_not_guessed(small_vit):
+    model, x, target = small_vit
+    ex = gs.convert(model, layer="blocks.1.norm1")
+    e = _quiet_explain(ex, x, target)
+    assert ex.report.layouts["blocks.1.norm1"].grid == (4, 6)
+    references = hooked_gradcam(model, {"n": model.blocks[1].norm1}, x, target, tokens_to_map(1, (4, 6)))
+    _compare(e, references, {"blocks.1.norm1": "n"})
+    assert e.cam.shape == (2, 64, 96)
+
+
+def test_register_tokens_and_average_pooling():
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=64, depth=2, reg_tokens=4, class_token=False,
+                              global_pool="avg").eval()
+    x, target = image_batch(64), torch.tensor([1, 2])
+    ex = gs.convert(model)  # auto: pooled, so the last map of positions
+    e = _quiet_explain(ex, x, target)
+    assert ex.report.layers["auto"] == "norm.layer_norm" or ex.report.layers["auto"] == "norm"
+    assert ex.report.layouts["auto"].prefix == model.num_prefix_tokens == 4
+    references = hooked_gradcam(model, {"norm": model.norm}, x, target, tokens_to_map(4, (4, 4)))
+    _compare(e, references, {"auto": "norm"})
+
+
+def test_overrides_and_what_cannot_be_read(small_vit):
+    model, x, target = small_vit
+    auto = _quiet_explain(gs.convert(model, layer="blocks.1.norm1"), x, target)
+    by_hand = gs.convert(model, layer="blocks.1.norm1", reshape=tokens_to_map(1, (4, 6)))
+    assert torch.equal(_quiet_explain(by_hand, x, target).cam_raw, auto.cam_raw)
+    given = gs.convert(model, layer="blocks.1.norm1", layout=gs.Layout("tokens", grid=(4, 6), prefix=1))
+    assert torch.equal(_quiet_explain(given, x, target).cam_raw, auto.cam_raw)
+    named = gs.convert(model, layer="blocks.1.norm1", layout="tokens", example_input=x)  # grid and prefix: graph
+    assert named.report.layouts["blocks.1.norm1"].grid == (4, 6)
+    # inside the attention the heads split the channels: no map, a clear error, the gradient still there
+    odd = gs.convert(model, layer="blocks.1.attn.reshape")
+    e = _quiet_explain(odd, x, target)
+    assert odd.report.layouts["blocks.1.attn.reshape"].kind == "unknown"
+    with pytest.raises(gs.LayerError, match="layout guided_swap cannot read.*reshape=fn"):
+        e.cam
+    assert torch.equal(e.gradient, auto.gradient)
+    with pytest.raises(ValueError, match="not one of"):
+        gs.convert(model, layer="blocks.1.norm1", layout="hwc")
+    with pytest.raises(ValueError, match="both layout= and reshape="):
+        gs.convert(model, layer="blocks.1.norm1", layout="tokens", reshape=lambda t: t)
+    with pytest.raises(ValueError, match="not among the captured layers"):
+        gs.convert(model, layer="blocks.1.norm1", layout={"blocks.0.norm1": "tokens"})
+    broken = gs.convert(model, layer="blocks.1.norm1", reshape=lambda t: t.flatten(1))
+    with pytest.raises(gs.LayerError, match=r"must return \(B, C, \*spatial\)"):
+        _quiet_explain(broken, x, target).cam
+
+
+def test_no_rectifier_warns_once_and_names_what_was_left_alone(small_vit):
+    model, x, target = small_vit
+    ex = gs.convert(model, layer="blocks.1.norm1")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ex.explain(x, target)
+        ex.explain(x, target)
+    messages = [str(w.message) for w in caught if "no ReLU" in str(w.message)]
+    assert len(messages) == 1
+    assert "plain gradient" in messages[0] and "2 x nn.GELU" in messages[0] and "blocks.0.mlp.act" in messages[0]
+    ordinary = gs.convert(model, layer="blocks.1.norm1", rule="gradient")
+    relu_net = gs.convert(torchvision.models.resnet18().eval(), layer="layer4")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ordinary.explain(x, target)
+        relu_net.explain(image_batch(64))
