@@ -169,8 +169,9 @@ def markdown(result: dict) -> str:
     lines += ["", f"ratio: pytorch-grad-cam's time over guided_swap's (median of {result['rounds']} interleaved "
               f"rounds after a warm-up). max diff: ours through pytorch-grad-cam's min-max scaling against its output "
               f"(EigenGrad-CAM excluded: its sign is arbitrary there). {env['cpu']}, {env['threads']} threads, "
-              f"torch {env['torch']}, {env['date']}. The machine was shared with other jobs: the ratios are the "
-              "result; the absolute times are not a property of either library."]
+              f"torch {env['torch']}, {env['date']}, {env.get('cores', '?')} cores, niceness {env.get('nice', '?')}, "
+              f"load average {env.get('load', '?')} at the start. The machine was loaded (shared with other jobs): "
+              "the ratios are the result; the absolute times are not a property of either library."]
     return "\n".join(lines) + "\n"
 
 
@@ -184,13 +185,15 @@ def main(argv=None) -> int:
             (transformer, "vit_b_16", "encoder.layers.encoder_layer_11.ln_1", vit, 1),
             (transformer, "timm:vit_small_patch16_224", "blocks.11.norm1", vit, 1),
             (transformer, "swin_t", "features.7.1.norm1", vit, 1)]
+    load = " / ".join(f"{v:.1f}" for v in os.getloadavg())
     rows = []
     for job, *arguments in jobs:
         rows.append(job(*arguments, args.rounds))
         print(json.dumps(rows[-1]), flush=True)
     result = {"rows": rows, "rounds": args.rounds, "environment": {
         "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-        "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}}
+        "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "cores": os.cpu_count(), "nice": os.nice(0),
+        "load": load}}
     text = markdown(result)
     print(text)
     if not args.quick:

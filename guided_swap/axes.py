@@ -52,12 +52,23 @@ _CHANNELS_FIRST_FUNCTIONS = {
     "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d",
     "adaptive_avg_pool3d", "adaptive_max_pool1d", "adaptive_max_pool2d", "adaptive_max_pool3d", "batch_norm",
     "group_norm", "instance_norm", "interpolate", "upsample", "pixel_shuffle", "pixel_unshuffle",
-    "max_pool2d_with_indices", "conv2d_relu", "lp_pool2d"}
+    "max_pool2d_with_indices", "conv2d_relu", "lp_pool2d",
+    # the aten forms the export path's graph holds
+    "convolution", "_convolution", "max_pool1d_with_indices", "max_pool3d_with_indices", "native_batch_norm",
+    "_native_batch_norm_legit", "_native_batch_norm_legit_no_training", "cudnn_batch_norm", "native_group_norm",
+    "upsample_nearest2d", "upsample_bilinear2d", "upsample_nearest3d", "upsample_trilinear3d",
+    "_adaptive_avg_pool2d", "_adaptive_avg_pool3d"}
 _RESHAPES = {"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as", "reshape_as"}
 
 
 def name_of(target: Any) -> str:
-    return target if isinstance(target, str) else getattr(target, "__name__", "")
+    """The op's plain name: ``conv2d`` for ``F.conv2d``, ``"conv2d"`` (a method) and ``aten.conv2d.default``
+    alike (the export path's graph holds aten overloads)."""
+    if isinstance(target, str):
+        return target
+    if isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+        return target._schema.name.split("::")[-1] if hasattr(target, "_schema") else target.__name__.split(".")[0]
+    return getattr(target, "__name__", "")
 
 
 class Reader:
@@ -96,7 +107,7 @@ class Reader:
             return self._reshaped(node)
         if node.op == "call_function" and node.target is operator.getitem:
             return self._indexed(node)
-        if node.op == "call_function" and node.target in (torch.cat, torch.concat, torch.concatenate):
+        if node.op == "call_function" and name in ("cat", "concat", "concatenate"):
             return self._concatenated(node)
         return self._same_shape(node)
 

@@ -34,8 +34,12 @@ EXPLAIN_EPILOG = """\
 methods (--method):
 {methods}
 
+CAMs (--cam), each from the captures of the one pass, titled in the figures by its classic name:
+{cams}
+
 outputs:
-  For each input, OUT/NAME.npz (the maps, the input as fed, logits, target) and OUT/NAME.png (the figure),
+  For each input, OUT/NAME.npz (the maps, the input as fed, logits, target; with --cam gradcam++,layercam also
+  cams.gradcam++ and cams.layercam at input size, cams_raw.* at the layer's) and OUT/NAME.png (the figure),
   where NAME is the input's path relative to the folder holding all inputs, extension kept:
   photos/sub/cat.jpg gives OUT/sub/cat.jpg.npz and OUT/sub/cat.jpg.png. Every panel in a figure is an array
   in its .npz. Both files record the settings that made them, and OUT/index.jsonl has one JSON line per input:
@@ -46,7 +50,8 @@ outputs:
 reruns:
   Inputs whose results were made with the same settings are skipped, so an interrupted run is finished by
   running the same command again. If results in OUT were made with other settings (model, weights, layer,
-  method, target, size, normalisation, labels, picture options, library version), the run refuses to start;
+  method, CAMs, smoothing, target, size, normalisation, labels, picture options, library version), the run
+  refuses to start;
   --force replaces them. A file in OUT that guided-swap did not write is never replaced.
 
 several processes or machines (torch.distributed):
@@ -104,6 +109,29 @@ def _save(text: str) -> tuple:
     return kinds
 
 
+def _cams(text: str) -> tuple:
+    from .cam import cam_methods
+
+    names = tuple(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
+    wrong = [name for name in names if name not in cam_methods()]
+    if wrong or not names:
+        what = f"unknown CAM {', '.join(map(repr, wrong))}" if wrong else f"no CAM named in {text!r}"
+        raise argparse.ArgumentTypeError(f"{what}; the CAMs are {','.join(cam_methods())}")
+    return names
+
+
+def _noise(text: str) -> float:
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"takes a number such as 0.15, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number of 0 or more, got {text}")
+    return value
+
+
 def _cmap(text: str) -> str:
     from matplotlib import colormaps
 
@@ -136,6 +164,13 @@ def _method_epilog() -> str:
 
     return "\n".join(textwrap.fill(f"{name:15s} {_method_help(name)}", 110, initial_indent="  ",
                                    subsequent_indent=" " * 18) for name in method_names())
+
+
+def _cam_epilog() -> str:
+    from .viz import CAM_TITLES
+
+    return "\n".join(f"  {name:15s} {CAM_TITLES.get(name, 'registered with guided_swap.register_cam')}"
+                     for name in _cam_names())
 
 
 def read_labels(path: str) -> List[str]:
@@ -188,6 +223,11 @@ def make_job(args):
     if args.layer is not None and not uses_layer(args.method):
         raise CommandError(f"--layer is for the Grad-CAM methods (gradcam, guided-gradcam, all); --method "
                            f"{args.method} captures no layer")
+    if args.cam and not uses_layer(args.method):
+        raise CommandError(f"--cam is for the Grad-CAM methods (gradcam, guided-gradcam, all): the CAMs are made at "
+                           f"the captured layer, and --method {args.method} captures none")
+    if args.noise is not None and args.smooth is None:
+        raise CommandError("--noise applies with --smooth N (the number of noisy copies per input)")
     for path in args.inputs:
         if not os.path.exists(path):
             raise CommandError(f"no such file or folder: {path!r}")
@@ -196,7 +236,8 @@ def make_job(args):
     return Job(inputs=args.inputs, out=args.out, source=source, method=args.method, layer=args.layer or "auto",
                target=parse_target(args.target, labels), preprocessing=_preprocessing(args, source.preprocessing),
                labels=labels, save=args.save, cmap=args.cmap, scale=args.scale, batch_size=args.batch_size,
-               workers=args.workers, writers=args.writers, force=args.force, device=args.device, report=args.report)
+               workers=args.workers, writers=args.writers, force=args.force, device=args.device, report=args.report,
+               cams=args.cam or (), smooth=args.smooth, noise=args.noise)
 
 
 def cmd_explain(args) -> int:
@@ -257,7 +298,7 @@ def _explain_parser(sub) -> None:
 
     explain = sub.add_parser("explain", help="explain images or folders of images",
                              description="Explain images or folders of images: one .npz and one .png per input.",
-                             epilog=EXPLAIN_EPILOG.format(methods=_method_epilog()),
+                             epilog=EXPLAIN_EPILOG.format(methods=_method_epilog(), cams=_cam_epilog()),
                              formatter_class=argparse.RawDescriptionHelpFormatter)
     explain.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
     explain.add_argument("--model", help="a torchvision name (resnet50), package.module:factory, or demo; leave out "
@@ -267,6 +308,16 @@ def _explain_parser(sub) -> None:
                                            "name such as DEFAULT or IMAGENET1K_V1; without it a torchvision model has "
                                            "random weights (seed 0)")
     explain.add_argument("--method", default="all", choices=method_names(), help="what to compute (see below)")
+    explain.add_argument("--cam", type=_cams, metavar="NAME[,NAME]",
+                         help="for the Grad-CAM methods: more CAMs from the same pass, saved as cams.NAME (input size) "
+                              "and cams_raw.NAME (the layer's size) and drawn, titled by their classic names; "
+                              "NAME is any of " + ", ".join(_cam_names()))
+    explain.add_argument("--smooth", type=_positive, metavar="N",
+                         help="SmoothGrad: every map is the mean over N noisy copies of each input (noise seeded, "
+                              "the same for every run)")
+    explain.add_argument("--noise", type=_noise, metavar="S",
+                         help="with --smooth: the noise's standard deviation as a fraction of each input's value "
+                              "range (default 0.15)")
     explain.add_argument("--layer", help="for the Grad-CAM methods: a module or graph node name, or auto (default: "
                                          "the last convolutional map); see guided-swap layers MODEL")
     explain.add_argument("--target", default="auto", help="class index, class name (with labels), or auto: each "
@@ -325,6 +376,12 @@ def parser() -> argparse.ArgumentParser:
 
     sub.add_parser("bench", help="the side-by-side benchmark (options: guided-swap bench --help)", add_help=False)
     return top
+
+
+def _cam_names() -> List[str]:
+    from .cam import cam_methods
+
+    return list(cam_methods())
 
 
 def _rules() -> List[str]:

@@ -77,6 +77,9 @@ class Job:
     force: bool = False
     device: str = "auto"
     report: bool = False
+    cams: Tuple[str, ...] = ()  # --cam: CAMs of guided_swap.cam_methods() saved (and drawn) besides Grad-CAM
+    smooth: Optional[int] = None  # --smooth: SmoothGrad copies per input
+    noise: Optional[float] = None  # --noise: their noise, a fraction of each input's value range
 
     def settings(self) -> Dict[str, Any]:
         """What makes a result what it is: recorded in each result and compared on a rerun."""
@@ -90,7 +93,16 @@ class Job:
             "rule": rule_of(self.method), "target": "auto" if self.target is None else self.target,
             "resize": p.resize, "size": p.crop, "mean": list(p.mean), "std": list(p.std),
             "labels_sha256": None if self.labels is None else sha256_text("\n".join(self.labels)),
-            "cmap": self.cmap, "scale": self.scale})
+            "cmap": self.cmap, "scale": self.scale, "cams": list(self.cams), "smooth": self._smoothing()})
+
+    def _smoothing(self) -> Optional[Dict[str, Any]]:
+        from .smoothing import DEFAULT_NOISE
+        from .writing import SMOOTHING_SEED
+
+        if self.smooth is None:
+            return None
+        return {"copies": self.smooth, "noise": DEFAULT_NOISE if self.noise is None else self.noise,
+                "seed": SMOOTHING_SEED}
 
 
 def _say(message: str) -> None:
@@ -241,7 +253,7 @@ def _figures_to_draw(job: Job, plan: Plan, records: Dict[int, dict], settings) -
     """Rank 0, second pass: the scale shared by every result of the run, and the inputs whose figure is missing
     or was drawn on another scale (all of them when new results moved the scale)."""
     good = [records[i] for i in sorted(records) if records[i]["error"] is None]
-    limits = shared_limits(good, job.method)
+    limits = shared_limits(good, job.method, job.cams)
     todo = []
     for i in sorted(records):
         if records[i]["error"] is None:

@@ -1,9 +1,11 @@
 """The file format of a saved explainer: graph code, weights, layers, rule and report in one file.
 
 The file is a zip with a JSON header (format, guided_swap and torch versions, rule, layers) and the pickled
-explainer. The graph carries its own code, so loading does not need the model's class, only guided_swap
-and torch (and the classes of any custom leaf modules). Like ``torch.load``, it unpickles: load only files
-you trust.
+explainer. An explainer captured as a graph (fx or export) carries the graph's own code, so loading it needs
+only guided_swap and torch (and the classes of any custom leaf modules), not the model's class. One captured
+at run time (``report.capture`` starts with ``runtime``) has no graph and holds a copy of the model: loading it
+needs the model's classes, importable by the same names, as ``torch.load`` of a whole model does. Like
+``torch.load``, it unpickles: load only files you trust.
 
 >>> import torch, torchvision, guided_swap as gs, tempfile, os
 >>> ex = gs.convert(torchvision.models.resnet18().eval(), layer="layer4")
@@ -83,6 +85,7 @@ def load_object(path: str, map_location=None):
     except (zipfile.BadZipFile, KeyError, EOFError, RuntimeError, OSError) as error:
         raise LoadError(f"{path!r} is truncated or corrupt: {type(error).__name__}: {error}") from None
     except (ModuleNotFoundError, AttributeError) as error:
-        raise LoadError(f"{path!r} needs a class that is not importable here ({error}); a custom leaf module's "
-                        "class must be importable when loading") from None
+        raise LoadError(f"{path!r} needs a class that is not importable here ({error}); the classes of custom leaf "
+                        "modules, and for an explainer captured at run time the model's own classes (it holds a "
+                        "copy of the model), must be importable by the names they had when saved") from None
     return explainer

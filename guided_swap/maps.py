@@ -297,6 +297,22 @@ def _detach_tree(outputs: Any) -> Any:
 
 
 def _slice_tree(outputs: Any, rows: slice, batch: int) -> Any:
-    """Slice every tensor of the model's outputs whose first dimension is the batch."""
-    return torch.utils._pytree.tree_map(
-        lambda v: v[rows] if isinstance(v, Tensor) and v.dim() and v.shape[0] == batch else v, outputs)
+    """The model's outputs for the samples ``rows``, cut by what each part is.
+
+    A list of dicts is torchvision's detection format, one dict per image: the list is cut and each image's
+    dict kept whole (its tensors are per detection, however many there are). Any other tensor is batch-major,
+    as a model's output is (logits, a tuple or dict of heads): it is cut along its first dimension, or kept
+    whole when that is not the batch. Other values are kept.
+    """
+    def cut(value: Any) -> Any:
+        if _per_image_records(value):
+            return value[rows] if len(value) == batch else value  # not one per image: not cut
+        if isinstance(value, Tensor) and value.dim() and value.shape[0] == batch:
+            return value[rows]
+        return value
+
+    return torch.utils._pytree.tree_map(cut, outputs, is_leaf=_per_image_records)
+
+
+def _per_image_records(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(item, Mapping) for item in value)

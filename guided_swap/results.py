@@ -204,17 +204,16 @@ def write_npz(path: str, arrays: Dict[str, np.ndarray], record: dict) -> None:
 
 
 def write_png(fig, path: str, record: dict) -> None:
-    """A matplotlib figure with the record in a PNG text chunk, atomically; the figure is closed."""
-    import matplotlib.pyplot as plt
+    """A ``matplotlib.figure.Figure`` with the record in a PNG text chunk, atomically.
 
+    The figure prints through its own canvas: no pyplot, so there is no figure registry to close it in (the
+    figure is freed with its last reference).
+    """
     from . import __version__
 
-    try:
-        with atomic_write(path, clean=False) as temporary, open(temporary, "wb") as stream:
-            fig.savefig(stream, format="png", dpi=110,
-                        metadata={"Software": f"guided_swap {__version__}", PNG_KEY: json.dumps(record)})
-    finally:
-        plt.close(fig)
+    metadata = {"Software": f"guided_swap {__version__}", PNG_KEY: json.dumps(record)}
+    with atomic_write(path, clean=False) as temporary, open(temporary, "wb") as stream:
+        fig.savefig(stream, format="png", dpi=110, metadata=metadata)
 
 
 def failure_record(item: Item, settings: Dict[str, Any], error: str) -> dict:

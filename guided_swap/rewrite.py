@@ -2,7 +2,7 @@
 
 Three steps, each a short function over an ``fx.GraphModule``:
 
-1. :func:`swap_relus` replaces each ReLU call site (see :mod:`guided_swap.spellings`) by the rule's op,
+1. :func:`swap_rectifiers` replaces each ReLU call site (see :mod:`guided_swap.spellings`) by the rule's op,
    in place where the original was in place, so memory stays the plain model's.
 2. :func:`protect` makes any in-place op that would overwrite a captured tensor out of place and points
    the later uses of the mutated tensor at the new node (fx would otherwise capture the mutated value).
@@ -10,9 +10,10 @@ Three steps, each a short function over an ``fx.GraphModule``:
    detached aliases of the captures. One ``autograd.grad`` over both scores then gives the guided input
    gradient and the ordinary gradient at each capture, exactly as two passes would (docs/methods.md).
 
->>> import torch, torch.fx as fx
+>>> import torch
 >>> from guided_swap.rules import get_rule
->>> gm = fx.symbolic_trace(torch.nn.Sequential(torch.nn.Conv2d(1, 1, 1), torch.nn.ReLU()))
+>>> from guided_swap.trace import trace
+>>> gm = trace(torch.nn.Sequential(torch.nn.Conv2d(1, 1, 1), torch.nn.ReLU())).module  # torchvision-style names
 >>> swaps, _ = swap_rectifiers(gm, get_rule("guided"))
 >>> [(s.name, s.spelling) for s in swaps]
 [('1', 'nn.ReLU')]

@@ -21,13 +21,16 @@ a (B, C, H, W) tensor, or a list of (C, H, W) images of one size for a torchvisi
 >>> tuple(e.gradient.shape), tuple(e.cam.shape), len(ex.swapped), ex.report.capture
 ((2, 3, 64, 64), (2, 64, 64), 17, 'runtime')
 """
+import pickle
+import sys
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
 from . import cam as cam_maths
+from . import smoothing
 from .build import AUTO, ConversionReport, warn_if_training
 from .capture import layer_list
 from .errors import ExportError, GuidedSwapError, InputError, LayerError, TargetError
@@ -88,31 +91,49 @@ class RuntimeExplainer(Explainer):
             _, outputs = self._run(x, capture=())
         return outputs
 
-    def explain(self, x: Any, target: Any = None, *, interpolate: str = "bilinear") -> Explanation:
+    def explain(self, x: Any, target: Any = None, *, interpolate: str = "bilinear", smooth: Optional[int] = None,
+                noise: Optional[float] = None, generator: Optional[torch.Generator] = None,
+                chunk: Optional[int] = None) -> Explanation:
         """One forward (two backward calls when rectifiers follow a captured layer): the rule's input gradient
-        and Grad-CAM at every captured layer.
+        and every CAM at every captured layer. The options are :meth:`guided_swap.Explainer.explain`'s.
 
         ``x``: what the model takes, a (B, C, H, W) tensor or a list of B (C, H, W) images of one size.
         ``target``: :class:`guided_swap.Box` (one detection per image), a callable ``outputs -> (B,) score``,
         :class:`guided_swap.Channel`, or for a model that returns logits a class target (None, int, one per
         sample).
+        ``smooth=N``: SmoothGrad (:mod:`guided_swap.smoothing`), with ``noise``, ``generator`` and ``chunk`` as
+        on the graph paths; a list of images is smoothed as the (B, C, H, W) stack of its images, and a
+        :class:`guided_swap.Box` target picks detection ``index`` of each noisy copy.
         """
         batch, size = self._check_input(x)
         if interpolate not in cam_maths.INTERPOLATIONS:
             raise ValueError(f"interpolate={interpolate!r} is not one of {cam_maths.INTERPOLATIONS}")
-        leaves, model_input = _leaves(x)
+        smoothing.check(smooth, noise, generator, chunk, x if isinstance(x, Tensor) else x[0])
         with self._lock:
             self._resolve_auto(x)
+        if smooth is not None:
+            stacked = x if isinstance(x, Tensor) else torch.stack(list(x))
+            view = _SmoothingView(self, as_list=not isinstance(x, Tensor))
+            return smoothing.smooth_explain(view, stacked, target, copies=smooth, noise=noise, generator=generator,
+                                            chunk=chunk, interpolate=interpolate)
+        result = self._pass(x, lambda outputs, captures, fixed: self._score(target, outputs, captures, batch))
+        return explanation_from_pass(result, layers=self.layers, logits=self._logits(result.outputs, batch),
+                                     input_size=size, interpolate=interpolate, rule=self.rule.name,
+                                     swapped=len(self.swapped))
+
+    def _pass(self, x: Any, scorer: Callable) -> PassResult:
+        """The forward and backward every map comes from; ``scorer(outputs, captures_by_layer, None)`` gives
+        (score (B,), classes), as for :meth:`guided_swap.Explainer.forward_backward`."""
+        leaves, model_input = _leaves(x)
+        with self._lock:
             with torch.enable_grad():
                 run, outputs = self._run(model_input, capture=[self._paths[name] for name in self.layers])
             captures = self._captures(run)
         with torch.enable_grad():
-            score, classes = self._score(target, outputs, dict(zip(self.layers, captures)), batch)
+            score, classes = scorer(outputs, dict(zip(self.layers, captures)), None)
             input_grads, layer_grads = _backward(score, leaves, captures, run)
         input_grad = input_grads[0] if isinstance(x, Tensor) else torch.stack(input_grads)
-        result = PassResult(outputs, tuple(captures), score, classes, input_grad, tuple(layer_grads))
-        return explanation_from_pass(result, layers=self.layers, logits=self._logits(outputs, batch), input_size=size,
-                                     interpolate=interpolate, rule=self.rule.name, swapped=len(self.swapped))
+        return PassResult(outputs, tuple(captures), score, classes, input_grad, tuple(layer_grads))
 
     def _run(self, model_input: Any, capture: Sequence[str], record: bool = False) -> Tuple[Run, Any]:
         with Run(self.model, self.rule, capture=capture, record=record) as run:
@@ -207,6 +228,28 @@ class RuntimeExplainer(Explainer):
     def _ensure_built(self, example) -> None:
         raise ExportError(_NO_GRAPH)
 
+    # --- saving -------------------------------------------------------------------------------------------
+
+    def save(self, path: str) -> None:
+        """Save this explainer to one file (:func:`guided_swap.load` reads it back).
+
+        It has no graph: the file holds its copy of the model, so, as with ``torch.save(model)``, loading
+        needs the model's classes importable by the same names (a class defined in a script's ``__main__``
+        loads only in that script). A class that cannot be imported by name is refused here, before anything
+        is written.
+        """
+        hidden = _unimportable_classes(self.model)
+        if hidden:
+            raise TypeError(f"this explainer was captured at run time and holds a copy of the model, whose classes "
+                            f"{hidden} cannot be imported by name (defined inside a function?), so the file could "
+                            "not be loaded: define them at the top level of a module, or convert again instead of "
+                            "saving")
+        try:
+            super().save(path)
+        except (pickle.PicklingError, AttributeError) as error:
+            raise TypeError(f"this explainer was captured at run time and holds a copy of the model, which cannot be "
+                            f"pickled ({error}); nothing was written: convert again instead of saving") from error
+
     # --- report, module behaviour -------------------------------------------------------------------------
 
     def _refresh_report(self) -> None:
@@ -218,6 +261,43 @@ class RuntimeExplainer(Explainer):
 
     def extra_repr(self) -> str:
         return f"capture='runtime', rule={self.rule.name!r}, layers={self.layers}, swapped={len(self.swapped)}"
+
+
+class _SmoothingView:
+    """What :func:`guided_swap.smoothing.smooth_explain` asks of an explainer, on a run-time explainer.
+
+    Smoothing works on a (B, C, H, W) tensor; a model that takes a list of images gets each batch as a list.
+    """
+
+    def __init__(self, explainer: RuntimeExplainer, as_list: bool):
+        self.explainer, self.as_list = explainer, as_list
+        self.layers, self.rule = explainer.layers, explainer.rule
+        self._batch = 0
+
+    @property
+    def report(self) -> RuntimeReport:
+        return self.explainer.report  # read when asked: the call sites are those of the runs so far
+
+    @property
+    def swapped(self) -> Tuple[str, ...]:
+        return self.explainer.swapped
+
+    def _model_input(self, x: Tensor) -> Any:
+        self._batch = x.shape[0]
+        return list(x) if self.as_list else x
+
+    def forward_module(self, x: Tensor) -> Any:
+        return self.explainer(self._model_input(x))
+
+    def forward_backward(self, x: Tensor, scorer: Callable) -> PassResult:
+        return self.explainer._pass(self._model_input(x), scorer)
+
+    def _score(self, target, outputs, captures: Dict[str, Tensor], batch: int):
+        return self.explainer._score(target, outputs, captures, batch)
+
+    def _select(self, outputs: Any) -> Tensor:
+        """The logits of the outputs of the last batch run (none, (B, 0), for a model without logits)."""
+        return self.explainer._logits(outputs, self._batch)
 
 
 _NO_GRAPH = ("this explainer was captured at run time (neither torch.fx nor torch.export could take the model), so "
@@ -289,6 +369,18 @@ def _grad(total: Tensor, inputs: List[Tensor], retain_graph: bool = False) -> Li
         grad = next(grads) if tensor.requires_grad else None
         result.append(torch.zeros_like(tensor) if grad is None else grad)
     return result
+
+
+def _unimportable_classes(model: nn.Module) -> List[str]:
+    """The qualified names of the model's module classes that pickle cannot find again by name."""
+    hidden = []
+    for cls in {type(m) for m in model.modules()}:
+        found = sys.modules.get(cls.__module__)
+        for part in cls.__qualname__.split("."):
+            found = getattr(found, part, None)
+        if found is not cls:
+            hidden.append(f"{cls.__module__}.{cls.__qualname__}")
+    return sorted(hidden)
 
 
 def _check_layer(name: str, model: nn.Module) -> str:

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._files import atomic_write
 from .build import convert
 from .rules import rules
 
@@ -297,7 +298,7 @@ def report(out_dir: str) -> str:
     text += [f"| {m} | {v['pointing']:.3f} | {v['energy_in_box']:.3f} |" for m, v in located.items()]
     text += ["", "## Model randomisation on the planted-evidence CNN", "", table_markdown(planted_cascade), ""]
     path = os.path.join(out_dir, "sanity_results.md")
-    with open(path, "w") as handle:
+    with atomic_write(path) as temporary, open(temporary, "w", encoding="utf-8") as handle:
         handle.write("\n".join(text))
     return path
 

@@ -21,6 +21,11 @@ from .labels import IMAGENET_MEAN, IMAGENET_STD
 
 PANELS = ("input", "gradient", "cam", "guided_gradcam")
 MAP_PANELS = PANELS[1:]
+TITLE_WIDTH = 28  # characters a panel title holds on one line at the figure's size
+CAM_PANEL = "cams."  # "cams.NAME": any registered CAM (guided_swap.cam_methods()) at input size
+# The classic name of each built-in CAM (a CAM the user registered is titled by its registered name).
+CAM_TITLES = {"gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++", "xgradcam": "XGrad-CAM", "layercam": "LayerCAM",
+              "hirescam": "HiResCAM", "elementwise": "element-wise Grad-CAM", "eigengradcam": "EigenGrad-CAM"}
 SCALES = ("shared", "per-image")
 # A map whose spread is below this fraction of its largest magnitude is float32 rounding noise around a
 # constant (float32 resolves about 6e-8 relative): it is drawn flat. Relative, so tiny maps still show.
@@ -146,12 +151,17 @@ class _Moments:
         self.low, self.high = min(self.low, float(values.min())), max(self.high, float(values.max()))
 
     def limits(self, panel: str) -> Limits:
-        if panel == "cam":  # Grad-CAM is >= 0: zero evidence is always the bottom of the scale
+        if _is_cam(panel):  # CAMs are >= 0: zero evidence is always the bottom of the scale
             low = min(0.0, self.low)
             return (low, self.high) if self.high > low else (low, low + 1.0)
         mean = self.total / self.count
         std = max(self.squares / self.count - mean * mean, 0.0) ** 0.5
         return _standard_limits(mean, std, max(abs(self.low), abs(self.high)), SATURATION, BRIGHTNESS)
+
+
+def _is_cam(panel: str) -> bool:
+    """Whether a panel is a one-channel class activation map (drawn over the input, scaled from 0)."""
+    return panel == "cam" or panel.startswith(CAM_PANEL)
 
 
 def _panel_values(source, panel: str):
@@ -160,6 +170,8 @@ def _panel_values(source, panel: str):
         return source.get(panel)
     if panel != "gradient" and not getattr(source, "layers", None):
         return None
+    if panel.startswith(CAM_PANEL):
+        return source.cams[panel[len(CAM_PANEL):]]
     return getattr(source, panel)
 
 
@@ -168,7 +180,7 @@ def shared_limits(sources: Iterable, panels: Sequence[str] = MAP_PANELS) -> Dict
     array such as loaded ``.npz`` files (so a whole folder can share one scale, read one file at a time).
 
     ``gradient`` and ``guided_gradcam`` get the standardised range (mean ± 5 std over all their values);
-    ``cam`` gets ``(0, max)``. Panels no source has are left out.
+    ``cam`` and every ``cams.NAME`` get ``(0, max)``. Panels no source has are left out.
 
     >>> import numpy as np
     >>> shared_limits([{"cam": np.array([[1.0, 2.0]])}, {"cam": np.array([[4.0]])}])
@@ -195,11 +207,15 @@ def _check_limits(name: str, limits) -> Limits:
 
 
 def _check_panels(panels: Sequence[str], allowed: Sequence[str] = PANELS) -> None:
+    from .cam import cam_methods
+
     if isinstance(panels, str):
         raise TypeError(f"panels must be a sequence of names such as ('input', 'cam'), got the string {panels!r}")
-    unknown = [p for p in panels if p not in allowed]
+    cams = cam_methods()
+    unknown = [p for p in panels if p not in allowed and not (p.startswith(CAM_PANEL) and p[len(CAM_PANEL):] in cams)]
     if unknown:
-        raise ValueError(f"unknown panel(s) {unknown}; choose from {list(allowed)}")
+        raise ValueError(f"unknown panel(s) {unknown}; choose from {list(allowed)}, or 'cams.NAME' for a CAM NAME "
+                         f"of {list(cams)}")
 
 
 # --- titles -----------------------------------------------------------------------------------------------
@@ -224,14 +240,42 @@ def gradient_title(rule: str, swapped: Optional[int]) -> str:
     return _RULE_TITLES.get(rule, f"{rule!r} rule")
 
 
-def _titles(explanation, swapped: Optional[int], layer_nodes: Mapping[str, str]) -> Dict[str, str]:
+def cam_title(name: str, layer: Optional[str] = None) -> str:
+    """What the CAM registered as ``name`` is called, with its layer.
+
+    >>> cam_title("gradcam++", "layer4"), cam_title("hirescam"), cam_title("my-cam", "layer4")
+    ('Grad-CAM++ (layer4)', 'HiResCAM', 'my-cam (layer4)')
+    >>> cam_title("layercam", "blocks.1.norm1.layer_norm")  # a long name goes on a line of its own
+    'LayerCAM\\n(blocks.1.norm1.layer_norm)'
+    """
+    title = CAM_TITLES.get(name, name)
+    if not layer:
+        return title
+    return f"{title} ({layer})" if len(title) + len(layer) <= TITLE_WIDTH else f"{title}\n({layer})"
+
+
+def smoothing_note(smoothing: Optional[Mapping]) -> str:
+    """The line a smoothed map's title gets: how many noisy copies were averaged, and the noise.
+
+    >>> smoothing_note({"copies": 16, "noise": 0.15, "chunk": 8}), smoothing_note(None)
+    ('\\nSmoothGrad: 16 copies, noise 0.15', '')
+    """
+    if not smoothing:
+        return ""
+    return f"\nSmoothGrad: {smoothing['copies']} copies, noise {smoothing['noise']:g}"
+
+
+def _titles(explanation, swapped: Optional[int], layer_nodes: Mapping[str, str], panels: Sequence[str]) \
+        -> Dict[str, str]:
     gradient = gradient_title(getattr(explanation, "rule", "guided"), swapped)
     layer = next(iter(explanation.layers), None) if getattr(explanation, "layers", None) else None
     if layer == "auto":  # the node "auto" chose says something; "auto" itself does not
         layer = layer_nodes.get(layer)
-    cam = f"Grad-CAM ({layer})" if layer else "Grad-CAM"
     guided_gradcam = "Guided Grad-CAM" if gradient == "guided backprop" else f"Grad-CAM ×\n{gradient}"
-    return {"gradient": gradient, "cam": cam, "guided_gradcam": guided_gradcam}
+    titles = {"gradient": gradient, "cam": cam_title("gradcam", layer), "guided_gradcam": guided_gradcam}
+    titles.update({p: cam_title(p[len(CAM_PANEL):], layer) for p in panels if p.startswith(CAM_PANEL)})
+    note = smoothing_note(getattr(explanation, "smoothing", None))
+    return {panel: title + note for panel, title in titles.items()}
 
 
 def _swap_count(explanation, explainer, swapped) -> Optional[int]:
@@ -276,8 +320,13 @@ def _probabilities(explanation, probabilities):
 # --- the figure -------------------------------------------------------------------------------------------
 
 def available_panels(explanation) -> Tuple[str, ...]:
-    """The panels this explanation can fill: input and gradient always, CAMs when a layer was captured."""
+    """The default panels of this explanation: input and gradient always, Grad-CAM and Guided Grad-CAM when a
+    layer was captured (with a layer, any ``"cams.NAME"`` panel can be asked for too)."""
     return PANELS if getattr(explanation, "layers", None) else PANELS[:2]
+
+
+def _can_fill(explanation, panel: str) -> bool:
+    return panel in PANELS[:2] or bool(getattr(explanation, "layers", None))
 
 
 def figure(explanation, inputs, panels: Optional[Sequence[str]] = None, *, explainer=None,
@@ -287,13 +336,16 @@ def figure(explanation, inputs, panels: Optional[Sequence[str]] = None, *, expla
            mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
     """A ``matplotlib.figure.Figure``, one row per image, one column per panel, a colour bar on every map.
 
-    ``panels``: any of ``"input"``, ``"gradient"``, ``"cam"``, ``"guided_gradcam"`` (default: all that the
-    explanation has; asking for a CAM panel of an explanation without a captured layer is an error).
+    ``panels``: any of ``"input"``, ``"gradient"``, ``"cam"``, ``"guided_gradcam"``, and ``"cams.NAME"`` for any
+    CAM of ``guided_swap.cam_methods()`` (default: the first four, those the explanation has; asking for a CAM
+    panel of an explanation without a captured layer is an error).
 
     Titles say what each map is. The gradient panel is named by the rule, and "plain gradient (no ReLU
     swapped)" when nothing was swapped: the count is ``swapped``, else ``explainer``'s, else the explanation's
     own (``e.swapped``); where none is known the title names only the rule.
-    The Grad-CAM panel names its layer (the node ``"auto"`` chose, given ``explainer``). The input panel is
+    Each CAM panel is titled by the CAM's classic name (``"cams.gradcam++"``: Grad-CAM++, ``"cams.hirescam"``:
+    HiResCAM, ...) and its layer (the node ``"auto"`` chose, given ``explainer``). A smoothed explanation's maps
+    say so (SmoothGrad, the number of copies and the noise) in their titles. The input panel is
     titled with the class name (``labels[target]``, else "class N"), its probability (softmax of the logits, or
     ``probabilities``) and ``notes[i]``.
 
@@ -318,7 +370,7 @@ def figure(explanation, inputs, panels: Optional[Sequence[str]] = None, *, expla
     _check_figure_arguments(explanation, inputs, panels, notes, scale, limits)
     ranges = _ranges(explanation, panels, scale, limits)
     report = getattr(explainer, "report", None)
-    titles = _titles(explanation, _swap_count(explanation, explainer, swapped), getattr(report, "layers", {}))
+    titles = _titles(explanation, _swap_count(explanation, explainer, swapped), getattr(report, "layers", {}), panels)
     probabilities = _probabilities(explanation, probabilities)
     rows = inputs.shape[0]
     fig = Figure(figsize=(2.9 * len(panels), 2.6 * rows), layout="constrained")
@@ -333,15 +385,15 @@ def figure(explanation, inputs, panels: Optional[Sequence[str]] = None, *, expla
                 ax.imshow(picture)
                 ax.set_title(heading, fontsize=9)
                 continue
-            limit = ranges[panel] if ranges[panel] is not None else shared_limits([_row(explanation, i)], [panel])[panel]
+            limit = ranges[panel] if ranges[panel] is not None else shared_limits([_row(explanation, i, panel)],
+                                                                                  [panel])[panel]
             draw_map(fig, ax, panel, _panel_values(explanation, panel)[i], picture, limit, cmap, alpha)
             ax.set_title(titles[panel], fontsize=9)
     return fig
 
 
-def _row(explanation, i: int) -> Dict[str, np.ndarray]:
-    return {panel: _panel_values(explanation, panel)[i:i + 1]
-            for panel in available_panels(explanation) if panel != "input"}
+def _row(explanation, i: int, panel: str) -> Dict[str, np.ndarray]:
+    return {panel: _panel_values(explanation, panel)[i:i + 1]}
 
 
 def _ranges(explanation, panels, scale: str, limits) -> Dict[str, Optional[Limits]]:
@@ -354,12 +406,12 @@ def _ranges(explanation, panels, scale: str, limits) -> Dict[str, Optional[Limit
 
 
 def draw_map(fig, ax, panel: str, values, picture: np.ndarray, limit: Limits, cmap="jet", alpha: float = 0.5) -> None:
-    """Draw one map on ``ax`` of ``fig`` with its colour bar: a ``"cam"`` (H, W) as an overlay on ``picture``
+    """Draw one map on ``ax`` of ``fig`` with its colour bar: a CAM (H, W) as an overlay on ``picture``
     through ``cmap``, a gradient-like (C, H, W) map in colour; both scaled by ``limit = (lo, hi)``."""
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
 
-    if panel == "cam":
+    if _is_cam(panel):
         ax.imshow(overlay(picture, scale_to_unit(values, limit), alpha, cmap))
         bar_cmap = _colormap(cmap)
     else:
@@ -375,7 +427,7 @@ def _check_figure_arguments(explanation, inputs, panels, notes, scale, limits) -
     _check_panels(panels)
     if not panels:
         raise ValueError("panels is empty: name at least one of " + ", ".join(PANELS))
-    missing = [p for p in panels if p not in available_panels(explanation)]
+    missing = [p for p in panels if not _can_fill(explanation, p)]
     if missing:
         raise ValueError(f"panel(s) {missing} need a captured layer, and this explanation has none: "
                          "convert with layer=NAME (or 'auto'), or leave those panels out")

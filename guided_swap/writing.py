@@ -3,6 +3,8 @@ pool of writer processes (drawing a figure takes far longer than explaining the 
 
 >>> map_names("gradcam"), panels("gradcam"), panels("guided")
 (['logits', 'target', 'score', 'cam_raw', 'cam'], ('input', 'cam'), ('input', 'gradient'))
+>>> map_names("gradcam", cams=("layercam",))[-2:], panels("gradcam", cams=("gradcam", "layercam"))
+(['cams_raw.layercam', 'cams.layercam'], ('input', 'cam', 'cams.layercam'))
 """
 import multiprocessing
 from collections import deque
@@ -23,26 +25,31 @@ def uses_layer(method: str) -> bool:
     return method in CAM_METHODS
 
 
-def map_names(method: str) -> List[str]:
-    """The maps a method computes (``Explanation.to_dict`` names): what is saved, and all a figure may show."""
+def map_names(method: str, cams: Sequence[str] = ()) -> List[str]:
+    """The maps a method computes (``Explanation.to_dict`` names): what is saved, and all a figure may show.
+    ``cams`` (``--cam``): CAMs of ``guided_swap.cam_methods()`` saved as ``cams_raw.NAME`` (the layer's
+    resolution) and ``cams.NAME`` (input size)."""
     names = ["logits", "target", "score"]
     if method != "gradcam":
         names.append("gradient")
     if uses_layer(method):
         names += ["cam_raw", "cam"] + (["guided_gradcam"] if method != "gradcam" else [])
+        names += [f"{kind}.{cam}" for cam in cams for kind in ("cams_raw", "cams")]
     return names
 
 
-def panels(method: str) -> Tuple[str, ...]:
-    """The figure's panels: the input and the maps the method computed (each an array of the ``.npz``)."""
+def panels(method: str, cams: Sequence[str] = ()) -> Tuple[str, ...]:
+    """The figure's panels: the input and the maps the method computed (each an array of the ``.npz``), one
+    ``cams.NAME`` per ``--cam`` (Grad-CAM is the ``cam`` panel already)."""
+    extra = tuple(f"cams.{cam}" for cam in cams if cam != "gradcam") if uses_layer(method) else ()
     if method == "gradcam":
-        return ("input", "cam")
-    return ("input", "gradient") + (("cam", "guided_gradcam") if uses_layer(method) else ())
+        return ("input", "cam") + extra
+    return ("input", "gradient") + (("cam", "guided_gradcam") if uses_layer(method) else ()) + extra
 
 
-def arrays(explanation, x: torch.Tensor, method: str) -> Dict[str, np.ndarray]:
+def arrays(explanation, x: torch.Tensor, method: str, cams: Sequence[str] = ()) -> Dict[str, np.ndarray]:
     """Every map the method computed, and the input as fed (batch first)."""
-    maps = explanation.to_dict(map_names(method))
+    maps = explanation.to_dict(map_names(method, cams))
     out = {name: value.detach().cpu().numpy() for name, value in maps.items()}
     out = {name: value.astype(np.int64 if name == "target" else np.float32) for name, value in out.items()}
     return {"input": x.detach().float().cpu().numpy(), **out}
@@ -64,24 +71,24 @@ def record(job, item: Item, maps: Dict[str, np.ndarray], settings: dict, layer_n
             "settings": settings, "source": results.source_stamp(item.path), "made_by": made_by, "error": None}
 
 
-def moments(maps: Dict[str, np.ndarray], method: str) -> Dict[str, List[float]]:
+def moments(maps: Dict[str, np.ndarray], method: str, cams: Sequence[str] = ()) -> Dict[str, List[float]]:
     """Per map panel: count, sum, sum of squares, min and max of its values, so a colour scale shared by many
     results can be made from their records alone (:func:`shared_limits`)."""
     from .viz import _Moments
 
     out = {}
-    for panel in panels(method)[1:]:
+    for panel in panels(method, cams)[1:]:
         m = _Moments()
         m.add(np.asarray(maps[panel], dtype=np.float64))
         out[panel] = [m.count, m.total, m.squares, m.low, m.high]
     return out
 
 
-def shared_limits(records: Iterable[dict], method: str) -> Dict[str, List[float]]:
+def shared_limits(records: Iterable[dict], method: str, cams: Sequence[str] = ()) -> Dict[str, List[float]]:
     """One colour range per map panel over every record's maps (as ``viz.shared_limits`` over the maps)."""
     from .viz import _Moments
 
-    merged = {panel: _Moments() for panel in panels(method)[1:]}
+    merged = {panel: _Moments() for panel in panels(method, cams)[1:]}
     for rec in records:
         for panel, (count, total, squares, low, high) in (rec.get("moments") or {}).items():
             m = merged[panel]
@@ -96,8 +103,8 @@ def figure(job, one, x: torch.Tensor, item: Item, limits: Optional[Dict[str, Lis
     from . import viz
 
     p = job.preprocessing
-    return viz.figure(one, x, panels(job.method), labels=job.labels, notes=[item.name], mean=p.mean, std=p.std,
-                      cmap=job.cmap, scale="shared" if limits else "per-image",
+    return viz.figure(one, x, panels(job.method, job.cams), labels=job.labels, notes=[item.name], mean=p.mean,
+                      std=p.std, cmap=job.cmap, scale="shared" if limits else "per-image",
                       limits={k: tuple(v) for k, v in limits.items()} if limits else None)
 
 
@@ -160,17 +167,35 @@ def explain_batch(explainer, job, batch, items: Sequence[Item], settings: dict, 
     if not good:
         return records
     x = torch.stack([tensor for _, tensor in good]).to(group.device)
-    explanation = explainer.explain(x, job.target)
-    batch_maps = arrays(explanation, x, job.method)
+    rows = _explain(explainer, job, x)
     nodes = dict(explainer.report.layers)
     made_by = {"rank": group.rank, "world": group.world, "device": str(group.device)}
     for i, (index, _) in enumerate(good):
-        maps = {key: value[i] for key, value in batch_maps.items()}
-        records[index] = dict(record(job, items[index], maps, settings, nodes, made_by), moments=moments(maps, job.method))
+        one = rows[i]
+        maps = {key: value[0] for key, value in arrays(one, x[i:i + 1], job.method, job.cams).items()}
+        records[index] = dict(record(job, items[index], maps, settings, nodes, made_by),
+                              moments=moments(maps, job.method, job.cams))
         if kinds:
-            writers.submit(job, items[index], records[index], maps, _cpu(explanation[i], nodes), x[i:i + 1].cpu(),
-                           kinds, limits)
+            writers.submit(job, items[index], records[index], maps, _cpu(one, nodes), x[i:i + 1].cpu(), kinds, limits)
     return records
+
+
+SMOOTHING_SEED = 0
+
+
+def _explain(explainer, job, x: torch.Tensor) -> list:
+    """One explanation (a batch of one) per input. With ``--smooth``, each input is smoothed on its own, its
+    noise drawn from a generator seeded with :data:`SMOOTHING_SEED`, so an input's maps do not depend on the
+    batch, the process or the run it was explained in."""
+    if job.smooth is None:
+        explanation = explainer.explain(x, job.target)
+        return [explanation[i] for i in range(x.shape[0])]
+    out = []
+    for i in range(x.shape[0]):
+        generator = torch.Generator(device=x.device).manual_seed(SMOOTHING_SEED)
+        out.append(explainer.explain(x[i:i + 1], job.target, smooth=job.smooth, noise=job.noise,
+                                     generator=generator, chunk=job.batch_size))
+    return out
 
 
 def _cpu(one, nodes: Dict[str, str]):
@@ -178,7 +203,9 @@ def _cpu(one, nodes: Dict[str, str]):
     graph node they capture (the title shows the node ``auto`` chose)."""
     from dataclasses import replace
 
-    layers = {nodes.get(name, name): replace(maps, activation=maps.activation.cpu(), grad=maps.grad.cpu())
+    layers = {nodes.get(name, name): replace(maps, activation=maps.activation.cpu(), grad=maps.grad.cpu(),
+                                             fixed_cams=None if maps.fixed_cams is None else
+                                             {cam: value.cpu() for cam, value in maps.fixed_cams.items()})
               for name, maps in one.layers.items()}
     return replace(one, logits=one.logits.cpu(), target=None if one.target is None else one.target.cpu(),
                    score=one.score.cpu(), gradient=one.gradient.cpu(), outputs=None, layers=layers)

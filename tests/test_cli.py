@@ -12,6 +12,7 @@ import pytest
 from skimage import io
 
 from guided_swap import results
+from guided_swap.cam import cam_methods
 from guided_swap.cli import main
 from guided_swap.results import read_index
 
@@ -70,6 +71,12 @@ def model_module(tmp_path, monkeypatch):
 
         def chatty():
             return Chatty(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+
+        def tiny_vit():  # 32 px, 8 px patches: a 4 x 4 grid behind one class token
+            import timm, torch
+
+            torch.manual_seed(0)
+            return timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, num_classes=5)
     """))
     monkeypatch.syspath_prepend(str(tmp_path))
     return "tiny_models"
@@ -108,6 +115,11 @@ def test_python_m_guided_swap_help_explains_every_method_without_rst(capsys):
     (["--std", "0,1,1"], "--std values must be positive"),
     (["--weights", "nope.pth"], "no weights file at 'nope.pth'"),
     (["--labels", "nope.txt"], "--labels: no labels file at 'nope.txt'"),
+    (["--cam", "gradcam,gradcam+"], f"argument --cam: unknown CAM 'gradcam+'; the CAMs are {','.join(cam_methods())}"),
+    (["--method", "guided", "--cam", "layercam"], "--cam is for the Grad-CAM methods"),
+    (["--smooth", "0"], "argument --smooth: must be at least 1, got 0"),
+    (["--smooth", "4", "--noise", "-1"], "argument --noise: must be a finite number of 0 or more"),
+    (["--noise", "0.1"], "--noise applies with --smooth N"),
 ])
 def test_usage_errors_are_one_line_with_exit_2_before_the_model_is_built(tmp_path, two, capsys, args, message):
     inputs = [] if args[0] == "missing/" else [two]
@@ -246,3 +258,90 @@ def test_mean_and_std_must_fit_the_channels(tmp_path, two, capsys):
     assert explain_demo(tmp_path / "out", two / "cat.png", "--mean", "0.5", "--std", "0.25", "--save", "npz") == 0
     with np.load(tmp_path / "out" / "cat.png.npz") as maps:
         assert json.loads(str(maps["record"]))["settings"]["mean"] == [0.5]
+
+
+def test_cam_saves_draws_and_records_each_cam_by_its_name(tmp_path, two, figures, capsys):
+    import torch
+
+    from guided_swap import convert
+    from guided_swap.demo import load_demo
+
+    out = tmp_path / "out"
+    assert explain_demo(out, two, "--cam", "gradcam++,layercam,gradcam") == 0
+    npz = out / "cat.png.npz"
+    added = {f"{kind}.{cam}" for kind in ("cams", "cams_raw") for cam in ("gradcam++", "layercam", "gradcam")}
+    assert keys(npz) == {"input", "logits", "target", "score", "gradient", "cam_raw", "cam", "guided_gradcam",
+                         "record"} | added
+    with np.load(npz) as maps:
+        record = json.loads(str(maps["record"]))
+        assert record["settings"]["cams"] == ["gradcam++", "layercam", "gradcam"]
+        explanation = convert(load_demo()[0], layer="auto").explain(torch.from_numpy(maps["input"][None]),
+                                                                    int(maps["target"]))
+        for cam in ("gradcam++", "layercam"):
+            assert maps[f"cams_raw.{cam}"].shape == (12, 12) and maps[f"cams.{cam}"].shape == (48, 48)
+            assert maps[f"cams.{cam}"].max() > 0  # not an empty map
+            np.testing.assert_allclose(maps[f"cams.{cam}"], explanation.cams[cam][0].numpy(), rtol=1e-4, atol=1e-6)
+        np.testing.assert_array_equal(maps["cams.gradcam"], maps["cam"])
+        assert not np.allclose(maps["cams.gradcam++"] / maps["cams.gradcam++"].max(), maps["cam"] / maps["cam"].max())
+    titles = figures["cat.png.png"]
+    assert titles[1:] == ["guided backprop", "Grad-CAM (relu_)", "Guided Grad-CAM", "Grad-CAM++ (relu_)",
+                          "LayerCAM (relu_)"]  # Grad-CAM once: --cam gradcam is the Grad-CAM panel
+    capsys.readouterr()
+    assert explain_demo(out, two) == 2  # other settings: refused, nothing replaced
+    assert "cams ['gradcam++', 'layercam', 'gradcam'] -> []" in capsys.readouterr().err
+
+
+def test_gradcam_with_cam_draws_only_the_cams_computed(tmp_path, two, figures):
+    assert explain_demo(tmp_path / "out", two / "cat.png", "--method", "gradcam", "--cam", "hirescam") == 0
+    assert figures["cat.png.png"][1:] == ["Grad-CAM (relu_)", "HiResCAM (relu_)"]
+    assert "gradient" not in keys(tmp_path / "out" / "cat.png.npz")
+
+
+def test_smooth_is_the_mean_over_seeded_noisy_copies(tmp_path, two, figures):
+    import torch
+
+    from guided_swap import convert
+    from guided_swap.demo import load_demo
+    from guided_swap.writing import SMOOTHING_SEED
+
+    out = tmp_path / "out"
+    assert explain_demo(out, two / "cat.png", "--smooth", "3", "--noise", "0.1", "--cam", "layercam") == 0
+    with np.load(out / "cat.png.npz") as maps:
+        settings = json.loads(str(maps["record"]))["settings"]
+        x, target, gradient, layercam = (torch.from_numpy(maps[k]) for k in ("input", "target", "gradient",
+                                                                             "cams_raw.layercam"))
+    assert settings["smooth"] == {"copies": 3, "noise": 0.1, "seed": SMOOTHING_SEED}
+    # by hand: three copies, noise 0.1 of the input's range, drawn as the CLI documents, explained unsmoothed
+    generator = torch.Generator().manual_seed(SMOOTHING_SEED)
+    noise = torch.stack([torch.randn(x.shape, generator=generator) for _ in range(3)])
+    copies = x + 0.1 * (x.max() - x.min()) * noise
+    plain = convert(load_demo()[0], layer="auto").explain(copies, target.repeat(3))
+    torch.testing.assert_close(gradient, plain.gradient.mean(0), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(layercam, plain.cams_raw["layercam"].mean(0), rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(gradient, plain.gradient[0], rtol=1e-2)  # a mean, not one copy
+    assert all(title.endswith("SmoothGrad: 3 copies, noise 0.1") for title in figures["cat.png.png"][1:])
+
+
+def test_a_vit_gives_a_patch_grid_grad_cam(tmp_path, two, model_module):
+    """`auto` on a ViT takes the input of the last attention; the map is on the 4 x 4 patch grid and equals
+    Grad-CAM by plain hooks with the class token dropped and the tokens reshaped."""
+    import importlib
+
+    import torch
+
+    out = tmp_path / "out"
+    assert run("explain", two / "cat.png", "--model", f"{model_module}:tiny_vit", "--size", "32", "--cam",
+               "layercam", "--save", "npz", "--out", out, "--workers", "0", "--writers", "0") == 0
+    with np.load(out / "cat.png.npz") as maps:
+        record = json.loads(str(maps["record"]))
+        x, target, cam_raw = torch.from_numpy(maps["input"][None]), int(maps["target"]), maps["cam_raw"]
+        assert maps["cam"].shape == maps["cams.layercam"].shape == (32, 32)
+    assert cam_raw.shape == (4, 4) and cam_raw.max() > 0 and record["layers"]["auto"].startswith("blocks.1.norm1")
+    model = getattr(importlib.import_module(model_module), "tiny_vit")().eval()
+    seen = {}
+    hook = model.blocks[1].norm1.register_forward_hook(lambda m, i, o: seen.update(a=o) or o.retain_grad())
+    model(x)[0, target].backward()
+    hook.remove()
+    tokens, grads = seen["a"][:, 1:].detach(), seen["a"].grad[:, 1:]
+    expected = torch.relu((grads.mean(1, keepdim=True) * tokens).sum(-1)).reshape(4, 4)
+    np.testing.assert_allclose(cam_raw, expected.numpy(), rtol=1e-4, atol=1e-6 * float(expected.max()))

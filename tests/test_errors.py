@@ -1,4 +1,5 @@
 """Every way a user can get it wrong gets a clear error that says what to do."""
+import inspect
 import warnings
 
 import pytest
@@ -30,10 +31,17 @@ class Untraceable(nn.Module):
 
 def test_untraceable_model_names_the_line_and_the_tracer_options():
     with pytest.raises(gs.TraceError) as info:
-        gs.convert(Untraceable(), layer="conv")
+        gs.convert(Untraceable().eval(), layer="conv", capture="fx")
     message = str(info.value)
     assert "if y.sum() > 0" in message and "test_errors.py" in message
     assert "leaf_modules" in message and "autowrap_functions" in message and "concrete_args" in message
+
+
+def test_auto_capture_falls_back_and_the_report_names_fx_failing_line():
+    ex = gs.convert(Untraceable().eval(), layer="conv")  # capture="auto": fx, then export, then run time
+    lines, first = inspect.getsourcelines(Untraceable.forward)
+    failing = first + next(i for i, line in enumerate(lines) if "y.sum() > 0" in line)
+    assert f"fx failed at test_errors.py:{failing}" in str(ex.report)
 
 
 def test_leaf_module_option_makes_it_traceable_and_reports_hidden_relus():

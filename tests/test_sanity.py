@@ -22,7 +22,7 @@ def cascade():
 
 
 def test_cascade_table_shape_and_identity_step(cascade):
-    assert len(cascade) == 4 * len(sanity.METHODS)
+    assert len(cascade) == 4 * len(sanity.methods())
     assert {r["randomized"] for r in cascade} == {"none", "fc2", "fc1", "bn3"}
     for row in cascade:
         assert -1.0 <= row["spearman"] <= 1.0 and -1.0 <= row["ssim"] <= 1.0
@@ -49,7 +49,7 @@ def test_data_randomization_against_an_untrained_model():
     model, x, _ = demo.load_demo()
     torch.manual_seed(0)
     rows = sanity.data_randomization(model, demo.DemoCNN().eval(), x[:2])
-    assert {r["method"] for r in rows} == set(sanity.METHODS)
+    assert {r["method"] for r in rows} == set(sanity.methods())
 
 
 def test_planted_evidence_dataset():
