@@ -143,13 +143,22 @@ def first_line(error: BaseException) -> str:
 CHECKS = 3
 
 
+def library_commit() -> str:
+    """The commit of the guided_swap checkout the sweep runs from (``+`` when its files differ from it)."""
+    def git(*args):
+        return subprocess.run(["git", "-C", HERE, *args], capture_output=True, text=True).stdout.strip()
+
+    dirty = git("status", "--porcelain", "--", os.path.join(HERE, "..", "guided_swap"))
+    return git("rev-parse", "--short", "HEAD") + ("+" if dirty else "")
+
+
 def check_model(name: str, size: int, max_params: float, rtol: float) -> dict:
     import torch
 
     import guided_swap as gs
     from guided_swap import reference
 
-    row = {"model": name, "checks": CHECKS}
+    row = {"model": name, "checks": CHECKS, "commit": library_commit()}
     started = time.perf_counter()
     try:
         meta = meta_model(name)
