@@ -139,8 +139,9 @@ def first_line(error: BaseException) -> str:
 
 
 #: the version of the checks a row passed: 3 = convert's defaults, logits under the same grad mode, the
-#: rule's op counted at run time; rows of older sweeps have no entry (or no ``capture``: example_input given)
-CHECKS = 3
+#: rule's op counted at run time; 4 = and the auto map receives a gradient; rows of older sweeps have no
+#: entry (or no ``capture``: example_input given)
+CHECKS = 4
 
 
 def library_commit() -> str:
@@ -167,7 +168,9 @@ def check_model(name: str, size: int, max_params: float, rtol: float) -> dict:
         meta, row["params_m"] = None, None
         row["meta_build"] = first_line(error)
     if row["params_m"] is not None and row["params_m"] * 1e6 > max_params:
-        return dict(row, status="skipped", reason=f"{row['params_m']:.0f}M parameters, over {max_params / 1e6:.0f}M")
+        # counted on the meta device (no memory): how many ReLU models the size limit leaves out
+        return dict(row, status="skipped", relu_calls_meta=meta_relu_count(meta, size),
+                    reason=f"{row['params_m']:.0f}M parameters, over {max_params / 1e6:.0f}M")
     if meta is not None and meta_relu_count(meta, size) == 0:
         return dict(row, status="no ReLU", reason="counted on the meta device")
     del meta
@@ -214,6 +217,9 @@ def check_model(name: str, size: int, max_params: float, rtol: float) -> dict:
     try:  # the CAM is computed when first read; a failure there still leaves the other checks recorded
         row["auto_map"] = list(e.cam_raw.shape[1:])
         row["cam_nonzero"] = round(float((e.cam_raw != 0).float().mean()), 4)
+        # Grad-CAM can be all zero for a class (random weights); a map that receives no gradient at all
+        # cannot explain anything (a token map whose patches do not reach the class token the head reads)
+        row["map_grad_nonzero"] = round(float((e.layers["auto"].feature_grad != 0).float().mean()), 4)
     except Exception as error:
         row["auto_map"], row["cam_error"] = [], f"{type(error).__name__}: {first_line(error)}"
     problems = []
@@ -231,6 +237,8 @@ def check_model(name: str, size: int, max_params: float, rtol: float) -> dict:
         problems.append(f"CAM: {row['cam_error']}")
     elif math.prod(row["auto_map"]) <= 1:
         problems.append(f"auto map {row['auto_map']}")
+    elif row["map_grad_nonzero"] == 0:
+        problems.append(f"the auto map ({row['auto_layer']}) receives no gradient: its CAM is zero for every class")
     row["seconds"] = round(time.perf_counter() - started, 1)
     return dict(row, status="FAIL" if problems else "ok", reason="; ".join(problems))
 
@@ -422,6 +430,12 @@ def write_summary(rows: dict, args) -> None:
         counts[f"ok via {path}"] = sum(r["status"] == "ok" and capture_path(r) == path for r in rows.values())
     counts["ok, rule calls counted at run time"] = sum(r["status"] == "ok" and r.get("checks", 0) >= 3
                                                        for r in rows.values())
+    counts["ok, auto map gradient checked"] = sum(r["status"] == "ok" and r.get("checks", 0) >= 4
+                                                  for r in rows.values())
+    counts["skipped, ReLU on the meta device"] = sum(r["status"] == "skipped" and bool(r.get("relu_calls_meta"))
+                                                     for r in rows.values())
+    counts["skipped, ReLU not counted"] = sum(r["status"] == "skipped" and r.get("relu_calls_meta") is None
+                                              for r in rows.values())
     counts["ok, converted with example_input (older sweep)"] = sum(r["status"] == "ok" and "capture" not in r
                                                                    for r in rows.values())
     settings = {"date": datetime.date.today().isoformat(), "timm": timm.__version__, "torch": torch.__version__,
@@ -467,11 +481,14 @@ def markdown(summary: dict) -> str:
              + (f", {counts['fx failed (old sweep)']} left from an older sweep (fx failed, not re-run)"
                 if counts["fx failed (old sweep)"] else "") + ".",
              f"- Of the exact rows, {counts['ok, rule calls counted at run time']} also passed the run-time count "
-             f"of the rule's op calls (added late); the others were swept before it, with the call-site count "
+             f"of the rule's op calls and {counts['ok, auto map gradient checked']} the check that the auto map "
+             f"receives a gradient (both added late); the others were swept before, with the call-site count "
              f"only" + (f"; {counts['ok, converted with example_input (older sweep)']} of them were converted "
                         f"with `example_input` by an older sweep, not with the defaults"
                         if counts["ok, converted with example_input (older sweep)"] else "") + ".",
-             f"- Not checked: {counts['no ReLU']} without any ReLU/ReLU6 call, {counts['skipped']} skipped, "
+             f"- Not checked: {counts['no ReLU']} without any ReLU/ReLU6 call, {counts['skipped']} skipped "
+             f"({counts['skipped, ReLU on the meta device']} of them call ReLU/ReLU6 in a forward on the meta "
+             f"device, {counts['skipped, ReLU not counted']} not counted), "
              f"{counts['does not run']} that do not run, {counts['build failed']} that do not build.", ""]
     failed = [r for r in models if r["status"] in UNFINISHED]
     cam_only = [r for r in failed if cam_layout_only(r)]
