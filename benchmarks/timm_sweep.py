@@ -409,6 +409,15 @@ def capture_path(row: dict) -> str:
     return row.get("capture", "").split(" (")[0]
 
 
+#: root causes found for a failure on the export path, by a phrase of its reason
+KNOWN_CAUSES = {
+    "receives no gradient": "root cause: guided_swap/layouts.py `_class_token_read` looks for `operator.getitem` "
+                            "only; the export graph reads the class token with `aten.select.int`, so auto takes "
+                            "the pooled-model rule and captures the last token map, whose patch tokens never "
+                            "reach the head; the fx path (vit_small_resnet26d_224) picks the last attention's input",
+}
+
+
 def cam_layout_only(row: dict) -> bool:
     """A FAIL on the export path whose only problem is the CAM's layout (see the summary's failures)."""
     reason = row.get("reason", "")  # the CAM is the last check: a reason starting with it has no other problem
@@ -500,7 +509,12 @@ def markdown(summary: dict) -> str:
                   "could be followed ...)`: guided_swap/axes.py matches graph targets by `__name__`, which for the "
                   "export graph's aten ops is `conv2d.default`, `batch_norm.default`, `add.Tensor`, so no channel "
                   "axis is ever found there: " + ", ".join(f"`{r['model']}`" for r in cam_only)]
-    lines += [f"- `{r['model']}`: {r['status']}: {r.get('reason', '')}" for r in failed if r not in cam_only]
+    for row in failed:
+        if row not in cam_only:
+            cause = next((text for key, text in KNOWN_CAUSES.items() if key in row.get("reason", "") and
+                          capture_path(row) == "export"), "")
+            lines.append(f"- `{row['model']}` ({capture_path(row) or 'no capture'}): {row['status']}: "
+                         f"{row.get('reason', '')}" + (f" ({cause})" if cause else ""))
     lines += [] if failed else ["None."]
     lines += ["", f"## Skipped or not run ({sum(counts[x] for x in ('skipped', 'does not run', 'build failed'))})", ""]
     reasons = {}
