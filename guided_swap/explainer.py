@@ -126,11 +126,13 @@ class Explainer(nn.Module):
         self._ensure_captured(x)
         if self._delegate is not None:
             return self._delegate(x)
+        if self._compiled is not None:
+            return self._compiled.forward(self.forward_module, x)
         return self.forward_module(x)
 
     def explain(self, x: Tensor, target: Any = None, *, interpolate: str = "bilinear", smooth: Optional[int] = None,
                 noise: Optional[float] = None, generator: Optional[torch.Generator] = None,
-                chunk: Optional[int] = None) -> Explanation:
+                chunk: Optional[int] = None, check_finite: Optional[bool] = None) -> Explanation:
         """One forward and one backward: the rule's input gradient and every CAM at every captured layer.
 
         ``target``: None (argmax), an int, one int per sample (sequence or LongTensor), a callable
@@ -138,21 +140,32 @@ class Explainer(nn.Module):
         ``smooth=N``: SmoothGrad, the mean map over N noisy copies of each input, noise ``noise`` (default 0.15)
         times each input's value range, drawn from ``generator``, ``chunk`` inputs per pass (default: the
         batch size); see :mod:`guided_swap.smoothing` for what is averaged.
+        ``check_finite``: refuse an input holding NaN or Inf. None checks inputs on the CPU only: on a GPU the
+        check would wait for the device on every call; True checks there too, False never checks.
         """
         self._ensure_captured(x)
         if self._delegate is not None:
+            self._compile_delegate()
             given = dict(smooth=smooth, noise=noise, generator=generator, chunk=chunk)
+            if type(self._delegate).explain is Explainer.explain:  # the run-time explainer always checks
+                given["check_finite"] = check_finite
             return self._delegate.explain(x, target, interpolate=interpolate,
                                           **{k: v for k, v in given.items() if v is not None})
-        self._check_input(x)
+        self._check_input(x, check_finite)
         if interpolate not in cam_maths.INTERPOLATIONS:
             raise ValueError(f"interpolate={interpolate!r} is not one of {cam_maths.INTERPOLATIONS}")
         smoothing.check(smooth, noise, generator, chunk, x)
         self._ensure_built(x)
         self._warn_if_nothing_swapped()
         if smooth is not None:
+            if self._compiled is not None:
+                self._compiled.warn_eager("smooth=", "SmoothGrad's chunks run the eager pass")
             return smoothing.smooth_explain(self, x, target, copies=smooth, noise=noise, generator=generator,
                                             chunk=chunk, interpolate=interpolate)
+        if self._compiled is not None:
+            explanation = self._compiled.explain(self, x, target, interpolate)
+            if explanation is not None:  # None: this kind of target runs eagerly, a warning said why
+                return explanation
         result = self.forward_backward(
             x, lambda out, caps, fixed: self._score(target if fixed is None else fixed, out, caps, x.shape[0]))
         return explanation_from_pass(result, layers=self.layers, logits=self._select(result.outputs),
@@ -197,7 +210,7 @@ class Explainer(nn.Module):
     def _select(self, outputs: Any) -> Tensor:
         return select_output(outputs, self.output)
 
-    def _check_input(self, x: Any) -> None:
+    def _check_input(self, x: Any, check_finite: Optional[bool] = None) -> None:
         if not isinstance(x, Tensor):
             raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
         if not x.is_floating_point():
@@ -216,8 +229,40 @@ class Explainer(nn.Module):
         if parameter is not None and (x.device != parameter.device or x.dtype != parameter.dtype):
             raise InputError(f"input is {x.dtype} on {x.device} but the explainer is {parameter.dtype} on "
                              f"{parameter.device}: move one, e.g. x.to(device, dtype) or explainer.to(...)")
-        if not bool(torch.isfinite(x).all()):
+        if check_finite is None:
+            check_finite = x.device.type == "cpu"  # elsewhere bool() would wait for the device
+        if check_finite and not bool(torch.isfinite(x).all()):
             raise InputError("input holds NaN or Inf values; every map would be NaN. Clean the input first")
+
+    # --- compiling -------------------------------------------------------------------------------------
+
+    _compiled = None  # a CompiledExplain once compile() was called (a class default: old saved files lack it)
+
+    def compile(self, **torch_compile_options) -> None:
+        """Compile in place, like ``nn.Module.compile``: ``explain`` then runs one compiled pass (forward, the
+        rule's backward and the CAM maths; ``mode="reduce-overhead"`` on CUDA replays it as a CUDA graph) and
+        ``ex(x)`` runs the compiled forward. The options go to ``torch.compile``. See
+        :mod:`guided_swap.compiled` for which shapes and targets compile once, and when it runs eagerly.
+        """
+        from .compiled import CompiledExplain
+
+        compiled = CompiledExplain(torch_compile_options)  # refuses options torch.compile does not take
+        if type(self).explain is not Explainer.explain:  # the run-time capture: a Python hook on every call
+            compiled.warn_eager("compile()", f"{type(self).__name__} captures its graph at run time, "
+                                "which torch.compile cannot trace; explain runs eagerly")
+            return
+        self._compiled = compiled
+        self._compile_delegate()
+
+    def _compile_delegate(self) -> None:
+        """A deferred explainer compiled before its capture passes compile() on to the explainer it delegates to."""
+        if self._compiled is not None and self._delegate is not None and not self._delegate.compiled:
+            self._delegate.compile(**self._compiled.options)
+
+    @property
+    def compiled(self) -> bool:
+        """Whether :meth:`compile` was called (a saved and loaded explainer is not compiled)."""
+        return self._compiled is not None
 
     # --- module behaviour -----------------------------------------------------------------------------
 
@@ -225,6 +270,7 @@ class Explainer(nn.Module):
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
         state = dict(state)
         state.pop("_lock", None)
+        state.pop("_compiled", None)  # compiled code is not saved: compile again after loading
         return state
 
     def __setstate__(self, state):

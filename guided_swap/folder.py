@@ -8,9 +8,17 @@ One run:
    every rank takes its share of the inputs to do (:mod:`guided_swap.distributed`),
    decodes them in ``workers`` DataLoader processes and writes one ``.npz`` and/or ``.png`` per input, each
    atomically, each carrying its record;
-3. with one colour scale for the run (``--scale shared``, the default), the figures wait for a second pass:
-   rank 0 merges the records' sums into one range per kind of map, and the inputs whose figure is missing or
-   on another range are explained again and drawn (:mod:`guided_swap.writing`);
+3. with one colour scale for the run (``--scale shared``, the default), the figures wait for a drawing pass:
+   rank 0 merges the records' sums into one range per kind of map, and the figures missing or on another range
+   are drawn from the maps already saved, so no input is explained twice in one run (with ``--smooth N`` that
+   would cost N copies again). With ``--save png,npz`` they come from the ``.npz`` files; with ``--save png``
+   step 2 also wrote the arrays each figure shows (:func:`~guided_swap.writing.figure_names`, float32 as
+   computed) to a hidden temporary ``OUT/.NAME.maps.PID-TOKEN.part``, removed once its figure is drawn or the
+   run stops. Each file must carry the very record rank 0 made the range from (its fingerprint), so a file
+   another process replaced meanwhile is not drawn from: that input's index line says so. Each rank draws the
+   figures of the inputs it explained, from its own files, and its share of the done results to redraw. A done
+   result whose figure is on an old range is redrawn from its ``.npz``; a result of an earlier ``--save png``
+   run has no maps kept, so it is explained again to be drawn (once: it was not explained in step 2);
 4. rank 0 gathers the records and rewrites ``OUT/index.jsonl``, one line per input.
 
 Ctrl-C (or SIGTERM) stops after the current batch; what was written stays, and the same command finishes
@@ -31,7 +39,8 @@ from .decoding import Decoded, loader
 from .errors import CommandError, GuidedSwapError
 from .model_spec import Preprocessing, Source
 from .results import Plan
-from .writing import CAM_METHODS, Writers, explain_batch, shared_limits, uses_layer
+from .writing import (CAM_METHODS, Writers, draw_saved, explain_batch, figure_context, figure_names, shared_limits,
+                      uses_layer)
 
 INTERRUPTED = "not explained: the run was interrupted; run the same command again to finish"
 NO_FIGURE = "figure not drawn: the run was interrupted; run the same command again to finish"
@@ -93,9 +102,9 @@ class Job:
             "rule": rule_of(self.method), "target": "auto" if self.target is None else self.target,
             "resize": p.resize, "size": p.crop, "mean": list(p.mean), "std": list(p.std),
             "labels_sha256": None if self.labels is None else sha256_text("\n".join(self.labels)),
-            "cmap": self.cmap, "scale": self.scale, "cams": list(self.cams), "smooth": self._smoothing()})
+            "cmap": self.cmap, "scale": self.scale, "cams": list(self.cams), "smooth": self.smoothing()})
 
-    def _smoothing(self) -> Optional[Dict[str, Any]]:
+    def smoothing(self) -> Optional[Dict[str, Any]]:
         from .smoothing import DEFAULT_NOISE
         from .writing import SMOOTHING_SEED
 
@@ -227,20 +236,26 @@ def run(job: Job, say: Callable[[str], None] = _say) -> int:
 
 
 def _stages(job: Job) -> Tuple[Tuple[str, ...], bool]:
-    """What the explaining pass writes, and whether the figures wait for a second pass on one shared scale."""
+    """What the explaining pass writes, and whether the figures wait for a drawing pass on one shared scale
+    (they are then drawn from the maps this pass saved: the ``.npz``, else a hidden temporary)."""
     shared = job.scale == "shared" and "png" in job.save
     return tuple(kind for kind in job.save if not (shared and kind == "png")), shared
 
 
-def _pass(explainer, job: Job, plan: Plan, indices, settings, group, channels: int, kinds, limits, flag, what: str):
-    """Explain this rank's share of ``indices`` and write their ``kinds`` of output; (records, interrupted)."""
-    mine = distributed.shard(indices, group)
+def _pass(explainer, job: Job, plan: Plan, indices, settings, group, channels: int, kinds, limits, flag, what: str,
+          stashed: Optional[Dict[int, str]] = None):
+    """Explain ``indices`` (already this rank's share) and write their ``kinds`` of output; (records,
+    interrupted). With ``stashed`` (a dict), their figure arrays also go to hidden temporaries, added to it."""
     records, interrupted = {}, False
-    batches = loader(Decoded(plan.items, mine, job.preprocessing, channels), job.batch_size, job.workers)
+    batches = loader(Decoded(plan.items, indices, job.preprocessing, channels), job.batch_size, job.workers)
     writers = Writers(job.writers, backlog=2 * job.batch_size)  # Ctrl-C waits for at most two batches' writes
-    with _progress(len(mine), group, what) as bar, writers:
+    with _progress(len(indices), group, what) as bar, writers:
         for batch in batches:
-            records.update(explain_batch(explainer, job, batch, plan.items, settings, group, writers, kinds, limits))
+            made, kept = explain_batch(explainer, job, batch, plan.items, settings, group, writers, kinds, limits,
+                                       stashed is not None)
+            records.update(made)
+            if stashed is not None:
+                stashed.update(kept)
             bar.update(len(batch))
             if flag.raised:
                 interrupted = True
@@ -249,23 +264,75 @@ def _pass(explainer, job: Job, plan: Plan, indices, settings, group, channels: i
     return records, interrupted
 
 
-def _figures_to_draw(job: Job, plan: Plan, records: Dict[int, dict], settings) -> Tuple[List[int], dict]:
-    """Rank 0, second pass: the scale shared by every result of the run, and the inputs whose figure is missing
-    or was drawn on another scale (all of them when new results moved the scale)."""
+@dataclass
+class Drawing:
+    """Rank 0's plan for the figures on the run's shared scale: the scale, the figures to draw from a file (by
+    input index, the fingerprint of the record that file must carry) and those to explain again."""
+
+    limits: Dict[str, List[float]]
+    from_files: Dict[int, str]
+    again: List[int]
+
+    def __len__(self) -> int:
+        return len(self.from_files) + len(self.again)
+
+
+def _figures_to_draw(job: Job, plan: Plan, records: Dict[int, dict], settings) -> Drawing:
+    """Rank 0: the scale shared by every result of the run, and the inputs whose figure is missing or was drawn
+    on another scale (all of them when new results moved the scale). Each is drawn from its ``.npz`` when the
+    run saves one, from the temporary pass one stashed, or else (a done result of a PNG-only run, whose maps
+    were never kept) explained again."""
     good = [records[i] for i in sorted(records) if records[i]["error"] is None]
-    limits = shared_limits(good, job.method, job.cams)
-    todo = []
+    drawing = Drawing(shared_limits(good, job.method, job.cams), {}, [])
     for i in sorted(records):
-        if records[i]["error"] is None:
-            old = results.read_record(results.output_paths(job.out, plan.items[i], ("png",))["png"])
-            if old is None or old.get("settings") != settings or old.get("limits") != limits:
-                todo.append(i)
-    return todo, limits
+        if records[i]["error"] is not None:
+            continue
+        old = results.read_record(results.output_paths(job.out, plan.items[i], ("png",))["png"])
+        if old is not None and old.get("settings") == settings and old.get("limits") == drawing.limits:
+            continue
+        if "npz" in job.save or i not in plan.done:  # this run saved its maps: in its .npz, or stashed
+            drawing.from_files[i] = results.fingerprint(records[i])
+        else:
+            drawing.again.append(i)
+    return drawing
+
+
+def _draw(explainer, job: Job, plan: Plan, mine: Sequence[int], drawing: Drawing, stashed: Dict[int, str],
+          settings, group, flag) -> Tuple[Dict[int, dict], bool]:
+    """Draw the figures of ``mine`` from the maps a file holds (the ``.npz``, or this rank's stash, removed once
+    drawn), each checked to carry the record rank 0 counted; (records, interrupted)."""
+    records, interrupted = {}, False
+    names = figure_names(job.method, job.cams)
+    writers = Writers(job.writers, backlog=2 * job.batch_size)
+    with _progress(len(mine), group, "drawing") as bar, writers:
+        for done, index in enumerate(mine, 1):
+            item = plan.items[index]
+            path = stashed.get(index) or results.output_paths(job.out, item, ("npz",))["npz"]
+            rec, maps = results.read_saved(path, names)
+            if rec is None or results.fingerprint(rec) != drawing.from_files[index]:
+                records[index] = results.failure_record(item, settings, _changed(job, path))
+            else:
+                context = figure_context(explainer, job, rec.get("layers") or {})
+                writers.submit(job, item, rec, maps, context, drawing.limits, stashed.get(index), work=draw_saved)
+                records[index] = rec
+            bar.update(1)
+            if flag.raised and (done % job.batch_size == 0 or done == len(mine)):
+                interrupted = done < len(mine)
+                break
+        writers.finish()
+    return records, interrupted
+
+
+def _changed(job: Job, path: str) -> str:
+    where = path[len(job.out):].lstrip("/\\")
+    return (f"figure not drawn: {where} changed during the run (another process writing into the same --out?); "
+            "run the same command again")
 
 
 def _run(job: Job, group, say) -> int:
     settings = job.settings()
     first, shared = _stages(job)
+    stash = shared and "npz" not in job.save
     plan = _shared_plan(job, settings, group, first or job.save)
     if plan.replaced:
         say(f"--force: replacing {plan.replaced} result(s) made with other settings")
@@ -280,23 +347,46 @@ def _run(job: Job, group, say) -> int:
         print(explainer.report)
     started = time.perf_counter()
     common = (explainer, job, plan)
-    with stop_after_batch() as flag:
-        made = _pass(*common, plan.todo, settings, group, channels, first, None, flag, "explaining")
-        gathered = distributed.gather(made, group)
-        drawn: Optional[list] = None
-        if shared:
-            records = _merged(plan, gathered) if group.main else None
-            stopped = group.main and any(interrupted for _, interrupted in gathered)
-            todo, limits = _figures_to_draw(job, plan, records, settings) if group.main and not stopped else ([], None)
-            todo, limits = distributed.broadcast((todo, limits), group)
-            if todo:
-                say(f"drawing {len(todo)} figure(s) on one colour scale shared by the {len(plan.items)} input(s)")
-            drawn = distributed.gather(_pass(*common, todo, settings, group, channels, ("png",), limits, flag,
-                                             "drawing"), group)
+    mine = distributed.shard(plan.todo, group)
+    stashed: Dict[int, str] = {}
+    try:
+        with stop_after_batch() as flag:
+            records, interrupted = _pass(*common, mine, settings, group, channels, first, None, flag, "explaining",
+                                         stashed if stash else None)
+            gathered = distributed.gather((records, interrupted), group)
+            drawn: Optional[list] = None
+            if shared:
+                drawn = distributed.gather(_draw_shared(common, mine, gathered, stashed, settings, group, channels,
+                                                        flag, say), group)
+    finally:
+        for path in stashed.values():  # those left when the run stopped before drawing them
+            results.remove_stash(path)
     seconds = distributed.gather(time.perf_counter() - started, group)
     if not group.main:
         return 0
     return _finish(job, plan, settings, gathered, drawn, max(seconds), group, say)
+
+
+def _draw_shared(common, mine, gathered, stashed, settings, group, channels, flag, say) -> Tuple[Dict[int, dict], bool]:
+    """The drawing pass: rank 0 plans it (:func:`_figures_to_draw`); each rank draws, from files, the figures
+    of the inputs it explained and its share of the done ones, and explains again those it must."""
+    explainer, job, plan = common
+    drawing = None
+    if group.main and not any(interrupted for _, interrupted in gathered):
+        drawing = _figures_to_draw(job, plan, _merged(plan, gathered), settings)
+    drawing = distributed.broadcast(drawing, group)
+    if drawing is None or not len(drawing):
+        return {}, False
+    say(f"drawing {len(drawing)} figure(s) on one colour scale shared by the {len(plan.items)} input(s)")
+    explained, todo = set(mine), set(plan.todo)
+    ours = [i for i in drawing.from_files if i in explained]
+    ours += distributed.shard([i for i in drawing.from_files if i not in todo], group)
+    records, interrupted = _draw(explainer, job, plan, ours, drawing, stashed, settings, group, flag)
+    if drawing.again and not interrupted:
+        again, interrupted = _pass(*common, distributed.shard(drawing.again, group), settings, group, channels,
+                                   ("png",), drawing.limits, flag, "explaining again to draw")
+        records.update(again)
+    return records, interrupted
 
 
 def _merged(plan: Plan, gathered) -> Dict[int, dict]:
@@ -310,6 +400,8 @@ def _finish(job: Job, plan: Plan, settings, gathered, drawn, seconds: float, gro
     """Rank 0: the index from every rank's records, the failures, one closing line."""
     records = _merged(plan, gathered)
     interrupted = any(flag for _, flag in gathered + (drawn or []))
+    for share, _ in drawn or []:  # a figure that could not be drawn from its file
+        records.update({i: r for i, r in share.items() if r["error"] is not None})
     if drawn is not None and interrupted:  # a result whose figure is still to draw is not done
         figured = {i for share, _ in drawn for i in share}
         records = {i: r if r["error"] is not None or i in figured or _has_figure(job, plan, i)

@@ -13,6 +13,8 @@ Layout (``OUT`` is ``--out``):
   classes, the Grad-CAM peak, and the *settings* that made it. A file at an output path without a record
   was not written by guided-swap and is never replaced.
 - ``OUT/index.jsonl``: one record per input of the last run, failures included (``error`` set).
+- Hidden temporaries only (``.NAME.PID-TOKEN.part``, :mod:`guided_swap._files`), removed by the next run: the
+  half-written results of a killed run, and ``.NAME.maps.PID-TOKEN.part``, the arrays of a figure still to draw.
 
 >>> layout_names(["photos/a.jpg", "photos/sub/a.png"], ["photos"])
 ['a.jpg', 'sub/a.png']
@@ -214,6 +216,51 @@ def write_png(fig, path: str, record: dict) -> None:
     metadata = {"Software": f"guided_swap {__version__}", PNG_KEY: json.dumps(record)}
     with atomic_write(path, clean=False) as temporary, open(temporary, "wb") as stream:
         fig.savefig(stream, format="png", dpi=110, metadata=metadata)
+
+
+def stash_base(out: str, item: Item) -> str:
+    """The path whose hidden temporaries (``OUT/.NAME.maps.PID-TOKEN.part``) hold an input's figure arrays
+    until its figure is drawn; no result is ever written there."""
+    return os.path.join(out, *item.name.split("/")) + ".maps"
+
+
+def write_stash(path: str, arrays: Dict[str, np.ndarray], record: dict) -> None:
+    """A hidden temporary with the arrays (uncompressed: it lives for one run) and the record. A killed run
+    leaves it hidden; the next run removes it with every other temporary."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "wb") as stream:
+        np.savez(stream, record=np.array(json.dumps(record)), **arrays)
+
+
+def remove_stash(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+def read_saved(path: str, names: Sequence[str]):
+    """``(record, arrays)`` of a ``.npz`` result or a stash, the arrays those of ``names`` it has; ``(None,
+    {})`` when the file is missing, unreadable or carries no record."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if "record" not in data.files:
+                return None, {}
+            record = json.loads(str(data["record"]))
+            return record, {name: data[name] for name in names if name in data.files}
+    except (OSError, ValueError, KeyError, EOFError):
+        return None, {}
+
+
+def fingerprint(record: dict) -> str:
+    """A digest of a record, to check that a file holds the very result a run counted (NaN equals NaN here).
+
+    >>> fingerprint({"a": 1, "b": [2.5]}) == fingerprint({"b": [2.5], "a": 1})
+    True
+    """
+    import hashlib
+
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
 
 
 def failure_record(item: Item, settings: Dict[str, Any], error: str) -> dict:

@@ -9,7 +9,8 @@ pool of writer processes (drawing a figure takes far longer than explaining the 
 import multiprocessing
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
-from typing import Any, Deque, Dict, Iterable, List, Optional, Sequence, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -97,29 +98,100 @@ def shared_limits(records: Iterable[dict], method: str, cams: Sequence[str] = ()
     return {panel: [float(v) for v in m.limits(panel)] for panel, m in merged.items() if m.count}
 
 
-def figure(job, one, x: torch.Tensor, item: Item, limits: Optional[Dict[str, List[float]]] = None):
-    """The figure of one input: its panels (:func:`panels`), titled by what each map is, on ``limits`` (one
-    scale shared by the run) or each map on its own range."""
+def figure_names(method: str, cams: Sequence[str] = ()) -> List[str]:
+    """The arrays a figure reads: the input as fed, the logits, target and score of its title, and one map per
+    panel. What a PNG-only run keeps, in a hidden temporary, until its figure is drawn."""
+    return ["input", "logits", "target", "score", *panels(method, cams)[1:]]
+
+
+@dataclass(frozen=True)
+class FigureContext:
+    """What a figure says besides its arrays: the rule, how many rectifiers carry it, the node of the captured
+    layer (its key in ``Explanation.layers`` as the figure titles it) and the smoothing."""
+
+    rule: str
+    swapped: Optional[int]
+    layer: Optional[str]
+    smoothing: Optional[Dict[str, Any]]
+
+
+def figure_context(explainer, job, nodes: Dict[str, str]) -> FigureContext:
+    """The :class:`FigureContext` of this run's figures; ``nodes``: the record's ``layers`` (the node each layer
+    name became, ``auto`` included)."""
+    first = explainer.layers[0] if explainer.layers else None
+    smoothing = job.smoothing()
+    layer = None if first is None else nodes.get(first, first)
+    smoothing = None if smoothing is None else {"copies": smoothing["copies"], "noise": float(smoothing["noise"])}
+    return FigureContext(explainer.rule.name, len(explainer.swapped), layer, smoothing)
+
+
+@dataclass
+class Saved:
+    """One input's saved arrays (a batch of one) as the parts of an ``Explanation`` that ``viz.figure`` reads,
+    so a figure drawn from a file is the figure of the explanation that wrote it."""
+
+    logits: torch.Tensor
+    target: torch.Tensor
+    score: torch.Tensor
+    gradient: np.ndarray  # (1, 0) when the method computes none (gradcam): the figure only counts its rows
+    layers: Dict[str, None]
+    rule: str
+    swapped: Optional[int]
+    smoothing: Optional[Dict[str, Any]]
+    cam: Optional[np.ndarray] = None
+    guided_gradcam: Optional[np.ndarray] = None
+    cams: Dict[str, np.ndarray] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, maps: Dict[str, np.ndarray], context: FigureContext) -> "Saved":
+        def row(name):
+            return maps[name][None] if name in maps else None
+
+        return cls(torch.from_numpy(row("logits")), torch.from_numpy(row("target")), torch.from_numpy(row("score")),
+                   row("gradient") if "gradient" in maps else np.zeros((1, 0), np.float32),
+                   {} if context.layer is None else {context.layer: None}, context.rule, context.swapped,
+                   context.smoothing,
+                   row("cam"), row("guided_gradcam"),
+                   {name[len("cams."):]: row(name) for name in maps if name.startswith("cams.")})
+
+
+def figure(job, maps: Dict[str, np.ndarray], context: FigureContext, item: Item,
+           limits: Optional[Dict[str, List[float]]] = None):
+    """The figure of one input from its arrays (:func:`figure_names`): its panels (:func:`panels`), titled by
+    what each map is, on ``limits`` (one scale shared by the run) or each map on its own range."""
     from . import viz
 
     p = job.preprocessing
-    return viz.figure(one, x, panels(job.method, job.cams), labels=job.labels, notes=[item.name], mean=p.mean,
-                      std=p.std, cmap=job.cmap, scale="shared" if limits else "per-image",
+    return viz.figure(Saved.of(maps, context), maps["input"][None], panels(job.method, job.cams),
+                      labels=job.labels, notes=[item.name], mean=p.mean, std=p.std, cmap=job.cmap,
+                      scale="shared" if limits else "per-image",
                       limits={k: tuple(v) for k, v in limits.items()} if limits else None)
 
 
-def write_result(job, item: Item, rec: dict, maps: Dict[str, np.ndarray], one, x: torch.Tensor,
-                 kinds: Sequence[str], limits: Optional[Dict[str, List[float]]]) -> None:
-    """The ``kinds`` of output (``npz``, ``png``) of one input, each atomic; the PNG's record has its limits."""
+def write_result(job, item: Item, rec: dict, maps: Dict[str, np.ndarray], context: FigureContext,
+                 kinds: Sequence[str], limits: Optional[Dict[str, List[float]]], stash: Optional[str] = None) -> None:
+    """The ``kinds`` of output (``npz``, ``png``) of one input, each atomically; the PNG's record has its
+    limits. ``stash``: a hidden temporary path that gets the figure's arrays, for a figure drawn later."""
     paths = results.output_paths(job.out, item, kinds)
     if "npz" in paths:
         results.write_npz(paths["npz"], maps, rec)
+    if stash is not None:
+        results.write_stash(stash, {name: maps[name] for name in figure_names(job.method, job.cams)}, rec)
     if "png" in paths:
-        results.write_png(figure(job, one, x, item, limits), paths["png"], dict(rec, limits=limits))
+        results.write_png(figure(job, maps, context, item, limits), paths["png"], dict(rec, limits=limits))
+
+
+def draw_saved(job, item: Item, rec: dict, maps: Dict[str, np.ndarray], context: FigureContext,
+               limits: Dict[str, List[float]], stash: Optional[str]) -> None:
+    """The PNG of one input from the arrays a file held (its ``.npz``, or the ``stash`` then removed)."""
+    write_result(job, item, rec, maps, context, ("png",), limits)
+    if stash is not None:
+        results.remove_stash(stash)
 
 
 class Writers:
-    """:func:`write_result` in ``count`` forked processes (0: in this one), at most ``backlog`` waiting."""
+    """:func:`write_result` (or another ``work``) in ``count`` forked processes (0: in this one), at most
+    ``backlog`` waiting."""
 
     def __init__(self, count: int, backlog: int = 64):
         self.pool = None
@@ -129,11 +201,11 @@ class Writers:
         self.pending: Deque[Future] = deque()
         self.backlog = backlog
 
-    def submit(self, *args) -> None:
+    def submit(self, *args, work: Callable[..., None] = write_result) -> None:
         if self.pool is None:
-            write_result(*args)
+            work(*args)
             return
-        self.pending.append(self.pool.submit(write_result, *args))
+        self.pending.append(self.pool.submit(work, *args))
         while len(self.pending) > self.backlog:
             self.pending.popleft().result()  # a writer's error is raised here
 
@@ -156,28 +228,34 @@ class Writers:
 
 
 def explain_batch(explainer, job, batch, items: Sequence[Item], settings: dict, group, writers: Writers,
-                  kinds: Sequence[str], limits: Optional[Dict[str, List[float]]] = None) -> Dict[int, dict]:
-    """Explain one decoded batch and hand the ``kinds`` of output to the writers; the records by input index
-    (an unreadable input's record has its error)."""
-    records = {}
+                  kinds: Sequence[str], limits: Optional[Dict[str, List[float]]] = None,
+                  stash: bool = False) -> Tuple[Dict[int, dict], Dict[int, str]]:
+    """Explain one decoded batch and hand the ``kinds`` of output to the writers: the records by input index
+    (an unreadable input's record has its error) and, with ``stash``, the hidden temporary each input's figure
+    arrays go to (:func:`figure_names`; OUT/.NAME.maps.PID-TOKEN.part), by input index."""
+    from ._files import part_name
+
+    records, stashed = {}, {}
     good = [(index, tensor) for index, tensor, error in batch if error is None]
     for index, _, error in batch:
         if error is not None:
             records[index] = results.failure_record(items[index], settings, error)
     if not good:
-        return records
+        return records, stashed
     x = torch.stack([tensor for _, tensor in good]).to(group.device)
     rows = _explain(explainer, job, x)
     nodes = dict(explainer.report.layers)
+    context = figure_context(explainer, job, nodes)
     made_by = {"rank": group.rank, "world": group.world, "device": str(group.device)}
     for i, (index, _) in enumerate(good):
-        one = rows[i]
-        maps = {key: value[0] for key, value in arrays(one, x[i:i + 1], job.method, job.cams).items()}
+        maps = {key: value[0] for key, value in arrays(rows[i], x[i:i + 1], job.method, job.cams).items()}
         records[index] = dict(record(job, items[index], maps, settings, nodes, made_by),
                               moments=moments(maps, job.method, job.cams))
-        if kinds:
-            writers.submit(job, items[index], records[index], maps, _cpu(one, nodes), x[i:i + 1].cpu(), kinds, limits)
-    return records
+        if stash:
+            stashed[index] = part_name(results.stash_base(job.out, items[index]))
+        if kinds or stash:
+            writers.submit(job, items[index], records[index], maps, context, kinds, limits, stashed.get(index))
+    return records, stashed
 
 
 SMOOTHING_SEED = 0
@@ -196,16 +274,3 @@ def _explain(explainer, job, x: torch.Tensor) -> list:
         out.append(explainer.explain(x[i:i + 1], job.target, smooth=job.smooth, noise=job.noise,
                                      generator=generator, chunk=job.batch_size))
     return out
-
-
-def _cpu(one, nodes: Dict[str, str]):
-    """An explanation row with its tensors on the CPU (what a writer process receives), its layers named by the
-    graph node they capture (the title shows the node ``auto`` chose)."""
-    from dataclasses import replace
-
-    layers = {nodes.get(name, name): replace(maps, activation=maps.activation.cpu(), grad=maps.grad.cpu(),
-                                             fixed_cams=None if maps.fixed_cams is None else
-                                             {cam: value.cpu() for cam, value in maps.fixed_cams.items()})
-              for name, maps in one.layers.items()}
-    return replace(one, logits=one.logits.cpu(), target=None if one.target is None else one.target.cpu(),
-                   score=one.score.cpu(), gradient=one.gradient.cpu(), outputs=None, layers=layers)

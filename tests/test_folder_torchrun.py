@@ -72,3 +72,25 @@ def test_a_killed_rank_s_work_is_done_by_the_next_run(tmp_path, folder):
     assert done.returncode == 0, done.stderr
     assert len([name for name in files(out) if name.endswith(".npz")]) == COUNT
     assert len(read_index(out)) == COUNT and not [name for name in files(out) if name.endswith(".part")]
+
+
+@pytest.mark.slow
+def test_two_processes_draw_the_shared_scale_figures_from_their_own_maps(tmp_path):
+    from test_folder_drawing import hidden, pixels
+
+    from guided_swap.cli import main
+
+    root = tmp_path / "in"
+    for i in range(6):
+        save_image(root / f"p{i}.png", ("chelsea", "astronaut", "camera")[i % 3], size=32)
+    common = ["--model", "demo", "--size", "32", "--save", "png", "--workers", "0", "--batch-size", "1"]  # same maps
+    done = torchrun(root, *common, "--out", tmp_path / "two")
+    assert done.returncode == 0, done.stderr
+    assert main(["explain", str(root), *common, "--writers", "0", "--out", str(tmp_path / "one")]) == 0
+    assert hidden(tmp_path / "two") == [] and all(line["error"] is None for line in read_index(tmp_path / "two"))
+    for i in range(6):  # the same pictures, on the same scale, as one process draws
+        two, one = tmp_path / "two" / f"p{i}.png.png", tmp_path / "one" / f"p{i}.png.png"
+        assert read_record(str(two))["limits"] == read_record(str(one))["limits"]
+        assert (pixels(two) == pixels(one)).all()
+    assert sorted(read_record(str(tmp_path / "two" / f"p{i}.png.png"))["made_by"]["rank"] for i in range(6)) \
+        == [0, 0, 0, 1, 1, 1]

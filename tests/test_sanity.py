@@ -63,7 +63,7 @@ def test_planted_evidence_dataset():
 
 
 def test_gradcam_points_at_planted_evidence():
-    model, accuracy = sanity.train_planted(n=400, epochs=25)
+    model, accuracy = sanity.train_planted(n=320, epochs=15)  # 0.97 held out, pointing 1.0 (seeded)
     assert accuracy >= 0.9
     images, labels, boxes = sanity.planted_dataset(100, seed=2000)
     result = sanity.localization(model, (images - 0.5) / 0.25, boxes, labels)

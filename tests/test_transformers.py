@@ -186,3 +186,15 @@ def test_no_rectifier_warns_once_and_names_what_was_left_alone(small_vit):
         warnings.simplefilter("error")
         ordinary.explain(x, target)
         relu_net.explain(image_batch(64))
+
+
+def test_a_cnn_captured_through_export_is_read_channels_first():
+    """The export path's graph holds aten overloads (aten.conv2d.default); its layouts are read like fx's."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(inplace=True),
+                                torch.nn.Conv2d(8, 8, 3), torch.nn.ReLU6(), torch.nn.AdaptiveAvgPool2d(1),
+                                torch.nn.Flatten(), torch.nn.Linear(8, 4)).eval()
+    x = image_batch(16)
+    by_export = gs.convert(model, layer="3", capture="export", example_input=x[:1])
+    by_fx = gs.convert(model, layer="3", capture="fx")
+    assert by_export.report.layouts["3"].kind == "nchw"
+    assert torch.equal(by_export.explain(x, 1).cam_raw, by_fx.explain(x, 1).cam_raw)

@@ -6,7 +6,7 @@ from torch import nn
 import guided_swap as gs
 from models import EverySpelling
 
-from conftest import image_batch, make_model
+from conftest import small_densenet, image_batch, make_model
 
 
 def _snapshot(model: nn.Module):
@@ -32,7 +32,7 @@ def _assert_same(before, after):
 
 
 def test_convert_and_explain_leave_the_model_alone():
-    for model in (make_model("densenet121"), make_model("vgg11"), EverySpelling().eval()):
+    for model in (small_densenet(), make_model("vgg11"), EverySpelling().eval()):
         x = image_batch(32)
         expected = model(x)
         before = _snapshot(model)

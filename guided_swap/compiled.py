@@ -1,0 +1,365 @@
+"""``Explainer.compile``: the whole explain pass (forward, the rule's backward, the CAM maths) as one compiled graph.
+
+One function runs the explainer's graph, scores the target, takes ``torch.autograd.grad`` and makes the CAMs;
+``torch.compile`` traces it whole (``torch._dynamo.config.trace_autograd_ops``, torch >= 2.11), so inductor
+fuses each rule's backward into the surrounding kernels and, with ``mode="reduce-overhead"`` on CUDA, one CUDA
+graph replays the whole pass. On an older torch the same function still runs, compiled in pieces around the
+``autograd.grad`` call (a warning says so).
+
+Shapes. Batch size 1 gets a graph of its own (torch specialises size-1 dimensions); every batch size >= 2
+shares one graph with a dynamic batch dimension, so a new batch size does not recompile (with CUDA graphs it
+records one new graph per batch size, which takes milliseconds). A new image size, dtype or device, and each
+kind of target (argmax, class indices, :class:`~guided_swap.Channel`, a callable), compile once more. Pass
+``dynamic=`` yourself to take over that choice.
+
+Targets are checked on the host before the pass, without a device synchronisation, when they are host data
+(None, an int, a list, a CPU tensor); a CUDA tensor of classes is checked after the pass, at the cost of one
+synchronisation. Class indices and channels are tensors inside the graph, so new values never recompile.
+
+Several captured layers are one pass, as in eager mode. Grad-CAM is computed inside the pass for channels-first
+and channels-last captures; a token or ``reshape=`` capture's CAMs, and every other registered CAM
+(``e.cams[name]``), are computed on first access, eagerly, from the compiled pass's activations and gradients.
+What runs eagerly, with a warning that says why (once): ``explain(smooth=N)`` (SmoothGrad's chunks), an explainer
+of the run-time capture path (``capture="runtime"``, or the one a deferred capture fell back to: its Python
+hooks on every call cannot be traced), and a kind of target whose pass torch.compile could not compile.
+
+>>> import torch, guided_swap as gs
+>>> from torch import nn
+>>> _ = torch.manual_seed(0)
+>>> model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+>>> ex = gs.convert(model.eval(), layer="1")
+>>> eager = ex.explain(torch.randn(2, 3, 8, 8), target=[0, 2])
+>>> ex.compile(backend="eager")  # "inductor" (the default) generates kernels; "eager" only traces: fast here
+>>> e = ex.explain(torch.randn(2, 3, 8, 8), target=[0, 2])
+>>> e.cam.shape, ex.compiled
+(torch.Size([2, 8, 8]), True)
+"""
+import re
+import types
+import warnings
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from . import cam as cam_maths
+from . import export_capture
+from .errors import GuidedSwapError, TargetError
+from .maps import Explanation, PassResult, explanation_from_pass
+from .targets import Channel, _as_long_tensor, callable_score, class_score
+
+_substitute_in_graph = getattr(torch.compiler, "substitute_in_graph", None) or \
+    torch._dynamo.decorators.substitute_in_graph
+
+#: torch >= 2.11 traces ``torch.autograd.grad`` into the graph; older versions break the graph there.
+TRACES_AUTOGRAD = hasattr(torch._dynamo.config, "trace_autograd_ops")
+_CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+
+def uses_cudagraphs(options: Dict[str, Any]) -> bool:
+    """Whether ``torch.compile(**options)`` records CUDA graphs (on a CUDA device)."""
+    inductor = options.get("options") or {}
+    if "triton.cudagraphs" in inductor:
+        return bool(inductor["triton.cudagraphs"])
+    return options.get("mode") in _CUDAGRAPH_MODES
+
+
+def compile_pass(fn: Callable, options: Dict[str, Any]) -> Callable:
+    """``torch.compile(fn, **options)``, with a clear error for options torch does not take."""
+    try:
+        return torch.compile(fn, **options)
+    except TypeError as error:
+        raise TypeError(f"compile() passes its options to torch.compile, which refused them: {error}") from None
+    except RuntimeError as error:  # e.g. both mode= and options=
+        raise ValueError(f"torch.compile refused these options {options}: {error}") from None
+
+
+def mark_batch_dynamic(tensors: Sequence[Optional[Tensor]]) -> None:
+    """Mark dimension 0 dynamic on each tensor of batch >= 2 (the rule in this module's docstring)."""
+    for tensor in tensors:
+        if isinstance(tensor, Tensor) and tensor.dim() and tensor.shape[0] >= 2:
+            torch._dynamo.maybe_mark_dynamic(tensor, 0)
+
+
+def run_traced(fn: Callable, *args):
+    """Call a compiled pass with ``torch.autograd.grad`` traced into the graph where torch can."""
+    if not TRACES_AUTOGRAD:
+        return fn(*args)
+    with torch._dynamo.config.patch(trace_autograd_ops=True):
+        return fn(*args)
+
+
+def detached_copy(tree: Any) -> Any:
+    """Every tensor of ``tree`` copied: outputs of a CUDA graph live in memory its next replay overwrites."""
+    return torch.utils._pytree.tree_map(lambda v: v.detach().clone() if isinstance(v, Tensor) else v, tree)
+
+
+class CompiledExplain:
+    """The compiled explain pass of one explainer, and its fallback to eager."""
+
+    def __init__(self, options: Dict[str, Any]):
+        self.options = dict(options)
+        self.dynamic_batch = "dynamic" not in self.options
+        self.cudagraphs = uses_cudagraphs(self.options)
+        compile_pass(_explain_pass, self.options)  # refuse bad options now, not at the first explain
+        self.functions: Dict[str, Callable] = {}
+        self.eager_kinds: Dict[str, str] = {}  # kind of target -> why it runs eagerly
+        self._warned_breaks = False
+        self._last_compiled_callable: Any = None
+        self._forward: Optional[Callable] = None
+        self._warned_eager: set = set()
+
+    def function(self, kind: str) -> Callable:
+        """The compiled pass for one kind of target. Each kind gets a code object of its own, so each has its
+        own torch.compile cache and recompile limit (torch keys both on the code object)."""
+        if kind not in self.functions:
+            self.functions[kind] = compile_pass(fresh_function(_explain_pass, f"explain_{kind}"), self.options)
+        return self.functions[kind]
+
+    def explain(self, explainer, x: Tensor, target: Any, interpolate: str) -> Optional[Explanation]:
+        """The explanation, or None when compiling failed (a warning says why; explain then runs eagerly)."""
+        kind, argument = _target_argument(explainer, target, x)
+        if kind in self.eager_kinds:
+            return None
+        x = x.detach()  # a new tensor object: the marks below stay off the user's tensor
+        if self.dynamic_batch:
+            mark_batch_dynamic([x, argument if kind == "classes" else None])
+        breaks, graphs = _graph_breaks(), _graphs_compiled()
+        try:
+            result, cams = run_traced(self.function(kind), explainer, x, kind, argument, interpolate)
+        except torch._dynamo.exc.TorchDynamoException as error:
+            cause = error.__cause__ or getattr(error, "inner_exception", None)
+            if isinstance(cause, GuidedSwapError):
+                raise cause from None  # the user's error, raised while tracing
+            self.eager_kinds[kind] = _reason(error)
+            warnings.warn(f"torch.compile could not compile this explainer's pass for {kind} targets "
+                          f"({self.eager_kinds[kind]}); explain runs eagerly for them from now on", stacklevel=3)
+            return None
+        self._warn_on_graph_breaks(breaks)
+        if kind == "callable" and _graphs_compiled() > graphs:
+            self._warn_on_new_callable(target)
+        if self.cudagraphs and x.is_cuda:
+            result, cams = detached_copy((result, cams))
+        _check_after(explainer, kind, argument, target, result)
+        explanation = explanation_from_pass(result, layers=explainer.layers, logits=explainer._select(result.outputs),
+                                            input_size=tuple(x.shape[2:]), interpolate=interpolate,
+                                            rule=explainer.rule.name, swapped=len(explainer.swapped),
+                                            layouts=_layouts(explainer))
+        for maps, computed in zip(explanation.layers.values(), cams):
+            if computed is not None:
+                _keep_gradcam(maps, *computed)
+        return explanation
+
+    def forward(self, module: Callable, x: Tensor) -> Any:
+        """``module(x)`` compiled, with the batch dimension dynamic by this module's rule."""
+        if self._forward is None:
+            self._forward = compile_pass(fresh_function(_call, "explainer_forward"), self.options)
+        if self.dynamic_batch and isinstance(x, Tensor) and x.dim() and x.shape[0] >= 2:
+            x = x.view(x.shape)  # an alias that autograd follows back to x: the mark stays off the user's tensor
+            mark_batch_dynamic([x])
+        return self._forward(module, x)
+
+    def warn_eager(self, what: str, reason: str) -> None:
+        """Warn once per ``what`` that it runs eagerly, and why."""
+        if what not in self._warned_eager:
+            self._warned_eager.add(what)
+            warnings.warn(f"compiled explainer: {what} runs eagerly ({reason})", stacklevel=4)
+
+    def _warn_on_graph_breaks(self, before: int) -> None:
+        new = _graph_breaks() - before
+        if new and not self._warned_breaks:
+            self._warned_breaks = True
+            reasons = sorted({reason.splitlines()[0] for reason in torch._dynamo.utils.counters["graph_break"]})
+            hint = "" if TRACES_AUTOGRAD else " (this torch cannot trace torch.autograd.grad: torch >= 2.11 can)"
+            warnings.warn(f"the compiled explain pass has {new} graph break(s){hint}: those parts run eagerly, slower "
+                          f"but with the same results. Reasons: {reasons[:5]}", stacklevel=4)
+
+
+    def _warn_on_new_callable(self, target: Callable) -> None:
+        previous, self._last_compiled_callable = self._last_compiled_callable, target
+        if previous is not None and previous is not target:
+            warnings.warn("a new callable target compiled the pass again: torch.compile guards on the function and "
+                          "on the values it closes over. Reuse one function (lambdas written once in the code are "
+                          f"fine); after {torch._dynamo.config.recompile_limit} compiles torch runs it eagerly",
+                          stacklevel=4)
+
+
+# --- the export path's shape check, traceable -----------------------------------------------------------
+# A graph captured with torch.export starts with check_input_shape, which evaluates torch.export's guard
+# strings with eval(): torch.compile cannot trace that, and the graph break splits the explain pass. Traced,
+# the check below takes its place: "x.size()[i] == N" guards (the usual ones: sizes fixed at capture) become
+# comparisons torch.compile resolves while tracing; any other guard, or a misfit, runs the original eagerly
+# (which raises the usual InputError).
+
+_SIZE_GUARD = re.compile(r"x\.size\(\)\[([0-9]+)\] == ([0-9]+)")
+
+
+@torch._dynamo.assume_constant_result
+def _fixed_sizes(guards: Tuple[str, ...]) -> Optional[Tuple[Tuple[int, int], ...]]:
+    matches = [_SIZE_GUARD.fullmatch(guard) for guard in guards]
+    return None if not all(matches) else tuple((int(m[1]), int(m[2])) for m in matches)
+
+
+_check_eagerly = torch._dynamo.disable(export_capture.check_input_shape)
+
+
+@_substitute_in_graph(export_capture.check_input_shape)
+def _traceable_check_input_shape(x: Tensor, guards: Tuple[str, ...] = (), example: Tuple[int, ...] = (),
+                                 dynamic_size: bool = False) -> None:
+    sizes = _fixed_sizes(tuple(guards))
+    fits = sizes is not None
+    for dim, size in sizes or ():
+        fits = fits and x.dim() > dim and x.shape[dim] == size
+    if not fits:
+        _check_eagerly(x, guards, example, dynamic_size)
+
+
+def _call(module: Callable, x: Tensor) -> Any:
+    return module(x)
+
+
+def _reason(error: BaseException) -> str:
+    """One line: the error and, when it wraps one, the error underneath."""
+    lines = [f"{type(error).__name__}: {next((l for l in str(error).splitlines() if l.strip()), '')}"]
+    cause = error.__cause__ or getattr(error, "inner_exception", None)
+    if cause is not None and cause is not error:
+        lines.append(f"{type(cause).__name__}: {next((l for l in str(cause).splitlines() if l.strip()), '')}")
+    return " <- ".join(line[:300] for line in lines)
+
+
+def fresh_function(fn: Callable, name: str) -> Callable:
+    """A copy of ``fn`` with a code object of its own (torch.compile caches compiled code per code object)."""
+    code = fn.__code__.replace(co_name=name, co_qualname=name) if hasattr(fn.__code__, "co_qualname") \
+        else fn.__code__.replace(co_name=name)
+    return types.FunctionType(code, fn.__globals__, name, fn.__defaults__, fn.__closure__)
+
+
+def _graphs_compiled() -> int:
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+def _graph_breaks() -> int:
+    return sum(torch._dynamo.utils.counters["graph_break"].values())
+
+
+# --- the pass that is compiled --------------------------------------------------------------------------
+
+def _explain_pass(explainer, x: Tensor, kind: str, argument: Any, interpolate: str):
+    """Forward, score, one ``autograd.grad``, and Grad-CAM at every captured layer: what gets compiled."""
+
+    def scorer(outputs, captures: Dict[str, Tensor], fixed: Optional[Tensor]):
+        if kind == "channel":
+            return _channel_score(argument, captures), None
+        if kind == "callable":
+            return callable_score(argument, outputs, x.shape[0]), None
+        logits = explainer._select(outputs)
+        if fixed is not None:
+            return logits.gather(1, fixed.unsqueeze(1)).squeeze(1), fixed
+        if kind == "argmax":
+            return class_score(logits, None)
+        classes = argument.clamp(0, logits.shape[1] - 1)  # in range always: a bad class raises after the pass
+        return logits.gather(1, classes.unsqueeze(1)).squeeze(1), classes
+
+    result = explainer.forward_backward(x, scorer)
+    layouts = _layouts(explainer)
+    cams = tuple(_cams(a, g, x.shape[2:], interpolate, layouts.get(name), name)
+                 for name, a, g in zip(explainer.layers, result.captures, result.layer_grads))
+    return PassResult(*(_detach(v) for v in result)), cams
+
+
+#: Layouts whose Grad-CAM the compiled pass computes (a permutation at most). A token or reshape= layout's
+#: CAMs are computed on first access, eagerly, like every other registered CAM.
+_IN_PASS_LAYOUTS = ("nchw", "nhwc")
+
+
+def _layouts(explainer) -> Dict[str, Any]:
+    return getattr(explainer.report, "layouts", None) or {}
+
+
+def _cams(activation: Any, grad: Tensor, size, interpolate: str, layout: Any, name: str
+          ) -> Optional[Tuple[Tensor, Tensor]]:
+    if not isinstance(activation, Tensor) or activation.dim() < 3:
+        return None  # LayerMaps raises the usual error when such a map is asked for
+    if layout is not None:
+        if layout.kind not in _IN_PASS_LAYOUTS:
+            return None
+        activation, grad = layout.to_channels_first(activation, size, name), layout.to_channels_first(grad, size, name)
+    raw = cam_maths.gradcam(activation.detach(), grad)
+    return raw, cam_maths.upsample(raw, size, interpolate)
+
+
+def _keep_gradcam(maps, raw: Tensor, resized: Tensor) -> None:
+    """Hand the pass's Grad-CAM to the layer's maps, so ``cam``/``cams["gradcam"]`` are not computed again.
+    (CamMaps caches each map under its name and function; Grad-CAM is built in, never replaced.)"""
+    key = ("gradcam", cam_maths.gradcam)
+    maps.cams_raw._cache[key], maps.cams._cache[key] = raw, resized
+
+
+def _detach(value: Any) -> Any:
+    return torch.utils._pytree.tree_map(lambda v: v.detach() if isinstance(v, Tensor) else v, value)
+
+
+def _channel_score(argument: Tuple[str, Tensor, Optional[Tensor]], captures: Dict[str, Tensor]) -> Tensor:
+    """A :class:`Channel` score with the channel and unit as tensors (new values do not recompile)."""
+    layer, channel, unit = argument
+    activation = captures[layer]
+    channel_map = activation.index_select(1, channel.clamp(0, activation.shape[1] - 1)).squeeze(1)
+    if unit is None:
+        return channel_map.reshape(channel_map.shape[0], -1).sum(dim=1)
+    sizes = channel_map.shape[1:]
+    if unit.numel() != len(sizes):  # a unit that does not fit raises after the pass; the score stays differentiable
+        return channel_map.reshape(channel_map.shape[0], -1)[:, 0] * 0
+    flat, stride = unit.new_zeros(()), 1
+    for axis in reversed(range(len(sizes))):  # the row-major offset of the unit, computed on the device
+        flat, stride = flat + unit[axis].clamp(0, sizes[axis] - 1) * stride, stride * sizes[axis]
+    return channel_map.reshape(channel_map.shape[0], -1).index_select(1, flat.view(1)).squeeze(1)
+
+
+# --- targets: checked without a device synchronisation where the data allows -------------------------
+
+def _target_argument(explainer, target: Any, x: Tensor) -> Tuple[str, Any]:
+    """The target as the compiled pass takes it: a kind and its argument (tensors on ``x``'s device)."""
+    if target is None:
+        return "argmax", None
+    if isinstance(target, Channel):
+        if target.layer not in explainer.layers:
+            raise TargetError(f"Channel target layer {target.layer!r} is not captured by this explainer "
+                              f"(captured: {list(explainer.layers)}); convert with layer=[..., {target.layer!r}]")
+        unit = None if target.unit is None else _to_device(torch.tensor(target.unit, dtype=torch.long), x.device)
+        return "channel", (target.layer, _to_device(torch.tensor([target.channel]), x.device), unit)
+    if callable(target) and not isinstance(target, Tensor):
+        return "callable", target
+    if isinstance(target, bool):
+        raise TypeError("target must be an int, a sequence of ints, a LongTensor, None, a callable or a Channel; got a bool")
+    batch = x.shape[0]
+    classes = torch.full((batch,), target, dtype=torch.long) if isinstance(target, int) else _as_long_tensor(target)
+    if classes.dim() != 1 or classes.numel() != batch:
+        raise TargetError(f"target has {classes.numel()} entries of shape {tuple(classes.shape)}; "
+                          f"the batch has {batch} samples: give one class per sample")
+    return "classes", _to_device(classes, x.device)
+
+
+def _to_device(tensor: Tensor, device: torch.device) -> Tensor:
+    # From pageable host memory a non-blocking copy is staged at once: no wait on the device.
+    return tensor if tensor.device == device else tensor.to(device, non_blocking=True)
+
+
+def _check_after(explainer, kind: str, argument: Any, target: Any, result: PassResult) -> None:
+    """Range checks that need the pass's shapes. Host data costs nothing; a CUDA tensor of classes costs one
+    synchronisation (the values live on the device)."""
+    if kind == "classes":
+        count = explainer._select(result.outputs).shape[1]
+        values = target if isinstance(target, Tensor) else torch.as_tensor(target)
+        values = values.reshape(-1)
+        bad = (values < 0) | (values >= count)
+        if bool(bad.any()):
+            raise TargetError(f"target class {int(values[bad][0])} is out of range: the model has {count} classes "
+                              f"(0..{count - 1})")
+    elif kind == "channel":
+        channel, unit = target.channel, target.unit
+        activation = result.captures[explainer.layers.index(target.layer)]
+        if not 0 <= channel < activation.shape[1]:
+            raise TargetError(f"channel {channel} is out of range: {target.layer!r} has {activation.shape[1]} channels")
+        spatial = tuple(activation.shape[2:])
+        if unit is not None and (len(unit) != len(spatial) or any(not 0 <= u < s for u, s in zip(unit, spatial))):
+            raise TargetError(f"unit {unit} does not fit the channel map of shape {spatial}")
