@@ -244,25 +244,35 @@ def check_model(name: str, size: int, max_params: float, rtol: float) -> dict:
 
 
 def calls_through_the_rule(ex, x):
-    """``ex(x)`` and how many times its forward ran the rule's rectifier op (every capture path swaps to it).
+    """``ex(x)`` and how many rectifier calls of its forward carried the rule (every capture path swaps to it).
 
-    ``RectifierFunction.apply`` looks ``forward`` up on the class at each call, so a counting wrapper set
-    there for the length of one forward sees every swapped call that really runs (loops and repeated modules
-    included), which a count of call sites in the graph cannot.
+    A swapped call takes the native ReLU with the rule's gradient hook (``ops.native_path`` says yes) or
+    ``RectifierFunction``. Both are looked up at each call (a module global, a class attribute), so counting
+    wrappers set there for the length of one forward see every swapped call that really runs (loops and
+    repeated modules included), which a count of call sites in the graph cannot.
     """
     from guided_swap import ops
 
-    original, calls = ops.RectifierFunction.forward, [0]
+    original_path, original_forward, calls = getattr(ops, "native_path", None), ops.RectifierFunction.forward, [0]
 
-    def counting(ctx, *args):
+    def counting_path(*args, **kwargs):
+        native = original_path(*args, **kwargs)
+        calls[0] += bool(native)  # otherwise RectifierFunction runs and is counted there
+        return native
+
+    def counting_forward(ctx, *args):
         calls[0] += 1
-        return original(ctx, *args)
+        return original_forward(ctx, *args)
 
-    ops.RectifierFunction.forward = staticmethod(counting)
+    if original_path is not None:
+        ops.native_path = counting_path
+    ops.RectifierFunction.forward = staticmethod(counting_forward)
     try:
         out = ex(x)
     finally:
-        ops.RectifierFunction.forward = staticmethod(original)
+        ops.RectifierFunction.forward = staticmethod(original_forward)
+        if original_path is not None:
+            ops.native_path = original_path
     return out, calls[0]
 
 
@@ -418,6 +428,16 @@ KNOWN_CAUSES = {
 }
 
 
+def commits(models) -> dict:
+    """How many ReLU rows (checked or failed) each guided_swap commit produced; older sweeps did not record it."""
+    found = {}
+    for row in models:
+        if row["status"] in CHECKED:
+            key = row.get("commit", "not recorded")
+            found[key] = found.get(key, 0) + 1
+    return found
+
+
 def cam_layout_only(row: dict) -> bool:
     """A FAIL on the export path whose only problem is the CAM's layout (see the summary's failures)."""
     reason = row.get("reason", "")  # the CAM is the last check: a reason starting with it has no other problem
@@ -491,10 +511,15 @@ def markdown(summary: dict) -> str:
                 if counts["fx failed (old sweep)"] else "") + ".",
              f"- Of the exact rows, {counts['ok, rule calls counted at run time']} also passed the run-time count "
              f"of the rule's op calls and {counts['ok, auto map gradient checked']} the check that the auto map "
-             f"receives a gradient (both added late); the others were swept before, with the call-site count "
-             f"only" + (f"; {counts['ok, converted with example_input (older sweep)']} of them were converted "
+             f"receives a gradient (both added late)" +
+             ("" if counts["ok, auto map gradient checked"] == counts["ok"] else
+              "; the others were swept before, with the call-site count only") + (f"; {counts['ok, converted with example_input (older sweep)']} of them were converted "
                         f"with `example_input` by an older sweep, not with the defaults"
                         if counts["ok, converted with example_input (older sweep)"] else "") + ".",
+             "- guided_swap commit of the checked rows: " + ", ".join(
+                 f"{commit} ({n})" for commit, n in sorted(commits(models).items(), key=lambda kv: -kv[1])) +
+             " (the checkout's HEAD when the row ran; commits that changed only benchmarks/ and tests/ leave the "
+             "library the same).",
              f"- Not checked: {counts['no ReLU']} without any ReLU/ReLU6 call, {counts['skipped']} skipped "
              f"({counts['skipped, ReLU on the meta device']} of them call ReLU/ReLU6 in a forward on the meta "
              f"device, {counts['skipped, ReLU not counted']} not counted), "
