@@ -14,13 +14,14 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+import guided_swap as gs
 from guided_swap import reference, rewrite, spellings
 from guided_swap.errors import InputError, TraceError
 from guided_swap.export_capture import fx_failure_site, trace_export
 from guided_swap.rules import get_rule
 from guided_swap.trace import trace
 
-from conftest import assert_nontrivial, image_batch, make_model, randomise_batchnorm, relative_error
+from conftest import assert_nontrivial, image_batch, lively_targets, make_model, randomise_batchnorm, relative_error
 from models import FunctionalResNet
 from untraceable_models import UNTRACEABLE, DataDependentNet, ShapeArithmeticNet, ShapeAssertNet
 
@@ -91,6 +92,19 @@ def test_export_path_is_exact_where_fx_fails(name, x):
     assert_nontrivial(expected)
     assert relative_error(gradient, expected) <= 1e-5
     assert_untouched(model, before)
+
+
+@pytest.mark.parametrize("name,layer", [("ShapeAssertNet", "block"), ("ShapeArithmeticNet", "layer")])
+def test_cam_on_the_export_path_equals_a_hooked_gradcam(name, layer, x):
+    """The export graph holds aten overloads (``aten.conv2d.default``): the CAM must still find its channels."""
+    model = hand_model(UNTRACEABLE[name])
+    target = lively_targets(model, x, model.get_submodule(layer), candidates=4)
+    ex = gs.convert(model, layer=layer)
+    e = ex.explain(x, target)
+    assert ex.report.capture.startswith("export (fx failed at"), ex.report.capture
+    expected = reference.gradcam(model, x, target, model.get_submodule(layer))
+    assert_nontrivial(expected)
+    assert relative_error(e.cam_raw, expected) <= 1e-5
 
 
 def test_fx_failure_site_names_the_model_line():
