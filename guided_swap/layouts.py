@@ -338,18 +338,30 @@ def _class_token_read(reader: graph_axes.Reader, upstream: set) -> Optional[fx.N
     """The last ``x[:, i]`` on a token map that picks a prefix token (the class token), on the way to the output."""
     found = None
     for node in reader.gm.graph.nodes:
-        if node not in upstream or node.op != "call_function" or node.target is not operator.getitem:
-            continue
-        source, index = node.args
-        axes = reader.axes.get(source) if isinstance(source, fx.Node) else None
-        if axes is None or "T" not in axes.roles or not axes.prefix:
-            continue
-        index = index if isinstance(index, tuple) else (index,)
-        token_axis = axes.roles.index("T")
-        if len(index) > token_axis and isinstance(index[token_axis], int) and \
-                0 <= index[token_axis] < axes.prefix and all(i == slice(None) for i in index[:token_axis]):
+        if node in upstream and node.op == "call_function" and _picks_a_prefix_token(reader, node):
             found = node
     return found
+
+
+def _picks_a_prefix_token(reader: graph_axes.Reader, node: fx.Node) -> bool:
+    """``x[:, i]`` (fx) or ``aten.select(x, token_axis, i)`` (the export path's graph) with ``i`` a prefix token."""
+    source = node.args[0] if node.args else None
+    axes = reader.axes.get(source) if isinstance(source, fx.Node) else None
+    if axes is None or "T" not in axes.roles or not axes.prefix:
+        return False
+    token_axis = axes.roles.index("T")
+    if node.target is operator.getitem:
+        index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+        if len(index) <= token_axis or not all(i == slice(None) for i in index[:token_axis]):
+            return False
+        picked = index[token_axis]
+    elif graph_axes.name_of(node.target) == "select" and len(node.args) == 3:
+        dim, picked = node.args[1], node.args[2]
+        if not isinstance(dim, int) or dim % len(axes.roles) != token_axis:
+            return False
+    else:
+        return False
+    return isinstance(picked, int) and 0 <= picked < axes.prefix
 
 
 def _is_attention(gm: fx.GraphModule, node: fx.Node) -> bool:

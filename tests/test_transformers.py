@@ -198,3 +198,20 @@ def test_a_cnn_captured_through_export_is_read_channels_first():
     by_fx = gs.convert(model, layer="3", capture="fx")
     assert by_export.report.layouts["3"].kind == "nchw"
     assert torch.equal(by_export.explain(x, 1).cam_raw, by_fx.explain(x, 1).cam_raw)
+
+
+def test_a_hybrid_vit_through_export_reads_its_class_token():
+    """timm's ResNet-stem ViTs go through export (fx fails on TF padding), where ``x[:, 0]`` is aten.select:
+    auto must still find the class-token read and take the last attention's input, not a map with no gradient."""
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_r_s16_p8_224").eval()
+    x, target = image_batch(224, names=("chelsea",)), torch.tensor([3])
+    ex = gs.convert(model)
+    e = _quiet_explain(ex, x, target)
+    assert ex.report.capture.startswith("export"), ex.report.capture
+    assert ex.report.layers["auto"].startswith("blocks.11.norm1")
+    layout = ex.report.layouts["auto"]
+    assert (layout.kind, layout.grid, layout.prefix) == ("tokens", (7, 7), 1)
+    references = hooked_gradcam(model, {"norm1": model.blocks[11].norm1}, x, target, tokens_to_map(1, (7, 7)))
+    assert_nontrivial(references["norm1"], 0.05)
+    assert relative_error(e.cam_raw, references["norm1"]) < 1e-4
