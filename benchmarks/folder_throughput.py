@@ -9,7 +9,8 @@ Each configuration explains the same folder of JPEGs (640 x 480 scikit-image pho
 costs on real photos) into a fresh folder. "loop images/s" is what the run reports: images explained and written
 per second between its first and last batch (the slowest rank's time), without start-up (imports, model build,
 process group); "wall s" is the whole command. Threads: each process gets cores / processes intra-op threads
-(OMP_NUM_THREADS), so every configuration uses the same cores. Results go to benchmarks/results/.
+(OMP_NUM_THREADS), so every configuration uses the same cores. Results go to
+benchmarks/results/folder_throughput_<save>.{md,json}, one pair per --save mode.
 """
 import argparse
 import json
@@ -76,6 +77,18 @@ def table(rows, args) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_results(rows, args) -> None:
+    """One pair of files per --save mode (maps only, figures too), each replaced whole, never half-written."""
+    from guided_swap._files import atomic_write
+
+    stem = os.path.join(args.results, "folder_throughput_" + args.save.replace(",", "_"))
+    with atomic_write(stem + ".json") as path, open(path, "w") as stream:
+        json.dump({"config": vars(args), "machine": platform.platform(), "cpus": os.cpu_count(), "rows": rows},
+                  stream, indent=1)
+    with atomic_write(stem + ".md") as path, open(path, "w") as stream:
+        stream.write(table(rows, args))
+
+
 def _torch() -> str:
     import torch
 
@@ -103,12 +116,7 @@ def main(argv=None) -> int:
                 for writers in args.writers:
                     rows.append(run_one(processes, workers, writers, folder, root, args))
                     print(json.dumps(rows[-1]), flush=True)
-    os.makedirs(args.results, exist_ok=True)
-    with open(os.path.join(args.results, "folder_throughput.json"), "w") as stream:
-        json.dump({"config": vars(args), "machine": platform.platform(), "cpus": os.cpu_count(), "rows": rows},
-                  stream, indent=1)
-    with open(os.path.join(args.results, "folder_throughput.md"), "w") as stream:
-        stream.write(table(rows, args))
+    write_results(rows, args)
     print(table(rows, args))
     return 0
 
