@@ -146,9 +146,7 @@ class Explainer(nn.Module):
         self._ensure_captured(x)
         if self._delegate is not None:
             self._compile_delegate()
-            given = dict(smooth=smooth, noise=noise, generator=generator, chunk=chunk)
-            if type(self._delegate).explain is Explainer.explain:  # the run-time explainer always checks
-                given["check_finite"] = check_finite
+            given = dict(smooth=smooth, noise=noise, generator=generator, chunk=chunk, check_finite=check_finite)
             return self._delegate.explain(x, target, interpolate=interpolate,
                                           **{k: v for k, v in given.items() if v is not None})
         self._check_input(x, check_finite)

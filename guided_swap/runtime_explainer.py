@@ -93,7 +93,7 @@ class RuntimeExplainer(Explainer):
 
     def explain(self, x: Any, target: Any = None, *, interpolate: str = "bilinear", smooth: Optional[int] = None,
                 noise: Optional[float] = None, generator: Optional[torch.Generator] = None,
-                chunk: Optional[int] = None) -> Explanation:
+                chunk: Optional[int] = None, check_finite: Optional[bool] = None) -> Explanation:
         """One forward (two backward calls when rectifiers follow a captured layer): the rule's input gradient
         and every CAM at every captured layer. The options are :meth:`guided_swap.Explainer.explain`'s.
 
@@ -104,8 +104,10 @@ class RuntimeExplainer(Explainer):
         ``smooth=N``: SmoothGrad (:mod:`guided_swap.smoothing`), with ``noise``, ``generator`` and ``chunk`` as
         on the graph paths; a list of images is smoothed as the (B, C, H, W) stack of its images, and a
         :class:`guided_swap.Box` target picks detection ``index`` of each noisy copy.
+        ``check_finite``: as on the graph paths, None checks inputs on the CPU only (elsewhere the check would
+        wait for the device on every call).
         """
-        batch, size = self._check_input(x)
+        batch, size = self._check_input(x, check_finite)
         if interpolate not in cam_maths.INTERPOLATIONS:
             raise ValueError(f"interpolate={interpolate!r} is not one of {cam_maths.INTERPOLATIONS}")
         smoothing.check(smooth, noise, generator, chunk, x if isinstance(x, Tensor) else x[0])
@@ -193,7 +195,7 @@ class RuntimeExplainer(Explainer):
         parameter = next(self.model.parameters(), None)
         return torch.empty(batch, 0, device=None if parameter is None else parameter.device)
 
-    def _check_input(self, x: Any) -> Tuple[int, Tuple[int, ...]]:
+    def _check_input(self, x: Any, check_finite: Optional[bool] = None) -> Tuple[int, Tuple[int, ...]]:
         """(batch size, spatial size) of an input the model takes, after checking it."""
         if torch.is_inference_mode_enabled():
             raise GuidedSwapError("explain() needs autograd, which torch.inference_mode() turns off; call it outside")
@@ -216,7 +218,8 @@ class RuntimeExplainer(Explainer):
             if parameter is not None and (image.device != parameter.device or image.dtype != parameter.dtype):
                 raise InputError(f"input is {image.dtype} on {image.device} but the explainer is {parameter.dtype} on "
                                  f"{parameter.device}: move one, e.g. x.to(device, dtype) or explainer.to(...)")
-            if not bool(torch.isfinite(image).all()):
+            finite_check = image.device.type == "cpu" if check_finite is None else check_finite
+            if finite_check and not bool(torch.isfinite(image).all()):
                 raise InputError("input holds NaN or Inf values; every map would be NaN. Clean the input first")
         return batch, size
 

@@ -197,6 +197,24 @@ def test_disguised_rectifiers_and_look_alikes_are_read_as_on_the_fx_path():
     assert torch.equal(e.gradient, fx_e.gradient) and torch.equal(e.cam_raw, fx_e.cam_raw)
 
 
+def test_finiteness_is_checked_as_on_the_graph_paths():
+    """None checks on the CPU only (reading values elsewhere waits for the device; the meta device has none)."""
+    ex = convert_runtime(EverySpelling().eval(), layer="conv3")
+    x = image_batch(16)
+    x[0, 0, 0, 0] = float("nan")
+    for check in (None, True):
+        with pytest.raises(gs.InputError, match="NaN"):
+            ex.explain(x, check_finite=check)
+    assert not torch.isfinite(ex.explain(x, [1, 2], check_finite=False).logits[0]).all()
+    for images in (x, list(x)):
+        with pytest.raises(gs.InputError, match="NaN"):
+            ex.explain(images)
+    meta = convert_runtime(EverySpelling().eval().to("meta"), layer="conv3")
+    meta._check_input(torch.empty(2, 3, 16, 16, device="meta"))
+    with pytest.raises((RuntimeError, NotImplementedError)):
+        meta._check_input(torch.empty(2, 3, 16, 16, device="meta"), check_finite=True)
+
+
 def test_save_load_and_export_refused(tmp_path):
     model = make_model("resnet18")
     x = image_batch(32)
