@@ -33,7 +33,7 @@ pre-hook's ops like any others.
 ('ReluBackward0', True)
 """
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -97,7 +97,7 @@ def rectify(x: Tensor, slot: RuleSlot, upper: Optional[float] = None, inplace: b
     """ReLU (``upper=None``) or ReLU6 (``upper=6.0``) whose backward is the rule held by ``slot``."""
     rule = slot.rule
     if native_path(rule, x, inplace):
-        return _native(x, rule, upper, inplace)
+        return native_rectify(x, rule.incoming, upper, inplace)
     return RectifierFunction.apply(x, rule, upper, inplace)
 
 
@@ -106,26 +106,27 @@ def native_path(rule: Rule, x: Tensor, inplace: bool) -> bool:
     return has_incoming(rule) and not torch.compiler.is_compiling() and not (inplace and x._is_view())
 
 
-def _native(x: Tensor, rule: Rule, upper: Optional[float], inplace: bool) -> Tensor:
-    """The native ReLU/ReLU6 node, whose backward then masks ``rule.incoming(g)`` instead of ``g``."""
+def native_rectify(x: Tensor, incoming: Callable[[Tensor], Tensor], upper: Optional[float] = None,
+                   inplace: bool = False) -> Tensor:
+    """The native ReLU/ReLU6 node, whose backward then masks ``incoming(g)`` instead of ``g``."""
     out = _forward(x, upper, inplace)
     node = out.grad_fn
     if node is not None:  # None under no_grad or for inputs that need no gradient: nothing to hook
-        node.register_prehook(_IncomingHook(rule))
+        node.register_prehook(_IncomingHook(incoming))
     return out
 
 
 class _IncomingHook:
-    """A backward pre-hook applying ``rule.incoming`` to the gradient arriving at a rectifier's node."""
+    """A backward pre-hook applying ``incoming`` (a rule's) to the gradient arriving at a rectifier's node."""
 
-    __slots__ = ("rule",)
+    __slots__ = ("incoming",)
 
-    def __init__(self, rule: Rule):
-        self.rule = rule
+    def __init__(self, incoming: Callable[[Tensor], Tensor]):
+        self.incoming = incoming
 
     def __call__(self, grad_outputs):
         grad = grad_outputs[0]
-        return None if grad is None else (self.rule.incoming(grad),)
+        return None if grad is None else (self.incoming(grad),)
 
 
 def plain_rectify(x: Tensor, upper: Optional[float] = None, inplace: bool = False) -> Tensor:

@@ -6,7 +6,8 @@ forward as a graph; this path needs none. While the explainer's own mirror of th
 module copies that share the parameter storage; the user's model is never hooked), a ``TorchFunctionMode``
 sees every torch call and hands each rectifier call (``F.relu``, ``torch.relu(_)``, ``Tensor.relu(_)``,
 ``nn.ReLU``, ``F.relu6``, ``nn.ReLU6``, ``hardtanh(0, 6)``, ``clamp(min=0)``, ``clamp(0, 6)``,
-``clamp_min(0)``, ``threshold(0, 0)``) to :class:`~guided_swap.ops.RectifierFunction` with the rule.
+``clamp_min(0)``, ``threshold(0, 0)``) to the rule, as :func:`guided_swap.ops.rectify` does: the native node
+with the rule's ``incoming`` hooked on it, or :class:`~guided_swap.ops.RectifierFunction`.
 Forward hooks on the mirror's modules name each call site by its module path and capture the layers.
 
 >>> import torch, torchvision
@@ -28,7 +29,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from . import spellings
-from .ops import RectifierFunction
+from .ops import RectifierFunction, native_path, native_rectify
 from .rules import Rule
 
 
@@ -218,6 +219,16 @@ class TailSwitch(Rule):
             return torch.ops.aten.threshold_backward(grad_output, output, 0)
         return self.rule.backward(grad_output, output if self.rule.needs_output else None)
 
+    def incoming_now(self, grad: Tensor) -> Tensor:
+        """On the native path (a rule with ``incoming``): the native node's own mask then gives either map."""
+        return grad if self.ordinary_now else self.rule.incoming(grad)
+
+    def rectify(self, x: Tensor, upper: Optional[float], inplace: bool) -> Tensor:
+        """The rectifier call with this switch's backward, as :func:`guided_swap.ops.rectify` does it."""
+        if native_path(self.rule, x, inplace):
+            return native_rectify(x, self.incoming_now, upper, inplace)
+        return RectifierFunction.apply(x, self, upper, inplace)
+
 
 @dataclass(frozen=True)
 class Site:
@@ -262,7 +273,7 @@ class _SwapMode(TorchFunctionMode):
             run.note(run.sites, name, _rectifier_module_spelling(module) or call.spelling, call.inplace)
             if run.switch is not None:
                 run.rectified_after_capture |= bool(run.captures)
-                return RectifierFunction.apply(args[0], run.switch, call.upper, call.inplace)
+                return run.switch.rectify(args[0], call.upper, call.inplace)
             return func(*args, **kwargs)
         kind = other_activation(func, args, kwargs, run.masks)
         if kind is not None:

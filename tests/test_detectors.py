@@ -182,6 +182,25 @@ def test_runtime_maps_equal_the_fx_paths_with_an_in_place_rectifier_after_the_ca
     assert torch.equal(run_e.gradient, fx_e.gradient) and torch.equal(run_e.cam_raw, fx_e.cam_raw)
 
 
+@pytest.mark.parametrize("rule", ["guided", "deconvnet"])
+def test_rules_with_and_without_incoming_take_the_fx_paths_route_and_give_its_maps(rule, monkeypatch):
+    """guided (incoming: autograd's native ReLU node, hooked) and deconvnet (no incoming: the Function)."""
+    from guided_swap import ops
+
+    calls = []
+    original = ops.RectifierFunction.forward
+    monkeypatch.setattr(ops.RectifierFunction, "forward", staticmethod(lambda *a: calls.append(1) or original(*a)))
+    model = make_model("vgg11")
+    x = image_batch(32)
+    layer = "features.8"  # rectifiers after the capture: the tail's ordinary gradient goes through the switch
+    run_e = convert_runtime(model, layer=layer, rule=rule).explain(x, [1, 2])
+    functions_in_runtime = len(calls)
+    fx_e = gs.convert(model, layer=layer, rule=rule).explain(x, [1, 2])
+    assert functions_in_runtime == (0 if rule == "guided" else 10) == len(calls) - functions_in_runtime
+    assert_nontrivial(fx_e.gradient, 0.2)
+    assert torch.equal(run_e.gradient, fx_e.gradient) and torch.equal(run_e.cam_raw, fx_e.cam_raw)
+
+
 def test_disguised_rectifiers_and_look_alikes_are_read_as_on_the_fx_path():
     torch.manual_seed(0)
     model = DisguisedRectifiers().eval()
