@@ -289,10 +289,9 @@ def _cams(activation: Any, grad: Tensor, size, interpolate: str, layout: Any, na
 
 
 def _keep_gradcam(maps, raw: Tensor, resized: Tensor) -> None:
-    """Hand the pass's Grad-CAM to the layer's maps, so ``cam``/``cams["gradcam"]`` are not computed again.
-    (CamMaps caches each map under its name and function; Grad-CAM is built in, never replaced.)"""
-    key = ("gradcam", cam_maths.gradcam)
-    maps.cams_raw._cache[key], maps.cams._cache[key] = raw, resized
+    """Hand the pass's Grad-CAM to the layer's maps, so ``cam``/``cams["gradcam"]`` are not computed again."""
+    maps.cams_raw.provide("gradcam", raw)
+    maps.cams.provide("gradcam", resized)
 
 
 def _detach(value: Any) -> Any:

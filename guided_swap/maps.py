@@ -59,6 +59,13 @@ class CamMaps(Mapping):
             self._cache[(name, function)] = self._make(name)
         return self._cache[(name, function)]
 
+    def provide(self, name: str, value: Tensor) -> None:
+        """Take ``value`` as the map ``name`` (computed elsewhere, e.g. inside a compiled pass) instead of making
+        it on first access; it stands for the CAM registered under ``name`` now, as a computed one would."""
+        if self._fixed is not None:
+            raise cam_maths.CamError("a smoothed explanation's CAMs are fixed means; nothing can be provided")
+        self._cache[(name, cam_maths.get_cam(name))] = value
+
     def __iter__(self) -> Iterator[str]:
         return iter(tuple(self._fixed) if self._fixed is not None else cam_maths.cam_methods())
 

@@ -159,6 +159,24 @@ def test_cams_are_computed_on_first_access_only(resnet_explainer):
     assert "test-counting" not in gs.cam_methods()
 
 
+def test_a_provided_map_stands_for_its_cam_until_the_cam_is_replaced(resnet_explainer):
+    """How the compiled pass hands over its Grad-CAM: provided once, not computed again, keyed to the function."""
+    maps = resnet_explainer.explain(image_batch(64)).layers["layer4"]
+    provided = torch.full((2, 2, 2), 7.0)
+    maps.cams_raw.provide("gradcam", provided)
+    assert maps.cams_raw["gradcam"] is provided
+    gs.register_cam("test-provided", lambda A, G: G.sum(dim=1))
+    try:
+        maps.cams_raw.provide("test-provided", provided)
+        assert maps.cams_raw["test-provided"] is provided
+        gs.register_cam("test-provided", lambda A, G: A.sum(dim=1), replace=True)
+        assert torch.equal(maps.cams_raw["test-provided"], maps.activation.sum(dim=1))
+    finally:
+        gs.unregister_cam("test-provided")
+    with pytest.raises(gs.CamError, match="not a registered CAM"):
+        maps.cams_raw.provide("test-provided", provided)
+
+
 def test_registry_errors(resnet_explainer):
     with pytest.raises(gs.CamError, match="built-in"):
         gs.register_cam("gradcam", lambda A, G: A.sum(1))
