@@ -157,7 +157,6 @@ def check_model(name: str, size: int, max_params: float, rtol: float) -> dict:
     import torch
 
     import guided_swap as gs
-    from guided_swap import reference
 
     row = {"model": name, "checks": CHECKS, "commit": library_commit()}
     started = time.perf_counter()
@@ -190,7 +189,10 @@ def check_model(name: str, size: int, max_params: float, rtol: float) -> dict:
         logits = model(x)
     if not isinstance(logits, torch.Tensor):
         return dict(row, status="FAIL", reason=f"the model returns a {type(logits).__name__}")
-    target = logits.argmax(dim=1)
+    if logits.dim() == 2:
+        target = logits.argmax(dim=1)
+    else:  # a feature encoder (timm's *_enc): no classes to pick, so the score is its features' sum
+        target, row["target"] = feature_sum, f"the sum of its {tuple(logits.shape[1:])} output features (no logits)"
     try:
         ex = gs.convert(model)  # default arguments: auto resolved on the first input, fx falling back to export
         e = ex.explain(x, target)
@@ -210,7 +212,7 @@ def check_model(name: str, size: int, max_params: float, rtol: float) -> dict:
     # kernel): its logits are compared with the model's own output under autograd
     with_grad = model(x.clone().requires_grad_(True)).detach()
     row["logits_identical"] = forward_identical and bool(torch.equal(e.logits, with_grad))
-    expected = reference.input_gradient(model, x, target)
+    expected = reference_gradient(model, x, target)
     scale = float(expected.abs().max())
     row["gradient_rel_error"] = float((e.gradient - expected).abs().max()) / scale if scale > 0 else None
     row["gradient_nonzero"] = round(float((expected != 0).float().mean()), 4)
@@ -241,6 +243,25 @@ def check_model(name: str, size: int, max_params: float, rtol: float) -> dict:
         problems.append(f"the auto map ({row['auto_layer']}) receives no gradient: its CAM is zero for every class")
     row["seconds"] = round(time.perf_counter() - started, 1)
     return dict(row, status="FAIL" if problems else "ok", reason="; ".join(problems))
+
+
+def feature_sum(outputs):
+    """The score of a model that returns features, not logits: one number per sample."""
+    return outputs.flatten(1).sum(dim=1)
+
+
+def reference_gradient(model, x, target):
+    """The fx-free guided gradient of ``target`` (classes, or :func:`feature_sum`)."""
+    import torch
+
+    from guided_swap import reference
+
+    if not callable(target):
+        return reference.input_gradient(model, x, target)
+    x = x.detach().clone().requires_grad_(True)
+    with reference.ReLURule("guided"):
+        score = target(model(x)).sum()
+    return torch.autograd.grad(score, x)[0]
 
 
 def calls_through_the_rule(ex, x):

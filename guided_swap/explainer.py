@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from . import cam as cam_maths
 from . import io, smoothing
 from .errors import GuidedSwapError, InputError, LayerError, LoadError, RuleError
-from .maps import Explanation, PassResult, explanation_from_pass
+from .maps import Explanation, PassResult, explanation_from_pass, zero_gradient_messages
 from .rules import Rule
 from .targets import Channel, callable_score, channel_score, class_score, select_output
 
@@ -140,8 +140,9 @@ class Explainer(nn.Module):
         ``smooth=N``: SmoothGrad, the mean map over N noisy copies of each input, noise ``noise`` (default 0.15)
         times each input's value range, drawn from ``generator``, ``chunk`` inputs per pass (default: the
         batch size); see :mod:`guided_swap.smoothing` for what is averaged.
-        ``check_finite``: refuse an input holding NaN or Inf. None checks inputs on the CPU only: on a GPU the
-        check would wait for the device on every call; True checks there too, False never checks.
+        ``check_finite``: read values to refuse an input holding NaN or Inf, and to warn when a gradient is zero
+        everywhere for a sample (its maps would show nothing). None reads them on the CPU only: on a GPU that
+        would wait for the device on every call; True reads them there too, False never.
         """
         self._ensure_captured(x)
         if self._delegate is not None:
@@ -160,15 +161,18 @@ class Explainer(nn.Module):
                 self._compiled.warn_eager("smooth=", "SmoothGrad's chunks run the eager pass")
             return smoothing.smooth_explain(self, x, target, copies=smooth, noise=noise, generator=generator,
                                             chunk=chunk, interpolate=interpolate)
-        if self._compiled is not None:
+        explanation = None
+        if self._compiled is not None:  # None back: this kind of target runs eagerly, a warning said why
             explanation = self._compiled.explain(self, x, target, interpolate)
-            if explanation is not None:  # None: this kind of target runs eagerly, a warning said why
-                return explanation
-        result = self.forward_backward(
-            x, lambda out, caps, fixed: self._score(target if fixed is None else fixed, out, caps, x.shape[0]))
-        return explanation_from_pass(result, layers=self.layers, logits=self._select(result.outputs),
-                                     input_size=tuple(x.shape[2:]), interpolate=interpolate, rule=self.rule.name,
-                                     swapped=len(self.swapped), layouts=getattr(self.report, "layouts", None))
+        if explanation is None:
+            result = self.forward_backward(
+                x, lambda out, caps, fixed: self._score(target if fixed is None else fixed, out, caps, x.shape[0]))
+            explanation = explanation_from_pass(
+                result, layers=self.layers, logits=self._select(result.outputs), input_size=tuple(x.shape[2:]),
+                interpolate=interpolate, rule=self.rule.name, swapped=len(self.swapped),
+                layouts=getattr(self.report, "layouts", None))
+        warn_if_zero_gradients(explanation, reads_values(x, check_finite), target)
+        return explanation
 
     def _warn_if_nothing_swapped(self) -> None:
         """Once per explainer: with no rectifier swapped, the rule's "guided" map is the plain gradient."""
@@ -227,9 +231,7 @@ class Explainer(nn.Module):
         if parameter is not None and (x.device != parameter.device or x.dtype != parameter.dtype):
             raise InputError(f"input is {x.dtype} on {x.device} but the explainer is {parameter.dtype} on "
                              f"{parameter.device}: move one, e.g. x.to(device, dtype) or explainer.to(...)")
-        if check_finite is None:
-            check_finite = x.device.type == "cpu"  # elsewhere bool() would wait for the device
-        if check_finite and not bool(torch.isfinite(x).all()):
+        if reads_values(x, check_finite) and not bool(torch.isfinite(x).all()):
             raise InputError("input holds NaN or Inf values; every map would be NaN. Clean the input first")
 
     # --- compiling -------------------------------------------------------------------------------------
@@ -321,6 +323,18 @@ def load(path: str, map_location=None) -> Explainer:
     if not isinstance(explainer, Explainer):
         raise LoadError(f"{path!r} holds a {type(explainer).__name__}, not an Explainer")
     return explainer
+
+
+def reads_values(x: Tensor, check_finite: Optional[bool]) -> bool:
+    """Whether ``explain`` reads values (the finiteness check, the zero-gradient warning): None means on the
+    CPU only, since elsewhere reading one waits for the device."""
+    return x.device.type == "cpu" if check_finite is None else bool(check_finite)
+
+
+def warn_if_zero_gradients(explanation: Explanation, reads: bool, target: Any) -> None:
+    """Warn (one warning per line) when a gradient of ``explanation`` is zero everywhere for a sample."""
+    for message in zero_gradient_messages(explanation, layers=not isinstance(target, Channel)) if reads else ():
+        warnings.warn(message, stacklevel=3)
 
 
 def _nothing_swapped_message(report) -> str:

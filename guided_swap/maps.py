@@ -16,7 +16,7 @@ here too.
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from functools import cached_property
-from typing import Any, Callable, Dict, Iterator, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -280,6 +280,45 @@ def explanation_from_pass(result: PassResult, *, layers: Sequence[str], logits: 
                   for name, a, g in zip(layers, result.captures, result.layer_grads)}
     return Explanation(logits.detach(), result.classes, result.score.detach(), result.input_grad, layer_maps,
                        _detach_tree(result.outputs), rule, swapped)
+
+
+def zero_gradient_messages(explanation: Explanation, layers: bool = True) -> List[str]:
+    """One line for each gradient of ``explanation`` that is zero everywhere for some sample: the maps made
+    from it are then all zero and show nothing, though they look like an answer. ``layers=False`` reads the
+    input gradient only (a channel target: layers after the channel's own get no gradient, by design).
+
+    >>> import torch
+    >>> layer = LayerMaps(torch.ones(2, 3, 4, 4), torch.zeros(2, 3, 4, 4), (8, 8))
+    >>> e = Explanation(torch.zeros(2, 5), None, torch.zeros(2), torch.ones(2, 3, 8, 8), {"layer4": layer})
+    >>> zero_gradient_messages(e)[0][:72]
+    "the ordinary gradient at layer 'layer4' is zero everywhere for sample(s)"
+    """
+    messages, dead = [], set()
+    for name, maps in explanation.layers.items() if layers else ():
+        samples = _zero_samples(maps.grad)
+        dead.update(samples)
+        if samples:
+            messages.append(f"the ordinary gradient at layer {name!r} is zero everywhere for sample(s) "
+                            f"{_list(samples)}, so every CAM there is zero: the score does not depend on this "
+                            "layer. An untrained or zero-initialised head (torchvision's ViT starts its head at "
+                            "zero) or a target that ignores the input does this")
+    samples = [i for i in _zero_samples(explanation.gradient) if i not in dead]
+    if samples:
+        messages.append(f"the {explanation.rule!r} gradient is zero everywhere for sample(s) {_list(samples)}, so "
+                        "e.gradient and Guided Grad-CAM are zero there: no gradient reaches the input under this "
+                        "rule")
+    return messages
+
+
+def _zero_samples(tensor: Tensor) -> List[int]:
+    if tensor.dim() == 0 or tensor.shape[0] == 0 or tensor[0].numel() == 0:
+        return []
+    return torch.nonzero(~tensor.detach().flatten(1).any(dim=1)).flatten().tolist()
+
+
+def _list(samples: Sequence[int], shown: int = 5) -> str:
+    text = ", ".join(str(i) for i in samples[:shown])
+    return text + (f" and {len(samples) - shown} more" if len(samples) > shown else "")
 
 
 def _tensor(value: Any, name: str) -> Tensor:

@@ -34,7 +34,7 @@ from . import smoothing
 from .build import AUTO, ConversionReport, warn_if_training
 from .capture import layer_list
 from .errors import ExportError, GuidedSwapError, InputError, LayerError, TargetError
-from .explainer import Explainer
+from .explainer import Explainer, reads_values, warn_if_zero_gradients
 from .maps import Explanation, PassResult, explanation_from_pass
 from .rewrite import Swap
 from .rules import Rule, get_rule
@@ -104,8 +104,8 @@ class RuntimeExplainer(Explainer):
         ``smooth=N``: SmoothGrad (:mod:`guided_swap.smoothing`), with ``noise``, ``generator`` and ``chunk`` as
         on the graph paths; a list of images is smoothed as the (B, C, H, W) stack of its images, and a
         :class:`guided_swap.Box` target picks detection ``index`` of each noisy copy.
-        ``check_finite``: as on the graph paths, None checks inputs on the CPU only (elsewhere the check would
-        wait for the device on every call).
+        ``check_finite``: as on the graph paths (the finiteness check and the zero-gradient warning; None: on the
+        CPU only, elsewhere reading values waits for the device).
         """
         batch, size = self._check_input(x, check_finite)
         if interpolate not in cam_maths.INTERPOLATIONS:
@@ -119,9 +119,11 @@ class RuntimeExplainer(Explainer):
             return smoothing.smooth_explain(view, stacked, target, copies=smooth, noise=noise, generator=generator,
                                             chunk=chunk, interpolate=interpolate)
         result = self._pass(x, lambda outputs, captures, fixed: self._score(target, outputs, captures, batch))
-        return explanation_from_pass(result, layers=self.layers, logits=self._logits(result.outputs, batch),
-                                     input_size=size, interpolate=interpolate, rule=self.rule.name,
-                                     swapped=len(self.swapped))
+        explanation = explanation_from_pass(result, layers=self.layers, logits=self._logits(result.outputs, batch),
+                                            input_size=size, interpolate=interpolate, rule=self.rule.name,
+                                            swapped=len(self.swapped))
+        warn_if_zero_gradients(explanation, reads_values(result.input_grad, check_finite), target)
+        return explanation
 
     def _pass(self, x: Any, scorer: Callable) -> PassResult:
         """The forward and backward every map comes from; ``scorer(outputs, captures_by_layer, None)`` gives
@@ -218,8 +220,7 @@ class RuntimeExplainer(Explainer):
             if parameter is not None and (image.device != parameter.device or image.dtype != parameter.dtype):
                 raise InputError(f"input is {image.dtype} on {image.device} but the explainer is {parameter.dtype} on "
                                  f"{parameter.device}: move one, e.g. x.to(device, dtype) or explainer.to(...)")
-            finite_check = image.device.type == "cpu" if check_finite is None else check_finite
-            if finite_check and not bool(torch.isfinite(image).all()):
+            if reads_values(image, check_finite) and not bool(torch.isfinite(image).all()):
                 raise InputError("input holds NaN or Inf values; every map would be NaN. Clean the input first")
         return batch, size
 
