@@ -164,7 +164,7 @@ class _Graph:
         """The last map before ``end`` that every path from the input to ``end`` crosses (pooling steps skipped),
         and True; else, when branches reach ``end`` side by side (CrossViT's two patch sizes), the last map on
         a convolution's grid before it, and False; (None, False) when there is no map at all."""
-        before = [n for n in sorted(_upstream([end]) - {end}, key=self.order.__getitem__, reverse=True)
+        before = [n for n in sorted(upstream([end]) - {end}, key=self.order.__getitem__, reverse=True)
                   if self.is_map(n) and not _is_pool(self.gm, n)]
         for node in before:
             if self._dominates(node, end):
@@ -190,19 +190,19 @@ class _Graph:
 
     def map_feeding_head(self) -> Tuple[fx.Node, str]:
         """For a model without global pooling: the last map outside the head module that the head reads."""
-        upstream = _upstream(self.targets)
-        convs = [n for n in self.convs if n in upstream]
-        if not convs or not any(self.is_map(n) for n in upstream):
+        feeding = upstream(self.targets)
+        convs = [n for n in self.convs if n in feeding]
+        if not convs or not any(self.is_map(n) for n in feeding):
             raise LayerError("layer='auto' found no spatial feature map (a convolution's output larger than 1x1) in "
                              f"the model; pass layer=NAME for a CNN, or use layer=None for gradients only; {HINT}")
         last = convs[-1]
         scope = next((path for path in _scopes(last) if not all(path in _scopes(c) for c in convs)), None)
         inside = (lambda n: scope in _scopes(n)) if scope else (lambda n: n is last)
-        feeding = [n for n in upstream if self.is_map(n) and not inside(n) and any(inside(u) for u in n.users)]
-        if not feeding:
+        maps_read = [n for n in feeding if self.is_map(n) and not inside(n) and any(inside(u) for u in n.users)]
+        if not maps_read:
             raise LayerError(f"layer='auto' found no feature map feeding the prediction head {scope or last.name!r}; "
                              f"pass layer=NAME; {HINT}")
-        return max(feeding, key=self.order.__getitem__), scope or last.meta.get("qualname", last.name)
+        return max(maps_read, key=self.order.__getitem__), scope or last.meta.get("qualname", last.name)
 
 
 def _scopes(node: fx.Node) -> List[str]:
@@ -226,7 +226,8 @@ def _output_nodes(output: fx.Node, key: Any) -> set:
     return set(nodes)
 
 
-def _upstream(nodes) -> set:
+def upstream(nodes) -> set:
+    """``nodes`` and every node they are computed from."""
     seen, stack = set(nodes), list(nodes)
     while stack:
         for arg in stack.pop().all_input_nodes:

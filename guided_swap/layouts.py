@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from . import axes as graph_axes
+from .capture import upstream as upstream_of
 from .errors import LayerError
 
 KINDS = ("nchw", "nhwc", "tokens")
@@ -267,7 +268,7 @@ def auto_layer(gm: fx.GraphModule, example: Tensor) -> Optional[Tuple[fx.Node, s
     if reader is None:
         return None
     output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
-    upstream = _ancestors([output])
+    upstream = upstream_of([output]) - {output}
     maps = [n for n in gm.graph.nodes if n in upstream and _is_map(reader, n)]
     if not maps or not any(reader.axes[n].roles[1] != "C" for n in maps):
         return None  # channels-first all along: a CNN
@@ -324,16 +325,6 @@ def _is_map(reader: graph_axes.Reader, node: fx.Node) -> bool:
     return positions > 1
 
 
-def _ancestors(nodes: Sequence[fx.Node]) -> set:
-    seen, stack = set(), list(nodes)
-    while stack:
-        for arg in stack.pop().all_input_nodes:
-            if arg not in seen:
-                seen.add(arg)
-                stack.append(arg)
-    return seen
-
-
 def _class_token_read(reader: graph_axes.Reader, upstream: set) -> Optional[fx.Node]:
     """The last ``x[:, i]`` on a token map that picks a prefix token (the class token), on the way to the output."""
     found = None
@@ -371,7 +362,7 @@ def _is_attention(gm: fx.GraphModule, node: fx.Node) -> bool:
 
 
 def _attention_input(reader: graph_axes.Reader, read: fx.Node) -> Optional[fx.Node]:
-    before = _ancestors([read])
+    before = upstream_of([read]) - {read}
     attention = [n for n in reader.gm.graph.nodes if n in before and _is_attention(reader.gm, n)]
     if not attention:
         return None

@@ -104,8 +104,8 @@ def test_python_m_guided_swap_help_explains_every_method_without_rst(capsys):
 
 @pytest.mark.parametrize("args, message", [
     (["missing/"], "no such file or folder: 'missing/'"),
-    (["--size", "0"], "argument --size: must be at least 1, got 0"),
-    (["--batch-size", "0"], "argument --batch-size: must be at least 1"),
+    (["--size", "0"], "argument --size: must be 1 or more, got 0"),
+    (["--batch-size", "0"], "argument --batch-size: must be 1 or more"),
     (["--size", "big"], "argument --size: takes a whole number, got 'big'"),
     (["--target", "cat"], "--target 'cat' is not a class index; a class name needs --labels"),
     (["--model", "resnet9000"], "unknown model 'resnet9000' (did you mean"),
@@ -117,7 +117,7 @@ def test_python_m_guided_swap_help_explains_every_method_without_rst(capsys):
     (["--labels", "nope.txt"], "--labels: no labels file at 'nope.txt'"),
     (["--cam", "gradcam,gradcam+"], f"argument --cam: unknown CAM 'gradcam+'; the CAMs are {','.join(cam_methods())}"),
     (["--method", "guided", "--cam", "layercam"], "--cam is for the Grad-CAM methods"),
-    (["--smooth", "0"], "argument --smooth: must be at least 1, got 0"),
+    (["--smooth", "0"], "argument --smooth: must be 1 or more, got 0"),
     (["--smooth", "4", "--noise", "-1"], "argument --noise: must be a finite number of 0 or more"),
     (["--noise", "0.1"], "--noise applies with --smooth N"),
 ])
