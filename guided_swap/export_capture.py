@@ -32,7 +32,6 @@ What is fixed at capture time, and how the graph keeps to it:
 >>> node.meta["qualname"], node.target
 ('features.1', <OpOverload(op='aten.relu_', overload='default')>)
 """
-import copy
 import functools
 import math
 import operator
@@ -72,7 +71,7 @@ def trace_export(model: nn.Module, example_input: Tensor, *, dynamic_size: bool 
     if not isinstance(example_input, Tensor):
         raise TypeError("trace_export() needs an example input tensor shaped like the inputs to explain, "
                         f"e.g. torch.randn(2, 3, 224, 224); got {type(example_input).__name__}")
-    root = _private_mirror(model).eval()
+    root = mirror(model).eval()  # containers of its own: export hooks it, models write caches (EfficientViT)
     example = _example(example_input)
     program = _export(root, model, example, dynamic_size, strict)
     graph = _unlifted_graph(program, root, tuple(example.shape[1:]), dynamic_size)
@@ -84,21 +83,6 @@ def trace_export(model: nn.Module, example_input: Tensor, *, dynamic_size: bool 
     module_outputs = _module_outputs(gm.graph)
     names = _name_nodes(gm.graph, root, leaves, module_outputs)
     return Traced(gm, module_outputs, names, leaves)
-
-
-def _private_mirror(model: nn.Module) -> nn.Module:
-    """The fx path's mirror, with containers of its own in every module.
-
-    ``copy.copy`` shares a module's dicts and lists with the model: export registers hooks, and models
-    write caches while running (timm's EfficientViT stores its attention biases in a dict), which would
-    leave fake tensors in the user's model.
-    """
-    root = mirror(model)
-    for module in root.modules():
-        for name, value in list(vars(module).items()):
-            if isinstance(value, (dict, list, set)):
-                module.__dict__[name] = copy.copy(value)
-    return root
 
 
 def _example(x: Tensor) -> Tensor:

@@ -18,9 +18,8 @@ Forward hooks on the mirror's modules name each call site by its module path and
 >>> len(run.sites), list(run.sites)[:3], tuple(run.captures["layer4"][0].shape)
 (17, ['relu', 'layer1.0.relu', 'layer1.0.relu_1'], (1, 512, 2, 2))
 """
-import copy
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -391,20 +390,11 @@ def _other_module_spelling(module: Optional[nn.Module]) -> Optional[str]:
 # --- the mirror the run-time explainer owns ------------------------------------------------------------
 
 def private_mirror(model: nn.Module) -> nn.Module:
-    """:func:`guided_swap.trace.mirror` with containers of its own in every module, in eval mode.
-
-    ``copy.copy`` shares a module's dicts and lists (its hook tables among them) with the model; the
-    explainer registers hooks on its mirror and a model may write caches while it runs, so each module of
-    the mirror gets copies. Tensors stay shared: parameters and buffers are the model's storage.
-    """
+    """:func:`guided_swap.trace.mirror` in eval mode: module copies with containers of their own (the run
+    registers hooks on it, models write caches while running); tensors stay the model's storage."""
     from .trace import mirror
 
-    root = mirror(model)
-    for sub in root.modules():
-        for name, value in list(vars(sub).items()):
-            if isinstance(value, (dict, list, set)):
-                sub.__dict__[name] = copy.copy(value)
-    return root.eval()
+    return mirror(model).eval()
 
 
 # --- layer="auto" at run time ---------------------------------------------------------------------------
