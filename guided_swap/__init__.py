@@ -13,7 +13,7 @@ from ._version import __version__
 from .cam import CamError, cam_methods, register_cam, unregister_cam
 from .build import ConversionReport, convert
 from .errors import (CommandError, ExportError, GuidedSwapError, InputError, LayerError, LoadError, OutputError,
-                     RuleError, TargetError, TraceError)
+                     RuleError, TargetError, TraceError, ZeroGradientWarning)
 from .explainer import Explainer, load
 from .layouts import Layout
 from .export import export, export_program
@@ -35,4 +35,4 @@ __all__ = ["convert", "Explainer", "Explanation", "LayerMaps", "ConversionReport
            "export", "export_program", "cam", "Rule", "rules", "register_rule", "unregister_rule", "get_rule",
            "GuidedSwapError", "TraceError", "LayerError", "TargetError", "InputError", "OutputError", "RuleError",
            "LoadError", "ExportError", "CommandError", "__version__", "cam_methods", "register_cam", "unregister_cam",
-           "CamError", "Layout"]
+           "CamError", "Layout", "ZeroGradientWarning"]

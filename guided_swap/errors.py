@@ -47,3 +47,7 @@ class ExportError(GuidedSwapError, RuntimeError):
 
 class CommandError(GuidedSwapError):
     """A usage error on the command line: printed as one line, exit status 2."""
+
+
+class ZeroGradientWarning(UserWarning):
+    """A gradient is zero everywhere for some samples, so the maps made from it show nothing."""

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from . import cam as cam_maths
 from . import io, smoothing
-from .errors import GuidedSwapError, InputError, LayerError, LoadError, RuleError
+from .errors import GuidedSwapError, InputError, LayerError, LoadError, RuleError, ZeroGradientWarning
 from .maps import Explanation, PassResult, explanation_from_pass, zero_gradient_messages
 from .rules import Rule
 from .targets import Channel, callable_score, channel_score, class_score, select_output
@@ -334,7 +334,7 @@ def reads_values(x: Tensor, check_finite: Optional[bool]) -> bool:
 def warn_if_zero_gradients(explanation: Explanation, reads: bool, target: Any) -> None:
     """Warn (one warning per line) when a gradient of ``explanation`` is zero everywhere for a sample."""
     for message in zero_gradient_messages(explanation, layers=not isinstance(target, Channel)) if reads else ():
-        warnings.warn(message, stacklevel=3)
+        warnings.warn(message, ZeroGradientWarning, stacklevel=3)
 
 
 def _nothing_swapped_message(report) -> str:

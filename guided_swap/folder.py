@@ -28,6 +28,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -36,7 +37,7 @@ import torch
 
 from . import distributed, results
 from .decoding import Decoded, loader
-from .errors import CommandError, GuidedSwapError
+from .errors import CommandError, GuidedSwapError, ZeroGradientWarning
 from .model_spec import Preprocessing, Source
 from .results import Plan
 from .writing import (CAM_METHODS, Writers, draw_saved, explain_batch, figure_context, figure_names, shared_limits,
@@ -112,6 +113,27 @@ class Job:
             return None
         return {"copies": self.smooth, "noise": DEFAULT_NOISE if self.noise is None else self.noise,
                 "seed": SMOOTHING_SEED}
+
+
+def blank_maps(lines: Sequence[dict], shown: int = 3) -> Optional[str]:
+    """One line naming the results with a map that is zero everywhere (read from each record's map moments:
+    low == high == 0), or None; such a map shows nothing though it looks like an answer."""
+    blank = {}
+    for line in lines:
+        if line.get("error") is None:
+            panels = [panel for panel, m in (line.get("moments") or {}).items() if m[3] == m[4] == 0]
+            if panels:
+                blank[line.get("name") or line["input"]] = panels
+    if not blank:
+        return None
+    names = list(blank)
+    kinds = sorted({panel for panels in blank.values() for panel in panels})
+    listed = ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+    return (f"warning: {len(names)} of {len(lines)} result(s) hold a map that is zero everywhere ({', '.join(kinds)}): "
+            f"{listed}. Such a map shows nothing. A gradient that is zero everywhere gives one (an untrained or "
+            "zero-initialised head: torchvision's ViT starts its head at zero; a target that ignores the input), and "
+            "so does a CAM whose layer holds only evidence against the class; each record's \"moments\" in "
+            "index.jsonl has the map ranges")
 
 
 def _say(message: str) -> None:
@@ -249,7 +271,9 @@ def _pass(explainer, job: Job, plan: Plan, indices, settings, group, channels: i
     records, interrupted = {}, False
     batches = loader(Decoded(plan.items, indices, job.preprocessing, channels), job.batch_size, job.workers)
     writers = Writers(job.writers, backlog=2 * job.batch_size)  # Ctrl-C waits for at most two batches' writes
-    with _progress(len(indices), group, what) as bar, writers:
+    # explain's warning names samples of one batch; the run names the files once at its end (_finish)
+    with _progress(len(indices), group, what) as bar, writers, warnings.catch_warnings():
+        warnings.simplefilter("ignore", ZeroGradientWarning)
         for batch in batches:
             made, kept = explain_batch(explainer, job, batch, plan.items, settings, group, writers, kinds, limits,
                                        stashed is not None)
@@ -419,6 +443,9 @@ def _finish(job: Job, plan: Plan, settings, gathered, drawn, seconds: float, gro
         say(f"interrupted: stopped after the current batch; {finished} of {len(plan.items)} input(s) done in "
             f"{job.out}; run the same command again to finish")
         return 130
+    blank = blank_maps(lines)
+    if blank:
+        say(blank)
     say(f"explained {made} image(s) in {seconds:.1f} s ({rate}, {where}) into {job.out}"
         + (f"; {len(plan.done)} already done" if plan.done else "")
         + (f"; {len(failed)} could not be read (see {job.out}/index.jsonl)" if failed else ""))

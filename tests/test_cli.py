@@ -72,6 +72,12 @@ def model_module(tmp_path, monkeypatch):
         def chatty():
             return Chatty(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
 
+        def zero_head():  # as torchvision's ViT starts: every gradient is zero
+            net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                nn.Linear(4, 3))
+            nn.init.zeros_(net[4].weight)
+            return net
+
         def tiny_vit():  # 32 px, 8 px patches: a 4 x 4 grid behind one class token
             import timm, torch
 
@@ -226,6 +232,22 @@ def test_library_warnings_reach_the_user_in_one_line(tmp_path, two, capsys, mode
                    "--out", tmp_path / "out", "--workers", "0", "--writers", "0") == 0
     error = capsys.readouterr().err
     assert "guided-swap: warning: UserWarning: hello from the model's forward\n" in error
+
+
+def test_maps_that_show_nothing_are_named_once_by_file(tmp_path, two, capsys, model_module):
+    """Not per batch with batch-local sample numbers (explain's warning): once, naming the inputs."""
+    save_image(two / "coffee.png", "coffee")
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = show_on_stderr
+        assert run("explain", two, "--model", f"{model_module}:zero_head", "--size", "32", "--batch-size", "2",
+                   "--out", tmp_path / "out", "--save", "npz", "--workers", "0", "--writers", "0") == 0
+    error = capsys.readouterr().err
+    assert "ZeroGradientWarning" not in error and "sample(s)" not in error
+    lines = [line for line in error.splitlines() if "zero everywhere" in line]
+    assert lines == [line for line in lines if line.startswith(
+        "guided-swap: warning: 3 of 3 result(s) hold a map that is zero everywhere (cam, gradient, guided_gradcam): "
+        "astronaut.jpg, cat.png, coffee.png. Such a map shows nothing.")] and len(lines) == 1
 
 
 def test_bad_layer_is_one_line(tmp_path, two, capsys):
