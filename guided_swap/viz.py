@@ -387,9 +387,18 @@ def figure(explanation, inputs, panels: Optional[Sequence[str]] = None, *, expla
                 continue
             limit = ranges[panel] if ranges[panel] is not None else shared_limits([_row(explanation, i, panel)],
                                                                                   [panel])[panel]
-            draw_map(fig, ax, panel, _panel_values(explanation, panel)[i], picture, limit, cmap, alpha)
-            ax.set_title(titles[panel], fontsize=9)
+            values = _panel_values(explanation, panel)[i]
+            draw_map(fig, ax, panel, values, picture, limit, cmap, alpha)
+            ax.set_title(titles[panel] + ("" if _any(values) else ZERO_NOTE), fontsize=9)
     return fig
+
+
+#: Added to the title of a panel whose map is zero everywhere: it shows nothing, though coloured like an answer.
+ZERO_NOTE = "\n(zero everywhere)"
+
+
+def _any(values) -> bool:
+    return bool(values.any()) if hasattr(values, "any") else bool(np.any(values))
 
 
 def _row(explanation, i: int, panel: str) -> Dict[str, np.ndarray]:

@@ -197,6 +197,21 @@ def test_titles_of_a_model_without_relu_say_plain_gradient():
     assert viz.figure(e, pictures, swapped=0, panels=("gradient",)).axes[0].get_title().startswith("plain gradient")
 
 
+def test_a_map_that_is_zero_everywhere_says_so_in_its_title():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                              torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    x = torch.randn(2, 3, 16, 16)
+    ex = gs.convert(net, layer="0")
+    live = viz.figure(ex.explain(x), x, explainer=ex, panels=("gradient", "cam"))
+    assert not any("zero everywhere" in ax.get_title() for ax in live.axes)
+    torch.nn.init.zeros_(net[4].weight)  # the score no longer depends on the input (an untrained head)
+    with pytest.warns(gs.ZeroGradientWarning):
+        e = gs.convert(net, layer="0").explain(x)
+    titles = [ax.get_title() for ax in viz.figure(e, x, panels=("gradient", "cam")).axes if ax.get_title()]
+    assert titles == ["guided backprop" + viz.ZERO_NOTE, "Grad-CAM (0)" + viz.ZERO_NOTE] * 2
+
+
 def test_titles_follow_the_rule_and_never_guess():
     model, x, _ = demo.load_demo()
     titles = {}
