@@ -215,3 +215,28 @@ def test_a_hybrid_vit_through_export_reads_its_class_token():
     references = hooked_gradcam(model, {"norm1": model.blocks[11].norm1}, x, target, tokens_to_map(1, (7, 7)))
     assert_nontrivial(references["norm1"], 0.05)
     assert relative_error(e.cam_raw, references["norm1"]) < 1e-4
+
+
+class UnrolledBlocks(torch.nn.Module):
+    """Hiera's unroll in small: a channels-last map cut into 2 x 2 blocks, (B, h, 2, w, 2, C), then normed."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Conv2d(3, 8, 4, stride=4)
+        self.norm = torch.nn.LayerNorm(8)
+        self.head = torch.nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = self.embed(x).permute(0, 2, 3, 1)
+        b, h, w, c = x.shape
+        x = self.norm(x.view(b, h // 2, 2, w // 2, 2, c))
+        return self.head(x.mean(dim=(1, 2, 3, 4)))
+
+
+def test_auto_never_takes_a_map_with_more_spatial_axes_than_the_input():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32)
+    ex = gs.convert(UnrolledBlocks().eval())
+    e = ex.explain(x)
+    assert ex.report.layers["auto"] == "embed" or ex.report.layers["auto"].startswith("permute")
+    assert e.layers["auto"].feature_map.shape == (2, 8, 8, 8) and e.cam.shape == (2, 32, 32)
