@@ -76,6 +76,9 @@ class Reader:
 
     def __init__(self, gm: fx.GraphModule, shapes: Dict[fx.Node, Tuple[int, ...]]):
         self.gm, self.shapes = gm, shapes
+        inputs = [shapes[n] for n in gm.graph.nodes if n.op == "placeholder" and n in shapes]
+        #: how many spatial axes the model's input has (2 for images); None if no input shape is known
+        self.input_spatial_rank: Optional[int] = len(inputs[0]) - 2 if inputs else None
         self.axes: Dict[fx.Node, Optional[Axes]] = {}
         for node in gm.graph.nodes:
             if node in shapes:

@@ -320,17 +320,11 @@ def _is_map(reader: graph_axes.Reader, node: fx.Node) -> bool:
     layout = layout_of(axes, reader.shapes[node], ())
     if layout.kind == "unknown":
         return False
-    if layout.kind != "tokens" and axes.roles.count("S") != _input_spatial_rank(reader):
+    if layout.kind != "tokens" and axes.roles.count("S") != reader.input_spatial_rank:
         return False  # e.g. Hiera's (B, h, 2, w, 2, C) unrolled blocks: not a map a CAM can be drawn on
     positions = math.prod(layout.grid) if layout.kind == "tokens" else \
         math.prod(reader.shapes[node][k] for k, r in enumerate(axes.roles) if r == "S")
     return positions > 1
-
-
-def _input_spatial_rank(reader: graph_axes.Reader) -> Optional[int]:
-    """How many spatial axes the model's input has (2 for images); None if no input shape is known."""
-    shapes = [reader.shapes[n] for n in reader.gm.graph.nodes if n.op == "placeholder" and n in reader.shapes]
-    return len(shapes[0]) - 2 if shapes else None
 
 
 def _class_token_read(reader: graph_axes.Reader, upstream: set) -> Optional[fx.Node]:
