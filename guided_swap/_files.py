@@ -49,7 +49,8 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _remove(path: str) -> bool:
+def remove_if_present(path: str) -> bool:
+    """Remove ``path``; False when it was already gone."""
     try:
         os.remove(path)
         return True
@@ -69,7 +70,7 @@ def remove_stale_parts(folder: str, recursive: bool = True, only_dead: bool = Fa
             match = _PART.match(file)
             if match and not (only_dead and _alive(int(match["pid"]))):
                 path = os.path.join(root, file)
-                if _remove(path):
+                if remove_if_present(path):
                     removed.append(path)
     return removed
 
@@ -90,7 +91,7 @@ def _remove_stale_siblings(path: str) -> None:
     for file in os.listdir(directory):
         match = _PART.match(file)
         if match and match["name"] == name and not _alive(int(match["pid"])):
-            _remove(os.path.join(directory, file))
+            remove_if_present(os.path.join(directory, file))
 
 
 @contextmanager
@@ -111,4 +112,4 @@ def atomic_write(path: str, suffix: str = "", clean: bool = True) -> Iterator[st
         yield temporary
         os.replace(temporary, path)
     finally:
-        _remove(temporary)
+        remove_if_present(temporary)

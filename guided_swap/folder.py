@@ -35,6 +35,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from ._files import remove_if_present
 from . import distributed, results
 from .decoding import Decoded, loader
 from .errors import CommandError, GuidedSwapError, ZeroGradientWarning
@@ -384,7 +385,7 @@ def _run(job: Job, group, say) -> int:
                                                         flag, say), group)
     finally:
         for path in stashed.values():  # those left when the run stopped before drawing them
-            results.remove_stash(path)
+            remove_if_present(path)
     seconds = distributed.gather(time.perf_counter() - started, group)
     if not group.main:
         return 0

@@ -232,13 +232,6 @@ def write_stash(path: str, arrays: Dict[str, np.ndarray], record: dict) -> None:
         np.savez(stream, record=np.array(json.dumps(record)), **arrays)
 
 
-def remove_stash(path: str) -> None:
-    try:
-        os.remove(path)
-    except FileNotFoundError:
-        pass
-
-
 def read_saved(path: str, names: Sequence[str]):
     """``(record, arrays)`` of a ``.npz`` result or a stash, the arrays those of ``names`` it has; ``(None,
     {})`` when the file is missing, unreadable or carries no record."""

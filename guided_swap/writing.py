@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from . import results
+from ._files import part_name, remove_if_present
 from ._console import quiet_child
 from .results import Item
 
@@ -186,7 +187,7 @@ def draw_saved(job, item: Item, rec: dict, maps: Dict[str, np.ndarray], context:
     """The PNG of one input from the arrays a file held (its ``.npz``, or the ``stash`` then removed)."""
     write_result(job, item, rec, maps, context, ("png",), limits)
     if stash is not None:
-        results.remove_stash(stash)
+        remove_if_present(stash)
 
 
 class Writers:
@@ -233,7 +234,6 @@ def explain_batch(explainer, job, batch, items: Sequence[Item], settings: dict, 
     """Explain one decoded batch and hand the ``kinds`` of output to the writers: the records by input index
     (an unreadable input's record has its error) and, with ``stash``, the hidden temporary each input's figure
     arrays go to (:func:`figure_names`; OUT/.NAME.maps.PID-TOKEN.part), by input index."""
-    from ._files import part_name
 
     records, stashed = {}, {}
     good = [(index, tensor) for index, tensor, error in batch if error is None]
