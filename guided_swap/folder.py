@@ -39,10 +39,11 @@ from ._files import remove_if_present
 from . import distributed, results
 from .decoding import Decoded, loader
 from .errors import CommandError, GuidedSwapError, ZeroGradientWarning
+from .maps import listing
 from .model_spec import Preprocessing, Source
 from .results import Plan
 from .writing import (CAM_METHODS, Writers, draw_saved, explain_batch, figure_context, figure_names, shared_limits,
-                      uses_layer)
+                      uses_layer, zero_panels)
 
 INTERRUPTED = "not explained: the run was interrupted; run the same command again to finish"
 NO_FIGURE = "figure not drawn: the run was interrupted; run the same command again to finish"
@@ -117,24 +118,18 @@ class Job:
 
 
 def blank_maps(lines: Sequence[dict], shown: int = 3) -> Optional[str]:
-    """One line naming the results with a map that is zero everywhere (read from each record's map moments:
-    low == high == 0), or None; such a map shows nothing though it looks like an answer."""
-    blank = {}
-    for line in lines:
-        if line.get("error") is None:
-            panels = [panel for panel, m in (line.get("moments") or {}).items() if m[3] == m[4] == 0]
-            if panels:
-                blank[line.get("name") or line["input"]] = panels
+    """One line naming the results with a map that is zero everywhere (:func:`~guided_swap.writing.zero_panels`),
+    or None; such a map shows nothing though it looks like an answer."""
+    blank = {line.get("name") or line["input"]: zero_panels(line) for line in lines if line.get("error") is None}
+    blank = {name: panels for name, panels in blank.items() if panels}
     if not blank:
         return None
-    names = list(blank)
-    kinds = sorted({panel for panels in blank.values() for panel in panels})
-    listed = ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
-    return (f"warning: {len(names)} of {len(lines)} result(s) hold a map that is zero everywhere ({', '.join(kinds)}): "
-            f"{listed}. Such a map shows nothing. A gradient that is zero everywhere gives one (an untrained or "
-            "zero-initialised head: torchvision's ViT starts its head at zero; a target that ignores the input), and "
-            "so does a CAM whose layer holds only evidence against the class; each record's \"moments\" in "
-            "index.jsonl has the map ranges")
+    kinds = ", ".join(sorted({panel for panels in blank.values() for panel in panels}))
+    return (f"warning: {len(blank)} of {len(lines)} result(s) hold a map that is zero everywhere ({kinds}): "
+            f"{listing(list(blank), shown)}. Such a map shows nothing. A gradient that is zero everywhere gives one "
+            "(an untrained or zero-initialised head: torchvision's ViT starts its head at zero; a target that ignores "
+            "the input), and so does a CAM whose layer holds only evidence against the class; each record's "
+            "\"moments\" in index.jsonl has the map ranges")
 
 
 def _say(message: str) -> None:

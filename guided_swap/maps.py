@@ -299,12 +299,12 @@ def zero_gradient_messages(explanation: Explanation, layers: bool = True) -> Lis
         dead.update(samples)
         if samples:
             messages.append(f"the ordinary gradient at layer {name!r} is zero everywhere for sample(s) "
-                            f"{_list(samples)}, so every CAM there is zero: the score does not depend on this "
+                            f"{listing(samples)}, so every CAM there is zero: the score does not depend on this "
                             "layer. An untrained or zero-initialised head (torchvision's ViT starts its head at "
                             "zero) or a target that ignores the input does this")
     samples = [i for i in _zero_samples(explanation.gradient) if i not in dead]
     if samples:
-        messages.append(f"the {explanation.rule!r} gradient is zero everywhere for sample(s) {_list(samples)}, so "
+        messages.append(f"the {explanation.rule!r} gradient is zero everywhere for sample(s) {listing(samples)}, so "
                         "e.gradient and Guided Grad-CAM are zero there: no gradient reaches the input under this "
                         "rule")
     return messages
@@ -316,9 +316,10 @@ def _zero_samples(tensor: Tensor) -> List[int]:
     return torch.nonzero(~tensor.detach().flatten(1).any(dim=1)).flatten().tolist()
 
 
-def _list(samples: Sequence[int], shown: int = 5) -> str:
-    text = ", ".join(str(i) for i in samples[:shown])
-    return text + (f" and {len(samples) - shown} more" if len(samples) > shown else "")
+def listing(items: Sequence[Any], shown: int = 5) -> str:
+    """The first ``shown`` of ``items`` for a message: ``"a, b, c and 4 more"``."""
+    text = ", ".join(str(i) for i in items[:shown])
+    return text + (f" and {len(items) - shown} more" if len(items) > shown else "")
 
 
 def _tensor(value: Any, name: str) -> Tensor:

@@ -86,6 +86,11 @@ def moments(maps: Dict[str, np.ndarray], method: str, cams: Sequence[str] = ()) 
     return out
 
 
+def zero_panels(rec: dict) -> List[str]:
+    """The map panels of a record whose values are all zero (read from its :func:`moments`)."""
+    return [panel for panel, (_, _, _, low, high) in (rec.get("moments") or {}).items() if low == high == 0]
+
+
 def shared_limits(records: Iterable[dict], method: str, cams: Sequence[str] = ()) -> Dict[str, List[float]]:
     """One colour range per map panel over every record's maps (as ``viz.shared_limits`` over the maps)."""
     from .viz import _Moments
