@@ -389,16 +389,12 @@ def figure(explanation, inputs, panels: Optional[Sequence[str]] = None, *, expla
                                                                                   [panel])[panel]
             values = _panel_values(explanation, panel)[i]
             draw_map(fig, ax, panel, values, picture, limit, cmap, alpha)
-            ax.set_title(titles[panel] + ("" if _any(values) else ZERO_NOTE), fontsize=9)
+            ax.set_title(titles[panel] + ("" if values.any() else ZERO_NOTE), fontsize=9)
     return fig
 
 
 #: Added to the title of a panel whose map is zero everywhere: it shows nothing, though coloured like an answer.
 ZERO_NOTE = "\n(zero everywhere)"
-
-
-def _any(values) -> bool:
-    return bool(values.any()) if hasattr(values, "any") else bool(np.any(values))
 
 
 def _row(explanation, i: int, panel: str) -> Dict[str, np.ndarray]:
