@@ -24,7 +24,7 @@ import statistics
 import sys
 import time
 import warnings
-from typing import Callable, Dict, List
+from typing import Callable, Dict
 
 import numpy as np
 import timm
@@ -34,6 +34,7 @@ import torchvision
 import guided_swap as gs
 import pytorch_grad_cam as pgc
 from guided_swap._files import atomic_write
+from guided_swap.benchmark import interleaved
 from pytorch_grad_cam.utils.image import scale_cam_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
@@ -73,14 +74,8 @@ def _transformer_reshape(name: str, model):
 
 
 def _time(functions: Dict[str, Callable], rounds: int) -> Dict[str, float]:
-    for fn in functions.values():  # warm-up
-        fn()
-    times: Dict[str, List[float]] = {name: [] for name in functions}
-    for _ in range(rounds):
-        for name, fn in functions.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
+    """Median wall seconds per call, in interleaved rounds after one warm-up round."""
+    times = interleaved(functions, rounds, warmup=1)
     return {name: statistics.median(values) for name, values in times.items()}
 
 

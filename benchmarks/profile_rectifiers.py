@@ -59,15 +59,7 @@ def on_function_path(fn: Callable) -> Callable:
 def interleaved(methods: Dict[str, Callable], rounds: int, warmup: int = 1) -> Dict[str, float]:
     """Median CPU seconds of this process per call of each method, over rounds that call every method once.
     Process CPU time, not wall time: on a loaded machine it leaves out the time spent waiting for a core."""
-    for _ in range(warmup):
-        for fn in methods.values():
-            fn()
-    times: Dict[str, List[float]] = {name: [] for name in methods}
-    for _ in range(rounds):
-        for name, fn in methods.items():
-            start = time.process_time()
-            fn()
-            times[name].append(time.process_time() - start)
+    times = benchmark.interleaved(methods, rounds, warmup, clock=time.process_time)
     return {name: statistics.median(values) for name, values in times.items()}
 
 

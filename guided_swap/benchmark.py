@@ -262,21 +262,31 @@ def warm_up(methods: Dict[str, Method], x: Tensor, target: Tensor, calls: int) -
     return measures
 
 
-def time_interleaved(methods: Dict[str, Method], x: Tensor, target: Tensor, warmup: int, rounds: int) -> Dict[str, List[float]]:
-    """Seconds per call of each method, measured in rounds that visit every method once (on CUDA, between
-    synchronisations, so a call's time is its device time too)."""
+def interleaved(calls: Dict[str, Callable[[], object]], rounds: int, warmup: int = 1,
+                clock: Callable[[], float] = time.perf_counter,
+                settle: Callable[[], None] = lambda: None) -> Dict[str, List[float]]:
+    """``clock`` seconds of each call, in rounds that visit every call once (so a slow spell of the machine
+    falls on every method alike), after ``warmup`` rounds. ``settle`` runs before each timing starts and
+    inside it, after the call (a device synchronisation, so a call's time includes its device time)."""
     for _ in range(warmup):
-        for method in methods.values():
-            method(x, target)
-    times: Dict[str, List[float]] = {name: [] for name in methods}
+        for call in calls.values():
+            call()
+    times: Dict[str, List[float]] = {name: [] for name in calls}
     for _ in range(rounds):
-        for name, method in methods.items():
-            _synchronize(x.device)
-            start = time.perf_counter()
-            method(x, target)
-            _synchronize(x.device)
-            times[name].append(time.perf_counter() - start)
+        for name, call in calls.items():
+            settle()
+            start = clock()
+            call()
+            settle()
+            times[name].append(clock() - start)
     return times
+
+
+def time_interleaved(methods: Dict[str, Method], x: Tensor, target: Tensor, warmup: int, rounds: int) -> Dict[str, List[float]]:
+    """Seconds per call of each method on ``(x, target)`` (:func:`interleaved`; on CUDA between
+    synchronisations, so a call's time is its device time too)."""
+    calls = {name: (lambda method=method: method(x, target)) for name, method in methods.items()}
+    return interleaved(calls, rounds, warmup, settle=lambda: _synchronize(x.device))
 
 
 def saved_bytes(method: Method, x: Tensor, target: Tensor) -> int:
