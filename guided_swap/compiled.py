@@ -45,7 +45,7 @@ from torch import Tensor
 from . import cam as cam_maths
 from . import export_capture
 from .errors import GuidedSwapError, TargetError
-from .maps import Explanation, PassResult, explanation_from_pass
+from .maps import Explanation, PassResult, detach_tree
 from .targets import Channel, _as_long_tensor, callable_score, class_score
 
 _substitute_in_graph = getattr(torch.compiler, "substitute_in_graph", None) or \
@@ -141,10 +141,7 @@ class CompiledExplain:
         if self.cudagraphs and x.is_cuda:
             result, cams = detached_copy((result, cams))
         _check_after(explainer, kind, argument, target, result)
-        explanation = explanation_from_pass(result, layers=explainer.layers, logits=explainer._select(result.outputs),
-                                            input_size=tuple(x.shape[2:]), interpolate=interpolate,
-                                            rule=explainer.rule.name, swapped=len(explainer.swapped),
-                                            layouts=_layouts(explainer))
+        explanation = explainer.explanation_of(result, x, interpolate)
         for maps, computed in zip(explanation.layers.values(), cams):
             if computed is not None:
                 _keep_gradcam(maps, *computed)
@@ -264,7 +261,7 @@ def _explain_pass(explainer, x: Tensor, kind: str, argument: Any, interpolate: s
     layouts = _layouts(explainer)
     cams = tuple(_cams(a, g, x.shape[2:], interpolate, layouts.get(name), name)
                  for name, a, g in zip(explainer.layers, result.captures, result.layer_grads))
-    return PassResult(*(_detach(v) for v in result)), cams
+    return PassResult(*(detach_tree(v) for v in result)), cams
 
 
 #: Layouts whose Grad-CAM the compiled pass computes (a permutation at most). A token or reshape= layout's
@@ -293,9 +290,6 @@ def _keep_gradcam(maps, raw: Tensor, resized: Tensor) -> None:
     maps.cams_raw.provide("gradcam", raw)
     maps.cams.provide("gradcam", resized)
 
-
-def _detach(value: Any) -> Any:
-    return torch.utils._pytree.tree_map(lambda v: v.detach() if isinstance(v, Tensor) else v, value)
 
 
 def _channel_score(argument: Tuple[str, Tensor, Optional[Tensor]], captures: Dict[str, Tensor]) -> Tensor:

@@ -167,12 +167,16 @@ class Explainer(nn.Module):
         if explanation is None:
             result = self.forward_backward(
                 x, lambda out, caps, fixed: self._score(target if fixed is None else fixed, out, caps, x.shape[0]))
-            explanation = explanation_from_pass(
-                result, layers=self.layers, logits=self._select(result.outputs), input_size=tuple(x.shape[2:]),
-                interpolate=interpolate, rule=self.rule.name, swapped=len(self.swapped),
-                layouts=getattr(self.report, "layouts", None))
+            explanation = self.explanation_of(result, x, interpolate)
         warn_if_zero_gradients(explanation, reads_values(x, check_finite), target)
         return explanation
+
+    def explanation_of(self, result: PassResult, x: Tensor, interpolate: str) -> Explanation:
+        """The :class:`Explanation` of one pass over ``x`` (eager or compiled), read with this explainer's
+        layers, output, rule and layouts."""
+        return explanation_from_pass(result, layers=self.layers, logits=self._select(result.outputs),
+                                     input_size=tuple(x.shape[2:]), interpolate=interpolate, rule=self.rule.name,
+                                     swapped=len(self.swapped), layouts=getattr(self.report, "layouts", None))
 
     def _warn_if_nothing_swapped(self) -> None:
         """Once per explainer: with no rectifier swapped, the rule's "guided" map is the plain gradient."""

@@ -279,7 +279,7 @@ def explanation_from_pass(result: PassResult, *, layers: Sequence[str], logits: 
                                   layouts.get(name, CHANNELS_FIRST), name)
                   for name, a, g in zip(layers, result.captures, result.layer_grads)}
     return Explanation(logits.detach(), result.classes, result.score.detach(), result.input_grad, layer_maps,
-                       _detach_tree(result.outputs), rule, swapped)
+                       detach_tree(result.outputs), rule, swapped)
 
 
 def zero_gradient_messages(explanation: Explanation, layers: bool = True) -> List[str]:
@@ -339,7 +339,8 @@ def _rows(index: Union[int, slice], length: Optional[int] = None) -> slice:
     return slice(index, index + 1)
 
 
-def _detach_tree(outputs: Any) -> Any:
+def detach_tree(outputs: Any) -> Any:
+    """``outputs`` (any nesting of containers) with every tensor detached."""
     return torch.utils._pytree.tree_map(lambda v: v.detach() if isinstance(v, Tensor) else v, outputs)
 
 
