@@ -143,29 +143,30 @@ def plain_compiled(model: nn.Module, layer: str, size: int = 224, options: Optio
 
 
 def gs_guided(model: nn.Module, layer: str, size: int = 224, options: Optional[dict] = None) -> Method:
-    explainer = convert(model, layer=None)
-    return lambda x, target: {"gradient": explainer.explain(x, target).gradient}
+    return _guided_method(convert(model, layer=None))
 
 
 def gs_all(model: nn.Module, layer: str, size: int = 224, options: Optional[dict] = None) -> Method:
-    explainer = convert(model, layer=layer)
-
-    def run(x, target):
-        e = explainer.explain(x, target)
-        return {"gradient": e.gradient, "cam": e.cam, "guided_gradcam": e.guided_gradcam}
-    return run
+    return _all_maps_method(convert(model, layer=layer))
 
 
 def gs_guided_compiled(model: nn.Module, layer: str, size: int = 224, options: Optional[dict] = None) -> Method:
     explainer = convert(model, layer=None)
     explainer.compile(**(options or {}))
-    return lambda x, target: {"gradient": explainer.explain(x, target).gradient}
+    return _guided_method(explainer)
 
 
 def gs_all_compiled(model: nn.Module, layer: str, size: int = 224, options: Optional[dict] = None) -> Method:
     explainer = convert(model, layer=layer)
     explainer.compile(**(options or {}))
+    return _all_maps_method(explainer)
 
+
+def _guided_method(explainer) -> Method:
+    return lambda x, target: {"gradient": explainer.explain(x, target).gradient}
+
+
+def _all_maps_method(explainer) -> Method:
     def run(x, target):
         e = explainer.explain(x, target)
         return {"gradient": e.gradient, "cam": e.cam, "guided_gradcam": e.guided_gradcam}
