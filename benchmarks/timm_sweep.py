@@ -157,6 +157,7 @@ def check_model(name: str, size: int, max_params: float, rtol: float) -> dict:
     import torch
 
     import guided_swap as gs
+    from guided_swap import reference
 
     row = {"model": name, "checks": CHECKS, "commit": library_commit()}
     started = time.perf_counter()
@@ -212,7 +213,7 @@ def check_model(name: str, size: int, max_params: float, rtol: float) -> dict:
     # kernel): its logits are compared with the model's own output under autograd
     with_grad = model(x.clone().requires_grad_(True)).detach()
     row["logits_identical"] = forward_identical and bool(torch.equal(e.logits, with_grad))
-    expected = reference_gradient(model, x, target)
+    expected = reference.input_gradient(model, x, target)
     finite = bool(torch.isfinite(expected).all())
     scale = float(expected.abs().max()) if finite else math.nan
     row["gradient_rel_error"] = float((e.gradient - expected).abs().max()) / scale if scale > 0 else None
@@ -258,20 +259,6 @@ def check_model(name: str, size: int, max_params: float, rtol: float) -> dict:
 def feature_sum(outputs):
     """The score of a model that returns features, not logits: one number per sample."""
     return outputs.flatten(1).sum(dim=1)
-
-
-def reference_gradient(model, x, target):
-    """The fx-free guided gradient of ``target`` (classes, or :func:`feature_sum`)."""
-    import torch
-
-    from guided_swap import reference
-
-    if not callable(target):
-        return reference.input_gradient(model, x, target)
-    x = x.detach().clone().requires_grad_(True)
-    with reference.ReLURule("guided"):
-        score = target(model(x)).sum()
-    return torch.autograd.grad(score, x)[0]
 
 
 def calls_through_the_rule(ex, x):

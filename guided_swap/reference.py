@@ -130,12 +130,16 @@ def count_relu_calls(model: nn.Module, x: Tensor) -> int:
 
 
 def input_gradient(model: nn.Module, x: Tensor, target: Any, rule: str = "guided", output=None) -> Tensor:
-    """``d score / d x`` with ``rule`` applied at every ReLU, for one class per sample."""
+    """``d score / d x`` with ``rule`` applied at every ReLU, for one class per sample, or for a callable
+    ``target(outputs) -> (B,) score``."""
     x = x.detach().clone().requires_grad_(True)
     with ReLURule(rule):
         out = model(x)
-    logits = out if output is None else out[output]
-    score = logits.gather(1, torch.as_tensor(target).view(-1, 1)).sum()
+    if callable(target) and not isinstance(target, Tensor):
+        score = target(out).sum()
+    else:
+        logits = out if output is None else out[output]
+        score = logits.gather(1, torch.as_tensor(target).view(-1, 1)).sum()
     (grad,) = torch.autograd.grad(score, x)
     return grad
 

@@ -34,6 +34,14 @@ def test_target_forms_agree(resnet):
     assert torch.equal(same.score, resnet(x)[:, 7].detach())
 
 
+def test_a_callable_target_equals_the_fx_free_reference_of_the_same_score(resnet):
+    x = image_batch(32)
+    score = lambda logits: logits[:, 3] - 0.5 * logits[:, 8]  # no class of its own: mixed evidence
+    expected = reference.input_gradient(resnet, x, score)
+    assert expected.abs().max() > 0
+    assert relative_error(gs.convert(resnet, layer=None).explain(x, score).gradient, expected) < 1e-5
+
+
 def test_batching_gives_per_sample_results(resnet):
     ex = gs.convert(resnet, layer="layer4")
     x = image_batch(32, ("chelsea", "astronaut", "immunohistochemistry"))
