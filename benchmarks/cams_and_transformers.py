@@ -34,7 +34,7 @@ import torchvision
 import guided_swap as gs
 import pytorch_grad_cam as pgc
 from guided_swap._files import atomic_write
-from guided_swap.benchmark import interleaved
+from guided_swap.checks.benchmark import interleaved
 from pytorch_grad_cam.utils.image import scale_cam_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 

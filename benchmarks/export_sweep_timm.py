@@ -15,9 +15,10 @@ import warnings
 import timm
 import torch
 
-from guided_swap import reference, rewrite
-from guided_swap.export_capture import trace_export
-from guided_swap.rules import get_rule
+from guided_swap.checks import reference
+from guided_swap.capture.graph import rewrite
+from guided_swap.capture.graph.export_trace import trace_export
+from guided_swap.core.rules import get_rule
 
 sys.path.insert(0, "tests")
 from conftest import image_batch, randomise_batchnorm, relative_error  # noqa: E402

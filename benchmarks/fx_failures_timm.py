@@ -14,8 +14,8 @@ import timm
 import torch
 from torch import nn
 
-from guided_swap import trace as trace_module
-from guided_swap.export_capture import fx_failure_site
+from guided_swap.capture.graph import trace as trace_module
+from guided_swap.capture.graph.export_trace import fx_failure_site
 
 # Families of transformers / MLP-mixers are left out: the question is which ReLU CNNs need the export path.
 SKIP_MODULES = {

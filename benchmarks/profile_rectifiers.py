@@ -1,4 +1,4 @@
-"""CPU cost of a swapped rectifier in eager mode, before and after the native-node path (guided_swap.ops).
+"""CPU cost of a swapped rectifier in eager mode, before and after the native-node path (guided_swap.capture.ops).
 
 "Before" is every rectifier through the rule's Python ``autograd.Function`` (``RectifierFunction``), which is
 what a rule without ``incoming()`` still takes; "after" is the native ReLU node with the rule's ``incoming``
@@ -30,9 +30,10 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import guided_swap as gs
-from guided_swap import benchmark, ops
+from guided_swap.checks import benchmark
+from guided_swap.capture import ops
 from guided_swap._files import atomic_write
-from guided_swap.rules import get_rule
+from guided_swap.core.rules import get_rule
 
 LAYERS = {"resnet18": "layer4", "resnet50": "layer4", "vgg16": "features.29", "densenet121": "features",
           "googlenet": "inception5b", "mobilenet_v2": "features"}

@@ -7,7 +7,7 @@ Same as ``guided-swap bench``; see guided_swap/benchmark.py for what is measured
 """
 import sys
 
-from guided_swap.benchmark import main
+from guided_swap.checks.benchmark import main
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -7,7 +7,7 @@
 For each model (random weights, pretrained=False, eval mode, BatchNorm statistics randomised away from the
 identity, batch 1, a real photograph at 224 px, or at the model's own size when it takes only that one):
 
-- the run-time ReLU/ReLU6 count from the fx-free reference (guided_swap.reference); models with none are
+- the run-time ReLU/ReLU6 count from the fx-free reference (guided_swap.checks.reference); models with none are
   listed as "no ReLU" and not checked further (counted on the meta device when the forward runs there);
   models over --max-params parameters are skipped, unbuilt;
 - ``gs.convert(model)`` with default arguments (``layer="auto"`` resolved on the first explained input;
@@ -62,7 +62,7 @@ def meta_relu_count(model, size: int):
     """
     import torch
 
-    from guided_swap import reference
+    from guided_swap.checks import reference
 
     channels, sizes, _ = sizes_to_try(model, size)
     try:
@@ -100,7 +100,7 @@ def randomise_batchnorm(model) -> None:
 def photograph(size: int, channels: int, mean, std):
     from skimage import data
 
-    from guided_swap.images import load_image
+    from guided_swap.media.images import load_image
 
     x = load_image(data.astronaut(), resize=round(size * 256 / 224), crop=size, mean=mean, std=std,
                    channels=channels)
@@ -119,7 +119,7 @@ def relu_count_and_input(model, size: int):
     """The run-time ReLU count at the first input size the model runs at, and that input."""
     import torch
 
-    from guided_swap import reference
+    from guided_swap.checks import reference
 
     channels, sizes, cfg = sizes_to_try(model, size)
     mean, std = cfg.get("mean", (0.485, 0.456, 0.406)), cfg.get("std", (0.229, 0.224, 0.225))
@@ -157,7 +157,7 @@ def check_model(name: str, size: int, max_params: float, rtol: float) -> dict:
     import torch
 
     import guided_swap as gs
-    from guided_swap import reference
+    from guided_swap.checks import reference
 
     row = {"model": name, "checks": CHECKS, "commit": library_commit()}
     started = time.perf_counter()
@@ -269,7 +269,7 @@ def calls_through_the_rule(ex, x):
     wrappers set there for the length of one forward see every swapped call that really runs (loops and
     repeated modules included), which a count of call sites in the graph cannot.
     """
-    from guided_swap import ops
+    from guided_swap.capture import ops
 
     original_path, original_forward, calls = getattr(ops, "native_path", None), ops.RectifierFunction.forward, [0]
 

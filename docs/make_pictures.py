@@ -2,7 +2,7 @@
 
     python docs/make_pictures.py            # writes docs/images/*.png
 
-The models themselves are rebuilt with ``python -m guided_swap.demo --train [faces|photos]`` (deterministic).
+The models themselves are rebuilt with ``python -m guided_swap.checks.demo --train [faces|photos]`` (deterministic).
 To keep the repository small the PNGs are drawn at 72-90 dpi with 32 levels per colour channel (white stays
 white); a palette of 256 colours would band the colour bars.
 """
@@ -13,7 +13,8 @@ import sys
 import torch
 
 import guided_swap as gs
-from guided_swap import demo, viz
+from guided_swap.checks import demo
+from guided_swap.media import viz
 from guided_swap._files import atomic_write
 
 IMAGES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "images")

@@ -1,7 +1,7 @@
 """``python -m guided_swap ...`` is the guided-swap command (and what torchrun runs with ``-m guided_swap``)."""
 import sys
 
-from .cli import main
+from .app.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -80,7 +80,7 @@ def lively_targets(model, x: torch.Tensor, layer: torch.nn.Module, candidates: i
 
     With random weights many classes give an all-zero Grad-CAM; comparing zeros proves nothing.
     """
-    from guided_swap import reference
+    from guided_swap.checks import reference
 
     with torch.no_grad():
         ranked = model(x).argsort(dim=1, descending=True)[:, :candidates]

@@ -94,7 +94,7 @@ def test_command_lines_parse():
     with a ``main``; install and test lines are the only others allowed."""
     import importlib
 
-    from guided_swap import cli
+    from guided_swap.app import cli
 
     checked = 0
     for page in PAGES:

@@ -1,0 +1,453 @@
+"""The folder runner behind ``guided-swap explain``: plan, decode in DataLoader workers, explain, write.
+
+One run:
+
+1. rank 0 finds the inputs, checks the layout and sorts the inputs into done (same settings) and to do
+   (:mod:`guided_swap.app.results`), reading only, before any model is built;
+2. every rank builds the explainer; rank 0 makes ``OUT`` and removes the temporaries a killed run left there;
+   every rank takes its share of the inputs to do (:mod:`guided_swap.app.distributed`),
+   decodes them in ``workers`` DataLoader processes and writes one ``.npz`` and/or ``.png`` per input, each
+   atomically, each carrying its record;
+3. with one colour scale for the run (``--scale shared``, the default), the figures wait for a drawing pass:
+   rank 0 merges the records' sums into one range per kind of map, and the figures missing or on another range
+   are drawn from the maps already saved, so no input is explained twice in one run (with ``--smooth N`` that
+   would cost N copies again). With ``--save png,npz`` they come from the ``.npz`` files; with ``--save png``
+   step 2 also wrote the arrays each figure shows (:func:`~guided_swap.app.writing.figure_names`, float32 as
+   computed) to a hidden temporary ``OUT/.NAME.maps.PID-TOKEN.part``, removed once its figure is drawn or the
+   run stops. Each file must carry the very record rank 0 made the range from (its fingerprint), so a file
+   another process replaced meanwhile is not drawn from: that input's index line says so. Each rank draws the
+   figures of the inputs it explained, from its own files, and its share of the done results to redraw. A done
+   result whose figure is on an old range is redrawn from its ``.npz``; a result of an earlier ``--save png``
+   run has no maps kept, so it is explained again to be drawn (once: it was not explained in step 2);
+4. rank 0 gathers the records and rewrites ``OUT/index.jsonl``, one line per input.
+
+Ctrl-C (or SIGTERM) stops after the current batch; what was written stays, and the same command finishes
+the job. A killed process leaves only hidden temporaries, removed by the next run.
+"""
+import os
+import signal
+import sys
+import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from .._files import remove_if_present
+from . import distributed
+from . import results
+from .decoding import Decoded, loader
+from ..core.errors import CommandError, GuidedSwapError, ZeroGradientWarning
+from ..core.maps import listing
+from .model_spec import Preprocessing, Source
+from .results import Plan
+from .writing import (CAM_METHODS, Writers, draw_saved, explain_batch, figure_context, figure_names, shared_limits,
+                      uses_layer, zero_panels)
+
+INTERRUPTED = "not explained: the run was interrupted; run the same command again to finish"
+NO_FIGURE = "figure not drawn: the run was interrupted; run the same command again to finish"
+
+
+def rule_names() -> List[str]:
+    """The backprop rules the library knows: every registered rule."""
+    from ..core.rules import rules
+
+    return list(rules())
+
+
+def method_names() -> List[str]:
+    return rule_names() + list(CAM_METHODS)
+
+
+def rule_of(method: str) -> str:
+    return CAM_METHODS.get(method, method)
+
+
+class Quiet(Exception):
+    """An error another rank reports; this rank exits without printing it."""
+
+
+@dataclass
+class Job:
+    """Everything one ``explain`` run needs, checked by the command line."""
+
+    inputs: Sequence[str]
+    out: str
+    source: Source
+    method: str = "all"
+    layer: str = "auto"
+    target: Optional[int] = None
+    preprocessing: Preprocessing = field(default_factory=Preprocessing)
+    labels: Optional[List[str]] = None
+    save: Tuple[str, ...] = ("npz", "png")
+    cmap: str = "jet"
+    scale: str = "shared"
+    batch_size: int = 8
+    workers: int = 0
+    writers: int = 0
+    force: bool = False
+    device: str = "auto"
+    report: bool = False
+    cams: Tuple[str, ...] = ()  # --cam: CAMs of guided_swap.cam_methods() saved (and drawn) besides Grad-CAM
+    smooth: Optional[int] = None  # --smooth: SmoothGrad copies per input
+    noise: Optional[float] = None  # --noise: their noise, a fraction of each input's value range
+
+    def settings(self) -> Dict[str, Any]:
+        """What makes a result what it is: recorded in each result and compared on a rerun."""
+        from .. import __version__
+        from .model_spec import sha256_text
+
+        p = self.preprocessing
+        return results.normalised({
+            "library": "guided_swap", "version": __version__, **self.source.settings(),
+            "layer": self.layer if uses_layer(self.method) else None, "method": self.method,
+            "rule": rule_of(self.method), "target": "auto" if self.target is None else self.target,
+            "resize": p.resize, "size": p.crop, "mean": list(p.mean), "std": list(p.std),
+            "labels_sha256": None if self.labels is None else sha256_text("\n".join(self.labels)),
+            "cmap": self.cmap, "scale": self.scale, "cams": list(self.cams), "smooth": self.smoothing()})
+
+    def smoothing(self) -> Optional[Dict[str, Any]]:
+        from ..run.smoothing import DEFAULT_NOISE
+        from .writing import SMOOTHING_SEED
+
+        if self.smooth is None:
+            return None
+        return {"copies": self.smooth, "noise": DEFAULT_NOISE if self.noise is None else self.noise,
+                "seed": SMOOTHING_SEED}
+
+
+def blank_maps(lines: Sequence[dict], shown: int = 3) -> Optional[str]:
+    """One line naming the results with a map that is zero everywhere (:func:`~guided_swap.app.writing.zero_panels`),
+    or None; such a map shows nothing though it looks like an answer."""
+    blank = {line.get("name") or line["input"]: zero_panels(line) for line in lines if line.get("error") is None}
+    blank = {name: panels for name, panels in blank.items() if panels}
+    if not blank:
+        return None
+    kinds = ", ".join(sorted({panel for panels in blank.values() for panel in panels}))
+    return (f"warning: {len(blank)} of {len(lines)} result(s) hold a map that is zero everywhere ({kinds}): "
+            f"{listing(list(blank), shown)}. Such a map shows nothing. A gradient that is zero everywhere gives one "
+            "(an untrained or zero-initialised head: torchvision's ViT starts its head at zero; a target that ignores "
+            "the input), and so does a CAM whose layer holds only evidence against the class; each record's "
+            "\"moments\" in index.jsonl has the map ranges")
+
+
+def _say(message: str) -> None:
+    print(f"guided-swap: {message}", file=sys.stderr, flush=True)
+
+
+def _plan(job: Job, settings: Dict[str, Any], done_kinds: Sequence[str]) -> Plan:
+    items = results.discover(job.inputs, job.out)
+    return results.plan(items, job.out, settings, job.save, job.force, done_kinds)
+
+
+def _prepare(job: Job, group) -> None:
+    """Rank 0 makes OUT and removes what killed runs left; the other ranks wait, then all write."""
+    from .._files import remove_stale_parts
+
+    if group.main:
+        results.prepare(job.out)
+        remove_stale_parts(job.out)
+    distributed.broadcast(None, group)
+
+
+def _shared_plan(job: Job, settings: Dict[str, Any], group, done_kinds: Sequence[str]) -> Plan:
+    """Rank 0 plans; every rank gets the plan, or rank 0's error (raised everywhere, printed by rank 0)."""
+    plan, error = None, None
+    if group.main:
+        try:
+            plan = _plan(job, settings, done_kinds)
+        except (GuidedSwapError, OSError) as caught:
+            error = caught
+    plan, message = distributed.broadcast((plan, None if error is None else str(error)), group)
+    if error is not None:
+        raise error
+    if message is not None:
+        raise Quiet(message)
+    return plan
+
+
+# --- the explainer -------------------------------------------------------------------------------------------
+
+def build_explainer(job: Job, group, say: Callable[[str], None]):
+    """Model, explainer on this rank's device, and the model's class count and input channels."""
+    from .. import convert
+    from ..capture.graph.layers import input_spec
+    from .model_spec import build
+
+    model = build(job.source, say=lambda m: say(f"warning: {m}"))
+    channels = (input_spec(model) or (4, 3))[1]
+    size = job.preprocessing.crop
+    example = torch.zeros(1, channels, size, size)
+    explainer = convert(model, layer=job.layer if uses_layer(job.method) else None, rule=rule_of(job.method),
+                        example_input=example)
+    explainer = explainer.to(group.device)
+    with torch.no_grad():
+        classes = explainer(example.to(group.device)).shape[-1]
+    if job.labels is not None and len(job.labels) != classes:
+        raise CommandError(f"{len(job.labels)} class names (--labels or the weights') but the model has {classes} "
+                           "outputs")
+    if job.target is not None and job.target >= classes:
+        raise CommandError(f"--target {job.target} is not a class of this model: it has {classes} outputs "
+                           f"(0..{classes - 1})")
+    given, values = job.preprocessing.source == "--mean/--std", len(job.preprocessing.mean)
+    if values not in (1, channels) and (given or values < channels):
+        raise CommandError(f"--mean/--std have {values} values; the model takes {channels} channel(s): give one "
+                           "value per channel, or one for all")
+    return explainer, classes, channels
+
+
+def summary(explainer, job: Job) -> str:
+    """One line: the report's summary (what was swapped, the layer captured, what was left alone), and what
+    it means when a rule that needs rectifiers found none."""
+    report = explainer.report
+    line = f"model {job.source.model or job.source.weights}: {report.summary()}"
+    if not report.ordinary_rule and not report.swapped:
+        line += f"; no rectifier found, so the {report.rule} map is a plain gradient"
+    if report.hidden_in_leaves:
+        line += f"; NOT swapped, inside leaf modules: {', '.join(report.hidden_in_leaves)}"
+    return line
+
+
+# --- the run -------------------------------------------------------------------------------------------------
+
+class _StopFlag:
+    def __init__(self):
+        self.raised = False
+
+
+@contextmanager
+def stop_after_batch():
+    """While inside: the first SIGINT/SIGTERM sets ``flag.raised``; a second one stops at once."""
+    flag = _StopFlag()
+    previous = {}
+
+    def handler(number, frame):
+        flag.raised = True
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        previous[sig] = signal.signal(sig, handler)
+    try:
+        yield flag
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _progress(total: int, group, what: str):
+    from tqdm import tqdm
+
+    desc = what if group.world == 1 else f"{what} (rank 0 of {group.world})"
+    return tqdm(total=total, desc=desc, unit="img", disable=None if group.main else True, file=sys.stderr,
+                dynamic_ncols=True)
+
+
+def run(job: Job, say: Callable[[str], None] = _say) -> int:
+    """Run ``job``; 0 when every input has its result, 1 when some could not be read, 130 when interrupted."""
+    group = distributed.start(job.device)
+    try:
+        return _run(job, group, say if group.main else (lambda message: None))
+    finally:
+        distributed.stop(group)
+
+
+def _stages(job: Job) -> Tuple[Tuple[str, ...], bool]:
+    """What the explaining pass writes, and whether the figures wait for a drawing pass on one shared scale
+    (they are then drawn from the maps this pass saved: the ``.npz``, else a hidden temporary)."""
+    shared = job.scale == "shared" and "png" in job.save
+    return tuple(kind for kind in job.save if not (shared and kind == "png")), shared
+
+
+def _pass(explainer, job: Job, plan: Plan, indices, settings, group, channels: int, kinds, limits, flag, what: str,
+          stashed: Optional[Dict[int, str]] = None):
+    """Explain ``indices`` (already this rank's share) and write their ``kinds`` of output; (records,
+    interrupted). With ``stashed`` (a dict), their figure arrays also go to hidden temporaries, added to it."""
+    records, interrupted = {}, False
+    batches = loader(Decoded(plan.items, indices, job.preprocessing, channels), job.batch_size, job.workers)
+    writers = Writers(job.writers, backlog=2 * job.batch_size)  # Ctrl-C waits for at most two batches' writes
+    # explain's warning names samples of one batch; the run names the files once at its end (_finish)
+    with _progress(len(indices), group, what) as bar, writers, warnings.catch_warnings():
+        warnings.simplefilter("ignore", ZeroGradientWarning)
+        for batch in batches:
+            made, kept = explain_batch(explainer, job, batch, plan.items, settings, group, writers, kinds, limits,
+                                       stashed is not None)
+            records.update(made)
+            if stashed is not None:
+                stashed.update(kept)
+            bar.update(len(batch))
+            if flag.raised:
+                interrupted = True
+                break
+        writers.finish()
+    return records, interrupted
+
+
+@dataclass
+class Drawing:
+    """Rank 0's plan for the figures on the run's shared scale: the scale, the figures to draw from a file (by
+    input index, the fingerprint of the record that file must carry) and those to explain again."""
+
+    limits: Dict[str, List[float]]
+    from_files: Dict[int, str]
+    again: List[int]
+
+    def __len__(self) -> int:
+        return len(self.from_files) + len(self.again)
+
+
+def _figures_to_draw(job: Job, plan: Plan, records: Dict[int, dict], settings) -> Drawing:
+    """Rank 0: the scale shared by every result of the run, and the inputs whose figure is missing or was drawn
+    on another scale (all of them when new results moved the scale). Each is drawn from its ``.npz`` when the
+    run saves one, from the temporary pass one stashed, or else (a done result of a PNG-only run, whose maps
+    were never kept) explained again."""
+    good = [records[i] for i in sorted(records) if records[i]["error"] is None]
+    drawing = Drawing(shared_limits(good, job.method, job.cams), {}, [])
+    for i in sorted(records):
+        if records[i]["error"] is not None:
+            continue
+        old = results.read_record(results.output_paths(job.out, plan.items[i], ("png",))["png"])
+        if old is not None and old.get("settings") == settings and old.get("limits") == drawing.limits:
+            continue
+        if "npz" in job.save or i not in plan.done:  # this run saved its maps: in its .npz, or stashed
+            drawing.from_files[i] = results.fingerprint(records[i])
+        else:
+            drawing.again.append(i)
+    return drawing
+
+
+def _draw(explainer, job: Job, plan: Plan, mine: Sequence[int], drawing: Drawing, stashed: Dict[int, str],
+          settings, group, flag) -> Tuple[Dict[int, dict], bool]:
+    """Draw the figures of ``mine`` from the maps a file holds (the ``.npz``, or this rank's stash, removed once
+    drawn), each checked to carry the record rank 0 counted; (records, interrupted)."""
+    records, interrupted = {}, False
+    names = figure_names(job.method, job.cams)
+    writers = Writers(job.writers, backlog=2 * job.batch_size)
+    with _progress(len(mine), group, "drawing") as bar, writers:
+        for done, index in enumerate(mine, 1):
+            item = plan.items[index]
+            path = stashed.get(index) or results.output_paths(job.out, item, ("npz",))["npz"]
+            rec, maps = results.read_saved(path, names)
+            if rec is None or results.fingerprint(rec) != drawing.from_files[index]:
+                records[index] = results.failure_record(item, settings, _changed(job, path))
+            else:
+                context = figure_context(explainer, job, rec.get("layers") or {})
+                writers.submit(job, item, rec, maps, context, drawing.limits, stashed.get(index), work=draw_saved)
+                records[index] = rec
+            bar.update(1)
+            if flag.raised and (done % job.batch_size == 0 or done == len(mine)):
+                interrupted = done < len(mine)
+                break
+        writers.finish()
+    return records, interrupted
+
+
+def _changed(job: Job, path: str) -> str:
+    where = path[len(job.out):].lstrip("/\\")
+    return (f"figure not drawn: {where} changed during the run (another process writing into the same --out?); "
+            "run the same command again")
+
+
+def _run(job: Job, group, say) -> int:
+    settings = job.settings()
+    first, shared = _stages(job)
+    stash = shared and "npz" not in job.save
+    plan = _shared_plan(job, settings, group, first or job.save)
+    if plan.replaced:
+        say(f"--force: replacing {plan.replaced} result(s) made with other settings")
+    if plan.changed:
+        say(f"{plan.changed} input(s) changed since their results were made: explaining them again")
+    if plan.done:
+        say(f"{len(plan.done)} of {len(plan.items)} input(s) already done with these settings in {job.out}: skipped")
+    explainer, _, channels = build_explainer(job, group, say)
+    _prepare(job, group)
+    say(summary(explainer, job))
+    if job.report and group.main:
+        print(explainer.report)
+    started = time.perf_counter()
+    common = (explainer, job, plan)
+    mine = distributed.shard(plan.todo, group)
+    stashed: Dict[int, str] = {}
+    try:
+        with stop_after_batch() as flag:
+            records, interrupted = _pass(*common, mine, settings, group, channels, first, None, flag, "explaining",
+                                         stashed if stash else None)
+            gathered = distributed.gather((records, interrupted), group)
+            drawn: Optional[list] = None
+            if shared:
+                drawn = distributed.gather(_draw_shared(common, mine, gathered, stashed, settings, group, channels,
+                                                        flag, say), group)
+    finally:
+        for path in stashed.values():  # those left when the run stopped before drawing them
+            remove_if_present(path)
+    seconds = distributed.gather(time.perf_counter() - started, group)
+    if not group.main:
+        return 0
+    return _finish(job, plan, settings, gathered, drawn, max(seconds), group, say)
+
+
+def _draw_shared(common, mine, gathered, stashed, settings, group, channels, flag, say) -> Tuple[Dict[int, dict], bool]:
+    """The drawing pass: rank 0 plans it (:func:`_figures_to_draw`); each rank draws, from files, the figures
+    of the inputs it explained and its share of the done ones, and explains again those it must."""
+    explainer, job, plan = common
+    drawing = None
+    if group.main and not any(interrupted for _, interrupted in gathered):
+        drawing = _figures_to_draw(job, plan, _merged(plan, gathered), settings)
+    drawing = distributed.broadcast(drawing, group)
+    if drawing is None or not len(drawing):
+        return {}, False
+    say(f"drawing {len(drawing)} figure(s) on one colour scale shared by the {len(plan.items)} input(s)")
+    explained, todo = set(mine), set(plan.todo)
+    ours = [i for i in drawing.from_files if i in explained]
+    ours += distributed.shard([i for i in drawing.from_files if i not in todo], group)
+    records, interrupted = _draw(explainer, job, plan, ours, drawing, stashed, settings, group, flag)
+    if drawing.again and not interrupted:
+        again, interrupted = _pass(*common, distributed.shard(drawing.again, group), settings, group, channels,
+                                   ("png",), drawing.limits, flag, "explaining again to draw")
+        records.update(again)
+    return records, interrupted
+
+
+def _merged(plan: Plan, gathered) -> Dict[int, dict]:
+    records: Dict[int, dict] = dict(plan.done)
+    for share, _ in gathered:
+        records.update(share)
+    return records
+
+
+def _finish(job: Job, plan: Plan, settings, gathered, drawn, seconds: float, group, say) -> int:
+    """Rank 0: the index from every rank's records, the failures, one closing line."""
+    records = _merged(plan, gathered)
+    interrupted = any(flag for _, flag in gathered + (drawn or []))
+    for share, _ in drawn or []:  # a figure that could not be drawn from its file
+        records.update({i: r for i, r in share.items() if r["error"] is not None})
+    if drawn is not None and interrupted:  # a result whose figure is still to draw is not done
+        figured = {i for share, _ in drawn for i in share}
+        records = {i: r if r["error"] is not None or i in figured or _has_figure(job, plan, i)
+                   else results.failure_record(plan.items[i], settings, NO_FIGURE) for i, r in records.items()}
+    lines = [records.get(i) or results.failure_record(item, settings, INTERRUPTED) for i, item in enumerate(plan.items)]
+    results.write_index(job.out, lines)
+    made = sum(len([r for r in share.values() if r["error"] is None]) for share, _ in gathered)
+    failed = [r for r in lines if r["error"] is not None and r["error"] not in (INTERRUPTED, NO_FIGURE)]
+    for record in failed:
+        say(f"could not explain {record['input']}: {record['error']}")
+    rate = f"{made / seconds:.1f} images/s" if seconds > 0 and made else "no images"
+    where = f"{group.world} processes" if group.world > 1 else f"1 process, {job.workers} decode worker(s)"
+    if interrupted:
+        finished = len([line for line in lines if line["error"] is None])
+        say(f"interrupted: stopped after the current batch; {finished} of {len(plan.items)} input(s) done in "
+            f"{job.out}; run the same command again to finish")
+        return 130
+    blank = blank_maps(lines)
+    if blank:
+        say(blank)
+    say(f"explained {made} image(s) in {seconds:.1f} s ({rate}, {where}) into {job.out}"
+        + (f"; {len(plan.done)} already done" if plan.done else "")
+        + (f"; {len(failed)} could not be read (see {job.out}/index.jsonl)" if failed else ""))
+    return 1 if failed else 0
+
+
+def _has_figure(job: Job, plan: Plan, index: int) -> bool:
+    return os.path.exists(results.output_paths(job.out, plan.items[index], ("png",))["png"])

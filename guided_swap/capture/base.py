@@ -1,0 +1,162 @@
+"""The capture contract: what every capture path (fx, export, run time) gives the explainer.
+
+A :class:`Capture` holds a model's rectifiers swapped for a rule and the layers it captures. The explainer
+(:class:`guided_swap.Explainer`), SmoothGrad, ``compile`` and ``export`` use nothing else of it:
+
+- ``layers``, ``rule``, ``output``, ``report`` (a :class:`~guided_swap.core.report.ConversionReport`), ``layouts``;
+- :meth:`Capture.prepare` on the first input (a capture that resolves ``layer="auto"`` or picks its path then);
+- :meth:`Capture.check`: the input's batch size and spatial size, or a clear error;
+- :meth:`Capture.forward`: the model's own output; :meth:`Capture.run`: the one forward and backward every map
+  comes from, a :class:`~guided_swap.core.maps.PassResult`, for a :class:`~guided_swap.core.targets.Score`;
+- :attr:`Capture.graph_module`: the explain graph when there is one (``None``: nothing to compile or export);
+- :meth:`Capture.stack` / :meth:`Capture.unstack`: the input as one ``(B, C, ...)`` tensor and back (SmoothGrad
+  adds its noise to that tensor).
+
+A capture is an ``nn.Module`` holding the modules it runs, so ``.to()``, ``state_dict()`` and saving go through
+it. Adding a capture path means writing one subclass; nothing else changes.
+
+>>> import torch, torchvision, guided_swap as gs
+>>> ex = gs.convert(torchvision.models.resnet18().eval(), layer="layer4")
+>>> capture = ex.capture
+>>> x = torch.randn(2, 3, 64, 64)
+>>> capture.check(x), capture.graph_module is not None
+(InputShape(batch=2, spatial=(64, 64)), True)
+>>> result = capture.run(x, gs.core.targets.as_score(None))
+>>> tuple(result.input_grad.shape), tuple(result.layer_grads[0].shape)
+((2, 3, 64, 64), (2, 512, 2, 2))
+"""
+import abc
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from ..core.errors import GuidedSwapError, InputError, LayerError
+from ..core.layout import Layout
+from ..core.maps import PassResult
+from ..core.report import ConversionReport
+from ..core.rules import Rule
+from ..core.targets import OutputKey, Score
+
+AUTO = "auto"
+
+
+class LayerChoice(NamedTuple):
+    """What ``layer="auto"`` chose, on any path: a graph node or a module path, and why."""
+
+    where: Any
+    reason: str
+
+
+class InputShape(NamedTuple):
+    batch: int
+    spatial: Tuple[int, ...]
+
+
+class Capture(nn.Module, abc.ABC):
+    """One capture path's model with its rectifiers swapped and its layers captured (module docstring)."""
+
+    def __init__(self, rule: Rule, layers: Sequence[str], output: OutputKey):
+        super().__init__()
+        self.rule, self.layers, self.output = rule, tuple(layers), output
+
+    @property
+    @abc.abstractmethod
+    def report(self) -> ConversionReport:
+        """What was swapped, left alone and captured."""
+
+    @property
+    def layouts(self) -> Dict[str, Layout]:
+        """How each captured layer becomes (B, C, *spatial) (a layer missing here is channels first)."""
+        return dict(self.report.layouts)
+
+    @property
+    def swapped(self) -> Tuple[str, ...]:
+        return tuple(s.name for s in self.report.swapped)
+
+    @property
+    def graph_module(self) -> Optional[nn.Module]:
+        """The explain graph (returns :class:`~guided_swap.capture.graph.plan.GraphOutputs`), or None for a path
+        that has none to compile or export."""
+        return None
+
+    @property
+    def ready(self) -> bool:
+        """Whether everything is resolved (False: :meth:`prepare` still needs an input)."""
+        return True
+
+    def prepare(self, x: Any) -> None:
+        """Resolve what waits for an input (``layer="auto"``, the path itself) from ``x``; idempotent."""
+
+    @abc.abstractmethod
+    def check(self, x: Any, check_finite: Optional[bool] = None) -> InputShape:
+        """The batch size and spatial size of ``x``, after refusing an input the model cannot take."""
+
+    @abc.abstractmethod
+    def forward(self, x: Any) -> Any:
+        """The model's own output (the rule applies if you backpropagate through it)."""
+
+    @abc.abstractmethod
+    def run(self, x: Any, score: Score) -> PassResult:
+        """One forward and one backward: the rule's input gradient and the ordinary gradient at each capture."""
+
+    def stack(self, x: Any) -> Tensor:
+        """The input as one (B, C, ...) tensor."""
+        return x
+
+    def unstack(self, x: Tensor, like: Any) -> Any:
+        """A (B, C, ...) tensor as an input of the form of ``like`` (what the model was given)."""
+        return x
+
+    def before_save(self) -> None:
+        """Refuse, before anything is written, what a saved file could not hold (default: nothing)."""
+
+    def extra_repr(self) -> str:
+        return f"rule={self.rule.name!r}, layers={self.layers}, swapped={len(self.swapped)}"
+
+
+def layer_list(layer: Union[None, str, Sequence[str]]) -> List[str]:
+    """``convert(layer=...)`` as a list of names."""
+    if layer is None:
+        return []
+    if isinstance(layer, str):
+        return [layer]
+    if isinstance(layer, Sequence) and all(isinstance(name, str) for name in layer):
+        if len(set(layer)) != len(layer):
+            raise LayerError(f"layer names repeat: {list(layer)}")
+        return list(layer)
+    raise TypeError(f"layer must be a name, a list of names, 'auto' or None; got {layer!r}")
+
+
+def reads_values(x: Tensor, check_finite: Optional[bool]) -> bool:
+    """Whether ``explain`` reads values (the finiteness check, the zero-gradient warning): None means on the
+    CPU only, since elsewhere reading one waits for the device."""
+    return x.device.type == "cpu" if check_finite is None else bool(check_finite)
+
+
+def check_autograd() -> None:
+    if torch.is_inference_mode_enabled():
+        raise GuidedSwapError("explain() needs autograd, which torch.inference_mode() turns off; call it outside")
+
+
+def check_tensor(x: Tensor, module: nn.Module, check_finite: Optional[bool]) -> None:
+    """Refuse an input tensor that is not floating point, not where ``module``'s weights are, or not finite."""
+    if not x.is_floating_point():
+        raise TypeError(f"input must be a floating-point tensor, got dtype {x.dtype}; convert it with x.float()")
+    parameter = next(module.parameters(), None)
+    if parameter is not None and (x.device != parameter.device or x.dtype != parameter.dtype):
+        raise InputError(f"input is {x.dtype} on {x.device} but the explainer is {parameter.dtype} on "
+                         f"{parameter.device}: move one, e.g. x.to(device, dtype) or explainer.to(...)")
+    if reads_values(x, check_finite) and not bool(torch.isfinite(x).all()):
+        raise InputError("input holds NaN or Inf values; every map would be NaN. Clean the input first")
+
+
+def gradients(total: Tensor, inputs: Sequence[Tensor], retain_graph: bool = False) -> List[Tensor]:
+    """``d total / d input`` for each input; zeros where the score does not depend on it."""
+    needed = [t for t in inputs if t.requires_grad]
+    grads = iter(torch.autograd.grad(total, needed, retain_graph=retain_graph, allow_unused=True) if needed else ())
+    result = []
+    for tensor in inputs:
+        grad = next(grads) if tensor.requires_grad else None
+        result.append(torch.zeros_like(tensor) if grad is None else grad)
+    return result

@@ -1,0 +1,159 @@
+"""Which capture path takes a model: torch.fx, then torch.export, then run time, each tried when the one before
+fails; and the deferred capture, which picks the path on the first input when no example was given.
+
+>>> import torch, torchvision, guided_swap as gs
+>>> capture = capture_model(torchvision.models.resnet18().eval(), ["layer4"], gs.get_rule("guided"))
+>>> type(capture).__name__, capture.report.capture
+('GraphCapture', 'fx')
+"""
+import threading
+import warnings
+from typing import Any, Callable, Dict, Optional, Sequence
+
+from torch import Tensor, nn
+
+from ..core.errors import TraceError
+from ..core.layout import Layout
+from ..core.maps import PassResult
+from ..core.report import ConversionReport
+from ..core.rules import Rule
+from ..core.targets import OutputKey, Score
+from .base import Capture, InputShape
+from .graph.export_trace import fx_failure_site, trace_export
+from .graph.graph_capture import capture_graph
+from .graph.trace import trace
+from .runtime.runtime_capture import RuntimeCapture
+
+PATHS = ("auto", "fx", "export", "runtime")
+
+
+def capture_model(model: nn.Module, layers: Sequence[str], rule: Rule, output: OutputKey = None, *,
+                  path: str = "auto", example: Any = None, tracer_kwargs: Optional[Dict[str, Any]] = None,
+                  layouts: Optional[Dict[str, Layout]] = None) -> Capture:
+    """The capture of ``model`` by ``path`` (one of :data:`PATHS`); ``"auto"`` falls back fx → export → run time
+    and the report's ``capture`` says which path took it and why. Without ``example`` the export path (which
+    needs an input) is chosen on the first input: a :class:`DeferredCapture`."""
+    if path not in PATHS:
+        raise ValueError(f"capture={path!r} is not one of {PATHS}")
+    layouts = dict(layouts or {})
+
+    def runtime(reason: Optional[str]) -> Capture:
+        if layouts:
+            warnings.warn("layout=/reshape= apply to graph captures (fx, export); the run-time capture takes every "
+                          "captured layer as a channels-first map", stacklevel=5)
+        return capture_runtime(model, layers, rule, output, example, reason)
+
+    fx_note = None
+    if path in ("auto", "fx"):
+        try:
+            traced = trace(model, tracer_kwargs)
+        except TraceError as error:
+            if path == "fx":
+                raise
+            fx_note = f"fx failed at {fx_failure_site(error)}"
+        else:
+            return capture_graph(traced, model, layers, rule, output, "fx", layouts, example)
+    if path == "runtime":
+        return runtime(None)
+
+    def export_or_runtime(x: Any) -> Capture:
+        """The export capture for a tensor input; the run-time capture when export cannot take the model."""
+        if not isinstance(x, Tensor) and path == "auto":
+            return runtime(f"{fx_note}; the input is not a tensor")
+        try:
+            traced = trace_export(model, x)
+        except (TraceError, TypeError) as error:
+            if path == "export":
+                raise
+            return runtime(f"{fx_note}; export failed: {str(error).splitlines()[0][:200]}")
+        label = "export" + (f" ({fx_note})" if fx_note else "")
+        return capture_graph(traced, model, layers, rule, output, label, layouts, x)
+
+    if example is None:
+        pending = (f"{fx_note}: " if fx_note else "") + "export (or run time if export fails)"
+        return DeferredCapture(export_or_runtime, rule, layers, output, pending)
+    return export_or_runtime(example)
+
+
+def capture_runtime(model: nn.Module, layers: Sequence[str], rule: Rule, output: OutputKey = None,
+                    example: Any = None, reason: Optional[str] = None) -> RuntimeCapture:
+    """The run-time capture; with ``example``, ``auto`` is resolved and the call sites listed now. ``reason``
+    (why the graph paths failed) is shown in the report as ``runtime (<reason>)``."""
+    capture = RuntimeCapture(model, layers, rule, output, reason)
+    if example is not None:
+        capture.check(example)
+        capture.observe(example)
+    return capture
+
+
+class DeferredCapture(Capture):
+    """A capture whose path is picked on the first input (the export path needs one); then every call goes to
+    the capture picked."""
+
+    def __init__(self, choose: Callable[[Any], Capture], rule: Rule, layers: Sequence[str], output: OutputKey,
+                 pending: str):
+        super().__init__(rule, layers, output)
+        self._choose = choose
+        self.chosen: Optional[Capture] = None
+        self._pending = ConversionReport(rule.name, (), (), (), capture=f"{pending}, pending: captured from the "
+                                         "first input", ordinary_rule=rule.ordinary)
+        self._lock = threading.Lock()
+
+    def _picked(self) -> Capture:
+        if self.chosen is None:
+            raise TraceError("this explainer captures its graph from its first input: call explain(x) or ex(x) once, "
+                             "or convert with example_input=")
+        return self.chosen
+
+    @property
+    def report(self) -> ConversionReport:
+        return self._pending if self.chosen is None else self.chosen.report
+
+    @property
+    def ready(self) -> bool:
+        return self.chosen is not None and self.chosen.ready
+
+    @property
+    def graph_module(self) -> Optional[nn.Module]:
+        return None if self.chosen is None else self.chosen.graph_module
+
+    def pick(self, x: Any) -> Capture:
+        """The capture for inputs like ``x``, picked on the first call."""
+        if self.chosen is None:
+            with self._lock:
+                if self.chosen is None:
+                    self.chosen = self._choose(x[:1].detach() if isinstance(x, Tensor) else x)
+                    self._choose = None  # it holds the model; the capture picked holds its own copy
+        return self.chosen
+
+    def prepare(self, x: Any) -> None:
+        self.pick(x).prepare(x)
+
+    def check(self, x: Any, check_finite: Optional[bool] = None) -> InputShape:
+        return self.pick(x).check(x, check_finite)
+
+    def forward(self, x: Any) -> Any:
+        return self.pick(x)(x)
+
+    def run(self, x: Any, score: Score) -> PassResult:
+        self.prepare(x)
+        return self.chosen.run(x, score)
+
+    def stack(self, x: Any) -> Tensor:
+        return self._picked().stack(x)
+
+    def unstack(self, x: Tensor, like: Any) -> Any:
+        return self._picked().unstack(x, like)
+
+    def before_save(self) -> None:
+        self._picked().before_save()
+
+    def __getstate__(self):
+        state = dict(super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__)
+        state.pop("_lock", None)
+        state["_choose"] = None
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._lock = threading.Lock()

@@ -1,0 +1,149 @@
+"""The graph capture: the model as a graph (torch.fx, or torch.export's aten graph) with its rectifiers swapped.
+
+:func:`capture_graph` makes one from a traced model; its explain graph is built at once, or on the first input
+when ``layer="auto"`` or a layout must be read from a run. One ``autograd.grad`` through that graph gives the
+rule's input gradient and, through the plain fork where rectifiers follow a capture, the ordinary gradient at
+each captured layer.
+
+>>> import torch, torchvision, guided_swap as gs
+>>> from guided_swap.capture.graph.trace import trace
+>>> model = torchvision.models.resnet18().eval()
+>>> capture = capture_graph(trace(model), model, ["layer4"], gs.get_rule("guided"), None)
+>>> capture.report.summary()
+"fx capture; rule guided: 17 rectifier call site(s) swapped; layer 'layer4' captures node 'layer4.1.relu_1'"
+"""
+import threading
+import warnings
+from typing import Any, Dict, Optional, Sequence
+
+import torch
+from torch import Tensor, fx
+
+from ...core.errors import InputError, LayerError
+from ...core.layout import Layout
+from ...core.maps import PassResult
+from ...core.report import ConversionReport
+from ...core.rules import Rule
+from ...core.targets import OutputKey, Score
+from ..base import Capture, InputShape, check_autograd, check_tensor, gradients
+from . import layouts
+from .plan import ExplainGraph, GraphOutputs, SwappedGraph
+from .trace import Traced
+
+
+class GraphCapture(Capture):
+    """A model captured as a graph: a forward graph for ``ex(x)`` and an explain graph for every map."""
+
+    def __init__(self, swapped: SwappedGraph):
+        super().__init__(swapped.rule, swapped.layers, swapped.output)
+        self.input_spec = swapped.input_spec
+        self.forward_module: fx.GraphModule = swapped.forward_graph()
+        self.explain_module: Optional[fx.GraphModule] = None
+        self.forked = False
+        self._swapped: Optional[SwappedGraph] = swapped  # until the explain graph is built
+        self._report = swapped.report(None)
+        self._lock = threading.Lock()
+
+    # --- building on the first input ---------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        return self._swapped is None
+
+    def build_now(self, example: Optional[Tensor]) -> None:
+        """Build the explain graph, unless it waits for an input (auto, or a layout read from a run)."""
+        if self._swapped.needs_example and example is None:
+            return
+        try:
+            self._install(self._swapped.build(example))
+        except layouts.NeedsInput:
+            self._swapped.layouts_need_input = True
+
+    def prepare(self, x: Any) -> None:
+        if self._swapped is None:
+            return
+        if not isinstance(x, Tensor):
+            raise LayerError("this explainer is resolved from an input: call explain(x) once, or convert with "
+                             "example_input=")
+        with self._lock:
+            if self._swapped is not None:
+                self._install(self._swapped.build(x[:1].detach()))
+
+    def _install(self, built: ExplainGraph) -> None:
+        self.explain_module = built.graph_module
+        self.forked = built.forked
+        self._report = self._swapped.report(built)
+        self._swapped = None
+        self.train(False)
+
+    # --- the contract ------------------------------------------------------------------------------------
+
+    @property
+    def report(self) -> ConversionReport:
+        return self._report
+
+    @property
+    def graph_module(self) -> Optional[fx.GraphModule]:
+        return self.explain_module
+
+    def check(self, x: Any, check_finite: Optional[bool] = None) -> InputShape:
+        check_autograd()
+        if not isinstance(x, Tensor):
+            raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
+        if self.input_spec is not None:
+            rank, channels = self.input_spec
+            if x.dim() != rank:
+                raise InputError(f"input has {x.dim()} dimensions {tuple(x.shape)}; the model expects {rank} "
+                                 f"(batch, {channels} channels, spatial...): add a batch dimension with x.unsqueeze(0)")
+            if x.shape[1] != channels:
+                raise InputError(f"input has {x.shape[1]} channels; the model's first convolution takes {channels}")
+        check_tensor(x, self.forward_module, check_finite)
+        return InputShape(x.shape[0], tuple(x.shape[2:]))
+
+    def forward(self, x: Tensor) -> Any:
+        return self.forward_module(x)
+
+    def run(self, x: Tensor, score: Score) -> PassResult:
+        """Score the main graph, then the plain fork with the classes the main graph chose; one
+        ``autograd.grad`` over both gives the rule's input gradient and the ordinary layer gradients."""
+        self.prepare(x)
+        with torch.enable_grad():
+            leaf = x.detach().requires_grad_(True)
+            out = GraphOutputs(*self.explain_module(leaf))
+            batch = x.shape[0]
+            main, classes = score(out.model, dict(zip(self.layers, out.captures)), batch)
+            scores, grad_at = [main.sum()], list(out.captures)
+            if self.forked:
+                plain, _ = score(out.fork_model, dict(zip(self.layers, out.fork_captures)), batch, classes)
+                scores.append(plain.sum())
+                grad_at = list(out.fork_captures)
+            grads = gradients(scores, [leaf] + grad_at)
+        return PassResult(out.model, tuple(out.captures), main, classes, grads[0], tuple(grads[1:]))
+
+    # --- module behaviour --------------------------------------------------------------------------------
+
+    def __getstate__(self):
+        state = dict(super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__)
+        state.pop("_lock", None)
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._lock = threading.Lock()
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", forked={self.forked}"
+
+
+def capture_graph(traced: Traced, model, layers: Sequence[str], rule: Rule, output: OutputKey,
+                  path: str = "fx", given_layouts: Optional[Dict[str, Layout]] = None,
+                  example: Optional[Tensor] = None) -> GraphCapture:
+    """The graph capture of a traced model; its explain graph is built on ``example`` (or on the first input
+    when ``auto`` or a layout needs one). ``path`` is how the report names the capture."""
+    swapped = SwappedGraph(traced, model, layers, rule, output, path, given_layouts)
+    if swapped.hidden:
+        warnings.warn(f"ReLUs inside leaf modules cannot be swapped and keep their ordinary gradient: "
+                      f"{swapped.hidden}", stacklevel=4)
+    capture = GraphCapture(swapped)
+    capture.build_now(example)
+    return capture

@@ -1,0 +1,227 @@
+"""Where the channels and the positions of a captured tensor are, read from the graph.
+
+The layout (:class:`~guided_swap.core.layout.Layout`) of each captured node is decided once, when the explain graph
+is built: channels first when the graph shows it without a run (a CNN), else read axis by axis from the graph and
+the shapes of one run (:mod:`guided_swap.capture.graph.axes`). Nothing is guessed from ``N`` being a square: the
+grid is the one the patch-embedding convolution's output was flattened from, the prefix the tokens concatenated
+before it. ``layer="auto"`` for transformers is chosen here too (:func:`auto_layer`).
+"""
+import math
+import operator
+from dataclasses import replace
+from typing import Dict, Mapping, Optional, Tuple
+
+import torch
+from torch import Tensor, fx, nn
+
+from . import axes as graph_axes
+from ...core.layout import CHANNELS_FIRST, Layout
+from ..base import LayerChoice
+
+_ATTENTION_FUNCTIONS = {"scaled_dot_product_attention", "multi_head_attention_forward", "softmax"}
+
+def layout_of(axes: Optional[graph_axes.Axes], shape: Tuple[int, ...], input_size: Tuple[int, ...]) -> Layout:
+    """The :class:`Layout` of a capture whose axes are ``axes`` (None: not understood)."""
+    if axes is None:
+        return Layout("unknown", reason=f"no channel axis could be followed to the capture {shape} from the input")
+    roles = axes.roles
+    if len(roles) < 3 or roles[0] != "B" or roles.count("C") != 1:
+        return Layout("unknown", reason=f"the capture {shape} has no (batch, channels, positions) axes")
+    channel = roles.index("C")
+    rest = tuple(k for k in range(1, len(roles)) if k != channel)
+    perm = (0, channel) + rest
+    if "T" not in roles:
+        if any(roles[k] != "S" for k in rest):
+            return Layout("unknown", reason=f"the capture {shape} mixes positions in an unexpected way")
+        kind = "nchw" if channel == 1 else "nhwc" if channel == len(roles) - 1 else None
+        if kind is None:
+            return Layout("unknown", reason=f"the channels of the capture {shape} are on axis {channel}")
+        return Layout(kind, permutation=perm, reason="read from the graph")
+    if len(roles) != 3:
+        return Layout("unknown", reason=f"the capture {shape} holds tokens and other positions at once")
+    if axes.grid is None:
+        return Layout("unknown", reason=f"the token capture {shape}: no patch grid could be followed from a "
+                                        "convolution's output to these tokens")
+    return Layout("tokens", grid=axes.grid, prefix=axes.prefix, suffix=axes.suffix, permutation=perm,
+                  input_size=tuple(input_size), reason="read from the graph")
+
+
+# --- entry points: build.py calls these -------------------------------------------------------------------
+
+def decide(gm: fx.GraphModule, nodes: Mapping[str, fx.Node], example: Optional[Tensor],
+           given: Mapping[str, Layout], input_spec: Optional[Tuple[int, int]]) -> Dict[str, Layout]:
+    """The layout of every captured layer: the user's, else channels first when the graph shows it without a
+    run, else read from the shapes of one run on ``example`` (or a zero 224-pixel input)."""
+    layouts = {name: given[name] for name in nodes if name in given and not _needs_grid(given[name])}
+    pending = {name: node for name, node in nodes.items() if name not in layouts}
+    for name, node in list(pending.items()):
+        if name not in given and graph_axes.channels_first_by_structure(gm, node):
+            layouts[name] = CHANNELS_FIRST
+            del pending[name]
+    if pending:
+        stand_in = _zero_input(gm, input_spec) if example is None else None
+        reader = graph_axes.read_graph(gm, example if example is not None else stand_in) if (example is not None or
+                                                                                stand_in is not None) else None
+        if reader is None and example is None:
+            raise NeedsInput(f"the layout of {sorted(pending)} is read from a run, and the model did not run on a "
+                             "zero 224-pixel stand-in: it is read from the first input given to explain()")
+        for name, node in pending.items():
+            if reader is None:
+                layouts[name] = Layout("unknown", reason="the model did not run on the example input")
+            elif node not in reader.shapes:
+                layouts[name] = Layout("unknown", reason=f"node {node.name!r} does not produce a tensor")
+            else:
+                size = tuple((example if example is not None else stand_in).shape[2:])
+                layouts[name] = layout_of(reader.axes.get(node), reader.shapes[node], size)
+            if name in given:  # layout="tokens": the grid and prefix come from the graph when it holds them
+                read = layouts[name]
+                layouts[name] = replace(read, reason="layout='tokens' given; grid read from the graph") \
+                    if read.kind == "tokens" else given[name]
+    return {name: layouts[name] for name in nodes}
+
+
+class NeedsInput(Exception):
+    """Raised by :func:`decide` without an example when a layout needs a run: the build waits for an input."""
+
+
+def _needs_grid(layout: Layout) -> bool:
+    return layout.kind == "tokens" and layout.grid is None
+
+
+def _zero_input(gm: fx.GraphModule, input_spec: Optional[Tuple[int, int]]) -> Optional[Tensor]:
+    """A stand-in for the input, on the meta device: only its shape is used (on fake tensors)."""
+    if input_spec is None:  # the graph did not show it plainly: the first convolution's input
+        conv = next((m for m in gm.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
+        input_spec = None if conv is None else (conv.weight.dim(), conv.in_channels)
+    if input_spec is None:
+        return None
+    rank, channels = input_spec
+    parameter = next(gm.parameters(), None)
+    dtype = parameter.dtype if parameter is not None and parameter.is_floating_point() else torch.float32
+    return torch.empty((1, channels) + (224,) * (rank - 2), dtype=dtype, device="meta")
+
+
+def transformer_layer(gm: fx.GraphModule, example: Tensor) -> Optional[LayerChoice]:
+    """``layer="auto"`` for transformers (None for CNNs: the CNN rule applies).
+
+    A model whose head reads its class token: the input of the last attention (the norm before it), the last
+    token map whose patch tokens still reach that token. A pooled model (Swin, a ViT with average pooling): the
+    last map of positions before the pooling.
+    """
+    if not _has_transformer_ops(gm):
+        return None
+    reader = graph_axes.read_graph(gm, example)
+    if reader is None:
+        return None
+    output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    upstream = graph_axes.upstream([output]) - {output}
+    maps = [n for n in gm.graph.nodes if n in upstream and _is_map(reader, n)]
+    if not maps or not any(reader.axes[n].roles[1] != "C" for n in maps):
+        return None  # channels-first all along: a CNN
+    read = _class_token_read(reader, upstream)
+    if read is not None:
+        chosen = _attention_input(reader, read)
+        if chosen is not None:
+            return LayerChoice(chosen, "auto: the input of the last attention (its norm's output): the last token map "
+                                      "whose patch tokens still reach the class token the head reads")
+    last = maps[-1]
+    while _selects_or_permutes(reader, last) and _is_map(reader, last.args[0]):
+        last = last.args[0]  # name the map itself, not a slice or a permuted view of it
+    if _cnn_would_find(reader, last):
+        return None
+    return LayerChoice(last, "auto: the last map of positions before the pooling")
+
+
+def _selects_or_permutes(reader: graph_axes.Reader, node: fx.Node) -> bool:
+    if not node.args or not isinstance(node.args[0], fx.Node):
+        return False
+    return (node.op == "call_function" and node.target is operator.getitem) or graph_axes.is_permute(node, reader.module(node))
+
+
+def _cnn_would_find(reader: graph_axes.Reader, node: fx.Node) -> bool:
+    """A channels-first map with the last convolution's spatial size: the CNN rule finds it (ConvNeXt, MaxViT)."""
+    convs = [n for n in reader.gm.graph.nodes if n in reader.shapes and
+             (isinstance(reader.module(n), nn.modules.conv._ConvNd) or graph_axes.name_of(n.target) in ("conv1d", "conv2d", "conv3d"))]
+    axes = reader.axes[node]
+    return bool(convs) and axes.roles[1] == "C" and "T" not in axes.roles and \
+        reader.shapes[node][2:] == reader.shapes[convs[-1]][2:]
+
+
+def _has_transformer_ops(gm: fx.GraphModule) -> bool:
+    """A layer norm or an attention somewhere: worth one run to read the axes (a CNN has neither)."""
+    for node in gm.graph.nodes:
+        module = gm.get_submodule(node.target) if node.op == "call_module" else None
+        if isinstance(module, (nn.LayerNorm, nn.MultiheadAttention)) or type(module).__name__ == "RMSNorm":
+            return True
+        if node.op in ("call_function", "call_method") and graph_axes.name_of(node.target) in (
+                "layer_norm", "rms_norm", "scaled_dot_product_attention", "softmax"):
+            return True
+    return False
+
+
+def _is_map(reader: graph_axes.Reader, node: fx.Node) -> bool:
+    axes = reader.axes.get(node)
+    if axes is None:
+        return False
+    layout = layout_of(axes, reader.shapes[node], ())
+    if layout.kind == "unknown":
+        return False
+    if layout.kind != "tokens" and axes.roles.count("S") != reader.input_spatial_rank:
+        return False  # e.g. Hiera's (B, h, 2, w, 2, C) unrolled blocks: not a map a CAM can be drawn on
+    positions = math.prod(layout.grid) if layout.kind == "tokens" else \
+        math.prod(reader.shapes[node][k] for k, r in enumerate(axes.roles) if r == "S")
+    return positions > 1
+
+
+def _class_token_read(reader: graph_axes.Reader, upstream: set) -> Optional[fx.Node]:
+    """The last ``x[:, i]`` on a token map that picks a prefix token (the class token), on the way to the output."""
+    found = None
+    for node in reader.gm.graph.nodes:
+        if node in upstream and node.op == "call_function" and _picks_a_prefix_token(reader, node):
+            found = node
+    return found
+
+
+def _picks_a_prefix_token(reader: graph_axes.Reader, node: fx.Node) -> bool:
+    """``x[:, i]`` (fx) or ``aten.select(x, token_axis, i)`` (the export path's graph) with ``i`` a prefix token."""
+    source = node.args[0] if node.args else None
+    axes = reader.axes.get(source) if isinstance(source, fx.Node) else None
+    if axes is None or "T" not in axes.roles or not axes.prefix:
+        return False
+    token_axis = axes.roles.index("T")
+    if node.target is operator.getitem:
+        index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+        if len(index) <= token_axis or not all(i == slice(None) for i in index[:token_axis]):
+            return False
+        picked = index[token_axis]
+    elif graph_axes.name_of(node.target) == "select" and len(node.args) == 3:
+        dim, picked = node.args[1], node.args[2]
+        if not isinstance(dim, int) or dim % len(axes.roles) != token_axis:
+            return False
+    else:
+        return False
+    return isinstance(picked, int) and 0 <= picked < axes.prefix
+
+
+def _is_attention(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), (nn.MultiheadAttention, nn.Softmax))
+    return node.op in ("call_function", "call_method") and graph_axes.name_of(node.target) in _ATTENTION_FUNCTIONS
+
+
+def _attention_input(reader: graph_axes.Reader, read: fx.Node) -> Optional[fx.Node]:
+    before = graph_axes.upstream([read]) - {read}
+    attention = [n for n in reader.gm.graph.nodes if n in before and _is_attention(reader.gm, n)]
+    if not attention:
+        return None
+    queue, seen = list(attention[-1].all_input_nodes), set()
+    while queue:
+        node = queue.pop(0)
+        if node in seen:
+            continue
+        seen.add(node)
+        module = reader.module(node)
+        if graph_axes.feature_norm(module, node, reader.shapes.get(node, ())) == "last" and _is_map(reader, node):
+            return node
+        queue.extend(node.all_input_nodes)
+    return None

@@ -1,0 +1,150 @@
+"""Tracing a user's model with torch.fx, with torchvision-style qualified node names.
+
+Node names follow ``torchvision.models.feature_extraction``: a call_module node is named by the module's
+qualified name (``layer4.1.relu``), any other node by the enclosing module's name plus the op
+(``layer4.1.add``), and repeated names get a per-scope ``_1``, ``_2`` postfix (``layer4.1.relu_1`` is the
+second call of ``layer4.1.relu``). The tracer also records what every traced-through module *returned*, so a
+module name captures the module's output exactly.
+
+>>> import torchvision
+>>> traced = trace(torchvision.models.resnet18())
+>>> "layer4.1.relu_1" in traced.node_names, traced.module_outputs["layer4"][0].meta["qualname"]
+(True, 'layer4.1.relu_1')
+"""
+import inspect
+import math
+import os
+import re
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+import torch
+from torch import fx, nn
+
+from .. import ops
+from ...core.errors import TraceError
+from ..mirror import mirror
+
+TRACER_OPTIONS = ("leaf_modules", "autowrap_functions", "autowrap_modules", "concrete_args")
+_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # guided_swap/
+
+
+def default_leaf_modules() -> List[type]:
+    """torchvision.ops modules that hold no submodules: traced as single calls, as torchvision does.
+
+    torchvision makes *every* torchvision.ops module a leaf; that would hide the ReLUs inside
+    ``Conv2dNormActivation`` and ``SqueezeExcitation``, so modules with children are traced through.
+    """
+    import torchvision
+
+    leaves = []
+    for _, obj in inspect.getmembers(torchvision.ops, inspect.isclass):
+        if issubclass(obj, nn.Module) and not issubclass(obj, (nn.Sequential, nn.ModuleList)):
+            if obj.__name__ not in ("SqueezeExcitation", "Conv2dNormActivation", "Conv3dNormActivation", "MLP"):
+                leaves.append(obj)
+    return leaves
+
+
+class QualnameTracer(fx.Tracer):
+    """fx.Tracer that names nodes the torchvision way and records module outputs."""
+
+    def __init__(self, leaf_modules=(), autowrap_functions=(), autowrap_modules=(math,)):
+        # The library's own graph functions are always leaves: GraphModule unpickling re-traces the saved code
+        # with this tracer class, and must not trace into an autograd.Function.
+        own = ops.GRAPH_FUNCTIONS
+        super().__init__(autowrap_modules=tuple(autowrap_modules), autowrap_functions=own + tuple(autowrap_functions))
+        self.leaf_modules = tuple(leaf_modules)
+        self.current_qualname = ""
+        self.module_outputs: Dict[str, List[fx.Node]] = {}
+        self.node_names: Dict[fx.Node, str] = {}
+        self._name_counts: Dict[str, int] = {}
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if self.leaf_modules and isinstance(m, self.leaf_modules):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m, forward, args, kwargs):
+        outer = self.current_qualname
+        self.current_qualname = self.path_of_module(m)
+        try:
+            result = super().call_module(m, forward, args, kwargs)
+        finally:
+            name, self.current_qualname = self.current_qualname, outer
+        if isinstance(result, fx.Proxy):
+            self.module_outputs.setdefault(name, []).append(result.node)
+        return result
+
+    def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
+        proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
+        self._name(proxy.node)
+        return proxy
+
+    def _name(self, node: fx.Node) -> None:
+        if node.op == "call_module":
+            base = self.current_qualname
+        else:
+            # fx already postfixes names globally (relu_3); strip that and count per scope instead.
+            op = re.sub(r"_[0-9]+$", "", node.name)
+            base = f"{self.current_qualname}.{op}" if self.current_qualname else op
+        count = self._name_counts.get(base, 0)
+        self._name_counts[base] = count + 1
+        qualname = base if count == 0 else f"{base}_{count}"
+        self.node_names[node] = qualname
+        node.meta["qualname"] = qualname
+
+
+@dataclass
+class Traced:
+    """A traced model: its GraphModule (on the mirror), node names and module outputs."""
+
+    module: fx.GraphModule
+    module_outputs: Dict[str, List[fx.Node]]
+    node_names: Dict[str, fx.Node] = field(default_factory=dict)
+    leaf_modules: tuple = ()
+
+
+def trace(model: nn.Module, tracer_kwargs: Optional[Dict[str, Any]] = None) -> Traced:
+    """Trace ``model`` (via its mirror) and return the graph with qualified names.
+
+    ``tracer_kwargs`` takes the options torchvision's ``create_feature_extractor`` takes: ``leaf_modules``
+    (classes not to trace through), ``autowrap_functions``, ``autowrap_modules`` and ``concrete_args``.
+    """
+    options = dict(tracer_kwargs or {})
+    unknown = sorted(set(options) - set(TRACER_OPTIONS))
+    if unknown:
+        raise TypeError(f"unknown tracer option(s) {unknown}; the options are {list(TRACER_OPTIONS)}")
+    concrete_args = options.pop("concrete_args", None)
+    leaves = tuple(default_leaf_modules()) + tuple(options.pop("leaf_modules", ()))
+    autowrap_modules = (math,) + tuple(options.pop("autowrap_modules", ()))
+    tracer = QualnameTracer(leaves, options.pop("autowrap_functions", ()), autowrap_modules)
+    root = mirror(model)
+    try:
+        graph = tracer.trace(root, concrete_args=concrete_args)
+    except Exception as error:  # any failure inside fx or the model's forward
+        raise TraceError(_trace_failure_message(model, error)) from error
+    module = fx.GraphModule(root, graph, class_name=type(model).__name__)
+    names = {name: node for node, name in tracer.node_names.items()}
+    return Traced(module, tracer.module_outputs, names, leaves)
+
+
+def _inside(filename: str, directory: str) -> bool:
+    return os.path.commonpath([os.path.abspath(filename), directory]) == directory
+
+
+def _trace_failure_message(model: nn.Module, error: Exception) -> str:
+    # Compare whole path components: ".../site-packages/torchvision" is the model's code, not torch's.
+    frames = [f for f in traceback.extract_tb(error.__traceback__)
+              if not _inside(f.filename, _TORCH_DIR) and not _inside(f.filename, _PACKAGE_DIR)]
+    where = ""
+    if frames:
+        frame = frames[-1]
+        where = f"\n  failing line: {frame.filename}:{frame.lineno} in {frame.name}: {frame.line}"
+    return (
+        f"torch.fx could not trace {type(model).__name__}: {type(error).__name__}: {error}{where}\n"
+        "  hint: pass tracer_kwargs to convert(): {'leaf_modules': [TheModuleClass]} to keep the module that "
+        "holds this line as one call (ReLUs inside it are then not swapped), {'autowrap_functions': [fn]} "
+        "for a function with data-dependent control flow, or {'concrete_args': {...}} to fix an argument."
+    )

@@ -1,0 +1,231 @@
+"""The run-time capture, for models that neither torch.fx nor torch.export can take (detectors, data-dependent
+post-processing).
+
+It runs the library's own mirror of the model under :class:`~guided_swap.capture.runtime.live_swap.Run`:
+every rectifier call carries the rule, and the named layers are captured by forward hooks on the mirror (the
+user's model gets no hooks and no swapped modules).
+
+Exact in one forward. The input gradient is taken with the rule. Grad-CAM needs the *ordinary* gradient
+at a captured layer, which differs from the rule's when rectifiers follow the layer (a detector's FPN,
+heads and box head do). The rectifiers of this forward read their rule when autograd reaches them, so a
+first backward from the score to the captured layers runs with ordinary rectifier gradients (it only
+passes the tail after those layers), and a second, from the score to the input, runs with the rule. No part
+of the model runs twice forward; the tail runs twice backward.
+
+The input is what the model takes: a (B, C, H, W) tensor, or a list of (C, H, W) images of one size for a
+torchvision detector. There is no graph: nothing to compile or export.
+
+>>> import torch, torchvision, guided_swap as gs
+>>> capture = RuntimeCapture(torchvision.models.resnet18().eval(), ["layer4"], gs.get_rule("guided"), None)
+>>> x = torch.randn(2, 3, 64, 64)
+>>> result = capture.run(x, gs.core.targets.as_score([1, 2]))
+>>> tuple(result.input_grad.shape), len(capture.swapped), capture.report.capture, capture.graph_module
+((2, 3, 64, 64), 17, 'runtime', None)
+"""
+import difflib
+import sys
+import threading
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from ...core.errors import InputError, LayerError
+from ...core.maps import PassResult
+from ...core.report import RuntimeReport, Swap
+from ...core.rules import Rule
+from ...core.targets import OutputKey, Score
+from ..base import AUTO, Capture, InputShape, check_autograd, check_tensor, gradients
+from .live_swap import Run, Site, auto_layer, private_mirror
+
+
+class RuntimeCapture(Capture):
+    """A model whose rectifiers are swapped while it runs (module docstring)."""
+
+    def __init__(self, model: nn.Module, layers: Sequence[str], rule: Rule, output: OutputKey,
+                 reason: Optional[str] = None):
+        super().__init__(rule, layers, output)
+        self.model = private_mirror(model)
+        self.path = "runtime" if not reason else f"runtime ({reason})"
+        self._paths = {name: _check_layer(name, self.model) for name in self.layers if name != AUTO}
+        self._layer_reasons: Dict[str, str] = {}
+        self._sites: Dict[str, Site] = {}
+        self._left_alone: Dict[str, Site] = {}
+        self._runs = 0
+        self._tail_backward = False
+        self._lock = threading.Lock()
+
+    # --- the contract ------------------------------------------------------------------------------------
+
+    @property
+    def report(self) -> RuntimeReport:
+        swapped = () if self.rule.ordinary else tuple(Swap(s.name, s.spelling, s.inplace)
+                                                      for s in self._sites.values())
+        return RuntimeReport(self.rule.name, swapped, tuple((s.name, s.spelling) for s in self._left_alone.values()),
+                             (), layers=dict(self._paths), layer_reasons=dict(self._layer_reasons), capture=self.path,
+                             ordinary_rule=self.rule.ordinary, runs=self._runs, tail_backward=self._tail_backward)
+
+    @property
+    def ready(self) -> bool:
+        return AUTO not in self.layers or AUTO in self._paths
+
+    def prepare(self, x: Any) -> None:
+        """Resolve ``layer="auto"`` from one recorded forward of ``x``."""
+        with self._lock:
+            if self.ready:
+                return
+            with torch.no_grad():
+                run, _ = self._run(_leaves(x)[1], capture=(), record=True)
+            self._paths[AUTO], self._layer_reasons[AUTO] = auto_layer(run.calls)
+
+    def observe(self, x: Any) -> None:
+        """Run ``x`` once without autograd: ``auto`` is resolved and the call sites are listed in the report."""
+        if not self.ready:
+            return self.prepare(x)
+        with self._lock, torch.no_grad():
+            self._run(_leaves(x)[1], capture=())
+
+    def check(self, x: Any, check_finite: Optional[bool] = None) -> InputShape:
+        check_autograd()
+        if isinstance(x, Tensor):
+            if x.dim() < 2:
+                raise InputError(f"input has shape {tuple(x.shape)}; give a batch (B, C, ...)")
+            images, shape = [x], InputShape(x.shape[0], tuple(x.shape[2:]))
+        elif isinstance(x, (list, tuple)) and x and all(isinstance(t, Tensor) for t in x):
+            images, shape = list(x), InputShape(len(x), tuple(x[0].shape[1:]))
+            if len({tuple(t.shape) for t in images}) > 1:
+                raise InputError(f"the images differ in size {sorted({tuple(t.shape) for t in images})}; explain "
+                                 "images of one size together, or one image at a time")
+        else:
+            raise TypeError("input must be a tensor (B, C, ...) or a non-empty list of (C, H, W) image tensors, got "
+                            f"{type(x).__name__}")
+        for image in images:
+            check_tensor(image, self.model, check_finite)
+        return shape
+
+    def forward(self, x: Any) -> Any:
+        with self._lock:
+            _, outputs = self._run(x, capture=())
+        return outputs
+
+    def run(self, x: Any, score: Score) -> PassResult:
+        self.prepare(x)
+        leaves, model_input = _leaves(x)
+        with self._lock:
+            with torch.enable_grad():
+                run, outputs = self._run(model_input, capture=[self._paths[name] for name in self.layers])
+            captures = self._captures(run)
+        with torch.enable_grad():
+            batch = x.shape[0] if isinstance(x, Tensor) else len(x)
+            main, classes = score(outputs, dict(zip(self.layers, captures)), batch)
+            input_grads, layer_grads = _backward(main, leaves, captures, run)
+        input_grad = input_grads[0] if isinstance(x, Tensor) else torch.stack(input_grads)
+        return PassResult(outputs, tuple(captures), main, classes, input_grad, tuple(layer_grads))
+
+    def stack(self, x: Any) -> Tensor:
+        return x if isinstance(x, Tensor) else torch.stack(list(x))
+
+    def unstack(self, x: Tensor, like: Any) -> Any:
+        return x if isinstance(like, Tensor) else list(x)
+
+    def before_save(self) -> None:
+        """Refuse, before anything is written, a model copy whose classes pickle could not find again."""
+        hidden = _unimportable_classes(self.model)
+        if hidden:
+            raise TypeError(f"this explainer was captured at run time and holds a copy of the model, whose classes "
+                            f"{hidden} cannot be imported by name (defined inside a function?), so the file could "
+                            "not be loaded: define them at the top level of a module, or convert again instead of "
+                            "saving")
+
+    # --- one forward ----------------------------------------------------------------------------------
+
+    def _run(self, model_input: Any, capture: Sequence[str], record: bool = False) -> Tuple[Run, Any]:
+        with Run(self.model, self.rule, capture=capture, record=record) as run:
+            outputs = self.model(model_input)
+        self._runs += 1
+        self._sites.update((k, v) for k, v in run.sites.items() if k not in self._sites)
+        self._left_alone.update((k, v) for k, v in run.left_alone.items() if k not in self._left_alone)
+        self._tail_backward |= run.rectified_after_capture
+        return run, outputs
+
+    def _captures(self, run: Run) -> List[Tensor]:
+        captures = []
+        for name in self.layers:
+            key = self._paths[name]
+            values = run.captures.get(key, [])
+            if not values:
+                raise LayerError(f"layer {name!r} (module {key!r}) did not run in this forward; capture a module "
+                                 "that runs for this input")
+            if len(values) > 1:
+                calls = ", ".join([key] + [f"{key}_{i}" for i in range(1, len(values))])
+                raise LayerError(f"module {key!r} ran {len(values)} times in one forward; name one call: {calls}")
+            if not isinstance(values[0], Tensor):
+                raise LayerError(f"layer {name!r} returned a {type(values[0]).__name__}, not a tensor; capture a "
+                                 f"module inside it that returns one feature map: {_suggest(key + '.', self.model)}")
+            captures.append(values[0])
+        return captures
+
+    # --- module behaviour --------------------------------------------------------------------------------
+
+    def __getstate__(self):
+        state = dict(super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__)
+        state.pop("_lock", None)
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._lock = threading.Lock()
+
+    def extra_repr(self) -> str:
+        return "capture='runtime', " + super().extra_repr()
+
+
+def _leaves(x: Any) -> Tuple[List[Tensor], Any]:
+    """Gradient leaves for the input and the input the model is called with (same container)."""
+    if isinstance(x, Tensor):
+        leaf = x.detach().requires_grad_(True)
+        return [leaf], leaf
+    leaves = [t.detach().requires_grad_(True) for t in x]
+    return leaves, type(x)(leaves)
+
+
+def _backward(score: Tensor, leaves: List[Tensor], captures: List[Tensor], run: Run):
+    """The rule's gradient at each input leaf, and the ordinary gradient at each capture (module docstring)."""
+    total = score.sum()
+    if captures and run.switch is not None and run.rectified_after_capture:
+        run.switch.ordinary_now = True
+        layer_grads = gradients(total, captures, retain_graph=True)
+        run.switch.ordinary_now = False
+        input_grads = gradients(total, leaves)
+    else:
+        grads = gradients(total, leaves + captures)
+        input_grads, layer_grads = grads[:len(leaves)], grads[len(leaves):]
+    return input_grads, layer_grads
+
+
+def _unimportable_classes(model: nn.Module) -> List[str]:
+    """The qualified names of the model's module classes that pickle cannot find again by name."""
+    hidden = []
+    for cls in {type(m) for m in model.modules()}:
+        found = sys.modules.get(cls.__module__)
+        for part in cls.__qualname__.split("."):
+            found = getattr(found, part, None)
+        if found is not cls:
+            hidden.append(f"{cls.__module__}.{cls.__qualname__}")
+    return sorted(hidden)
+
+
+def _check_layer(name: str, model: nn.Module) -> str:
+    """A module path, or one call of it (``path_1``): the name itself, validated."""
+    modules = dict(model.named_modules())
+    base, _, index = name.rpartition("_")
+    if name in modules or (base in modules and index.isdigit()):
+        return name
+    close = difflib.get_close_matches(name, [m for m in modules if m], n=5, cutoff=0.5)
+    raise LayerError(f"layer {name!r} is not a module of {type(model).__name__}; closest names: "
+                     f"{close or _suggest('', model)}")
+
+
+def _suggest(prefix: str, model: nn.Module, n: int = 5) -> List[str]:
+    names = [name for name, _ in model.named_modules() if name.startswith(prefix) and name != prefix.rstrip(".")]
+    return names[-n:] if names else [name for name, _ in model.named_modules() if name][:n]

@@ -1,0 +1,366 @@
+"""The one path from a forward/backward pass to maps: :class:`LayerMaps` per layer, :class:`Explanation` overall.
+
+``Explainer.explain``, the exported program and the command line all build their maps here, through
+:func:`explanation_from_pass`; slicing a sample out (``e[i]``) and flattening to arrays (``e.to_dict()``) live
+here too.
+
+>>> import torch
+>>> A = torch.rand(2, 4, 3, 3); G = torch.randn(2, 4, 3, 3)
+>>> e = Explanation(logits=torch.randn(2, 10), target=torch.tensor([1, 2]), score=torch.zeros(2),
+...                 gradient=torch.randn(2, 3, 12, 12), layers={"layer4": LayerMaps(A, G, (12, 12))})
+>>> len(e), tuple(e[1].cam.shape), sorted(e.to_dict())
+(2, (1, 12, 12), ['cam', 'cam_raw', 'gradient', 'guided_gradcam', 'logits', 'score', 'target'])
+>>> tuple(e.cams["gradcam++"].shape), tuple(e.layers["layer4"].cams_raw["eigengradcam"].shape)
+((2, 12, 12), (2, 3, 3))
+"""
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from functools import cached_property
+from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from . import cam as cam_maths
+from .errors import LayerError
+from .layout import CHANNELS_FIRST, Layout
+
+
+class PassResult(NamedTuple):
+    """What one forward and one backward of an explainer give; every map is made from these."""
+
+    outputs: Any                   # the model's output, as the model returns it
+    captures: Tuple[Tensor, ...]   # the activation A at each captured layer
+    score: Tensor                  # (B,) the explained score
+    classes: Optional[Tensor]      # (B,) the class per sample, for class targets
+    input_grad: Tensor             # d score / d x under the explainer's rule
+    layer_grads: Tuple[Tensor, ...]  # the ordinary gradient G at each captured layer
+
+
+class CamMaps(Mapping):
+    """Every registered CAM (``guided_swap.cam_methods()``) of one layer by name, each computed on first access.
+
+    ``fixed`` holds maps computed ahead (a smoothed explanation's means over the noisy copies): only those
+    names are available then.
+    """
+
+    def __init__(self, make: Callable[[str], Tensor], fixed: Optional[Dict[str, Tensor]] = None):
+        self._make, self._fixed, self._cache = make, fixed, {}
+
+    def __getitem__(self, name: str) -> Tensor:
+        if self._fixed is not None:
+            if name not in self._fixed:
+                raise cam_maths.CamError(f"{name!r} is not among the CAMs of this smoothed explanation "
+                                         f"{tuple(self._fixed)}: smoothing computes the CAMs registered when "
+                                         "explain() is called")
+            return self._make(name)
+        function = cam_maths.get_cam(name)  # re-registering a name under replace=True computes it afresh
+        if (name, function) not in self._cache:
+            self._cache[(name, function)] = self._make(name)
+        return self._cache[(name, function)]
+
+    def provide(self, name: str, value: Tensor) -> None:
+        """Take ``value`` as the map ``name`` (computed elsewhere, e.g. inside a compiled pass) instead of making
+        it on first access; it stands for the CAM registered under ``name`` now, as a computed one would."""
+        if self._fixed is not None:
+            raise cam_maths.CamError("a smoothed explanation's CAMs are fixed means; nothing can be provided")
+        self._cache[(name, cam_maths.get_cam(name))] = value
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(tuple(self._fixed) if self._fixed is not None else cam_maths.cam_methods())
+
+    def __len__(self) -> int:
+        return len(tuple(iter(self)))
+
+    def __contains__(self, name: object) -> bool:
+        return name in tuple(iter(self))
+
+    def __repr__(self) -> str:
+        return f"CamMaps({list(iter(self))})"
+
+
+@dataclass
+class LayerMaps:
+    """The activation ``A`` and ordinary gradient ``G`` captured at one layer, and the maps made from them.
+
+    ``activation`` and ``grad`` are the captured tensors as the model holds them; ``layout`` says how they
+    become the (B, C, *spatial) ``feature_map`` and ``feature_grad`` that every CAM is computed from (a token
+    (B, N, C) or channels-last capture is reshaped, a CNN's is taken as it is). ``cams_raw[name]`` is any
+    registered CAM at the layer's resolution, ``cams[name]`` resized to the input; ``cam_raw``/``cam`` are
+    Grad-CAM, ``pixelwise_cam`` HiResCAM and ``guided_pixelwise_cam`` LayerCAM.
+    """
+
+    activation: Tensor
+    grad: Tensor
+    input_size: Tuple[int, ...]
+    interpolate: str = "bilinear"
+    layout: Layout = CHANNELS_FIRST
+    name: str = ""
+    fixed_cams: Optional[Dict[str, Tensor]] = field(default=None, repr=False)  # precomputed raw maps (smoothing)
+
+    @cached_property
+    def _feature(self) -> Tuple[Tensor, Tensor]:
+        return (self.layout.to_channels_first(self.activation, self.input_size, self.name),
+                self.layout.to_channels_first(self.grad, self.input_size, self.name))
+
+    @property
+    def feature_map(self) -> Tensor:
+        """``A`` as (B, C, *spatial): what the CAMs are computed from."""
+        return self._feature[0]
+
+    @property
+    def feature_grad(self) -> Tensor:
+        """``G`` as (B, C, *spatial)."""
+        return self._feature[1]
+
+    def _raw(self, name: str) -> Tensor:
+        if self.fixed_cams is not None:
+            return self.fixed_cams[name]
+        return cam_maths.compute(name, *self._feature)
+
+    @cached_property
+    def cams_raw(self) -> CamMaps:
+        """Every registered CAM at the layer's resolution, (B, *layer spatial), by name."""
+        return CamMaps(self._raw, self.fixed_cams)
+
+    @cached_property
+    def cams(self) -> CamMaps:
+        """Every registered CAM resized to the input, (B, *input spatial), by name."""
+        return CamMaps(lambda name: cam_maths.upsample(self.cams_raw[name], self.input_size, self.interpolate),
+                       self.fixed_cams)
+
+    @property
+    def cam_raw(self) -> Tensor:
+        """Grad-CAM at the layer's resolution."""
+        return self.cams_raw["gradcam"]
+
+    @property
+    def cam(self) -> Tensor:
+        """Grad-CAM resized to the input."""
+        return self.cams["gradcam"]
+
+    @property
+    def pixelwise_cam_raw(self) -> Tensor:
+        """Pixel-wise CAM (HiResCAM) at the layer's resolution."""
+        return self.cams_raw["hirescam"]
+
+    @property
+    def guided_pixelwise_cam_raw(self) -> Tensor:
+        """Guided pixel-wise CAM (LayerCAM) at the layer's resolution."""
+        return self.cams_raw["layercam"]
+
+    @property
+    def pixelwise_cam(self) -> Tensor:
+        """HiResCAM resized to the input."""
+        return self.cams["hirescam"]
+
+    @property
+    def guided_pixelwise_cam(self) -> Tensor:
+        """LayerCAM resized to the input."""
+        return self.cams["layercam"]
+
+    def __getitem__(self, index: Union[int, slice]) -> "LayerMaps":
+        rows = _rows(index)
+        fixed = None if self.fixed_cams is None else {k: v[rows] for k, v in self.fixed_cams.items()}
+        return replace(self, activation=self.activation[rows], grad=self.grad[rows], fixed_cams=fixed)
+
+
+@dataclass
+class Explanation:
+    """Everything one ``explain`` call computed. Maps from CAMs are made on first access.
+
+    ``gradient`` is the input gradient under the explainer's rule (guided backprop for ``"guided"``);
+    ``cam_raw``, ``cam`` and ``guided_gradcam`` come from the first layer, ``layers[name]`` from any.
+    ``e[i]`` is sample ``i`` as a batch of one, ``e[a:b]`` a sub-batch; ``e.to_dict()`` the maps by name.
+    """
+
+    logits: Tensor
+    target: Optional[Tensor]
+    score: Tensor
+    gradient: Tensor
+    layers: Dict[str, LayerMaps]
+    outputs: Any = field(repr=False, default=None)
+    rule: str = "guided"
+    swapped: Optional[int] = None  # rectifier call sites that carry the rule (0: every map is a plain gradient)
+    smoothing: Optional[Dict[str, Any]] = None  # SmoothGrad settings (copies, noise, chunk) when smoothed
+
+    def _first(self) -> LayerMaps:
+        if not self.layers:
+            raise LayerError("this explainer captures no layer: convert with layer=NAME (or 'auto') for CAMs")
+        return next(iter(self.layers.values()))
+
+    @property
+    def cam_raw(self) -> Tensor:
+        """Grad-CAM at the layer's resolution, (B, *layer spatial)."""
+        return self._first().cam_raw
+
+    @property
+    def cam(self) -> Tensor:
+        """Grad-CAM resized to the input, (B, *input spatial)."""
+        return self._first().cam
+
+    @property
+    def guided_gradcam(self) -> Tensor:
+        """``cam * gradient`` per channel, the input's shape."""
+        return cam_maths.guided_gradcam(self.cam, self.gradient)
+
+    @property
+    def pixelwise_cam(self) -> Tensor:
+        """HiResCAM resized to the input (``cams["hirescam"]``)."""
+        return self._first().pixelwise_cam
+
+    @property
+    def guided_pixelwise_cam(self) -> Tensor:
+        """LayerCAM resized to the input (``cams["layercam"]``)."""
+        return self._first().guided_pixelwise_cam
+
+    @property
+    def cams(self) -> CamMaps:
+        """Every registered CAM (``guided_swap.cam_methods()``) of the first layer, resized to the input."""
+        return self._first().cams
+
+    @property
+    def cams_raw(self) -> CamMaps:
+        """Every registered CAM of the first layer at its resolution."""
+        return self._first().cams_raw
+
+    def __len__(self) -> int:
+        return self.gradient.shape[0]
+
+    def __getitem__(self, index: Union[int, slice]) -> "Explanation":
+        rows = _rows(index, len(self))
+        outputs = _slice_tree(self.outputs, rows, len(self))
+        return replace(self, logits=self.logits[rows], target=None if self.target is None else self.target[rows],
+                       score=self.score[rows], gradient=self.gradient[rows], outputs=outputs,
+                       layers={name: maps[rows] for name, maps in self.layers.items()})
+
+    def available(self) -> Tuple[str, ...]:
+        """The names :meth:`to_dict` accepts for this explanation."""
+        names = ["logits", "target", "score", "gradient"]
+        if self.layers:
+            names += ["cam_raw", "cam", "guided_gradcam", "pixelwise_cam", "guided_pixelwise_cam"]
+            names += [f"{kind}.{cam}" for kind in ("cams", "cams_raw") for cam in self._first().cams]
+        if len(self.layers) > 1:
+            names += [f"layers.{layer}.{kind}" for layer in self.layers for kind in ("cam_raw", "cam")]
+        return tuple(name for name in names if name != "target" or self.target is not None)
+
+    def to_dict(self, names: Optional[Sequence[str]] = None) -> Dict[str, Tensor]:
+        """The maps by name: by default logits, target, score, gradient and, with a layer, cam_raw, cam and
+        guided_gradcam (and ``layers.NAME.cam``/``cam_raw`` for every layer when there are several)."""
+        available = self.available()
+        if names is None:
+            names = [n for n in available if n not in ("pixelwise_cam", "guided_pixelwise_cam")
+                     and not n.startswith("cams")]
+        unknown = [name for name in names if name not in available]
+        if unknown:
+            raise ValueError(f"{unknown} are not maps of this explanation; available: {list(available)}")
+        return {name: self._get(name) for name in names}
+
+    def _get(self, name: str) -> Tensor:
+        if name.startswith("layers."):
+            layer, kind = name[len("layers."):].rsplit(".", 1)
+            return getattr(self.layers[layer], kind)
+        if name.startswith("cams.") or name.startswith("cams_raw."):
+            kind, cam = name.split(".", 1)
+            return getattr(self, kind)[cam]
+        return getattr(self, name)
+
+
+def explanation_from_pass(result: PassResult, *, layers: Sequence[str], logits: Tensor, input_size: Sequence[int],
+                          interpolate: str = "bilinear", rule: str = "guided", swapped: Optional[int] = None,
+                          layouts: Optional[Dict[str, Layout]] = None) -> Explanation:
+    """The :class:`Explanation` of one pass: the one place maps are assembled.
+
+    ``layouts`` (the conversion report's) say how each capture becomes (B, C, *spatial); a layer without one
+    is taken as channels first.
+    """
+    layouts = layouts or {}
+    layer_maps = {name: LayerMaps(_tensor(a, name).detach(), g, tuple(input_size), interpolate,
+                                  layouts.get(name, CHANNELS_FIRST), name)
+                  for name, a, g in zip(layers, result.captures, result.layer_grads)}
+    return Explanation(logits.detach(), result.classes, result.score.detach(), result.input_grad, layer_maps,
+                       detach_tree(result.outputs), rule, swapped)
+
+
+def zero_gradient_messages(explanation: Explanation, layers: bool = True) -> List[str]:
+    """One line for each gradient of ``explanation`` that is zero everywhere for some sample: the maps made
+    from it are then all zero and show nothing, though they look like an answer. ``layers=False`` reads the
+    input gradient only (a channel target: layers after the channel's own get no gradient, by design).
+
+    >>> import torch
+    >>> layer = LayerMaps(torch.ones(2, 3, 4, 4), torch.zeros(2, 3, 4, 4), (8, 8))
+    >>> e = Explanation(torch.zeros(2, 5), None, torch.zeros(2), torch.ones(2, 3, 8, 8), {"layer4": layer})
+    >>> zero_gradient_messages(e)[0][:72]
+    "the ordinary gradient at layer 'layer4' is zero everywhere for sample(s)"
+    """
+    messages, dead = [], set()
+    for name, maps in explanation.layers.items() if layers else ():
+        samples = _zero_samples(maps.grad)
+        dead.update(samples)
+        if samples:
+            messages.append(f"the ordinary gradient at layer {name!r} is zero everywhere for sample(s) "
+                            f"{listing(samples)}, so every CAM there is zero: the score does not depend on this "
+                            "layer. An untrained or zero-initialised head (torchvision's ViT starts its head at "
+                            "zero) or a target that ignores the input does this")
+    samples = [i for i in _zero_samples(explanation.gradient) if i not in dead]
+    if samples:
+        messages.append(f"the {explanation.rule!r} gradient is zero everywhere for sample(s) {listing(samples)}, so "
+                        "e.gradient and Guided Grad-CAM are zero there: no gradient reaches the input under this "
+                        "rule")
+    return messages
+
+
+def _zero_samples(tensor: Tensor) -> List[int]:
+    if tensor.dim() == 0 or tensor.shape[0] == 0 or tensor[0].numel() == 0:
+        return []
+    return torch.nonzero(~tensor.detach().flatten(1).any(dim=1)).flatten().tolist()
+
+
+def listing(items: Sequence[Any], shown: int = 5) -> str:
+    """The first ``shown`` of ``items`` for a message: ``"a, b, c and 4 more"``."""
+    text = ", ".join(str(i) for i in items[:shown])
+    return text + (f" and {len(items) - shown} more" if len(items) > shown else "")
+
+
+def _tensor(value: Any, name: str) -> Tensor:
+    if not isinstance(value, Tensor):
+        raise LayerError(f"layer {name!r} produced a {type(value).__name__}, not a tensor; capture a tensor-valued node")
+    return value
+
+
+def _rows(index: Union[int, slice], length: Optional[int] = None) -> slice:
+    if isinstance(index, bool) or not isinstance(index, (int, slice)):
+        raise TypeError(f"index an explanation with an int or a slice, got {type(index).__name__}")
+    if isinstance(index, slice):
+        return index
+    if length is not None and not -length <= index < length:
+        raise IndexError(f"sample {index} is out of range for a batch of {length}")
+    index = index % length if length else index
+    return slice(index, index + 1)
+
+
+def detach_tree(outputs: Any) -> Any:
+    """``outputs`` (any nesting of containers) with every tensor detached."""
+    return torch.utils._pytree.tree_map(lambda v: v.detach() if isinstance(v, Tensor) else v, outputs)
+
+
+def _slice_tree(outputs: Any, rows: slice, batch: int) -> Any:
+    """The model's outputs for the samples ``rows``, cut by what each part is.
+
+    A list of dicts is torchvision's detection format, one dict per image: the list is cut and each image's
+    dict kept whole (its tensors are per detection, however many there are). Any other tensor is batch-major,
+    as a model's output is (logits, a tuple or dict of heads): it is cut along its first dimension, or kept
+    whole when that is not the batch. Other values are kept.
+    """
+    def cut(value: Any) -> Any:
+        if _per_image_records(value):
+            return value[rows] if len(value) == batch else value  # not one per image: not cut
+        if isinstance(value, Tensor) and value.dim() and value.shape[0] == batch:
+            return value[rows]
+        return value
+
+    return torch.utils._pytree.tree_map(cut, outputs, is_leaf=_per_image_records)
+
+
+def _per_image_records(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(item, Mapping) for item in value)

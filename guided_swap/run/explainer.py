@@ -1,0 +1,250 @@
+"""Running an explainer: ``ex(x)`` is the model's forward, ``ex.explain(x)`` gives every map in one pass.
+
+Build one with :func:`guided_swap.convert`. An :class:`Explainer` runs one
+:class:`~guided_swap.capture.base.Capture` (fx, export or run time: the same calls on each) and turns each pass
+into an :class:`~guided_swap.core.maps.Explanation`.
+
+>>> import torch, torchvision, guided_swap as gs
+>>> _ = torch.manual_seed(0)
+>>> ex = gs.convert(torchvision.models.resnet18().eval(), layer="layer4")
+>>> e = ex.explain(torch.randn(2, 3, 64, 64), target=[1, 2])
+>>> e.gradient.shape, e.cam_raw.shape, e.cam.shape, e.guided_gradcam.shape, len(ex.swapped)
+(torch.Size([2, 3, 64, 64]), torch.Size([2, 2, 2]), torch.Size([2, 64, 64]), torch.Size([2, 3, 64, 64]), 17)
+"""
+import pickle
+import warnings
+from collections import Counter
+from typing import Any, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from ..capture.base import Capture, reads_values
+from ..core import cam as cam_maths
+from ..core.errors import GuidedSwapError, LayerError, LoadError, RuleError, ZeroGradientWarning
+from ..core.maps import Explanation, zero_gradient_messages
+from ..core.report import ConversionReport
+from ..core.rules import Rule
+from ..core.targets import ChannelScore, Score, as_score
+from . import saved, smoothing
+from .assemble import explanation_of
+from . import compiled
+from .compiled import CompiledExplain
+
+
+class Explainer(nn.Module):
+    """A converted model: forward is the model's, :meth:`explain` gives maps. Build it with ``convert``.
+
+    It shares parameter and buffer storage with the model it came from (in-place weight updates are seen)
+    but none of its module objects: ``.to()`` and ``.eval()`` on it leave the model as it is. It always
+    runs the model as deployed (eval mode), so it never updates BatchNorm statistics.
+    """
+
+    def __init__(self, capture: Capture):
+        super().__init__()
+        if not isinstance(capture, Capture):
+            raise TypeError(f"Explainer takes a guided_swap Capture (use guided_swap.convert), got "
+                            f"{type(capture).__name__}")
+        self.capture = capture
+        self.train(False)
+
+    # --- what the capture holds ----------------------------------------------------------------------
+
+    @property
+    def rule(self) -> Rule:
+        return self.capture.rule
+
+    @property
+    def layers(self) -> Tuple[str, ...]:
+        return self.capture.layers
+
+    @property
+    def output(self) -> Any:
+        return self.capture.output
+
+    @property
+    def report(self) -> ConversionReport:
+        """The :class:`~guided_swap.core.report.ConversionReport`: what was swapped, left alone and captured."""
+        return self.capture.report
+
+    @property
+    def swapped(self) -> Tuple[str, ...]:
+        """The qualified node name of every rectifier call site that carries the rule."""
+        return self.capture.swapped
+
+    @property
+    def graph_module(self) -> Optional[nn.Module]:
+        """The explain graph (None for the run-time capture, or before a deferred capture's first input)."""
+        return self.capture.graph_module
+
+    @property
+    def forward_module(self) -> Optional[nn.Module]:
+        """The forward graph ``ex(x)`` runs (graph captures only)."""
+        chosen = getattr(self.capture, "chosen", self.capture)
+        return getattr(chosen, "forward_module", None)
+
+    @property
+    def forked(self) -> bool:
+        """Whether rectifiers follow a captured layer (Grad-CAM's gradient then comes from a plain tail)."""
+        return self.report.forked
+
+    # --- running ------------------------------------------------------------------------------------
+
+    def forward(self, x: Any) -> Any:
+        """The model's own output, bit for bit (the rule applies if you backpropagate through it)."""
+        if self._compiled is not None and self.forward_module is not None:
+            return self._compiled.forward(self.forward_module, x)
+        return self.capture(x)
+
+    def explain(self, x: Any, target: Any = None, *, interpolate: str = "bilinear", smooth: Optional[int] = None,
+                noise: Optional[float] = None, generator: Optional[torch.Generator] = None,
+                chunk: Optional[int] = None, check_finite: Optional[bool] = None) -> Explanation:
+        """One forward and one backward: the rule's input gradient and every CAM at every captured layer.
+
+        ``x``: what the model takes, a (B, C, ...) tensor (or, for the run-time capture of a detector, a list
+        of B (C, H, W) images of one size).
+        ``target``: None (argmax), an int, one int per sample (sequence or LongTensor), a callable
+        ``outputs -> (B,) score``, :class:`guided_swap.Channel`, or :class:`guided_swap.Box` (one detection per
+        image of a detector).
+        ``smooth=N``: SmoothGrad, the mean map over N noisy copies of each input, noise ``noise`` (default 0.15)
+        times each input's value range, drawn from ``generator``, ``chunk`` inputs per pass (default: the
+        batch size); see :mod:`guided_swap.run.smoothing` for what is averaged.
+        ``check_finite``: read values to refuse an input holding NaN or Inf, and to warn when a gradient is zero
+        everywhere for a sample (its maps would show nothing). None reads them on the CPU only: on a GPU that
+        would wait for the device on every call; True reads them there too, False never.
+        """
+        shape = self.capture.check(x, check_finite)
+        if interpolate not in cam_maths.INTERPOLATIONS:
+            raise ValueError(f"interpolate={interpolate!r} is not one of {cam_maths.INTERPOLATIONS}")
+        smoothing.check(smooth, noise, generator, chunk, x if isinstance(x, Tensor) else x[0])
+        score = as_score(target, self.output, self.layers)
+        self.capture.prepare(x)
+        if smooth is not None:
+            if self._compiled is not None:
+                self._compiled.warn_eager("smooth=", "SmoothGrad's chunks run the eager pass")
+            explanation = smoothing.smooth_explain(self.capture, x, score, copies=smooth, noise=noise,
+                                                   generator=generator, chunk=chunk, interpolate=interpolate)
+        else:
+            explanation = self._one_pass(x, score, shape.spatial, interpolate)
+        self._warn_if_nothing_swapped()
+        warn_if_zero_gradients(explanation, reads_values(explanation.gradient, check_finite), score)
+        return explanation
+
+    def _one_pass(self, x: Any, score: Score, spatial, interpolate: str) -> Explanation:
+        if self._compiled is not None:  # None back: this pass runs eagerly, a warning said why
+            explanation = self._compiled.explain(self.capture, x, score, interpolate)
+            if explanation is not None:
+                return explanation
+        return explanation_of(self.capture, self.capture.run(x, score), spatial, interpolate)
+
+    def _warn_if_nothing_swapped(self) -> None:
+        """Once per explainer: with no rectifier swapped, the rule's "guided" map is the plain gradient."""
+        if self.swapped or self.rule.ordinary or self.__dict__.get("_warned_nothing_swapped"):
+            return
+        self._warned_nothing_swapped = True
+        warnings.warn(_nothing_swapped_message(self.report), stacklevel=3)
+
+    # --- compiling -------------------------------------------------------------------------------------
+
+    _compiled: Optional[CompiledExplain] = None  # set by compile() (a class default: never saved)
+
+    def compile(self, **torch_compile_options) -> None:
+        """Compile in place, like ``nn.Module.compile``: ``explain`` then runs one compiled pass (forward, the
+        rule's backward and the CAM maths; ``mode="reduce-overhead"`` on CUDA replays it as a CUDA graph) and
+        ``ex(x)`` runs the compiled forward. The options go to ``torch.compile``. See
+        :mod:`guided_swap.run.compiled` for which shapes and targets compile once, and when it runs eagerly (a
+        capture with no graph, such as the run-time capture of a detector, runs eagerly with a warning).
+        """
+        compiled_pass = CompiledExplain(torch_compile_options)  # refuses options torch.compile does not take
+        if self.capture.ready and self.capture.graph_module is None:
+            compiled_pass.warn_eager("compile()", compiled.NO_GRAPH)
+            return
+        self._compiled = compiled_pass
+
+    @property
+    def compiled(self) -> bool:
+        """Whether :meth:`compile` was called (a saved and loaded explainer is not compiled)."""
+        return self._compiled is not None
+
+    # --- module behaviour -----------------------------------------------------------------------------
+
+    def __getstate__(self):
+        state = dict(super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__)
+        state.pop("_compiled", None)  # compiled code is not saved: compile again after loading
+        return state
+
+    def train(self, mode: bool = True) -> "Explainer":
+        """Explainers run the model as deployed: ``train(True)`` is refused (it would update the model's
+        BatchNorm statistics, which the explainer shares)."""
+        if mode:
+            raise GuidedSwapError("an Explainer always runs the model in eval mode (it shares the model's BatchNorm "
+                                  "buffers and must not update them); convert a model in the mode you want to explain")
+        return super().train(False)
+
+    def _apply(self, fn, recurse=True):
+        # Give the explainer new Parameter objects instead of setting .data on the shared ones, so that
+        # explainer.to(...) never moves or casts the user's model.
+        previous = torch.__future__.get_overwrite_module_params_on_conversion()
+        torch.__future__.set_overwrite_module_params_on_conversion(True)
+        try:
+            return super()._apply(fn, recurse)
+        finally:
+            torch.__future__.set_overwrite_module_params_on_conversion(previous)
+
+    def save(self, path: str) -> None:
+        """Save this explainer (graphs, weights, layers, rule, report) to one file; see :func:`load` and
+        :mod:`guided_swap.run.saved` for what loading it needs. Nothing is written when it cannot be saved."""
+        if not self.capture.ready:
+            raise LayerError("this explainer is resolved from its first input (layer='auto' or the export capture): "
+                             "call explain(x) once, or convert with example_input=, before saving")
+        self.capture.before_save()
+        header = {"rule": self.rule.name, "rule_class": f"{type(self.rule).__module__}.{type(self.rule).__qualname__}",
+                  "layers": list(self.layers), "swapped": len(self.swapped), "capture": self.report.capture}
+        try:
+            saved.save_object(self, path, header)
+        except (pickle.PicklingError, AttributeError, TypeError) as error:
+            if not _picklable(self.rule):
+                raise RuleError(f"the rule {type(self.rule).__qualname__} cannot be saved ({error}); define the rule "
+                                "class at the top level of an importable module so that it can be pickled") from None
+            raise TypeError(f"this explainer cannot be pickled ({error}); nothing was written. A run-time capture "
+                            "holds a copy of the model: its classes and attributes must pickle") from error
+
+    def extra_repr(self) -> str:
+        return f"rule={self.rule.name!r}, layers={self.layers}, swapped={len(self.swapped)}, forked={self.forked}"
+
+
+def load(path: str, map_location=None) -> Explainer:
+    """Load an explainer written by :meth:`Explainer.save`."""
+    explainer = saved.load_object(path, map_location)
+    if not isinstance(explainer, Explainer):
+        raise LoadError(f"{path!r} holds a {type(explainer).__name__}, not an Explainer")
+    return explainer
+
+
+def _picklable(obj: Any) -> bool:
+    try:
+        pickle.dumps(obj)
+        return True
+    except Exception:  # pickling raises many types
+        return False
+
+
+def warn_if_zero_gradients(explanation: Explanation, reads: bool, score: Score) -> None:
+    """Warn (one warning per line) when a gradient of ``explanation`` is zero everywhere for a sample."""
+    layers = not isinstance(score, ChannelScore)  # layers after a channel's own get no gradient, by design
+    for message in zero_gradient_messages(explanation, layers=layers) if reads else ():
+        warnings.warn(message, ZeroGradientWarning, stacklevel=3)
+
+
+def _nothing_swapped_message(report) -> str:
+    kinds = Counter(kind for _, kind in report.left_alone)
+    names = [name for name, _ in report.left_alone]
+    if kinds:
+        alone = ", ".join(f"{count} x {kind}" for kind, count in kinds.items())
+        alone = f"left alone with their ordinary gradient: {alone} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+    else:
+        alone = "no other activation was found either"
+    hidden = f"; ReLUs hidden in leaf modules: {', '.join(report.hidden_in_leaves)}" if report.hidden_in_leaves else ""
+    return (f"no ReLU was found in this model, so nothing carries the {report.rule!r} rule: e.gradient is the plain "
+            f"gradient, not {report.rule} backprop, and Guided Grad-CAM is Grad-CAM times that plain gradient. "
+            f"Activations {alone}{hidden}")

@@ -1,0 +1,140 @@
+"""--model/--weights: checkpoint formats, whole pickled models, mismatches and unknown names, early and in one line."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from guided_swap.checks.demo import DemoCNN
+from guided_swap.core.errors import CommandError
+from guided_swap.app.model_spec import build, check
+
+FACTORY = "guided_swap.checks.demo:DemoCNN"
+
+
+def trained() -> DemoCNN:
+    torch.manual_seed(3)
+    model = DemoCNN()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+    return model.eval()
+
+
+def same_weights(a: nn.Module, b: nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.mark.parametrize("wrap", [
+    lambda sd: sd,
+    lambda sd: {"module." + k: v for k, v in sd.items()},                  # DataParallel
+    lambda sd: {"_orig_mod." + k: v for k, v in sd.items()},               # torch.compile
+    lambda sd: {"model": sd, "epoch": 3},
+    lambda sd: {"state_dict": {"module." + k: v for k, v in sd.items()}, "optimizer": {"lr": 0.1}},
+], ids=["plain", "module-prefix", "compile-prefix", "model-wrapper", "state_dict-wrapper-and-prefix"])
+def test_checkpoint_formats_load(tmp_path, wrap):
+    model, path = trained(), str(tmp_path / "w.pt")
+    torch.save(wrap(model.state_dict()), path)
+    assert same_weights(build(check(FACTORY, path)), model)
+
+
+def test_safetensors_load(tmp_path):
+    from safetensors.torch import save_file
+
+    model, path = trained(), str(tmp_path / "w.safetensors")
+    save_file(model.state_dict(), path)
+    assert same_weights(build(check(FACTORY, path)), model)
+
+
+def test_a_whole_pickled_model_loads_when_its_class_imports(tmp_path):
+    model, path = trained(), str(tmp_path / "whole.pt")
+    torch.save(model, path)
+    said = []
+    source = check(None, path)
+    loaded = build(source, say=said.append)
+    assert type(loaded) is DemoCNN and same_weights(loaded, model) and not loaded.training
+    assert "runs code from the file" in said[0]
+    with pytest.raises(CommandError, match="holds a whole pickled model .*leave out --model"):
+        build(check(FACTORY, path), say=said.append)
+
+
+def test_a_whole_pickled_model_whose_class_is_gone_gets_one_line(tmp_path, monkeypatch):
+    (tmp_path / "gone_module.py").write_text("import torch\nclass Net(torch.nn.Linear):\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import gone_module
+
+    path = str(tmp_path / "whole.pt")
+    torch.save(gone_module.Net(2, 2), path)
+    monkeypatch.delitem(sys.modules, "gone_module")
+    os.remove(tmp_path / "gone_module.py")
+    with pytest.raises(CommandError) as caught:
+        build(check(None, path), say=lambda m: None)
+    message = str(caught.value)
+    assert "cannot be imported" in message and "gone_module" in message and "state_dict()" in message
+    assert "\n" not in message
+
+
+def test_a_mismatch_names_the_first_missing_unexpected_and_misshapen_keys(tmp_path):
+    state = trained().state_dict()
+    state.pop("fc2.bias")
+    state["head.weight"] = torch.zeros(1)
+    state["conv1.weight"] = torch.zeros(16, 3, 3, 3)
+    path = str(tmp_path / "w.pt")
+    torch.save(state, path)
+    with pytest.raises(CommandError) as caught:
+        build(check(FACTORY, path))
+    message = str(caught.value)
+    assert "1 missing key(s), first: fc2.bias" in message and "1 unexpected key(s), first: head.weight" in message
+    assert "conv1.weight (file (16, 3, 3, 3), model (16, 1, 3, 3))" in message
+
+
+def test_a_dict_without_a_state_dict_names_its_keys(tmp_path):
+    path = str(tmp_path / "w.pt")
+    torch.save({"epoch": 3, "optimizer": {"lr": 0.1}}, path)
+    with pytest.raises(CommandError, match="keys 'epoch', 'optimizer' but none holds a state dict"):
+        build(check(FACTORY, path))
+
+
+def test_unknown_names_and_missing_files_are_caught_before_building():
+    with pytest.raises(CommandError, match=r"unknown model 'resnet19' \(did you mean resnet18"):
+        check("resnet19")
+    with pytest.raises(CommandError, match="no weights file at 'nope.pt'; .* or a torchvision weights name"):
+        check("resnet18", "nope.pt")
+    with pytest.raises(CommandError, match="no module named 'no_such_package'"):
+        check("no_such_package.models:net")
+    with pytest.raises(CommandError, match="--model is required"):
+        check(None)
+
+
+def test_torchvision_weights_names_bring_categories_and_preprocessing(tmp_path, monkeypatch):
+    source = check("resnet18", "DEFAULT")
+    assert source.weights == "ResNet18_Weights.IMAGENET1K_V1" and source.categories[:2] == ["tench", "goldfish"]
+    assert (source.preprocessing.resize, source.preprocessing.crop) == (256, 224)
+    assert check("resnet18", "ResNet18_Weights.IMAGENET1K_V1").weights == source.weights
+    # offline: a file already in torch's hub cache is used as torchvision would use it
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    (tmp_path / "checkpoints").mkdir()
+    import torchvision
+
+    torch.manual_seed(5)
+    expected = torchvision.models.resnet18()
+    torch.save(expected.state_dict(), tmp_path / "checkpoints" / os.path.basename(source.weights_url))
+    assert same_weights(build(source), expected)
+
+
+def test_cli_checkpoint_error_is_one_line_and_exit_2(tmp_path):
+    path = tmp_path / "w.pt"
+    torch.save({"state_dict": {"module.fc.weight": torch.zeros(2, 2)}}, path)
+    image = tmp_path / "in" / "a.png"
+    image.parent.mkdir()
+    from skimage import data, io
+
+    io.imsave(str(image), data.camera()[:64, :64], check_contrast=False)
+    done = subprocess.run([sys.executable, "-m", "guided_swap", "explain", str(image.parent), "--model", FACTORY,
+                           "--weights", str(path), "--out", str(tmp_path / "out")], capture_output=True, text=True)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "do not fit guided_swap.checks.demo:DemoCNN" in done.stderr and "first: conv1.weight" in done.stderr
+    assert not (tmp_path / "out").exists()  # nothing written

@@ -1,0 +1,84 @@
+"""A run killed with SIGKILL leaves only whole results and hidden temporaries; Ctrl-C stops after the batch with
+one line; the same command then finishes the job."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from guided_swap.app.cli import main
+from guided_swap.app.results import MARKER, read_index, read_record
+
+from test_folder import files, save_image
+
+COUNT = 16
+
+
+@pytest.fixture()
+def many(tmp_path):
+    root = tmp_path / "in"
+    for i in range(COUNT):
+        save_image(root / f"pic{i:02d}.png", ("chelsea", "astronaut", "camera", "coffee")[i % 4])
+    return root
+
+
+def start(inputs, out, *extra):
+    command = [sys.executable, "-m", "guided_swap", "explain", str(inputs), "--model", "demo", "--out", str(out),
+               "--batch-size", "1", *extra]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "MPLBACKEND": "Agg"}, start_new_session=True)
+
+
+def wait_for_results(process, out, count: int, timeout: float = 180.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if out.exists() and len([n for n in files(out) if n.endswith(".npz")]) >= count:
+            return
+        if process.poll() is not None:
+            pytest.fail(f"the run ended before it could be stopped: {process.communicate()[1]}")
+        time.sleep(0.05)
+    process.kill()
+    pytest.fail("no results appeared")
+
+
+def test_sigkill_leaves_whole_results_only_and_the_next_run_finishes(tmp_path, many, capsys):
+    out = tmp_path / "out"
+    process = start(many, out, "--workers", "0")
+    wait_for_results(process, out, 3)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.communicate()
+    visible = [n for n in files(out) if not os.path.basename(n).startswith(".")]
+    assert set(visible) <= {f"pic{i:02d}.png.{kind}" for i in range(COUNT) for kind in ("npz", "png")}
+    for name in visible:  # every file a glob would find is whole and says what made it
+        assert read_record(str(out / name))["settings"]["model"] == "demo", name
+    complete = sum((out / f"pic{i:02d}.png.npz").exists() for i in range(COUNT))
+    (out / ".pic15.png.npz.999999999-0badc0de.part").write_bytes(b"half")  # as a kill mid-write leaves
+    assert main(["explain", str(many), "--model", "demo", "--out", str(out), "--batch-size", "4", "--save", "npz",
+                 "--workers", "0", "--writers", "0"]) == 0
+    assert f"{complete} of {COUNT} input(s) already done" in capsys.readouterr().err
+    assert [n for n in files(out) if os.path.basename(n).startswith(".")] == [MARKER]
+    assert len(read_index(out)) == COUNT and all(line["error"] is None for line in read_index(out))
+
+
+def test_ctrl_c_stops_after_the_batch_with_one_line(tmp_path, many, capsys):
+    out = tmp_path / "out"
+    process = start(many, out, "--workers", "2", "--scale", "per-image")  # figures drawn as it goes
+    wait_for_results(process, out, 2)
+    os.killpg(process.pid, signal.SIGINT)  # as a terminal does: the main process and its decode workers
+    _, error = process.communicate(timeout=120)
+    assert process.returncode == 130, error
+    assert "Traceback" not in error and "Error" not in error, error
+    stopped = [line for line in error.splitlines() if "interrupt" in line]
+    assert len(stopped) == 1 and "run the same command again" in stopped[0], error
+    lines = read_index(out)
+    done = [line for line in lines if line["error"] is None]
+    assert len(lines) == COUNT and 2 <= len(done) < COUNT
+    assert all(os.path.exists(out / output) for line in done for output in line["outputs"])
+    assert main(["explain", str(many), "--model", "demo", "--out", str(out), "--save", "npz", "--workers", "0",
+                 "--writers", "0", "--scale", "per-image"]) == 0
+    assert f"{len(done)} of {COUNT} input(s) already done" in capsys.readouterr().err
+    assert all(line["error"] is None for line in read_index(out))
+    assert np.load(out / "pic15.png.npz")["cam"].shape == (48, 48)

@@ -1,0 +1,170 @@
+"""``layer="auto"``: the last spatial map before the global pooling that reaches the output; never a gate or a
+map after the pooling; the backbone's last map for segmentation; a reason; the input check from the graph."""
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import guided_swap as gs
+from guided_swap.capture.graph import layers as capture
+from guided_swap.checks import reference
+from guided_swap.capture.graph.trace import trace
+from models import FunctionalBatchNormNet, GatedNet, SpaceToDepthNet, TinySegmenter
+
+from conftest import assert_nontrivial, image_batch, lively_targets, make_model, randomise_batchnorm, relative_error
+
+
+def auto(model, x, **kwargs):
+    traced = trace(model)
+    node, reason = capture.auto_layer(traced.module, x, module_outputs=traced.module_outputs, **kwargs)
+    return node.meta["qualname"], reason
+
+
+def test_gates_and_a_conv_head_after_pooling_are_never_chosen():
+    torch.manual_seed(0)
+    model = randomise_batchnorm(GatedNet()).eval()
+    name, reason = auto(model, torch.zeros(1, 3, 32, 32))
+    assert name == "gates.2.mul"
+    assert reason == "gates: the last spatial map (16x16) before the global pooling at adaptive_avg_pool2d"
+    x = image_batch(32)
+    target = lively_targets(model, x, model.gates)
+    e = gs.convert(model).explain(x, target)
+    assert e.cam_raw.shape == (2, 16, 16)
+    assert_nontrivial(e.cam_raw)
+    assert relative_error(e.cam_raw, reference.gradcam(model, x, target, model.gates)) <= 1e-5
+
+
+def test_resnet_reason_and_a_small_input_falls_back_to_the_last_map_above_1x1():
+    model = make_model("resnet18")
+    assert auto(model, torch.zeros(1, 3, 64, 64)) == (
+        "layer4.1.relu_1", "layer4: the last spatial map (2x2) before the global pooling at avgpool (nn.AdaptiveAvgPool2d)")
+    name, reason = auto(model, torch.zeros(1, 3, 32, 32))  # layer4 is 1x1 here: layer3 is the last real map
+    assert name == "layer3.1.relu_1" and reason.startswith("layer3: the last spatial map (2x2) before")
+
+
+def test_flatten_head_takes_the_last_conv_map_before_the_pools():
+    name, reason = auto(make_model("vgg11"), torch.zeros(1, 3, 64, 64))
+    assert name == "features.19" and "flatten" in reason
+
+
+def test_segmentation_without_pooling_takes_the_map_feeding_the_head():
+    torch.manual_seed(0)
+    model = TinySegmenter().eval()
+    x = torch.zeros(1, 3, 32, 32)
+    assert auto(model, x, output="out") == (
+        "backbone.3", "backbone.3: the last backbone map (8x8) feeding the prediction head 'head'; "
+                      "the model has no global pooling")
+    assert auto(model, x, output="aux")[0] == "backbone.1"
+
+
+def hooked_gradcam(model, x, cls, module):
+    """Grad-CAM at ``module`` for the mean ``cls`` logit over the pixels, from a plain hooked forward/backward."""
+    seen = {}
+
+    def keep(m, inputs, output):
+        seen["A"] = output.detach().clone()
+        output.register_hook(lambda g: seen.__setitem__("G", g))
+
+    handle = module.register_forward_hook(keep)
+    try:
+        model(x)["out"][:, cls].mean().backward()
+    finally:
+        handle.remove()
+    return torch.relu((seen["G"].mean((2, 3), keepdim=True) * seen["A"]).sum(1))
+
+
+@pytest.mark.parametrize("name,module,node", [("fcn_resnet50", "backbone.layer4", "backbone.layer4.2.relu_2"),
+                                              ("deeplabv3_mobilenet_v3_large", "backbone.16", "backbone.16.2"),
+                                              ("lraspp_mobilenet_v3_large", "backbone.16", "backbone.16.2")])
+def test_torchvision_segmentation_gets_a_nonzero_cam_from_the_backbone(name, module, node):
+    torch.manual_seed(0)
+    model = randomise_batchnorm(torchvision.models.get_model(name, weights=None, weights_backbone=None)).eval()
+    x = image_batch(48)[:1]
+    ex = gs.convert(model, output="out")  # the default layer="auto", resolved on the first input
+    with torch.no_grad():
+        ranked = model(x)["out"].mean((2, 3)).argsort(dim=1, descending=True)[0].tolist()
+    for cls in ranked[:5]:  # random weights: the first class whose Grad-CAM is not empty
+        expected = hooked_gradcam(model, x, cls, model.get_submodule(module))
+        if float((expected != 0).float().mean()) >= 0.25:
+            break
+    e = ex.explain(x, lambda outputs: outputs["out"][:, cls].mean((1, 2)))
+    assert ex.report.layers["auto"] == node
+    assert "feeding the prediction head 'classifier'" in ex.report.layer_reasons["auto"]
+    assert_nontrivial(e.cam_raw)
+    assert relative_error(e.cam_raw, expected) <= 1e-5
+
+
+def test_no_spatial_map_is_a_clear_error():
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 4)).eval()
+    with pytest.raises(gs.LayerError, match="no spatial feature map"):
+        auto(mlp, torch.zeros(1, 3, 8, 8))
+    with pytest.raises(gs.LayerError, match="larger than 1x1"):
+        auto(make_model("resnet18"), torch.zeros(1, 3, 1, 1))
+
+
+@pytest.mark.parametrize("model_fn", [lambda: randomise_batchnorm(GatedNet()), FunctionalBatchNormNet])
+def test_the_shape_probe_never_changes_buffers_even_in_training_mode(model_fn):
+    torch.manual_seed(0)
+    model = model_fn().train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    auto(model, torch.randn(2, 3, 16, 16))
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(m.training for m in model.modules())
+
+
+def test_input_spec_is_read_from_the_graph():
+    assert capture.input_spec(make_model("resnet18")) == (4, 3)
+    assert capture.input_spec(nn.Sequential(nn.Conv1d(2, 4, 3), nn.ReLU())) == (3, 2)
+    torch.manual_seed(0)
+    model = SpaceToDepthNet().eval()
+    assert capture.input_spec(model) is None  # a reshape comes first: no check, rather than a wrong one
+    x = image_batch(16)
+    e = gs.convert(model).explain(x)
+    assert torch.equal(e.logits, model(x)) and e.cam_raw.shape == (2, 8, 8)
+
+
+def test_input_spec_follows_normalisation_arithmetic():
+    class Normalised(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("mean", torch.zeros(1, 3, 1, 1))
+            self.conv = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            return self.conv((x - self.mean) / 0.5).mean((2, 3))
+
+    assert capture.input_spec(Normalised()) == (4, 3)
+
+
+def test_input_spec_reads_a_functional_convolution_with_groups():
+    class FunctionalConv(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(8, 2, 3, 3))
+
+        def forward(self, x):
+            return torch.nn.functional.conv2d(x, self.weight, groups=2).mean((2, 3))
+
+    assert capture.input_spec(FunctionalConv()) == (4, 4)
+
+
+class TwoScales(nn.Module):
+    """Two conv stems at two scales whose tokens meet only in the pooling (CrossViT's layout)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fine = nn.Conv2d(3, 8, 4, 4)
+        self.coarse = nn.Conv2d(3, 8, 8, 8)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        tokens = torch.cat([torch.relu(self.fine(x)).flatten(2), torch.relu(self.coarse(x)).flatten(2)], dim=2)
+        return self.fc(tokens.mean(-1))
+
+
+def test_branches_that_meet_in_the_pooling_take_the_last_map_and_say_it_is_partial():
+    name, reason = auto(TwoScales().eval(), torch.zeros(1, 3, 32, 32))
+    assert name == "relu_1"
+    assert reason.startswith("relu_1: the last spatial map (4x4) before the global pooling at mean")
+    assert reason.endswith("other branches reach it too, so this map shows only part of the evidence")

@@ -1,0 +1,149 @@
+"""Targets of every kind, structured outputs, several layers, layer naming."""
+import collections
+
+import pytest
+import torch
+import torchvision
+from torchvision.models.feature_extraction import get_graph_node_names
+from torch import nn
+
+import guided_swap as gs
+from guided_swap.checks import reference
+
+from conftest import image_batch, make_model, relative_error
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    return make_model("resnet18")
+
+
+def test_target_forms_agree(resnet):
+    ex = gs.convert(resnet, layer="layer4")
+    x = image_batch(32)
+    by_list = ex.explain(x, [5, 9])
+    by_tensor = ex.explain(x, torch.tensor([5, 9]))
+    by_callable = ex.explain(x, lambda logits: logits[:, 5] * torch.tensor([1.0, 0.0]) + logits[:, 9] * torch.tensor([0.0, 1.0]))
+    assert torch.equal(by_list.gradient, by_tensor.gradient)
+    assert torch.allclose(by_list.gradient, by_callable.gradient, rtol=1e-5, atol=1e-9)
+    assert by_callable.target is None and by_list.target.tolist() == [5, 9]
+    best = ex.explain(x)
+    assert best.target.tolist() == resnet(x).argmax(1).tolist()
+    same = ex.explain(x, 7)
+    assert same.target.tolist() == [7, 7]
+    assert torch.equal(same.score, resnet(x)[:, 7].detach())
+
+
+def test_a_callable_target_equals_the_fx_free_reference_of_the_same_score(resnet):
+    x = image_batch(32)
+    score = lambda logits: logits[:, 3] - 0.5 * logits[:, 8]  # no class of its own: mixed evidence
+    expected = reference.input_gradient(resnet, x, score)
+    assert expected.abs().max() > 0
+    assert relative_error(gs.convert(resnet, layer=None).explain(x, score).gradient, expected) < 1e-5
+
+
+def test_batching_gives_per_sample_results(resnet):
+    ex = gs.convert(resnet, layer="layer4")
+    x = image_batch(32, ("chelsea", "astronaut", "immunohistochemistry"))
+    batch = ex.explain(x, [1, 2, 3])
+    for i in range(3):
+        single = ex.explain(x[i:i + 1], [i + 1])
+        assert relative_error(batch.gradient[i:i + 1], single.gradient) <= 1e-5
+        assert relative_error(batch.cam_raw[i:i + 1], single.cam_raw) <= 1e-5
+
+
+def test_channel_target_is_feature_visualisation(resnet):
+    ex = gs.convert(resnet, layer=["layer4", "layer3"])
+    x = image_batch(32)
+    e = ex.explain(x, gs.Channel("layer3", 12))
+    x2 = x.clone().requires_grad_(True)
+    with reference.ReLURule("guided"):
+        activation = resnet.layer3(resnet.layer2(resnet.layer1(resnet.maxpool(resnet.relu(resnet.bn1(resnet.conv1(x2)))))))
+    (expected,) = torch.autograd.grad(activation[:, 12].sum(), x2)
+    assert relative_error(e.gradient, expected) <= 1e-5
+    unit = ex.explain(x, gs.Channel("layer3", 12, unit=(1, 1)))
+    assert unit.gradient.abs().sum() > 0 and not torch.equal(unit.gradient, e.gradient)
+
+
+def test_several_layers_each_get_their_own_cam(resnet):
+    x = image_batch(64)
+    ex = gs.convert(resnet, layer=["layer4", "layer3", "layer2.0.relu_1"])
+    e = ex.explain(x, [1, 2])
+    for name, module_name in [("layer4", "layer4"), ("layer3", "layer3")]:
+        expected = reference.gradcam(resnet, x, [1, 2], resnet.get_submodule(module_name))
+        assert relative_error(e.layers[name].cam_raw, expected) <= 1e-5
+    assert e.layers["layer2.0.relu_1"].cam_raw.shape == (2, 8, 8)
+    assert torch.equal(e.cam_raw, e.layers["layer4"].cam_raw)
+    assert e.pixelwise_cam.shape == e.guided_pixelwise_cam.shape == (2, 64, 64)
+
+
+def test_several_layers_behind_relus_use_the_plain_fork():
+    """Nested captures with ReLUs between them and after them: each gets the ordinary gradient."""
+    model = make_model("vgg11")
+    x = image_batch(64)
+    ex = gs.convert(model, layer=["features.18", "features.13", "features.19"])
+    assert ex.forked
+    e = ex.explain(x, [3, 4])
+    for name in ex.layers:
+        expected = reference.gradcam(model, x, [3, 4], model.get_submodule(name))
+        assert relative_error(e.layers[name].cam_raw, expected) <= 1e-5, name
+    assert relative_error(e.gradient, reference.input_gradient(model, x, [3, 4])) <= 1e-5
+
+
+class TupleOut(nn.Module):
+    Out = collections.namedtuple("Out", ["logits", "features"])
+
+    def __init__(self, kind):
+        super().__init__()
+        self.kind = kind
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x):
+        features = torch.relu(self.conv(x))
+        logits = self.fc(features.mean(dim=(2, 3)))
+        if self.kind == "tuple":
+            return features, logits
+        if self.kind == "dict":
+            return {"features": features, "logits": logits}
+        return self.Out(logits, features)
+
+
+@pytest.mark.parametrize("kind,key", [("tuple", 1), ("dict", "logits"), ("namedtuple", "logits")])
+def test_structured_outputs(kind, key):
+    torch.manual_seed(0)
+    model = TupleOut(kind).eval()
+    x = image_batch(16)
+    with pytest.raises(TypeError, match="output="):
+        gs.convert(model, layer="conv")
+    ex = gs.convert(model, layer="conv", output=key)
+    e = ex.explain(x, [1, 2])
+    logits = model(x)[key] if kind != "namedtuple" else model(x).logits
+    assert torch.equal(e.logits, logits)
+    assert type(e.outputs) is type(model(x))
+    with pytest.raises(ValueError, match="not an entry"):
+        gs.convert(model, layer="conv", output="nope" if kind != "tuple" else 5)
+
+
+def test_layer_names_follow_torchvision(resnet):
+    names = gs.layer_names(resnet)
+    tv_train, tv_eval = get_graph_node_names(resnet)
+    assert names["nodes"] == tv_eval
+    assert "layer4" in names["modules"] and "layer4.1.relu_1" in names["nodes"]
+
+
+def test_module_called_twice_needs_a_node_name():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 3, padding=1)  # a leaf: its first call's node is named "conv"
+            self.block = nn.Sequential(nn.Conv2d(3, 3, 3, padding=1), nn.ReLU())  # traced through
+
+        def forward(self, x):
+            return self.block(self.block(self.conv(self.conv(x)))).mean(dim=(2, 3))
+
+    model = Twice().eval()
+    assert gs.convert(model, layer="conv").report.layers == {"conv": "conv"}
+    assert gs.convert(model, layer="conv_1").report.layers == {"conv_1": "conv_1"}
+    with pytest.raises(gs.LayerError, match=r"called 2 times.*\['block.1', 'block.1_1'\]"):
+        gs.convert(model, layer="block")
