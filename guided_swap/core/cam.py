@@ -146,12 +146,19 @@ def eigengradcam(activation: Tensor, gradient: Tensor) -> Tensor:
     return torch.relu(projection).to(activation.dtype).view(activation.shape[:1] + activation.shape[2:])
 
 
+def eigencam(activation: Tensor, gradient: Tensor) -> Tensor:
+    """Eigen-CAM (Muhammad & Yeasin 2020): the first principal component of ``A`` alone (``G`` is not read),
+    with :func:`eigengradcam`'s sign rule, which here makes the map correlate with the centred ``sum_k A_k``."""
+    return eigengradcam(activation, torch.ones_like(activation))
+
+
 # --- the registry: every gradient CAM by name ---------------------------------------------------------------
 
 CamFunction = Callable[[Tensor, Tensor], Tensor]
 _CAMS: Dict[str, CamFunction] = {
     "gradcam": gradcam, "gradcam++": gradcam_plusplus, "xgradcam": xgradcam, "layercam": guided_pixelwise_cam,
     "hirescam": pixelwise_cam, "elementwise": elementwise_gradcam, "eigengradcam": eigengradcam,
+    "eigencam": eigencam,
 }
 BUILT_IN = tuple(_CAMS)
 

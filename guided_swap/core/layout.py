@@ -80,6 +80,17 @@ class Layout:
             return (0, rank - 1) + tuple(range(1, rank - 1))
         return tuple(range(rank))
 
+    def channel_axis(self, rank: int) -> int:
+        """The axis of a captured tensor of ``rank`` dimensions that holds its channels (``"reshape"`` and
+        ``"unknown"`` layouts do not say: a :class:`LayerError`).
+
+        >>> Layout("tokens").channel_axis(3), Layout("nhwc").channel_axis(4), CHANNELS_FIRST.channel_axis(4)
+        (2, 3, 1)
+        """
+        if self.kind in ("reshape", "unknown"):
+            raise LayerError(f"a {self.describe()!r} layout does not say which axis of the capture holds the channels")
+        return self._perm(rank)[1]
+
     def to_channels_first(self, t: Tensor, input_size: Optional[Sequence[int]] = None, name: str = "") -> Tensor:
         """``t`` as ``(B, C, *spatial)``; ``input_size`` (the explained input's spatial size) rescales the grid."""
         where = f"layer {name!r}: " if name else ""

@@ -41,13 +41,18 @@ class CamMaps(Mapping):
     """Every registered CAM (``guided_swap.cam_methods()``) of one layer by name, each computed on first access.
 
     ``fixed`` holds maps computed ahead (a smoothed explanation's means over the noisy copies): only those
-    names are available then.
+    names are available then. ``extra`` names the maps that passes of their own made (``explain(x,
+    cams=("scorecam", ...))``), available beside the registered ones.
     """
 
-    def __init__(self, make: Callable[[str], Tensor], fixed: Optional[Dict[str, Tensor]] = None):
+    def __init__(self, make: Callable[[str], Tensor], fixed: Optional[Dict[str, Tensor]] = None,
+                 extra: Optional[Mapping] = None):
         self._make, self._fixed, self._cache = make, fixed, {}
+        self._extra = {} if extra is None else extra  # maps made by passes of their own (Score-CAM, ...)
 
     def __getitem__(self, name: str) -> Tensor:
+        if name in self._extra:
+            return self._make(name)
         if self._fixed is not None:
             if name not in self._fixed:
                 raise cam_maths.CamError(f"{name!r} is not among the CAMs of this smoothed explanation "
@@ -67,7 +72,8 @@ class CamMaps(Mapping):
         self._cache[(name, cam_maths.get_cam(name))] = value
 
     def __iter__(self) -> Iterator[str]:
-        return iter(tuple(self._fixed) if self._fixed is not None else cam_maths.cam_methods())
+        names = tuple(self._fixed) if self._fixed is not None else cam_maths.cam_methods()
+        return iter(names + tuple(name for name in self._extra if name not in names))
 
     def __len__(self) -> int:
         return len(tuple(iter(self)))
@@ -97,6 +103,7 @@ class LayerMaps:
     layout: Layout = CHANNELS_FIRST
     name: str = ""
     fixed_cams: Optional[Dict[str, Tensor]] = field(default=None, repr=False)  # precomputed raw maps (smoothing)
+    pass_cams: Dict[str, Tensor] = field(default_factory=dict, repr=False)  # raw maps made by passes of their own
 
     @cached_property
     def _feature(self) -> Tuple[Tensor, Tensor]:
@@ -114,6 +121,8 @@ class LayerMaps:
         return self._feature[1]
 
     def _raw(self, name: str) -> Tensor:
+        if name in self.pass_cams:
+            return self.pass_cams[name]
         if self.fixed_cams is not None:
             return self.fixed_cams[name]
         return cam_maths.compute(name, *self._feature)
@@ -121,13 +130,13 @@ class LayerMaps:
     @cached_property
     def cams_raw(self) -> CamMaps:
         """Every registered CAM at the layer's resolution, (B, *layer spatial), by name."""
-        return CamMaps(self._raw, self.fixed_cams)
+        return CamMaps(self._raw, self.fixed_cams, self.pass_cams)
 
     @cached_property
     def cams(self) -> CamMaps:
         """Every registered CAM resized to the input, (B, *input spatial), by name."""
         return CamMaps(lambda name: cam_maths.upsample(self.cams_raw[name], self.input_size, self.interpolate),
-                       self.fixed_cams)
+                       self.fixed_cams, self.pass_cams)
 
     @property
     def cam_raw(self) -> Tensor:
@@ -162,7 +171,8 @@ class LayerMaps:
     def __getitem__(self, index: Union[int, slice]) -> "LayerMaps":
         rows = _rows(index)
         fixed = None if self.fixed_cams is None else {k: v[rows] for k, v in self.fixed_cams.items()}
-        return replace(self, activation=self.activation[rows], grad=self.grad[rows], fixed_cams=fixed)
+        return replace(self, activation=self.activation[rows], grad=self.grad[rows], fixed_cams=fixed,
+                       pass_cams={k: v[rows] for k, v in self.pass_cams.items()})
 
 
 @dataclass
