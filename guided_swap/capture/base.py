@@ -26,14 +26,16 @@ it. Adding a capture path means writing one subclass; nothing else changes.
 ((2, 3, 64, 64), (2, 512, 2, 2))
 """
 import abc
-from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
+from ..core.cam import CamError
 from ..core.errors import GuidedSwapError, InputError, LayerError
 from ..core.layout import Layout
 from ..core.maps import PassResult
+from ..core.pass_cams import BiasPass
 from ..core.report import ConversionReport
 from ..core.rules import Rule
 from ..core.targets import OutputKey, Score
@@ -110,6 +112,23 @@ class Capture(nn.Module, abc.ABC):
 
     def before_save(self) -> None:
         """Refuse, before anything is written, what a saved file could not hold (default: nothing)."""
+
+    # --- for CAMs that need passes of their own (guided_swap.run.extra_cams); a path may refuse them ----------
+
+    def tail(self, layer: str, x: Any) -> Callable[[Any, Tensor, Tensor], Any]:
+        """The model from captured ``layer`` on, for the batch ``x``: ``tail(x_rows, A_rows, samples)`` is the
+        output when the layer's value is ``A_rows``, row ``i`` being sample ``samples[i]`` of ``x``
+        (Ablation-CAM). Only a graph capture can cut its graph there."""
+        raise CamError(f"Ablation-CAM runs the model from layer {layer!r} on with each channel ablated, which needs "
+                       f"the model as a graph to start from that layer; this explainer's {self.report.capture!r} "
+                       "capture runs the model's own code, which always starts at the input. Use Score-CAM, or "
+                       "convert a model that torch.fx or torch.export can take")
+
+    def bias_pass(self, x: Any, score: Score, classes: Optional[Tensor] = None) -> BiasPass:
+        """One forward and backward with ordinary gradients, giving the input gradient and the gradient at the
+        output of every convolution and BatchNorm that adds a bias, with that bias (FullGrad)."""
+        raise CamError(f"FullGrad needs the gradient at every layer that adds a bias; the {self.report.capture!r} "
+                       "capture cannot give them")
 
     def extra_repr(self) -> str:
         return f"rule={self.rule.name!r}, layers={self.layers}, swapped={len(self.swapped)}"

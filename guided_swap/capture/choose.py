@@ -148,6 +148,14 @@ class DeferredCapture(Capture):
     def before_save(self) -> None:
         self._picked().before_save()
 
+    def tail(self, layer: str, x: Any):
+        self.prepare(x)
+        return self.chosen.tail(layer, x)
+
+    def bias_pass(self, x: Any, score: Score, classes=None):
+        self.prepare(x)
+        return self.chosen.bias_pass(x, score, classes)
+
     def __getstate__(self):
         state = dict(super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__)
         state.pop("_lock", None)

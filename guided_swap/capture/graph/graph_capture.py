@@ -22,11 +22,13 @@ from torch import Tensor, fx
 from ...core.errors import InputError, LayerError
 from ...core.layout import Layout
 from ...core.maps import PassResult
+from ...core.pass_cams import BiasPass
 from ...core.report import ConversionReport
 from ...core.rules import Rule
 from ...core.targets import OutputKey, Score
 from ..base import Capture, InputShape, check_autograd, check_tensor, gradients
-from . import layouts
+from . import bias_graph, layouts
+from .cut import Tail, tail_module
 from .plan import ExplainGraph, GraphOutputs, SwappedGraph
 from .trace import Traced
 
@@ -119,6 +121,16 @@ class GraphCapture(Capture):
                 grad_at = list(out.fork_captures)
             grads = gradients(scores, [leaf] + grad_at)
         return PassResult(out.model, tuple(out.captures), main, classes, grads[0], tuple(grads[1:]))
+
+    def tail(self, layer: str, x: Tensor) -> Tail:
+        """The model from captured ``layer`` on for the batch ``x``, cut from the explain graph (:mod:`.cut`)."""
+        self.prepare(x)
+        return tail_module(self.explain_module, self.layers.index(layer), x)
+
+    def bias_pass(self, x: Tensor, score: Score, classes: Optional[Tensor] = None) -> BiasPass:
+        """FullGrad's pass through a copy of the explain graph with ordinary rectifiers (:mod:`.bias_graph`)."""
+        self.prepare(x)
+        return bias_graph.bias_pass(bias_graph.bias_module(self.explain_module), x, score, classes)
 
     # --- module behaviour --------------------------------------------------------------------------------
 

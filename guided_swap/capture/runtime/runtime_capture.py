@@ -32,10 +32,12 @@ from torch import Tensor, nn
 
 from ...core.errors import InputError, LayerError
 from ...core.maps import PassResult
+from ...core.pass_cams import BiasPass
 from ...core.report import RuntimeReport, Swap
 from ...core.rules import Rule
 from ...core.targets import OutputKey, Score
 from ..base import AUTO, Capture, InputShape, check_autograd, check_tensor, gradients
+from . import bias_hooks
 from .live_swap import Run, Site, auto_layer, private_mirror
 
 
@@ -121,6 +123,11 @@ class RuntimeCapture(Capture):
             input_grads, layer_grads = _backward(main, leaves, captures, run)
         input_grad = input_grads[0] if isinstance(x, Tensor) else torch.stack(input_grads)
         return PassResult(outputs, tuple(captures), main, classes, input_grad, tuple(layer_grads))
+
+    def bias_pass(self, x: Any, score: Score, classes: Optional[Tensor] = None) -> BiasPass:
+        """FullGrad's pass: the mirror with its own ordinary rectifiers, hooked at each bias layer (:mod:`.bias_hooks`)."""
+        with self._lock:
+            return bias_hooks.bias_pass(self.model, x, score, classes)
 
     def stack(self, x: Any) -> Tensor:
         return x if isinstance(x, Tensor) else torch.stack(list(x))

@@ -1,0 +1,69 @@
+"""FullGrad on the run-time capture: the private mirror runs once with its own, ordinary rectifiers (no rule is
+swapped in), and hooks on its convolution and BatchNorm modules record the gradient at each output, as
+pytorch-grad-cam does on the model itself. The hooks live on the mirror only and are removed after the pass.
+
+A gradient hook registered on a module's output before an in-place op overwrites it (the ReLU after a
+BatchNorm) receives the gradient at the output as the module returned it, which is what FullGrad reads.
+
+>>> import torch, torchvision, guided_swap as gs
+>>> from guided_swap.capture.runtime.live_swap import private_mirror
+>>> model = private_mirror(torchvision.models.resnet18().eval())
+>>> result = bias_pass(model, torch.randn(2, 3, 64, 64), gs.core.targets.as_score(None))
+>>> len(result.biases), tuple(result.biases[0][1].shape)
+(20, (2, 64, 32, 32))
+"""
+from typing import Any, List, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from ...core.cam import CamError
+from ...core.pass_cams import BiasPass, batchnorm_bias
+from ...core.targets import Score
+from ..base import gradients
+
+_CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def bias_pass(model: nn.Module, x: Any, score: Score, classes: Optional[Tensor] = None) -> BiasPass:
+    """One forward and backward of ``model`` (the capture's mirror) for FullGrad (module docstring)."""
+    records: List[Tuple[Tensor, List[Tensor]]] = []
+    handles = [module.register_forward_hook(_recorder(bias, records))
+               for module, bias in _bias_modules(model)]
+    try:
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_(True) for t in ([x] if isinstance(x, Tensor) else x)]
+            outputs = model(leaves[0] if isinstance(x, Tensor) else type(x)(leaves))
+            batch = len(leaves) if not isinstance(x, Tensor) else x.shape[0]
+            main, _ = score(outputs, {}, batch, classes)
+            grads = gradients(main.sum(), leaves)
+    finally:
+        for handle in handles:
+            handle.remove()
+    input_grad = grads[0] if isinstance(x, Tensor) else torch.stack(grads)
+    biases = tuple((bias, got[0]) for bias, got in records if got)
+    return BiasPass(outputs, main.detach(), input_grad, biases)
+
+
+def _bias_modules(model: nn.Module) -> List[Tuple[nn.Module, Tensor]]:
+    found = []
+    for name, module in model.named_modules():
+        if isinstance(module, _CONV_MODULES) and module.bias is not None:
+            found.append((module, module.bias.detach()))
+        elif isinstance(module, nn.modules.batchnorm._BatchNorm) and module.bias is not None:
+            if module.running_mean is None:
+                raise CamError(f"FullGrad needs the bias every BatchNorm adds, but {name!r} normalises with batch "
+                               "statistics (no running statistics), so it adds none that is fixed")
+            found.append((module, batchnorm_bias(module.weight, module.bias, module.running_mean,
+                                                 module.running_var, module.eps).detach()))
+    return found
+
+
+def _recorder(bias: Tensor, records: List[Tuple[Tensor, List[Tensor]]]):
+    """A forward hook that registers, on each tensor output, a gradient hook keeping the gradient."""
+    def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+        if isinstance(output, Tensor) and output.requires_grad:
+            got: List[Tensor] = []
+            records.append((bias, got))
+            output.register_hook(lambda grad: got.append(grad.detach()))
+    return hook
