@@ -14,7 +14,7 @@ into an :class:`~guided_swap.core.maps.Explanation`.
 import pickle
 import warnings
 from collections import Counter
-from typing import Any, Optional, Tuple
+from typing import Any, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -26,7 +26,7 @@ from ..core.maps import Explanation, zero_gradient_messages
 from ..core.report import ConversionReport
 from ..core.rules import Rule
 from ..core.targets import ChannelScore, Score, as_score
-from . import saved, smoothing
+from . import extra_cams, saved, smoothing
 from .assemble import explanation_of
 from . import compiled
 from .compiled import CompiledExplain
@@ -96,9 +96,10 @@ class Explainer(nn.Module):
             return self._compiled.forward(self.forward_module, x)
         return self.capture(x)
 
-    def explain(self, x: Any, target: Any = None, *, interpolate: str = "bilinear", smooth: Optional[int] = None,
-                noise: Optional[float] = None, generator: Optional[torch.Generator] = None,
-                chunk: Optional[int] = None, check_finite: Optional[bool] = None) -> Explanation:
+    def explain(self, x: Any, target: Any = None, *, cams: Sequence[str] = (), interpolate: str = "bilinear",
+                smooth: Optional[int] = None, noise: Optional[float] = None,
+                generator: Optional[torch.Generator] = None, chunk: Optional[int] = None,
+                check_finite: Optional[bool] = None) -> Explanation:
         """One forward and one backward: the rule's input gradient and every CAM at every captured layer.
 
         ``x``: what the model takes, a (B, C, ...) tensor (or, for the run-time capture of a detector, a list
@@ -109,6 +110,9 @@ class Explainer(nn.Module):
         ``smooth=N``: SmoothGrad, the mean map over N noisy copies of each input, noise ``noise`` (default 0.15)
         times each input's value range, drawn from ``generator``, ``chunk`` inputs per pass (default: the
         batch size); see :mod:`guided_swap.run.smoothing` for what is averaged.
+        ``cams``: CAMs that need passes of their own, made in this call: ``"scorecam"``, ``"ablationcam"``,
+        ``"fullgrad"`` (then ``e.cams["scorecam"]``...), their perturbed copies ``chunk`` (default 64) per forward;
+        see :mod:`guided_swap.run.extra_cams`.
         ``check_finite``: read values to refuse an input holding NaN or Inf, and to warn when a gradient is zero
         everywhere for a sample (its maps would show nothing). None reads them on the CPU only: on a GPU that
         would wait for the device on every call; True reads them there too, False never.
@@ -116,7 +120,8 @@ class Explainer(nn.Module):
         shape = self.capture.check(x, check_finite)
         if interpolate not in cam_maths.INTERPOLATIONS:
             raise ValueError(f"interpolate={interpolate!r} is not one of {cam_maths.INTERPOLATIONS}")
-        smoothing.check(smooth, noise, generator, chunk, x if isinstance(x, Tensor) else x[0])
+        passes = extra_cams.requested(cams, smooth, chunk)
+        smoothing.check(smooth, noise, generator, None if passes else chunk, x if isinstance(x, Tensor) else x[0])
         score = as_score(target, self.output, self.layers)
         self.capture.prepare(x)
         if smooth is not None:
@@ -126,6 +131,8 @@ class Explainer(nn.Module):
                                                    generator=generator, chunk=chunk, interpolate=interpolate)
         else:
             explanation = self._one_pass(x, score, shape.spatial, interpolate)
+            if passes:
+                extra_cams.add_pass_cams(self.capture, x, score, explanation, passes, chunk, interpolate)
         self._warn_if_nothing_swapped()
         warn_if_zero_gradients(explanation, reads_values(explanation.gradient, check_finite), score)
         return explanation
