@@ -25,7 +25,8 @@ TITLE_WIDTH = 28  # characters a panel title holds on one line at the figure's s
 CAM_PANEL = "cams."  # "cams.NAME": any registered CAM (guided_swap.cam_methods()) at input size
 # The classic name of each built-in CAM (a CAM the user registered is titled by its registered name).
 CAM_TITLES = {"gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++", "xgradcam": "XGrad-CAM", "layercam": "LayerCAM",
-              "hirescam": "HiResCAM", "elementwise": "element-wise Grad-CAM", "eigengradcam": "EigenGrad-CAM"}
+              "hirescam": "HiResCAM", "elementwise": "element-wise Grad-CAM", "eigengradcam": "EigenGrad-CAM",
+              "eigencam": "Eigen-CAM", "scorecam": "Score-CAM", "ablationcam": "Ablation-CAM", "fullgrad": "FullGrad"}
 SCALES = ("shared", "per-image")
 # A map whose spread is below this fraction of its largest magnitude is float32 rounding noise around a
 # constant (float32 resolves about 6e-8 relative): it is drawn flat. Relative, so tiny maps still show.
