@@ -56,7 +56,7 @@ def scorecam(capture: Capture, x: Any, score: Score, classes: Optional[Tensor], 
     def forward(samples: Tensor, rows_input: Tensor) -> Tensor:
         return _scores(score, capture(capture.unstack(rows_input, like=x)), samples, classes)
 
-    scores = torch.empty(A.shape[:2], dtype=torch.float32, device=A.device)
+    scores = torch.empty(A.shape[:2], dtype=torch.promote_types(A.dtype, torch.float32), device=A.device)
     with torch.no_grad():
         if zero_samples.numel():  # an all-zero mask gives a zero input, whichever channel it came from
             zero = forward(zero_samples, torch.zeros_like(clean[zero_samples]))
@@ -91,7 +91,7 @@ def ablationcam(capture: Capture, x: Any, score: Score, classes: Optional[Tensor
 def _scores(score: Score, outputs: Any, samples: Tensor, classes: Optional[Tensor]) -> Tensor:
     """The explained score of each row, for the classes of the row's sample."""
     values, _ = score(outputs, {}, samples.numel(), None if classes is None else classes[samples])
-    return values.detach().float()
+    return values.detach().to(torch.promote_types(values.dtype, torch.float32))
 
 
 def _blank_masks(A: Tensor, size: Tuple[int, ...]) -> Tensor:
