@@ -23,9 +23,9 @@ from typing import NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
-from .cam import _LINEAR_MODE, upsample
+from .cam import _LINEAR_MODE, CamError, upsample
 
 #: The CAMs that need passes of their own; ``explain(x, cams=NAMES)`` computes them in the same call.
 PASS_CAMS = ("scorecam", "ablationcam", "fullgrad")
@@ -97,8 +97,26 @@ def fullgrad(x: Tensor, input_grad: Tensor, biases: Sequence[Tuple[Tensor, Tenso
     return total
 
 
-def batchnorm_bias(weight: Optional[Tensor], bias: Tensor, mean: Tensor, var: Tensor, eps: float) -> Tensor:
+def batchnorm_bias(name: str, weight: Optional[Tensor], bias: Tensor, mean: Optional[Tensor],
+                   var: Optional[Tensor], eps: float) -> Tensor:
     """What an eval-mode BatchNorm adds per channel: ``bias - mean * weight / sqrt(var + eps)`` (FullGrad's
-    official code and pytorch-grad-cam's)."""
+    official code and pytorch-grad-cam's). One without running statistics adds no fixed bias: a ``CamError``.
+
+    >>> batchnorm_bias("bn", torch.tensor([2.0]), torch.tensor([1.0]), torch.tensor([0.5]), torch.tensor([3.0]), 1.0)
+    tensor([0.5000])
+    """
+    if mean is None or var is None:
+        raise CamError(f"FullGrad needs the bias every BatchNorm adds, but {name!r} normalises with batch statistics "
+                       "(no running statistics), so it adds none that is fixed; FullGrad cannot be computed here")
     scale = torch.ones_like(mean) if weight is None else weight
     return -(mean * scale / torch.sqrt(var + eps)) + bias
+
+
+def module_bias(name: str, module: nn.Module) -> Optional[Tensor]:
+    """The bias ``module`` adds per channel, when it is a convolution (``Conv1d/2d/3d``) or a BatchNorm with one;
+    else None: the layers FullGrad reads."""
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return module.bias
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.bias is not None:
+        return batchnorm_bias(name, module.weight, module.bias, module.running_mean, module.running_var, module.eps)
+    return None

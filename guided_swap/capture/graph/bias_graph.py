@@ -18,10 +18,9 @@ import functools
 from typing import NamedTuple, Optional, Tuple
 
 import torch
-from torch import Tensor, fx, nn
+from torch import Tensor, fx
 
-from ...core.cam import CamError
-from ...core.pass_cams import BiasPass, batchnorm_bias
+from ...core.pass_cams import BiasPass, batchnorm_bias, module_bias
 from ...core.targets import Score
 from .. import ops
 from ..base import gradients
@@ -31,7 +30,6 @@ from .rewrite import protect, qualname
 
 aten = torch.ops.aten
 _CONV_OPS = (aten.conv1d.default, aten.conv2d.default, aten.conv3d.default)
-_CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 class BiasModule(NamedTuple):
@@ -69,13 +67,7 @@ def bias_pass(cut: BiasModule, x: Tensor, score: Score, classes: Optional[Tensor
 def _bias(gm: fx.GraphModule, node: fx.Node) -> Optional[Tensor]:
     """The bias that ``node`` adds per channel, or None when it is not a convolution or BatchNorm with one."""
     if node.op == "call_module":
-        module = gm.get_submodule(node.target)
-        if isinstance(module, _CONV_MODULES):
-            return module.bias
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.bias is not None:
-            return _batchnorm(qualname(node), module.weight, module.bias, module.running_mean,
-                              module.running_var, module.eps)
-        return None
+        return module_bias(qualname(node), gm.get_submodule(node.target))
     if node.op != "call_function":
         return None
     if node.target in _CONV_OPS:
@@ -87,15 +79,8 @@ def _bias(gm: fx.GraphModule, node: fx.Node) -> Optional[Tensor]:
             return None
         if _argument(node, 5, "training"):
             mean = var = None  # batch statistics: no fixed bias
-        return _batchnorm(qualname(node), weight, bias, mean, var, _argument(node, 7, "eps"))
+        return batchnorm_bias(qualname(node), weight, bias, mean, var, _argument(node, 7, "eps"))
     return None
-
-
-def _batchnorm(name: str, weight, bias, mean, var, eps) -> Tensor:
-    if mean is None or var is None:
-        raise CamError(f"FullGrad needs the bias every BatchNorm adds, but {name!r} normalises with batch statistics "
-                       "(no running statistics), so it adds none that is fixed; FullGrad cannot be computed here")
-    return batchnorm_bias(weight, bias, mean, var, eps)
 
 
 def _argument(node: fx.Node, index: int, name: str):

@@ -17,13 +17,9 @@ from typing import Any, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from ...core.cam import CamError
-from ...core.pass_cams import BiasPass, batchnorm_bias
+from ...core.pass_cams import BiasPass, module_bias
 from ...core.targets import Score
 from ..base import gradients
-
-_CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
 
 def bias_pass(model: nn.Module, x: Any, score: Score, classes: Optional[Tensor] = None) -> BiasPass:
     """One forward and backward of ``model`` (the capture's mirror) for FullGrad (module docstring)."""
@@ -46,17 +42,8 @@ def bias_pass(model: nn.Module, x: Any, score: Score, classes: Optional[Tensor] 
 
 
 def _bias_modules(model: nn.Module) -> List[Tuple[nn.Module, Tensor]]:
-    found = []
-    for name, module in model.named_modules():
-        if isinstance(module, _CONV_MODULES) and module.bias is not None:
-            found.append((module, module.bias.detach()))
-        elif isinstance(module, nn.modules.batchnorm._BatchNorm) and module.bias is not None:
-            if module.running_mean is None:
-                raise CamError(f"FullGrad needs the bias every BatchNorm adds, but {name!r} normalises with batch "
-                               "statistics (no running statistics), so it adds none that is fixed")
-            found.append((module, batchnorm_bias(module.weight, module.bias, module.running_mean,
-                                                 module.running_var, module.eps).detach()))
-    return found
+    found = [(module, module_bias(name, module)) for name, module in model.named_modules()]
+    return [(module, bias.detach()) for module, bias in found if bias is not None]
 
 
 def _recorder(bias: Tensor, records: List[Tuple[Tensor, List[Tensor]]]):
