@@ -23,7 +23,7 @@ from torch import Tensor
 
 from . import cam as cam_maths
 from .errors import LayerError
-from .layout import CHANNELS_FIRST, Layout
+from .layout import CHANNELS_FIRST, VECTOR, Layout
 
 
 class PassResult(NamedTuple):
@@ -100,8 +100,9 @@ class LayerMaps:
 
     @cached_property
     def _feature(self) -> Tuple[Tensor, Tensor]:
-        return (self.layout.to_channels_first(self.activation, self.input_size, self.name),
-                self.layout.to_channels_first(self.grad, self.input_size, self.name))
+        layout = VECTOR if self.layout.kind == "nchw" and self.activation.dim() == 2 else self.layout  # (B, C)
+        return (layout.to_channels_first(self.activation, self.input_size, self.name),
+                layout.to_channels_first(self.grad, self.input_size, self.name))
 
     @property
     def feature_map(self) -> Tensor:

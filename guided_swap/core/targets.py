@@ -14,6 +14,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
+from torchvision.ops import box_iou
 
 from .errors import OutputError, TargetError
 
@@ -78,6 +79,69 @@ class Box:
                               f"{self.index + 1}. Pick a lower index, or lower the detector's score threshold "
                               "(box_score_thresh for Faster/Mask R-CNN, score_thresh for RetinaNet, FCOS and SSD)")
         return int(candidates[self.index])
+
+
+@dataclass(frozen=True)
+class BoxMatch:
+    """Explain the detections that match reference boxes, as pytorch-grad-cam's ``FasterRCNNBoxScoreTarget``
+    writes it: for each reference box (``boxes`` (K, 4), x1 y1 x2 y2, with ``labels`` (K,)), the detection of
+    largest IoU with it counts when that IoU exceeds ``iou_threshold`` and its label is the reference's; the
+    image's score is the sum of IoU + score over the matches, and 0 when nothing matches (the maps are then
+    zero, and explain warns). One set of references for every image, or a list with one set per image.
+
+    >>> import torch
+    >>> detections = [{"boxes": torch.tensor([[0., 0., 10., 10.], [20., 20., 30., 30.]]),
+    ...                "scores": torch.tensor([0.9, 0.6]), "labels": torch.tensor([3, 1])}]
+    >>> BoxMatch([[1., 1., 10., 10.]], [3]).scores(detections)
+    tensor([1.7100])
+    >>> BoxMatch([[1., 1., 10., 10.]], [1]).scores(detections)  # the label differs: no match
+    tensor([0.])
+    """
+
+    boxes: Any
+    labels: Any
+    iou_threshold: float = 0.5
+
+    def __post_init__(self):
+        if isinstance(self.iou_threshold, bool) or not isinstance(self.iou_threshold, (int, float)) or \
+                not 0 <= self.iou_threshold < 1:
+            raise ValueError(f"BoxMatch iou_threshold is an IoU in [0, 1), got {self.iou_threshold!r}")
+
+    def _references(self, batch: int) -> List[Tuple[Tensor, Tensor]]:
+        per_image = isinstance(self.boxes, (list, tuple)) and len(self.boxes) and \
+            (isinstance(self.boxes[0], Tensor) and self.boxes[0].dim() == 2 or
+             isinstance(self.boxes[0], (list, tuple)) and len(self.boxes[0]) and
+             isinstance(self.boxes[0][0], (list, tuple, Tensor)))
+        boxes = list(self.boxes) if per_image else [self.boxes] * batch
+        labels = list(self.labels) if per_image else [self.labels] * batch
+        if len(boxes) != batch or len(labels) != batch:
+            raise TargetError(f"BoxMatch has reference boxes for {len(boxes)} images; the batch has {batch}: give "
+                              "one set of boxes for every image, or a list with one set per image")
+        references = []
+        for image, (b, l) in enumerate(zip(boxes, labels)):
+            b = torch.as_tensor(b, dtype=torch.float32).reshape(-1, 4) if not isinstance(b, Tensor) else b.reshape(-1, 4)
+            l = torch.as_tensor(l).reshape(-1)
+            if b.shape[0] != l.shape[0]:
+                raise TargetError(f"BoxMatch image {image}: {b.shape[0]} boxes but {l.shape[0]} labels; give one label "
+                                  "per box")
+            references.append((b, l))
+        return references
+
+    def scores(self, outputs: Any) -> Tensor:
+        """The (B,) differentiable score of each image's detections in ``outputs`` (torchvision's format)."""
+        detections = _detections(outputs)
+
+        out = []
+        for (boxes, labels), found in zip(self._references(len(detections)), detections):
+            score = found["scores"].sum() * 0  # zero, and still part of the graph: no match gives zero maps
+            if found["boxes"].shape[0]:
+                ious = box_iou(boxes.to(found["boxes"]), found["boxes"])  # (K, N)
+                best, index = ious.max(dim=1)
+                for k in range(boxes.shape[0]):
+                    if best[k] > self.iou_threshold and found["labels"][index[k]] == labels[k].to(found["labels"]):
+                        score = score + best[k] + found["scores"][index[k]]
+            out.append(score)
+        return torch.stack(out)
 
 
 def _detections(outputs: Any) -> List[Dict[str, Tensor]]:
@@ -314,6 +378,20 @@ class FunctionScore(Score):
 
 
 @dataclass(frozen=True)
+class BoxMatchScore(Score):
+    """A :class:`BoxMatch` target: each image's matched detections' IoU + score, 0 without a match."""
+
+    match: BoxMatch
+    kind = "box"
+
+    def __call__(self, outputs, captures, batch, classes=None):
+        scores = self.match.scores(outputs)
+        if scores.shape[0] != batch:
+            raise TargetError(f"the detector returned {scores.shape[0]} dicts for a batch of {batch} images")
+        return scores, None
+
+
+@dataclass(frozen=True)
 class BoxScore(Score):
     """A :class:`Box` target: each image's chosen detection score."""
 
@@ -336,6 +414,8 @@ def as_score(target: Any, output: OutputKey = None, layers: Sequence[str] = ()) 
         return target
     if isinstance(target, Box):
         return BoxScore(target)
+    if isinstance(target, BoxMatch):
+        return BoxMatchScore(target)
     if isinstance(target, Channel):
         if target.layer not in layers:
             raise TargetError(f"Channel target layer {target.layer!r} is not captured by this explainer "

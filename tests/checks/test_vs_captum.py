@@ -71,3 +71,25 @@ def test_vgg_needs_and_gets_the_plain_fork():
     assert ex.forked and ex.report.made_out_of_place == ("features.19",)
     guided_only = gs.convert(model, layer="features.18", rule="gradient")
     assert not guided_only.forked
+
+
+# --- layers that are not spatial maps: Captum's LayerGradCam gives one value per sample -------------------
+
+VECTOR_CASES = [("resnet18", "fc", 3), ("vgg11", "classifier.3", 1), ("densenet121", "classifier", 2),
+                ("mobilenet_v3_small", "classifier.0", 3)]
+
+
+@pytest.mark.parametrize("name, layer, batch", VECTOR_CASES, ids=[f"{n}-{l}" for n, l, _ in VECTOR_CASES])
+@pytest.mark.parametrize("path", ["fx", "export", "runtime"])
+def test_a_vector_layer_gives_captums_one_value_per_sample(name, layer, batch, path):
+    """A (B, C) layer (a linear layer's output) was a LayerError; it is one position, as Captum reads it."""
+    model = make_model(name)
+    x = image_batch(64, names=("chelsea", "astronaut", "coffee")[:batch])
+    target = [1, 500, 900][:batch]
+    expected = _captum(lambda: captum_attr.LayerGradCam(model, model.get_submodule(layer)).attribute(
+        x, target=target, relu_attributions=True))
+    e = gs.convert(model, layer=layer, capture=path, example_input=x[:1]).explain(x, target)
+    assert expected.shape == (batch, 1) and e.cam_raw.shape == (batch, 1, 1)
+    assert relative_error(e.cam_raw.reshape(batch, 1), expected) <= 1e-5
+    assert torch.allclose(e.cam, e.cam_raw.reshape(batch, 1, 1).expand(batch, 64, 64))  # that value everywhere
+    assert e.layers[layer].grad.abs().sum() > 0

@@ -22,9 +22,13 @@ _ATTENTION_FUNCTIONS = {"scaled_dot_product_attention", "multi_head_attention_fo
 
 def layout_of(axes: Optional[graph_axes.Axes], shape: Tuple[int, ...], input_size: Tuple[int, ...]) -> Layout:
     """The :class:`Layout` of a capture whose axes are ``axes`` (None: not understood)."""
+    if axes is None and len(shape) == 2:
+        return Layout("vector", reason="a (B, C) capture: one position")
     if axes is None:
         return Layout("unknown", reason=f"no channel axis could be followed to the capture {shape} from the input")
     roles = axes.roles
+    if tuple(roles) == ("B", "C"):
+        return Layout("vector", reason="read from the graph")
     if len(roles) < 3 or roles[0] != "B" or roles.count("C") != 1:
         return Layout("unknown", reason=f"the capture {shape} has no (batch, channels, positions) axes")
     channel = roles.index("C")
