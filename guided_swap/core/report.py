@@ -38,6 +38,7 @@ class ConversionReport:
     capture: str = "fx"
     ordinary_rule: bool = False
     layouts: Dict[str, Layout] = field(default_factory=dict)  # how each capture becomes (B, C, *spatial)
+    fixed_arguments: Tuple[str, ...] = ()  # forward's optional arguments, traced as their defaults ("mask=None")
 
     def _layer_names(self):
         return list(dict.fromkeys(list(self.layers) + list(self.layer_reasons)))
@@ -82,6 +83,9 @@ class ConversionReport:
             lines.append("made out of place to keep captures intact: " + ", ".join(self.made_out_of_place))
         if self.forked:
             lines.append("rectifiers follow a captured layer: Grad-CAM takes its gradient from a plain copy of that tail")
+        if self.fixed_arguments:
+            lines.append("traced with forward's optional arguments at their defaults: " + ", ".join(self.fixed_arguments)
+                         + " (convert with tracer_kwargs={'concrete_args': {...}} for other values)")
         return "\n".join(lines)
 
 

@@ -49,7 +49,7 @@ from torch.fx.node import has_side_effect
 
 from ...core.errors import InputError, TraceError
 from ..mirror import mirror
-from .trace import QualnameTracer, Traced, default_leaf_modules
+from .trace import QualnameTracer, Traced, default_leaf_modules, optional_arguments
 
 _TORCH_DIR = Path(torch.__file__).resolve().parent
 _PACKAGE_DIR = Path(__file__).resolve().parents[2]  # guided_swap/
@@ -83,7 +83,7 @@ def trace_export(model: nn.Module, example_input: Tensor, *, dynamic_size: bool 
     leaves = tuple(default_leaf_modules())
     module_outputs = _module_outputs(gm.graph)
     names = _name_nodes(gm.graph, root, leaves, module_outputs)
-    return Traced(gm, module_outputs, names, leaves)
+    return Traced(gm, module_outputs, names, leaves, optional_arguments(model))  # export called it with x alone
 
 
 def _example(x: Tensor) -> Tensor:

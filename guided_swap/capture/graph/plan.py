@@ -115,7 +115,9 @@ class SwappedGraph:
 
     def report(self, built: Optional[ExplainGraph]) -> ConversionReport:
         report = ConversionReport(self.rule.name, tuple(self.swaps), tuple(self.left_alone), tuple(self.hidden),
-                                  capture=self.capture_path, ordinary_rule=self.rule.ordinary)
+                                  capture=self.capture_path, ordinary_rule=self.rule.ordinary,
+                                  fixed_arguments=tuple(f"{k}={v!r}" for k, v in
+                                                        self.traced.fixed_arguments.items()))
         if built is None:
             pending = {name: "resolved at the first explain() from its input" for name in self.layers if name == AUTO}
             return replace(report, layers={n: rewrite.qualname(node) for n, node in self.named.items()},

@@ -104,6 +104,7 @@ class Traced:
     module_outputs: Dict[str, List[fx.Node]]
     node_names: Dict[str, fx.Node] = field(default_factory=dict)
     leaf_modules: tuple = ()
+    fixed_arguments: Dict[str, Any] = field(default_factory=dict)  # forward's arguments traced as these values
 
 
 def trace(model: nn.Module, tracer_kwargs: Optional[Dict[str, Any]] = None) -> Traced:
@@ -111,12 +112,18 @@ def trace(model: nn.Module, tracer_kwargs: Optional[Dict[str, Any]] = None) -> T
 
     ``tracer_kwargs`` takes the options torchvision's ``create_feature_extractor`` takes: ``leaf_modules``
     (classes not to trace through), ``autowrap_functions``, ``autowrap_modules`` and ``concrete_args``.
+
+    The model's input is the first argument of its ``forward``; every later argument with a default is traced
+    as its default (``forward(self, x, mask=None)`` as if ``mask`` were absent): fx would otherwise take a
+    placeholder for it, follow ``if mask is not None`` as if it were given, and the explainer, called with
+    ``x`` alone, would fail. ``concrete_args`` overrides a default.
     """
     options = dict(tracer_kwargs or {})
     unknown = sorted(set(options) - set(TRACER_OPTIONS))
     if unknown:
         raise TypeError(f"unknown tracer option(s) {unknown}; the options are {list(TRACER_OPTIONS)}")
-    concrete_args = options.pop("concrete_args", None)
+    defaults = optional_arguments(model)
+    concrete_args = {**defaults, **(options.pop("concrete_args", None) or {})} or None
     leaves = tuple(default_leaf_modules()) + tuple(options.pop("leaf_modules", ()))
     autowrap_modules = (math,) + tuple(options.pop("autowrap_modules", ()))
     tracer = QualnameTracer(leaves, options.pop("autowrap_functions", ()), autowrap_modules)
@@ -127,7 +134,17 @@ def trace(model: nn.Module, tracer_kwargs: Optional[Dict[str, Any]] = None) -> T
         raise TraceError(_trace_failure_message(model, error)) from error
     module = fx.GraphModule(root, graph, class_name=type(model).__name__)
     names = {name: node for node, name in tracer.node_names.items()}
-    return Traced(module, tracer.module_outputs, names, leaves)
+    return Traced(module, tracer.module_outputs, names, leaves, dict(concrete_args or {}))
+
+
+def optional_arguments(model: nn.Module) -> Dict[str, Any]:
+    """The arguments of ``model.forward`` after the first that have a default, with their defaults."""
+    try:
+        parameters = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):  # a forward without a signature Python can read
+        return {}
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {p.name: p.default for p in parameters[1:] if p.kind in kinds and p.default is not inspect.Parameter.empty}
 
 
 def _inside(filename: str, directory: str) -> bool:
