@@ -83,7 +83,8 @@ def trace_export(model: nn.Module, example_input: Tensor, *, dynamic_size: bool 
     leaves = tuple(default_leaf_modules())
     module_outputs = _module_outputs(gm.graph)
     names = _name_nodes(gm.graph, root, leaves, module_outputs)
-    return Traced(gm, module_outputs, names, leaves, optional_arguments(model))  # export called it with x alone
+    return Traced(gm, module_outputs, names, leaves, optional_arguments(model),  # export called it with x alone
+                  _module_inputs(gm.graph))
 
 
 def _example(x: Tensor) -> Tensor:
@@ -403,6 +404,27 @@ def _module_outputs(graph: fx.Graph) -> Dict[str, List[fx.Node]]:
         if len(nodes) == 1:
             outputs.setdefault(paths[key], []).append(nodes[0])
     return outputs
+
+
+def _module_inputs(graph: fx.Graph) -> Dict[str, List[fx.Node]]:
+    """For every module call, the first tensor it is given: the first node from outside its scope that a node
+    inside it reads. (Tuple entries are not recovered from an aten graph: ``NAME[i]`` is an fx-path name.)"""
+    first: Dict[str, fx.Node] = {}
+    paths: Dict[str, str] = {}
+    for node in graph.nodes:
+        if node.op != "call_function":
+            continue
+        for key, path in _scopes(node):
+            if key in first:
+                continue
+            outside = [a for a in node.all_input_nodes if a.op != "get_attr" and _is_tensor(a) and
+                       key not in (a.meta.get("nn_module_stack") or {})]
+            if outside:
+                first[key], paths[key] = outside[0], path
+    inputs: Dict[str, List[fx.Node]] = {}
+    for key, node in first.items():
+        inputs.setdefault(paths[key], []).append(node)
+    return inputs
 
 
 def _op_name(node: fx.Node) -> str:

@@ -58,6 +58,8 @@ class QualnameTracer(fx.Tracer):
         self.leaf_modules = tuple(leaf_modules)
         self.current_qualname = ""
         self.module_outputs: Dict[str, List[fx.Node]] = {}
+        self.module_inputs: Dict[str, List[fx.Node]] = {}  # the first tensor each call is given
+        self.module_entries: Dict[str, List[List[Optional[fx.Node]]]] = {}  # calls that return a tuple
         self.node_names: Dict[fx.Node, str] = {}
         self._name_counts: Dict[str, int] = {}
 
@@ -75,6 +77,12 @@ class QualnameTracer(fx.Tracer):
             name, self.current_qualname = self.current_qualname, outer
         if isinstance(result, fx.Proxy):
             self.module_outputs.setdefault(name, []).append(result.node)
+        elif isinstance(result, (tuple, list)) and any(isinstance(item, fx.Proxy) for item in result):
+            self.module_entries.setdefault(name, []).append(
+                [item.node if isinstance(item, fx.Proxy) else None for item in result])
+        first = next((a for a in list(args) + list(kwargs.values()) if isinstance(a, fx.Proxy)), None)
+        if first is not None:
+            self.module_inputs.setdefault(name, []).append(first.node)
         return result
 
     def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
@@ -105,6 +113,8 @@ class Traced:
     node_names: Dict[str, fx.Node] = field(default_factory=dict)
     leaf_modules: tuple = ()
     fixed_arguments: Dict[str, Any] = field(default_factory=dict)  # forward's arguments traced as these values
+    module_inputs: Dict[str, List[fx.Node]] = field(default_factory=dict)  # the first tensor each call is given
+    module_entries: Dict[str, List[List[Optional[fx.Node]]]] = field(default_factory=dict)  # tuple-returning calls
 
 
 def trace(model: nn.Module, tracer_kwargs: Optional[Dict[str, Any]] = None) -> Traced:
@@ -134,7 +144,8 @@ def trace(model: nn.Module, tracer_kwargs: Optional[Dict[str, Any]] = None) -> T
         raise TraceError(_trace_failure_message(model, error)) from error
     module = fx.GraphModule(root, graph, class_name=type(model).__name__)
     names = {name: node for node, name in tracer.node_names.items()}
-    return Traced(module, tracer.module_outputs, names, leaves, dict(concrete_args or {}))
+    return Traced(module, tracer.module_outputs, names, leaves, dict(concrete_args or {}), tracer.module_inputs,
+                  tracer.module_entries)
 
 
 def optional_arguments(model: nn.Module) -> Dict[str, Any]:

@@ -336,7 +336,16 @@ class Run:
 
     def _enter_module(self, path: str):
         def hook(module, inputs):
-            self._stack.append(_Frame(path, self._name(path), module))
+            frame = _Frame(path, self._name(path), module)
+            self._stack.append(frame)
+            wanted = self.capture_names.intersection((f"{frame.path}:input", f"{frame.name}:input"))
+            position = next((i for i, value in enumerate(inputs) if isinstance(value, Tensor)), None)
+            if not wanted or position is None:
+                return None
+            for name in wanted:
+                self.captures.setdefault(name, []).append(inputs[position])
+            # the module gets a copy, so an in-place op inside it cannot change the capture
+            return inputs[:position] + (inputs[position].clone(),) + inputs[position + 1:]
         return hook
 
     def _leave_module(self, module, inputs, output):
@@ -349,6 +358,15 @@ class Run:
             self.captures.setdefault(name, []).append(output)
         if wanted and isinstance(output, Tensor):
             replaced = output = output.clone()  # what the rest of the model sees (and may change in place)
+        entries = [(name, int(name[name.rindex("[") + 1:-1])) for name in self.capture_names
+                   if name.endswith("]") and name[:name.rindex("[")] in (frame.path, frame.name)]
+        if entries and isinstance(output, (tuple, list)):
+            values = list(output)
+            for name, index in entries:
+                if index < len(values) and isinstance(values[index], Tensor):
+                    self.captures.setdefault(name, []).append(values[index])
+                    values[index] = values[index].clone()
+            replaced = output = type(output)(values) if not hasattr(output, "_fields") else type(output)(*values)
         if self.record:
             self.calls.append(ModuleCall(frame.path, module, output))
         return replaced

@@ -35,7 +35,7 @@ from ...core.maps import PassResult
 from ...core.report import RuntimeReport, Swap
 from ...core.rules import Rule
 from ...core.targets import OutputKey, Score
-from ..base import AUTO, Capture, InputShape, check_autograd, check_tensor, gradients
+from ..base import AUTO, Capture, InputShape, LayerPart, check_autograd, check_tensor, gradients
 from .live_swap import Run, Site, auto_layer, private_mirror
 
 
@@ -160,8 +160,10 @@ class RuntimeCapture(Capture):
                 calls = ", ".join([key] + [f"{key}_{i}" for i in range(1, len(values))])
                 raise LayerError(f"module {key!r} ran {len(values)} times in one forward; name one call: {calls}")
             if not isinstance(values[0], Tensor):
-                raise LayerError(f"layer {name!r} returned a {type(values[0]).__name__}, not a tensor; capture a "
-                                 f"module inside it that returns one feature map: {_suggest(key + '.', self.model)}")
+                entries = f"its entries {key}[0], {key}[1], ..., or " if isinstance(values[0], (tuple, list)) else ""
+                raise LayerError(f"layer {name!r} returned a {type(values[0]).__name__}, not a tensor; capture "
+                                 f"{entries}a module inside it that returns one feature map: "
+                                 f"{_suggest(key + '.', self.model)}")
             captures.append(values[0])
         return captures
 
@@ -216,10 +218,12 @@ def _unimportable_classes(model: nn.Module) -> List[str]:
 
 
 def _check_layer(name: str, model: nn.Module) -> str:
-    """A module path, or one call of it (``path_1``): the name itself, validated."""
+    """A module path, or one call of it (``path_1``), with ``:input`` or ``[i]`` after it: the name itself,
+    validated."""
     modules = dict(model.named_modules())
-    base, _, index = name.rpartition("_")
-    if name in modules or (base in modules and index.isdigit()):
+    module = LayerPart.parse(name).base
+    base, _, index = module.rpartition("_")
+    if module in modules or (base in modules and index.isdigit()):
         return name
     close = difflib.get_close_matches(name, [m for m in modules if m], n=5, cutoff=0.5)
     raise LayerError(f"layer {name!r} is not a module of {type(model).__name__}; closest names: "
