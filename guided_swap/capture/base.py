@@ -82,6 +82,11 @@ class Capture(nn.Module, abc.ABC):
         return None
 
     @property
+    def forward_module(self) -> Optional[nn.Module]:
+        """The module ``forward`` runs when it is a graph (what ``compile`` compiles for ``ex(x)``), or None."""
+        return None
+
+    @property
     def ready(self) -> bool:
         """Whether everything is resolved (False: :meth:`prepare` still needs an input)."""
         return True

@@ -117,6 +117,10 @@ class DeferredCapture(Capture):
     def graph_module(self) -> Optional[nn.Module]:
         return None if self.chosen is None else self.chosen.graph_module
 
+    @property
+    def forward_module(self) -> Optional[nn.Module]:
+        return None if self.chosen is None else self.chosen.forward_module
+
     def pick(self, x: Any) -> Capture:
         """The capture for inputs like ``x``, picked on the first call."""
         if self.chosen is None:

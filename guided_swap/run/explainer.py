@@ -80,8 +80,7 @@ class Explainer(nn.Module):
     @property
     def forward_module(self) -> Optional[nn.Module]:
         """The forward graph ``ex(x)`` runs (graph captures only)."""
-        chosen = getattr(self.capture, "chosen", self.capture)
-        return getattr(chosen, "forward_module", None)
+        return self.capture.forward_module
 
     @property
     def forked(self) -> bool:
