@@ -203,3 +203,18 @@ def test_a_box_target_and_a_list_of_images_work_on_the_runtime_path_with_smoothi
     assert tuple(smooth.gradient.shape) == (2, 3, 12, 12) and smooth.gradient.abs().sum() > 0
     with pytest.raises(gs.TargetError, match="not logits"):
         ex.explain(images, 1)
+
+
+def test_a_model_without_rectifiers_says_so_once_on_every_path():
+    """The run-time path explained a model with no ReLU as "guided" without a word (the graph paths warned)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.GELU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).eval()
+    x = torch.randn(2, 3, 12, 12)
+    for path in PATHS:
+        ex = convert(model, path, x, layer="0")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ex.explain(x)
+            ex.explain(x)
+        said = [w for w in caught if "no ReLU was found" in str(w.message)]
+        assert len(said) == 1 and "gelu" in str(said[0].message).lower(), path
