@@ -12,12 +12,30 @@ not be explained, 2 a usage error (nothing was written), 130 interrupted.
 """
 import argparse
 import difflib
+import math
 import os
+import re
 import sys
 import textwrap
 from typing import List, Optional, Sequence
 
+import torch
+from matplotlib import colormaps
+
+from .._console import warnings_in_one_line
+from ..checks.benchmark import main as bench_main
+from ..checks.demo import run_demo
+from ..core.cam import cam_methods
 from ..core.errors import CommandError, GuidedSwapError
+from ..core.rules import get_rule
+from ..media import labels as label_files
+from ..media.viz import CAM_TITLES
+from ..run.convert import convert, layer_names
+from ..run.program import export
+from . import model_spec
+from .folder import Job, Quiet, method_names, rule_names, run, uses_layer
+from .model_spec import Preprocessing, build, check
+from .results import KINDS
 
 METHOD_HELP = {
     "guided": "guided backprop: the input gradient, each ReLU passing back only positive gradient where its "
@@ -98,8 +116,6 @@ def _floats(text: str) -> tuple:
 
 
 def _save(text: str) -> tuple:
-    from .results import KINDS
-
     kinds = tuple(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
     wrong = [k for k in kinds if k not in KINDS]
     if wrong or not kinds:
@@ -108,8 +124,6 @@ def _save(text: str) -> tuple:
 
 
 def _cams(text: str) -> tuple:
-    from ..core.cam import cam_methods
-
     names = tuple(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
     wrong = [name for name in names if name not in cam_methods()]
     if wrong or not names:
@@ -119,8 +133,6 @@ def _cams(text: str) -> tuple:
 
 
 def _noise(text: str) -> float:
-    import math
-
     try:
         value = float(text)
     except ValueError:
@@ -131,8 +143,6 @@ def _noise(text: str) -> float:
 
 
 def _cmap(text: str) -> str:
-    from matplotlib import colormaps
-
     if text not in colormaps:
         close = difflib.get_close_matches(text, list(colormaps), n=3)
         raise argparse.ArgumentTypeError(f"unknown colour map {text!r}" + (f" (did you mean {', '.join(close)}?)"
@@ -141,8 +151,6 @@ def _cmap(text: str) -> str:
 
 
 def _device(text: str) -> str:
-    import re
-
     if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", text):
         raise argparse.ArgumentTypeError(f"takes auto, cpu, cuda, cuda:N or mps; got {text!r}")
     return text
@@ -151,32 +159,24 @@ def _device(text: str) -> str:
 def _method_help(name: str) -> str:
     if name in METHOD_HELP:
         return METHOD_HELP[name]
-    from ..core.rules import get_rule
-
     doc = (type(get_rule(name)).__doc__ or "").strip().split("\n")[0]
     return "the input gradient under the registered rule " + name + (f": {doc}" if doc else "")
 
 
 def _method_epilog() -> str:
-    from .folder import method_names
-
     return "\n".join(textwrap.fill(f"{name:15s} {_method_help(name)}", 110, initial_indent="  ",
                                    subsequent_indent=" " * 18) for name in method_names())
 
 
 def _cam_epilog() -> str:
-    from ..media.viz import CAM_TITLES
-
     return "\n".join(f"  {name:15s} {CAM_TITLES.get(name, 'registered with guided_swap.register_cam')}"
                      for name in _cam_names())
 
 
 def read_labels(path: str) -> List[str]:
     """Class names, one per line (:func:`guided_swap.media.labels.read_labels`); a bad file is a usage error."""
-    from ..media import labels
-
     try:
-        return labels.read_labels(path)
+        return label_files.read_labels(path)
     except (OSError, ValueError) as error:
         raise CommandError(f"--labels: {error}") from None
 
@@ -200,8 +200,6 @@ def parse_target(text: str, labels: Optional[Sequence[str]]):
 
 
 def _preprocessing(args, base):
-    from .model_spec import Preprocessing
-
     crop = args.size or base.crop
     resize = args.resize or (base.resize if args.size is None else max(crop, round(crop * base.resize / base.crop)))
     mean, std = args.mean or base.mean, args.std or base.std
@@ -215,9 +213,6 @@ def _preprocessing(args, base):
 
 def make_job(args):
     """The run the arguments describe; every usage error is raised here, before a model is built."""
-    from . import model_spec
-    from .folder import Job, uses_layer
-
     if args.layer is not None and not uses_layer(args.method):
         raise CommandError(f"--layer is for the Grad-CAM methods (gradcam, guided-gradcam, all); --method "
                            f"{args.method} captures no layer")
@@ -239,27 +234,19 @@ def make_job(args):
 
 
 def cmd_explain(args) -> int:
-    from .folder import run
-
     return run(make_job(args))
 
 
 def cmd_demo(args) -> int:
-    from ..checks.demo import run_demo
-
     print(run_demo(args.out))
     return 0
 
 
 def _model(model: Optional[str], weights: Optional[str]):
-    from .model_spec import build, check
-
     return build(check(model, weights))
 
 
 def cmd_layers(args) -> int:
-    from .. import layer_names
-
     names = layer_names(_model(args.model, args.weights))
     print("modules (capture what the module returns):")
     print("\n".join("  " + name for name in names["modules"]))
@@ -269,11 +256,6 @@ def cmd_layers(args) -> int:
 
 
 def cmd_export(args) -> int:
-    import torch
-
-    from .. import convert
-    from ..run.program import export
-
     try:
         shape = tuple(int(part) for part in args.shape.split(","))
     except ValueError:
@@ -287,14 +269,10 @@ def cmd_export(args) -> int:
 
 
 def cmd_bench(rest: List[str]) -> int:
-    from ..checks.benchmark import main as bench_main
-
     return bench_main(rest)
 
 
 def _explain_parser(sub) -> None:
-    from .folder import method_names
-
     explain = sub.add_parser("explain", help="explain images or folders of images",
                              description="Explain images or folders of images: one .npz and one .png per input.",
                              epilog=EXPLAIN_EPILOG.format(methods=_method_epilog(), cams=_cam_epilog()),
@@ -378,14 +356,10 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _cam_names() -> List[str]:
-    from ..core.cam import cam_methods
-
     return list(cam_methods())
 
 
 def _rules() -> List[str]:
-    from .folder import rule_names
-
     return rule_names()
 
 
@@ -400,8 +374,6 @@ def _report_error(error: BaseException, usage: bool) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from .._console import warnings_in_one_line
-
     argv = list(sys.argv[1:] if argv is None else argv)
     if "bench" in argv[:2]:
         return cmd_bench(argv[argv.index("bench") + 1:])
@@ -411,8 +383,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _command(args) -> int:
-    from .folder import Quiet
-
     commands = {"explain": cmd_explain, "demo": cmd_demo, "layers": cmd_layers, "export": cmd_export}
     try:
         return commands[args.command](args)

@@ -30,9 +30,12 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
+import torchvision
 from torch import nn
 
+from ..checks import demo
 from ..core.errors import CommandError
+from ..media import labels
 from ..media.labels import IMAGENET_MEAN, IMAGENET_STD
 
 WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "network", "module", "ema", "model_ema",
@@ -75,8 +78,6 @@ class Source:
 
 
 def _torchvision_names() -> List[str]:
-    import torchvision
-
     return torchvision.models.list_models()
 
 
@@ -99,8 +100,6 @@ def sha256_text(text: str) -> str:
 
 def _enum_weights(model: str, name: str):
     """The torchvision weights enum entry ``name`` names for ``model``, or None."""
-    import torchvision
-
     try:
         enum = torchvision.models.get_model_weights(model)
     except (ValueError, KeyError):
@@ -110,8 +109,6 @@ def _enum_weights(model: str, name: str):
 
 
 def _enum_preprocessing(weights) -> Preprocessing:
-    from ..media import labels
-
     try:
         declared = labels.preprocessing(weights)
     except ValueError:  # weights without image-classification transforms
@@ -120,8 +117,6 @@ def _enum_preprocessing(weights) -> Preprocessing:
 
 
 def _class_names(weights) -> Optional[List[str]]:
-    from ..media import labels
-
     return labels.class_names(weights)
 
 
@@ -135,8 +130,6 @@ def check(model: Optional[str], weights: Optional[str] = None) -> Source:
             raise CommandError(f"no weights file at {weights!r}")
         return Source(None, weights, "pickled", "file", sha256(weights))
     if model == "demo":
-        from ..checks import demo
-
         if weights is not None:
             raise CommandError("--model demo comes with its own weights; leave out --weights")
         stats = demo.checkpoint()
@@ -175,9 +168,7 @@ def build(source: Source, say: Callable[[str], None] = _stderr) -> nn.Module:
     """The model ``source`` names, weights loaded, in eval mode. Random weights are seeded (the same on every
     run and every rank) and announced through ``say``, as is loading a pickled model."""
     if source.kind == "demo":
-        from ..checks.demo import load_demo
-
-        return load_demo()[0]
+        return demo.load_demo()[0]
     if source.kind == "pickled":
         content = read_checkpoint(source.weights, say)
         if not isinstance(content, nn.Module):
@@ -209,8 +200,6 @@ def _architecture(spec: str, kind: str) -> nn.Module:
             raise CommandError(f"cannot load model factory {spec!r}: {error}") from None
         model = factory()
     else:
-        import torchvision
-
         model = torchvision.models.get_model(spec, weights=None)
     if not isinstance(model, nn.Module):
         raise CommandError(f"{spec!r} did not give a torch.nn.Module but a {type(model).__name__}")
@@ -218,8 +207,6 @@ def _architecture(spec: str, kind: str) -> nn.Module:
 
 
 def _torchvision_with_enum(source: Source) -> nn.Module:
-    import torchvision
-
     try:
         return torchvision.models.get_model(source.model, weights=source.weights.split(".", 1)[1]).eval()
     except OSError as error:  # URLError and friends: no internet, no cached copy
@@ -231,7 +218,7 @@ def _torchvision_with_enum(source: Source) -> nn.Module:
 def read_checkpoint(path: str, say: Callable[[str], None] = _stderr) -> Any:
     """A checkpoint file's content: a state dict (unwrapped, prefixes not yet stripped) or a whole model."""
     if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
+        from safetensors.torch import load_file  # optional: not a dependency, needed only for .safetensors files
 
         return load_file(path)
     try:

@@ -15,8 +15,15 @@ pyplot, no backend switch), so it is safe in notebooks, servers and threads.
 from typing import Dict, Iterable, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
+import torch
+from matplotlib import colormaps
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
+from matplotlib.figure import Figure
+from skimage import io as skio
 
 from .._files import atomic_write
+from ..core.cam import cam_methods
 from .labels import IMAGENET_MEAN, IMAGENET_STD
 
 PANELS = ("input", "gradient", "cam", "guided_gradcam")
@@ -116,8 +123,6 @@ def colormap(heat, cmap: str = "jet") -> np.ndarray:
 
 
 def _colormap(cmap):
-    from matplotlib import colormaps
-
     if isinstance(cmap, str):
         if cmap not in colormaps:
             raise ValueError(f"unknown colour map {cmap!r}; try 'jet', 'viridis', 'inferno' or 'turbo'")
@@ -207,8 +212,6 @@ def _check_limits(name: str, limits) -> Limits:
 
 
 def _check_panels(panels: Sequence[str], allowed: Sequence[str] = PANELS) -> None:
-    from ..core.cam import cam_methods
-
     if isinstance(panels, str):
         raise TypeError(f"panels must be a sequence of names such as ('input', 'cam'), got the string {panels!r}")
     cams = cam_methods()
@@ -312,8 +315,6 @@ def _probabilities(explanation, probabilities):
     logits = getattr(explanation, "logits", None)
     if logits is None or logits.dim() != 2 or logits.shape[1] < 2:
         return None
-    import torch
-
     return torch.softmax(logits.detach().float(), dim=1).cpu().numpy()
 
 
@@ -364,8 +365,6 @@ def figure(explanation, inputs, panels: Optional[Sequence[str]] = None, *, expla
     >>> [ax.get_title() for ax in fig.axes[1:4]]
     ['plain gradient (no ReLU swapped)', 'Grad-CAM (0)', 'Grad-CAM ×\\nplain gradient (no ReLU swapped)']
     """
-    from matplotlib.figure import Figure
-
     panels = tuple(available_panels(explanation) if panels is None else panels)
     _check_figure_arguments(explanation, inputs, panels, notes, scale, limits)
     ranges = _ranges(explanation, panels, scale, limits)
@@ -413,9 +412,6 @@ def _ranges(explanation, panels, scale: str, limits) -> Dict[str, Optional[Limit
 def draw_map(fig, ax, panel: str, values, picture: np.ndarray, limit: Limits, cmap="jet", alpha: float = 0.5) -> None:
     """Draw one map on ``ax`` of ``fig`` with its colour bar: a CAM (H, W) as an overlay on ``picture``
     through ``cmap``, a gradient-like (C, H, W) map in colour; both scaled by ``limit = (lo, hi)``."""
-    from matplotlib.cm import ScalarMappable
-    from matplotlib.colors import Normalize
-
     if _is_cam(panel):
         ax.imshow(overlay(picture, scale_to_unit(values, limit), alpha, cmap))
         bar_cmap = _colormap(cmap)
@@ -453,7 +449,5 @@ def save_png(fig_or_array, path: str, dpi: int = 110) -> str:
         if hasattr(fig_or_array, "savefig"):
             fig_or_array.savefig(temporary, dpi=dpi, format="png")
         else:
-            from skimage import io as skio
-
             skio.imsave(temporary, (np.clip(to_numpy(fig_or_array), 0, 1) * 255).astype(np.uint8), check_contrast=False)
     return path

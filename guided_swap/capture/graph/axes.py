@@ -21,6 +21,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, fx, nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 # An axis is "B" (batch), "C" (channels), "S" (spatial) or "T" (tokens: positions flattened from a grid).
 
@@ -348,8 +349,6 @@ def read_graph(gm: fx.GraphModule, example: Tensor) -> Optional[Reader]:
 
 
 def _shapes(gm: fx.GraphModule, example: Tensor) -> Optional[Dict[fx.Node, Tuple[int, ...]]]:
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
     shapes: Dict[fx.Node, Tuple[int, ...]] = {}
 
     class ShapeRecorder(fx.Interpreter):

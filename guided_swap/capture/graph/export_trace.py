@@ -45,6 +45,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, fx, nn
 from torch.export.graph_signature import InputKind, OutputKind
+from torch.fx.experimental.symbolic_shapes import SYMPY_INTERP
 from torch.fx.node import has_side_effect
 
 from ...core.errors import InputError, TraceError
@@ -342,8 +343,6 @@ def check_input_shape(x: Tensor, guards: Tuple[str, ...] = (), example: Tuple[in
     """
     if not isinstance(x, Tensor) or not all(type(size) is int for size in x.shape):
         return
-    from torch.fx.experimental.symbolic_shapes import SYMPY_INTERP
-
     scope = {**SYMPY_INTERP, "torch": torch, "math": math, "inf": math.inf, "x": x}
     for code, compiled in zip(guards, _compiled_guards(tuple(guards))):
         if not eval(compiled, scope):  # torch.export's own guard expressions, over x's sizes only

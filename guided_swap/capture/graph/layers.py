@@ -21,7 +21,7 @@ from ...core.errors import LayerError
 from ..base import LayerChoice, LayerPart
 from .axes import upstream
 from .layouts import transformer_layer
-from .trace import Traced
+from .trace import Traced, trace
 
 _CONV_MODULES = (nn.modules.conv._ConvNd,)
 _CONV_FUNCTIONS = (torch.conv1d, torch.conv2d, torch.conv3d, torch.nn.functional.conv1d,
@@ -425,8 +425,6 @@ def _is_elementwise_with_constants(gm: fx.GraphModule, user: fx.Node, node: fx.N
 
 
 def _try_trace(model: nn.Module) -> Optional[fx.GraphModule]:
-    from .trace import trace
-
     try:
         return trace(model).module
     except Exception:  # an untraceable model gets no input check

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 import torch
+import torchvision
 from torch import fx, nn
 
 from .. import ops
@@ -37,8 +38,6 @@ def default_leaf_modules() -> List[type]:
     torchvision makes *every* torchvision.ops module a leaf; that would hide the ReLUs inside
     ``Conv2dNormActivation`` and ``SqueezeExcitation``, so modules with children are traced through.
     """
-    import torchvision
-
     leaves = []
     for _, obj in inspect.getmembers(torchvision.ops, inspect.isclass):
         if issubclass(obj, nn.Module) and not issubclass(obj, (nn.Sequential, nn.ModuleList)):
