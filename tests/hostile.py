@@ -1,9 +1,9 @@
 """Hostile files for the loading tests: a pickle that writes a marker file when unpickled, and a forger that edits
-a saved explainer's parts and recomputes the hashes in its header, as an attacker would."""
-import hashlib
+a saved explainer's parts and recomputes the checksums in its header, as an attacker would."""
 import json
 import os
 import zipfile
+import zlib
 
 from guided_swap.run import saved
 
@@ -25,7 +25,7 @@ def parts(path) -> dict:
 
 def forge(source, target, description=None, header=None, replace=None, drop=()) -> None:
     """Write ``target``: ``source`` with its description (``description(dict)`` edits it in place), header
-    (likewise) and parts (``replace``: name -> bytes) changed, and the header's hashes made to match again."""
+    (likewise) and parts (``replace``: name -> bytes) changed, and the header's checksums made to match again."""
     contents = parts(source)
     if description is not None:
         data = json.loads(contents[saved.DESCRIPTION])
@@ -35,7 +35,7 @@ def forge(source, target, description=None, header=None, replace=None, drop=()) 
     for name in drop:
         contents.pop(name, None)
     head = json.loads(contents.pop(saved.HEADER))
-    head["parts"] = {name: hashlib.sha256(data).hexdigest() for name, data in contents.items()}
+    head["parts"] = {name: zlib.crc32(data) for name, data in contents.items()}
     if header is not None:
         header(head)
     with zipfile.ZipFile(target, "w") as archive:

@@ -4,16 +4,18 @@ safetensors, and (only when something cannot be data) a pickle that loads only w
 Parts of a file in format 4:
 
 - ``guided_swap.json``: the header: format and version, guided_swap and torch versions, rule, layers, capture
-  path, the SHA-256 of every other part, and ``needs_trust``: what in the file only unpickling can rebuild
+  path, the CRC-32 of every other part, and ``needs_trust``: what in the file only unpickling can rebuild
   (empty for a file that loads without trust);
 - ``explainer.json``: the explainer's description (:mod:`guided_swap.run.explainer_file`): graphs, modules,
   rule, report, all as data;
-- ``tensors.safetensors``: every weight and buffer, read without unpickling;
+- ``tensors.safetensors``: every weight and buffer, read without unpickling (:mod:`guided_swap.run.tensor_file`);
 - ``pickled.pt``: the objects that are not data (a user's rule, a custom leaf module, a ``reshape=`` function,
   a run-time capture's copy of the model). It is not even read unless the caller passes ``trust=True``.
 
-Loading checks the header, then each part against its hash, so a truncated, damaged or edited file raises
-:class:`LoadError` instead of giving a wrong explainer. A file in the pickled format 3 (guided_swap before the
+Loading checks the header, then each part against the checksum the header was written with, each tensor
+against its description, and the header against the contents, so a truncated, damaged or edited file raises
+:class:`LoadError` instead of giving a wrong explainer. (A checksum in the file is no signature: whoever edits
+the file can rewrite it. What keeps a hostile file from running code is that loading runs none.) A file in the pickled format 3 (guided_swap before the
 safe format) loads only with ``trust=True``; saving it again writes format 4.
 
 >>> import torch, torchvision, guided_swap as gs, tempfile, os
@@ -24,12 +26,12 @@ safe format) loads only with ``trust=True``; saving it again writes format 4.
 >>> header["format_version"], header["needs_trust"], gs.load(path).layers
 (4, [], ('layer4',))
 """
-import hashlib
 import io
 import json
 import os
 import warnings
 import zipfile
+import zlib
 from typing import Any, Dict, NamedTuple, Optional
 
 import torch
@@ -37,6 +39,7 @@ import torch
 from .._files import atomic_write
 from .._version import __version__
 from ..core.errors import LoadError
+from .tensor_file import read_tensors, tensor_bytes
 
 FORMAT = "guided_swap.run.explainer"
 FORMAT_VERSION = 4  # 4: data (JSON + safetensors), pickle only for what needs trust; 3: one pickle
@@ -62,34 +65,19 @@ def write(path: str, details: Dict[str, Any], description: Dict[str, Any], tenso
           pickled: Dict[str, Any], needs: Dict[str, str]) -> None:
     """Write the parts to ``path`` atomically (a crash never leaves half a file under that name); pickling
     errors propagate before anything is written."""
-    parts = {DESCRIPTION: json.dumps(description, separators=(",", ":")).encode(), TENSORS: _tensor_bytes(tensors)}
+    parts = {DESCRIPTION: json.dumps(description, separators=(",", ":")).encode(), TENSORS: tensor_bytes(tensors)}
     if pickled:
         buffer = io.BytesIO()
         torch.save(pickled, buffer)
         parts[PICKLED] = buffer.getvalue()
     header = {"format": FORMAT, "format_version": FORMAT_VERSION, "guided_swap_version": __version__,
               "torch_version": torch.__version__, **details,
-              "parts": {name: hashlib.sha256(data).hexdigest() for name, data in parts.items()},
+              "parts": {name: zlib.crc32(data) for name, data in parts.items()},
               "needs_trust": list(dict.fromkeys(needs.values()))}
     with atomic_write(path) as temporary, zipfile.ZipFile(temporary, "w") as archive:
         archive.writestr(HEADER, json.dumps(header, indent=1))
         for name, data in parts.items():
             archive.writestr(name, data)
-
-
-def _tensor_bytes(tensors: Dict[str, torch.Tensor]) -> bytes:
-    """The tensors as safetensors: on the CPU, contiguous, one storage each (safetensors shares none)."""
-    from safetensors.torch import save
-
-    prepared, storages = {}, set()
-    for key, tensor in tensors.items():
-        t = tensor.detach().cpu().contiguous()
-        storage = t.untyped_storage().data_ptr()
-        if storage in storages and t.numel():
-            t = t.clone()
-        storages.add(t.untyped_storage().data_ptr())
-        prepared[key] = t
-    return save(prepared)
 
 
 # --- reading -----------------------------------------------------------------------------------------------
@@ -132,40 +120,32 @@ def read(path: str, trust: bool = False, map_location: Any = None) -> Contents:
     header = read_header(path)
     if header["format_version"] == LEGACY_VERSION:
         return Contents(header, legacy=_legacy(path, header, trust, map_location))
-    parts = _parts(path, header, wanted=trust)
-    try:
-        description = json.loads(parts[DESCRIPTION])
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
-        raise LoadError(f"{path!r} has a damaged description ({error})") from None
-    pickled = _unpickled(path, parts[PICKLED], map_location) if PICKLED in parts else None
-    return Contents(header, description, _tensors(path, parts[TENSORS]), pickled)
-
-
-def _parts(path: str, header: Dict[str, Any], wanted: bool) -> Dict[str, bytes]:
-    hashes = header.get("parts")
-    if not isinstance(hashes, dict) or not {DESCRIPTION, TENSORS} <= set(hashes) <= {DESCRIPTION, TENSORS, PICKLED}:
+    checksums = header.get("parts")
+    if not isinstance(checksums, dict) or not {DESCRIPTION, TENSORS} <= set(checksums) <= {DESCRIPTION, TENSORS, PICKLED}:
         raise LoadError(f"{path!r} has a header that does not list its parts: the file is damaged or edited")
-    names = [name for name in hashes if name != PICKLED or wanted]
     try:
-        with zipfile.ZipFile(path) as archive:
-            parts = {name: archive.read(name) for name in names}
+        with open(path, "rb") as stream, zipfile.ZipFile(stream) as archive:
+            _check_parts(path, archive, checksums)
+            description = archive.read(DESCRIPTION)
+            pickled = archive.read(PICKLED) if trust and PICKLED in checksums else None
+            tensors = read_tensors(stream, archive.getinfo(TENSORS))
     except (zipfile.BadZipFile, KeyError, EOFError, OSError) as error:
         raise LoadError(f"{path!r} is truncated or corrupt: {type(error).__name__}: {error}") from None
-    for name, data in parts.items():
-        if hashlib.sha256(data).hexdigest() != hashes[name]:
-            raise LoadError(f"{path!r}: its {name} does not match the hash in its header, so it was damaged or "
-                            "edited after saving; save or convert it again")
-    return parts
-
-
-def _tensors(path: str, data: bytes) -> Dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load
-
+    except LoadError as error:
+        raise LoadError(f"{path!r}: {error}") from None
     try:
-        return load(data)
-    except (SafetensorError, ValueError, RuntimeError) as error:
-        raise LoadError(f"{path!r} has damaged tensors ({error})") from None
+        description = json.loads(description)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
+        raise LoadError(f"{path!r} has a damaged description ({error})") from None
+    return Contents(header, description, tensors, None if pickled is None else _unpickled(path, pickled, map_location))
+
+
+def _check_parts(path: str, archive: zipfile.ZipFile, checksums: Dict[str, Any]) -> None:
+    """Each part must be the one the header was written with (its CRC-32; zipfile checks the bytes against it)."""
+    for name, checksum in checksums.items():
+        if archive.getinfo(name).CRC != checksum:
+            raise LoadError(f"{name} is not the part its header was written with (CRC-32 differs), so the file "
+                            "was damaged or edited after saving; save or convert it again")
 
 
 def _unpickled(path: str, data: bytes, map_location: Any) -> Dict[str, Any]:

@@ -204,13 +204,13 @@ def test_an_edited_header_is_refused(good_file, tmp_path, edit, message):
         gs.load(str(edited))
 
 
-def test_a_part_changed_after_saving_fails_its_hash(good_file, tmp_path):
+def test_a_part_changed_after_saving_fails_its_checksum(good_file, tmp_path):
     description = parts(good_file)[saved.DESCRIPTION].replace(b'"layer4"', b'"layer3"')
     edited = tmp_path / "edited.gsx"
     with zipfile.ZipFile(good_file) as source, zipfile.ZipFile(edited, "w") as target:
         for name in source.namelist():
             target.writestr(name, description if name == saved.DESCRIPTION else source.read(name))
-    with pytest.raises(gs.LoadError, match="explainer.json does not match the hash"):
+    with pytest.raises(gs.LoadError, match="explainer.json is not the part its header was written with"):
         gs.load(str(edited))
 
 
@@ -222,7 +222,7 @@ def _with_tensors(path, change):
     return {saved.TENSORS: save(tensors)}
 
 
-def test_tensors_swapped_or_resized_are_refused_even_with_matching_hashes(good_file, tmp_path):
+def test_tensors_swapped_or_resized_are_refused_even_with_matching_checksums(good_file, tmp_path):
     def resize(tensors):
         key = next(k for k, t in tensors.items() if t.dim() == 4)
         tensors[key] = torch.zeros(tuple(tensors[key].shape[:-1]) + (tensors[key].shape[-1] + 1,))
