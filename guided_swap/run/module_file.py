@@ -4,7 +4,8 @@ A module of an allowed class (:func:`guided_swap.run.allowed.module_class`: torc
 modules, guided_swap's ``RuleSlot``) with no hooks and attributes that are data (:mod:`guided_swap.run.file_values`)
 is written as ``{"class", "state", "parameters", "buffers", "non_persistent", "children"}``. Loading makes an
 instance without calling ``__init__`` and gives it that state through the class's own ``__setstate__``, as
-unpickling does, but from data only: an attribute may not replace one of the class's methods or properties.
+unpickling does, but from data only: an attribute may not replace one of the class's methods or properties, a
+function (from the allow-list, as ``TransformerEncoderLayer.activation`` holds one) only a public attribute.
 Any other module is pickled (``{"pickled": key}``) and loads only with ``trust=True``.
 
 >>> import torch
@@ -26,6 +27,7 @@ from .file_values import NotData, Packer, Unpacker, identifier_path, pack, plain
 
 _OWN = ("training", "_parameters", "_buffers", "_modules", "_non_persistent_buffers_set")
 _BOOKKEEPING = tuple(name for name in vars(nn.Module()) if name not in _OWN)  # hook tables: must be empty
+_CALLED = ("_compiled_call_impl",)  # what nn.Module calls in place of forward when it is set
 
 
 def pack_module(module: nn.Module, packer: Packer) -> str:
@@ -87,7 +89,8 @@ class ModuleReader:
 
     def _rebuilt(self, data: Dict[str, Any]) -> nn.Module:
         cls = allowed.module_class(data["class"])
-        state = {name: unpack(value, self.unpacker, functions=True) for name, value in _attributes(cls, data["state"])}
+        state = {name: unpack(value, self.unpacker, functions=not name.startswith("_"))
+                 for name, value in _attributes(cls, data["state"])}
         parameters = OrderedDict((n, self._tensor(k, True)) for n, k in _named(data["parameters"]))
         buffers = OrderedDict((n, self._tensor(k, False)) for n, k in _named(data["buffers"]))
         children = OrderedDict((n, None if k is None else self(k)) for n, k in _named(data["children"]))
@@ -116,7 +119,7 @@ def _named(table: Any):
 def _attributes(cls: type, state: Any):
     """A module's attributes from a file: plain names that replace none of the class's methods or properties."""
     for name, value in _named(state):
-        if name.startswith("_") and name in _OWN + _BOOKKEEPING:
+        if name.startswith("_") and name in _OWN + _BOOKKEEPING + _CALLED:
             raise LoadError(f"the file sets {cls.__name__}.{name}, which guided_swap never writes: it is edited")
         member = getattr(cls, name, None)
         if callable(member) or isinstance(member, property):

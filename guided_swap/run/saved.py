@@ -137,7 +137,9 @@ def read(path: str, trust: bool = False, map_location: Any = None) -> Contents:
         description = json.loads(description)
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
         raise LoadError(f"{path!r} has a damaged description ({error})") from None
-    return Contents(header, description, tensors, None if pickled is None else _unpickled(path, pickled, map_location))
+    if trust:  # trusted, and nothing pickled: an empty table (a reference into it is a damaged file)
+        pickled = {} if pickled is None else _unpickled(path, pickled, map_location)
+    return Contents(header, description, tensors, pickled)
 
 
 def _check_parts(path: str, archive: zipfile.ZipFile, checksums: Dict[str, Any]) -> None:
