@@ -224,7 +224,7 @@ def make_job(args):
     for path in args.inputs:
         if not os.path.exists(path):
             raise CommandError(f"no such file or folder: {path!r}")
-    source = model_spec.check(args.model, args.weights)
+    source = model_spec.check(args.model, args.weights, args.trust_weights)
     labels = read_labels(args.labels) if args.labels else source.categories
     return Job(inputs=args.inputs, out=args.out, source=source, method=args.method, layer=args.layer or "auto",
                target=parse_target(args.target, labels), preprocessing=_preprocessing(args, source.preprocessing),
@@ -242,12 +242,12 @@ def cmd_demo(args) -> int:
     return 0
 
 
-def _model(model: Optional[str], weights: Optional[str]):
-    return build(check(model, weights))
+def _model(model: Optional[str], weights: Optional[str], trust: bool = False):
+    return build(check(model, weights, trust))
 
 
 def cmd_layers(args) -> int:
-    names = layer_names(_model(args.model, args.weights))
+    names = layer_names(_model(args.model, args.weights, args.trust_weights))
     print("modules (capture what the module returns):")
     print("\n".join("  " + name for name in names["modules"]))
     print("graph nodes (torchvision naming):")
@@ -260,7 +260,7 @@ def cmd_export(args) -> int:
         shape = tuple(int(part) for part in args.shape.split(","))
     except ValueError:
         raise CommandError(f"--shape takes comma-separated sizes like 2,3,224,224; got {args.shape!r}") from None
-    model = _model(args.model, args.weights)
+    model = _model(args.model, args.weights, args.trust_weights)
     layer = None if args.layer == "none" else args.layer
     explainer = convert(model, layer=layer, rule=args.rule, example_input=torch.zeros((1,) + shape[1:]))
     export(explainer, torch.randn(shape), args.out)
@@ -279,11 +279,12 @@ def _explain_parser(sub) -> None:
                              formatter_class=argparse.RawDescriptionHelpFormatter)
     explain.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
     explain.add_argument("--model", help="a torchvision name (resnet50), package.module:factory, or demo; leave out "
-                                         "when --weights holds a whole pickled model")
+                                         "when --weights holds a whole pickled model (with --trust-weights)")
     explain.add_argument("--weights", help="checkpoint file (a state dict, possibly wrapped or with a module. prefix, "
                                            "a .safetensors file, or a whole pickled model), or a torchvision weights "
                                            "name such as DEFAULT or IMAGENET1K_V1; without it a torchvision model has "
                                            "random weights (seed 0)")
+    _trust_argument(explain)
     explain.add_argument("--method", default="all", choices=method_names(), help="what to compute (see below)")
     explain.add_argument("--cam", type=_cams, metavar="NAME[,NAME]",
                          help="for the Grad-CAM methods: more CAMs from the same pass, saved as cams.NAME (input size) "
@@ -342,10 +343,12 @@ def parser() -> argparse.ArgumentParser:
     layers = sub.add_parser("layers", help="list the names --layer accepts")
     layers.add_argument("model", nargs="?", help="as explain's --model")
     layers.add_argument("--weights", help="as explain's --weights")
+    _trust_argument(layers)
 
     export = sub.add_parser("export", help="export a .pt2 program (forward + rule backward + CAM maths)")
     export.add_argument("--model", help="as explain's --model")
     export.add_argument("--weights", help="as explain's --weights")
+    _trust_argument(export)
     export.add_argument("--layer", default="auto", help="module or node name, auto, or none")
     export.add_argument("--rule", default="guided", choices=_rules())
     export.add_argument("--shape", default="2,3,224,224", help="example input shape; the batch stays dynamic")
@@ -353,6 +356,13 @@ def parser() -> argparse.ArgumentParser:
 
     sub.add_parser("bench", help="the side-by-side benchmark (options: guided-swap bench --help)", add_help=False)
     return top
+
+
+def _trust_argument(parser) -> None:
+    parser.add_argument("--trust-weights", action="store_true",
+                        help="allow unpickling the --weights file (a whole pickled model, or a checkpoint holding "
+                             "Python objects besides tensors); unpickling runs code from the file, so only for files "
+                             "you trust. Without it a checkpoint is read with torch.load(weights_only=True) only")
 
 
 def _cam_names() -> List[str]:

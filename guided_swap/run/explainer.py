@@ -26,7 +26,7 @@ from ..core.maps import Explanation, zero_gradient_messages
 from ..core.report import ConversionReport
 from ..core.rules import Rule
 from ..core.targets import ChannelScore, Score, as_score
-from . import saved, smoothing
+from . import explainer_file, saved, smoothing
 from .assemble import explanation_of
 from . import compiled
 from .compiled import CompiledExplain
@@ -191,16 +191,17 @@ class Explainer(nn.Module):
             torch.__future__.set_overwrite_module_params_on_conversion(previous)
 
     def save(self, path: str) -> None:
-        """Save this explainer (graphs, weights, layers, rule, report) to one file; see :func:`load` and
-        :mod:`guided_swap.run.saved` for what loading it needs. Nothing is written when it cannot be saved."""
+        """Save this explainer (graphs, weights, layers, rule, report) to one file, as data that loads without
+        running code from the file; see :func:`load` and :mod:`guided_swap.run.saved` for what needs
+        ``trust=True`` (a user's rule not registered where it loads, custom leaf modules, a run-time capture).
+        Nothing is written when it cannot be saved."""
         if not self.capture.ready:
             raise LayerError("this explainer is resolved from its first input (layer='auto' or the export capture): "
                              "call explain(x) once, or convert with example_input=, before saving")
         self.capture.before_save()
-        header = {"rule": self.rule.name, "rule_class": f"{type(self.rule).__module__}.{type(self.rule).__qualname__}",
-                  "layers": list(self.layers), "swapped": len(self.swapped), "capture": self.report.capture}
+        description, packer = explainer_file.describe(self.capture)
         try:
-            saved.save_object(self, path, header)
+            saved.write(path, _header(self), description, packer.tensors, packer.pickled, packer.needs)
         except (pickle.PicklingError, AttributeError, TypeError) as error:
             if not _picklable(self.rule):
                 raise RuleError(f"the rule {type(self.rule).__qualname__} cannot be saved ({error}); define the rule "
@@ -212,12 +213,55 @@ class Explainer(nn.Module):
         return f"rule={self.rule.name!r}, layers={self.layers}, swapped={len(self.swapped)}, forked={self.forked}"
 
 
-def load(path: str, map_location=None) -> Explainer:
-    """Load an explainer written by :meth:`Explainer.save`."""
-    explainer = saved.load_object(path, map_location)
-    if not isinstance(explainer, Explainer):
-        raise LoadError(f"{path!r} holds a {type(explainer).__name__}, not an Explainer")
+def load(path: str, map_location=None, *, trust: bool = False) -> Explainer:
+    """Load an explainer written by :meth:`Explainer.save`, running no code from the file.
+
+    The graphs, modules, weights, rule and report are rebuilt from data: functions, methods and module classes
+    only from guided_swap's allow-list (:mod:`guided_swap.run.allowed`), weights from safetensors. A file that
+    also holds pickled objects (a user's rule not registered here, a custom leaf module, a ``reshape=`` function,
+    a run-time capture's copy of the model, or any file in the older format 3) raises :class:`LoadError` naming
+    them, unless ``trust=True``: unpickling runs code from the file, so pass it only for files you trust.
+    ``map_location``: a device, its name, or a dict from saved device names to new ones.
+
+    >>> import torch, torchvision, guided_swap as gs, tempfile, os
+    >>> path = os.path.join(tempfile.mkdtemp(), "vgg.gsx")
+    >>> gs.convert(torchvision.models.vgg11().eval(), layer="features.18").save(path)
+    >>> gs.load(path, map_location="cpu").layers
+    ('features.18',)
+    """
+    if not (map_location is None or isinstance(map_location, (str, torch.device, dict)) or trust):
+        raise TypeError("map_location takes a device, a device name, or a dict from saved device names to new ones "
+                        f"(anything torch.load takes only with trust=True); got {type(map_location).__name__}")
+    contents = saved.read(path, trust, map_location)
+    if contents.legacy is not None:
+        explainer = contents.legacy
+        if not isinstance(explainer, Explainer):
+            raise LoadError(f"{path!r} holds a {type(explainer).__name__}, not an Explainer")
+        return explainer
+    try:
+        explainer = Explainer(explainer_file.rebuild(contents.description, contents.tensors, contents.pickled,
+                                                     map_location))
+    except LoadError as error:
+        raise LoadError(f"{path!r}: {error}") from None
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError, RecursionError) as error:
+        raise LoadError(f"{path!r} is damaged or edited: its description does not rebuild an explainer "
+                        f"({type(error).__name__}: {error})") from None
+    _check_header(path, contents.header, explainer)
     return explainer
+
+
+def _header(explainer: Explainer) -> dict:
+    rule = explainer.rule
+    return {"rule": rule.name, "rule_class": f"{type(rule).__module__}.{type(rule).__qualname__}",
+            "layers": list(explainer.layers), "swapped": len(explainer.swapped), "capture": explainer.report.capture}
+
+
+def _check_header(path: str, header: dict, explainer: Explainer) -> None:
+    """The header must say what the contents are: an edited header is refused, not believed."""
+    wrong = [key for key, value in _header(explainer).items() if header.get(key) != value]
+    if wrong:
+        raise LoadError(f"{path!r}: its header does not match its contents ({', '.join(wrong)}), so it was edited or "
+                        "damaged after saving; save or convert it again")
 
 
 def _picklable(obj: Any) -> bool:

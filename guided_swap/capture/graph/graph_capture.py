@@ -44,6 +44,20 @@ class GraphCapture(Capture):
         self._report = swapped.report(None)
         self._lock = threading.Lock()
 
+    @classmethod
+    def restored(cls, rule: Rule, layers: Sequence[str], output: OutputKey, input_spec: Optional[tuple],
+                 forward_module: fx.GraphModule, explain_module: fx.GraphModule, forked: bool,
+                 report: ConversionReport) -> "GraphCapture":
+        """A built capture from its parts (those of a saved file): what building leaves, with no traced model."""
+        capture = cls.__new__(cls)
+        Capture.__init__(capture, rule, layers, output)
+        capture.input_spec = input_spec
+        capture.forward_module, capture.explain_module = forward_module, explain_module
+        capture.forked, capture._swapped, capture._report = forked, None, report
+        capture._lock = threading.Lock()
+        capture.train(False)
+        return capture
+
     # --- building on the first input ---------------------------------------------------------------------
 
     @property
