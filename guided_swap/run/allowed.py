@@ -36,10 +36,12 @@ import operator
 from typing import Any, Callable, Dict, Optional, Sequence
 
 import torch
+import torchvision  # noqa: F401  (its ops modules are among the allowed classes)
 from torch import nn
 
 from ..capture import ops
 from ..capture.graph.export_trace import check_input_shape
+from ..capture.graph.trace import default_leaf_modules
 from ..core.errors import LoadError
 
 _DENIED_OPS = frozenset({"from_file", "set_", "set", "set_data"})
@@ -168,10 +170,6 @@ def attribute_allowed(name: Any, fields: Sequence[str] = ()) -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _module_classes() -> Dict[str, type]:
-    import torchvision  # noqa: F401  (torchvision.ops classes below)
-
-    from ..capture.graph.trace import default_leaf_modules
-
     classes = {_class_name(nn.Module): nn.Module, SLOT_CLASS: ops.RuleSlot}
     for module in _nn_module_files():
         for value in vars(module).values():

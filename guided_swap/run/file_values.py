@@ -20,7 +20,9 @@ objects that must be pickled, each with the reason it needs trust; :class:`Unpac
 """
 import collections
 import functools
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+import keyword
+import re
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor, fx, nn
@@ -278,17 +280,12 @@ def named_tuple(name: Any, fields: Any) -> type:
 
 
 def _identifier(name: Any) -> bool:
-    import keyword
-
     return isinstance(name, str) and name.isidentifier() and not name.startswith("_") and not keyword.iskeyword(name)
 
 
 def identifier_path(target: Any) -> bool:
     """Whether ``target`` is a dotted path of plain names or indices (``layer4.1.conv1``): what a graph may
     address, and what the code torch.fx generates from it writes as it is."""
-    import keyword
-    import re
-
     return isinstance(target, str) and all(
         re.fullmatch(r"[0-9]+", p) or (p.isidentifier() and not p.startswith("__") and not keyword.iskeyword(p))
         for p in target.split("."))

@@ -26,6 +26,7 @@ import zlib
 from typing import IO, Dict, List, Tuple
 
 import torch
+from safetensors.torch import save
 
 from ..core.errors import LoadError
 
@@ -39,8 +40,6 @@ _LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, then the name and extra-
 
 def tensor_bytes(tensors: Dict[str, torch.Tensor]) -> bytes:
     """The tensors as safetensors: on the CPU, contiguous, one storage each (safetensors shares none)."""
-    from safetensors.torch import save
-
     prepared, storages = {}, set()
     for key, tensor in tensors.items():
         t = tensor.detach().cpu().contiguous()

@@ -52,7 +52,7 @@ class GraphCapture(Capture):
         capture = cls.__new__(cls)
         Capture.__init__(capture, rule, layers, output)
         capture.input_spec = input_spec
-        capture.forward_module, capture.explain_module = forward_module, explain_module
+        capture.forward_graph, capture.explain_module = forward_module, explain_module
         capture.forked, capture._swapped, capture._report = forked, None, report
         capture._lock = threading.Lock()
         capture.train(False)
