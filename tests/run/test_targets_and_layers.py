@@ -114,9 +114,18 @@ def test_structured_outputs(kind, key):
     torch.manual_seed(0)
     model = TupleOut(kind).eval()
     x = image_batch(16)
-    with pytest.raises(TypeError, match="output="):
-        gs.convert(model, layer="conv")
+    if kind == "tuple":  # nothing names the logits: the user says which entry
+        with pytest.raises(TypeError, match="output="):
+            gs.convert(model, layer="conv")
+    else:  # an entry named 'logits' is read by default (Hugging Face's ModelOutput is a dict)
+        default = gs.convert(model, layer="conv")
+        assert (default.output, default.report.output_by_default) == ("logits", True)
+        assert "explains output 'logits' (by default)" in default.report.summary()
+        assert torch.equal(default.explain(x, [1, 2]).gradient, gs.convert(model, layer="conv", output=key)
+                           .explain(x, [1, 2]).gradient)
     ex = gs.convert(model, layer="conv", output=key)
+    assert (ex.output, ex.report.output_by_default) == (key, False)
+    assert f"explains output {key!r};" in ex.report.summary()
     e = ex.explain(x, [1, 2])
     logits = model(x)[key] if kind != "namedtuple" else model(x).logits
     assert torch.equal(e.logits, logits)
