@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from . import axes as graph_axes
+from ...core.errors import LayerError
 from ...core.layout import CHANNELS_FIRST, Layout
 from ..base import LayerChoice
 
@@ -127,9 +128,74 @@ def transformer_layer(gm: fx.GraphModule, example: Tensor) -> Optional[LayerChoi
     last = maps[-1]
     while _selects_or_permutes(reader, last) and _is_map(reader, last.args[0]):
         last = last.args[0]  # name the map itself, not a slice or a permuted view of it
+    _refuse_if_positions_lost(reader, last, output)
     if _cnn_would_find(reader, last):
         return None
     return LayerChoice(last, "auto: the last map of positions before the pooling")
+
+
+def _refuse_if_positions_lost(reader: graph_axes.Reader, chosen: fx.Node, output: fx.Node) -> None:
+    """Refuse ``chosen`` when the positions go on past it as tokens whose grid the graph reading lost: on a tensor
+    every path to the output crosses (a patch merging it cannot follow, say). ``chosen`` is then only the last map
+    it could read, an earlier stage than the one before the pooling, and its map would be silently wrong."""
+    order = {node: i for i, node in enumerate(reader.gm.graph.nodes)}
+    for node in bottlenecks(reader.gm, output):
+        axes = reader.axes.get(node)
+        if order[node] <= order[chosen] or axes is None or "T" not in axes.roles or axes.grid is not None:
+            continue
+        if reader.shapes[node][axes.roles.index("T")] > 1:
+            size = _grid_size(reader, chosen)
+            raise LayerError(
+                f"layer='auto' cannot tell the last map before the pooling: after {_qualname(chosen)} ({size}), the "
+                f"last map whose layout it can read, the positions go on as the tokens of {_qualname(node)} "
+                f"{reader.shapes[node]}, whose patch grid could not be followed through the graph (a patch merging "
+                "it does not know). Pass layer=NAME with layout=guided_swap.Layout('tokens', grid=(h, w)) or "
+                "reshape= (docs/transformers.md); see guided_swap.layer_names(model) for every name")
+
+
+def bottlenecks(gm: fx.GraphModule, output: fx.Node) -> list:
+    """The nodes every path from the input to ``output`` crosses, in graph order.
+
+    In a graph in topological order, a node is on every path from the input to the output exactly when no
+    edge between two nodes on such paths jumps over it: one sweep over the edges (a residual connection jumps
+    over its block).
+    """
+    nodes = list(gm.graph.nodes)
+    on_path = _on_input_paths(nodes, output)
+    order = {node: i for i, node in enumerate(nodes)}
+    cover = [0] * (len(nodes) + 1)
+    for node in nodes:
+        if node in on_path:
+            for arg in node.all_input_nodes:
+                if arg in on_path and order[node] - order[arg] > 1:
+                    cover[order[arg] + 1] += 1
+                    cover[order[node]] -= 1
+    found, jumps = [], 0
+    for i, node in enumerate(nodes):
+        jumps += cover[i]
+        if node in on_path and jumps == 0:
+            found.append(node)
+    return found
+
+
+def _on_input_paths(nodes: list, output: fx.Node) -> set:
+    """The nodes computed from the input that the output is computed from."""
+    from_input = set()
+    for node in nodes:
+        if node.op == "placeholder" or any(arg in from_input for arg in node.all_input_nodes):
+            from_input.add(node)
+    return from_input & graph_axes.upstream([output])
+
+
+def _grid_size(reader: graph_axes.Reader, node: fx.Node) -> str:
+    """``16x16``: the grid of a token map, the spatial size of any other map."""
+    axes = reader.axes[node]
+    sizes = axes.grid if "T" in axes.roles else [reader.shapes[node][k] for k, r in enumerate(axes.roles) if r == "S"]
+    return "x".join(str(size) for size in sizes)
+
+
+def _qualname(node: fx.Node) -> str:
+    return repr(node.meta.get("qualname", node.name))
 
 
 def _selects_or_permutes(reader: graph_axes.Reader, node: fx.Node) -> bool:
