@@ -139,7 +139,7 @@ def _refuse_if_positions_lost(reader: graph_axes.Reader, chosen: fx.Node, output
     every path to the output crosses (a patch merging it cannot follow, say). ``chosen`` is then only the last map
     it could read, an earlier stage than the one before the pooling, and its map would be silently wrong."""
     order = {node: i for i, node in enumerate(reader.gm.graph.nodes)}
-    for node in bottlenecks(reader.gm, output):
+    for node in bottlenecks(reader.gm, output, set(reader.shapes)):
         axes = reader.axes.get(node)
         if order[node] <= order[chosen] or axes is None or "T" not in axes.roles or axes.grid is not None:
             continue
@@ -153,23 +153,23 @@ def _refuse_if_positions_lost(reader: graph_axes.Reader, chosen: fx.Node, output
                 "reshape= (docs/transformers.md); see guided_swap.layer_names(model) for every name")
 
 
-def bottlenecks(gm: fx.GraphModule, output: fx.Node) -> list:
-    """The nodes every path from the input to ``output`` crosses, in graph order.
+def bottlenecks(gm: fx.GraphModule, output: fx.Node, tensors: set) -> list:
+    """The nodes every tensor path from the input to ``output`` crosses, in graph order (``tensors``: the nodes
+    whose value is a tensor; a size read off the input, the export graph's ``sym_size``, is no such path).
 
     In a graph in topological order, a node is on every path from the input to the output exactly when no
     edge between two nodes on such paths jumps over it: one sweep over the edges (a residual connection jumps
     over its block).
     """
     nodes = list(gm.graph.nodes)
-    on_path = _on_input_paths(nodes, output)
+    on_path = _on_input_paths(nodes, output, tensors)
     order = {node: i for i, node in enumerate(nodes)}
     cover = [0] * (len(nodes) + 1)
     for node in nodes:
-        if node in on_path:
-            for arg in node.all_input_nodes:
-                if arg in on_path and order[node] - order[arg] > 1:
-                    cover[order[arg] + 1] += 1
-                    cover[order[node]] -= 1
+        for arg in node.all_input_nodes if node in on_path else ():
+            if arg in on_path:
+                cover[order[arg] + 1] += 1
+                cover[order[node]] -= 1
     found, jumps = [], 0
     for i, node in enumerate(nodes):
         jumps += cover[i]
@@ -178,11 +178,12 @@ def bottlenecks(gm: fx.GraphModule, output: fx.Node) -> list:
     return found
 
 
-def _on_input_paths(nodes: list, output: fx.Node) -> set:
-    """The nodes computed from the input that the output is computed from."""
+def _on_input_paths(nodes: list, output: fx.Node, tensors: set) -> set:
+    """The tensor nodes computed from the input that the output is computed from (and the output)."""
     from_input = set()
     for node in nodes:
-        if node.op == "placeholder" or any(arg in from_input for arg in node.all_input_nodes):
+        if (node.op == "placeholder" or node is output or node in tensors) and \
+                (node.op == "placeholder" or any(arg in from_input for arg in node.all_input_nodes)):
             from_input.add(node)
     return from_input & graph_axes.upstream([output])
 
