@@ -70,8 +70,19 @@ def swin():
     return transformers.SwinForImageClassification(config), "swin.layernorm", tokens(0, grid)
 
 
+def cvt():
+    # depth must grow with the stage: transformers indexes each stage's drop-path rates by the stage number
+    config = transformers.CvtConfig(embed_dim=[16, 32, 48], num_heads=[1, 2, 3], depth=[1, 2, 3], num_labels=5)
+    size = SIZE
+    for k, stride, pad in zip(config.patch_sizes, config.patch_stride, config.patch_padding):
+        size = (size + 2 * pad - k) // stride + 1
+    model = transformers.CvtForImageClassification(config)
+    last_norm = [name for name, _ in model.named_modules() if name.endswith("layernorm_before")][-1]
+    return model, last_norm, tokens(1, (size, size))  # the last stage adds a class token, split off for the head
+
+
 MODELS = {"resnet": resnet, "regnet": regnet, "mobilenet_v2": mobilenet_v2, "convnext": convnext, "vit": vit,
-          "swin": swin}
+          "swin": swin, "cvt": cvt}
 
 
 def build(name):

@@ -9,7 +9,7 @@ before it. ``layer="auto"`` for transformers is chosen here too (:func:`auto_lay
 import math
 import operator
 from dataclasses import replace
-from typing import Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
 from torch import Tensor, fx, nn
@@ -250,8 +250,12 @@ def _class_token_read(reader: graph_axes.Reader, upstream: set) -> Optional[fx.N
 
 
 def _picks_a_prefix_token(reader: graph_axes.Reader, node: fx.Node) -> bool:
-    """``x[:, i]`` (fx) or ``aten.select(x, token_axis, i)`` (the export path's graph) with ``i`` a prefix token."""
+    """Whether ``node`` reads prefix tokens only (the class token) of a token map: ``x[:, i]`` or ``x[:, :1]``
+    (fx), ``aten.select``/``aten.slice`` (the export path's graph), or a chunk of ``torch.split`` along the
+    tokens (CvT splits its class token off this way)."""
     source = node.args[0] if node.args else None
+    if node.target is operator.getitem and isinstance(source, fx.Node) and source not in reader.shapes:
+        return _split_chunk_in_prefix(reader, source, node.args[1])
     axes = reader.axes.get(source) if isinstance(source, fx.Node) else None
     if axes is None or "T" not in axes.roles or not axes.prefix:
         return False
@@ -261,13 +265,49 @@ def _picks_a_prefix_token(reader: graph_axes.Reader, node: fx.Node) -> bool:
         if len(index) <= token_axis or not all(i == slice(None) for i in index[:token_axis]):
             return False
         picked = index[token_axis]
-    elif graph_axes.name_of(node.target) == "select" and len(node.args) == 3:
-        dim, picked = node.args[1], node.args[2]
+    elif graph_axes.name_of(node.target) in ("select", "slice") and len(node.args) >= 3:
+        dim = node.args[1]
         if not isinstance(dim, int) or dim % len(axes.roles) != token_axis:
             return False
+        picked = node.args[2] if graph_axes.name_of(node.target) == "select" else slice(*node.args[2:5])
     else:
         return False
-    return isinstance(picked, int) and 0 <= picked < axes.prefix
+    return _within(picked, reader.shapes[source][token_axis], axes.prefix)
+
+
+def _within(picked: Any, length: int, prefix: int) -> bool:
+    """Whether an int or slice of an axis of ``length`` picks positions below ``prefix`` only (and some)."""
+    if isinstance(picked, int) and not isinstance(picked, bool):
+        return 0 <= picked % length < prefix
+    if isinstance(picked, slice) and all(isinstance(v, (int, type(None))) for v in (picked.start, picked.stop,
+                                                                                     picked.step)):
+        chosen = range(*picked.indices(length))
+        return len(chosen) > 0 and max(chosen) < prefix and min(chosen) >= 0
+    return False
+
+
+def _split_chunk_in_prefix(reader: graph_axes.Reader, split: fx.Node, chunk: Any) -> bool:
+    """``torch.split(x, sizes, dim)[chunk]`` (or ``aten.split_with_sizes``) with that chunk in x's prefix tokens."""
+    if split.op not in ("call_function", "call_method") or graph_axes.name_of(split.target) not in (
+            "split", "split_with_sizes") or not isinstance(chunk, int) or not split.args:
+        return False
+    source = split.args[0]
+    axes = reader.axes.get(source) if isinstance(source, fx.Node) else None
+    sizes = split.args[1] if len(split.args) > 1 else split.kwargs.get("split_size_or_sections",
+                                                                        split.kwargs.get("split_sizes"))
+    dim = split.args[2] if len(split.args) > 2 else split.kwargs.get("dim", 0)
+    if axes is None or "T" not in axes.roles or not axes.prefix or not isinstance(dim, int):
+        return False
+    token_axis, length = axes.roles.index("T"), reader.shapes[source][axes.roles.index("T")]
+    if dim % len(axes.roles) != token_axis:
+        return False
+    if isinstance(sizes, int):
+        sizes = [sizes] * -(-length // sizes)
+    if not isinstance(sizes, (list, tuple)) or not 0 <= chunk < len(sizes) or \
+            not all(isinstance(v, int) for v in sizes[:chunk + 1]):  # fx may hold later sizes as graph nodes
+        return False
+    start = sum(sizes[:chunk])
+    return _within(slice(start, start + sizes[chunk]), length, axes.prefix)
 
 
 def _is_attention(gm: fx.GraphModule, node: fx.Node) -> bool:
