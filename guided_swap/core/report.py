@@ -40,7 +40,7 @@ class ConversionReport:
     ordinary_rule: bool = False
     layouts: Dict[str, Layout] = field(default_factory=dict)  # how each capture becomes (B, C, *spatial)
     output: OutputKey = None            # the entry of a structured output that is explained (None: the output)
-    output_by_default: bool = False     # True: ``output`` is the "logits" entry, read without output= given
+    output_by_default: bool = False     # True: ``output`` was read without output= (``logits``, or the only entry)
 
     def _layer_names(self):
         return list(dict.fromkeys(list(self.layers) + list(self.layer_reasons)))
@@ -61,8 +61,8 @@ class ConversionReport:
             return ""
         if not getattr(self, "output_by_default", False):
             return f"explains output {key!r}"
-        return f"explains output {key!r} (" + ("read by default: the model's output names a 'logits' entry; convert "
-                                               "with output=KEY to explain another" if long else "by default") + ")"
+        return f"explains output {key!r} (" + ("read by default: the model's output names a 'logits' entry, or only "
+                                               "this one; convert with output=KEY to explain another" if long else "by default") + ")"
 
     def summary(self) -> str:
         """One line: the capture path, how many rectifiers carry the rule, the output explained, the layers,

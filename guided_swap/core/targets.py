@@ -17,8 +17,8 @@ from torch import Tensor
 
 from .errors import OutputError, TargetError
 
-#: Which entry of a model's output is explained: None (the output itself, or its ``logits`` entry when it names
-#: one: :func:`default_output`), an index or a key.
+#: Which entry of a model's output is explained: None (the output itself, or the entry :func:`default_output`
+#: reads: ``logits``, or the only one), an index or a key.
 OutputKey = Union[None, int, str]
 
 
@@ -171,7 +171,7 @@ def callable_score(fn: Callable, outputs: Any, batch: int) -> Tensor:
 
 
 #: The entry explained by default when a model's output names its entries (a dict, Hugging Face's ModelOutput,
-#: a namedtuple) and no ``output=`` is given.
+#: a namedtuple) and no ``output=`` is given; an output that names one entry only is explained by that one.
 DEFAULT_OUTPUT = "logits"
 
 
@@ -188,23 +188,35 @@ def entry_names(outputs: Any) -> Optional[List[Any]]:
     return None
 
 
+def default_entry(names: Optional[Sequence[Any]]) -> OutputKey:
+    """Of an output's entry names, the one explained without ``output=``: ``"logits"``, else the only one;
+    None when the names leave it open.
+
+    >>> default_entry(["logits", "hidden_states"]), default_entry(["last_hidden_state"]), default_entry(["a", "b"])
+    ('logits', 'last_hidden_state', None)
+    """
+    names = list(names or ())
+    if DEFAULT_OUTPUT in names:
+        return DEFAULT_OUTPUT
+    return names[0] if len(names) == 1 else None
+
+
 def default_output(outputs: Any, key: OutputKey = None) -> OutputKey:
-    """The entry explained: ``key`` when given, else ``"logits"`` for an output that names a ``logits`` entry
-    (Hugging Face's ``ModelOutput``, a dict, a namedtuple), else None (the output itself).
+    """The entry explained: ``key`` when given, else (:func:`default_entry`) the ``logits`` entry, or the only
+    entry, of an output that names its entries (Hugging Face's ``ModelOutput``, a dict, a namedtuple), else
+    None (the output itself).
 
     >>> default_output({"logits": 1, "hidden_states": 2}), default_output({"logits": 1}, "hidden_states")
     ('logits', 'hidden_states')
     >>> default_output(torch.zeros(2, 3)) is None, default_output((torch.zeros(2, 3),)) is None
     (True, True)
     """
-    if key is not None:
-        return key
-    return DEFAULT_OUTPUT if DEFAULT_OUTPUT in (entry_names(outputs) or ()) else None
+    return key if key is not None else default_entry(entry_names(outputs))
 
 
 def select_output(outputs: Any, key: OutputKey) -> Tensor:
     """The entry of a model's outputs that is explained: the tensor itself, ``outputs[key]``, or (no key) the
-    ``logits`` entry of an output that names one (:func:`default_output`)."""
+    ``logits`` entry, or the only entry, of an output that names its entries (:func:`default_output`)."""
     key = default_output(outputs, key)
     if key is None:
         if not isinstance(outputs, Tensor):
@@ -276,7 +288,7 @@ class ClassScore(Score):
             raise TargetError(f"this model returns a {type(outputs).__name__}, not logits: explain a detection with "
                               "target=guided_swap.Box(i), or pass a callable outputs -> (B,) score (or convert with "
                               "output=KEY for a model that returns logits among other outputs; an entry named "
-                              "'logits' is read without it)")
+                              "'logits', or the only entry, is read without it)")
         return select_output(outputs, self.output)
 
     def __call__(self, outputs, captures, batch, classes=None):

@@ -15,7 +15,7 @@ from ...core.errors import OutputError
 from ...core.layout import Layout
 from ...core.report import ConversionReport
 from ...core.rules import Rule
-from ...core.targets import DEFAULT_OUTPUT, OutputKey
+from ...core.targets import OutputKey, default_entry
 from ..base import AUTO
 from . import layers as layer_nodes
 from . import layouts, rewrite
@@ -152,12 +152,23 @@ def _output_entries(output_arg: Any) -> Optional[list]:
     return list(range(len(output_arg)))
 
 
+def _entry_names(output_arg: Any) -> Optional[list]:
+    """The names of the entries of the graph's output (dict keys, namedtuple fields), or None."""
+    if isinstance(output_arg, dict):
+        return list(output_arg)
+    target = output_arg.target if isinstance(output_arg, fx.Node) and output_arg.op == "call_function" else output_arg
+    fields = getattr(target, "_fields", None)
+    return list(fields) if isinstance(fields, tuple) else None
+
+
 def explained_entry(output_arg: Any, key: OutputKey) -> Tuple[OutputKey, bool]:
     """The entry of the graph's output that is explained, and whether it was read by default: ``key`` when
-    given (checked), the ``logits`` entry of an output that names one, or None for a single tensor."""
+    given (checked), else the ``logits`` entry, or the only entry, of an output that names its entries
+    (:func:`~guided_swap.core.targets.default_entry`), else None for a single tensor."""
     entries = _output_entries(output_arg)
-    if key is None and entries is not None and DEFAULT_OUTPUT in entries:
-        return DEFAULT_OUTPUT, True
+    named = default_entry(_entry_names(output_arg))
+    if key is None and named is not None:
+        return named, True
     if key is None and entries is not None:
         raise OutputError(f"the model returns several outputs {entries}; convert with output=ENTRY to say which one "
                           "is explained")
