@@ -10,7 +10,7 @@ with one class per sample, a callable ``outputs -> (B,) score``, a :class:`Chann
 (tensor([1, 0]), tensor([5., 7.]))
 """
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -18,7 +18,8 @@ from torchvision.ops import box_iou
 
 from .errors import OutputError, TargetError
 
-#: Which entry of a model's output is explained: None (the output is one tensor), an index or a key.
+#: Which entry of a model's output is explained: None (the output itself, or the entry :func:`default_output`
+#: reads: ``logits``, or the only one), an index or a key.
 OutputKey = Union[None, int, str]
 
 
@@ -233,8 +234,54 @@ def callable_score(fn: Callable, outputs: Any, batch: int) -> Tensor:
     return score
 
 
+#: The entry explained by default when a model's output names its entries (a dict, Hugging Face's ModelOutput,
+#: a namedtuple) and no ``output=`` is given; an output that names one entry only is explained by that one.
+DEFAULT_OUTPUT = "logits"
+
+
+def entry_names(outputs: Any) -> Optional[List[Any]]:
+    """The names of a structured output's entries (dict keys, namedtuple fields), or None when it names none.
+
+    >>> entry_names({"logits": 1, "hidden": 2}), entry_names((1, 2)), entry_names(torch.zeros(1))
+    (['logits', 'hidden'], None, None)
+    """
+    if isinstance(outputs, Mapping):
+        return list(outputs.keys())
+    if isinstance(outputs, tuple) and hasattr(outputs, "_fields"):
+        return list(outputs._fields)
+    return None
+
+
+def default_entry(names: Optional[Sequence[Any]]) -> OutputKey:
+    """Of an output's entry names, the one explained without ``output=``: ``"logits"``, else the only one;
+    None when the names leave it open.
+
+    >>> default_entry(["logits", "hidden_states"]), default_entry(["last_hidden_state"]), default_entry(["a", "b"])
+    ('logits', 'last_hidden_state', None)
+    """
+    names = list(names or ())
+    if DEFAULT_OUTPUT in names:
+        return DEFAULT_OUTPUT
+    return names[0] if len(names) == 1 else None
+
+
+def default_output(outputs: Any, key: OutputKey = None) -> OutputKey:
+    """The entry explained: ``key`` when given, else (:func:`default_entry`) the ``logits`` entry, or the only
+    entry, of an output that names its entries (Hugging Face's ``ModelOutput``, a dict, a namedtuple), else
+    None (the output itself).
+
+    >>> default_output({"logits": 1, "hidden_states": 2}), default_output({"logits": 1}, "hidden_states")
+    ('logits', 'hidden_states')
+    >>> default_output(torch.zeros(2, 3)) is None, default_output((torch.zeros(2, 3),)) is None
+    (True, True)
+    """
+    return key if key is not None else default_entry(entry_names(outputs))
+
+
 def select_output(outputs: Any, key: OutputKey) -> Tensor:
-    """The entry of a model's outputs that is explained: the tensor itself, or ``outputs[key]``."""
+    """The entry of a model's outputs that is explained: the tensor itself, ``outputs[key]``, or (no key) the
+    ``logits`` entry, or the only entry, of an output that names its entries (:func:`default_output`)."""
+    key = default_output(outputs, key)
     if key is None:
         if not isinstance(outputs, Tensor):
             raise OutputError(f"the model returns a {type(outputs).__name__}; convert with output=KEY to say which "
@@ -248,7 +295,7 @@ def select_output(outputs: Any, key: OutputKey) -> Tensor:
 def explained_logits(outputs: Any, key: OutputKey, batch: int) -> Tensor:
     """The logits an explanation records: the explained output, or (B, 0) for a model whose output is not a
     tensor and names no entry (a detector's list of dicts; see ``e.outputs``)."""
-    if key is not None or isinstance(outputs, Tensor):
+    if default_output(outputs, key) is not None or isinstance(outputs, Tensor):
         return select_output(outputs, key)
     device = next((t.device for t in torch.utils._pytree.tree_leaves(outputs) if isinstance(t, Tensor)), None)
     return torch.empty(batch, 0, device=device)
@@ -301,10 +348,11 @@ class ClassScore(Score):
         return "argmax" if self.target is None else "classes"
 
     def logits(self, outputs: Any) -> Tensor:
-        if self.output is None and not isinstance(outputs, Tensor):
+        if default_output(outputs, self.output) is None and not isinstance(outputs, Tensor):
             raise TargetError(f"this model returns a {type(outputs).__name__}, not logits: explain a detection with "
                               "target=guided_swap.Box(i), or pass a callable outputs -> (B,) score (or convert with "
-                              "output=KEY for a model that returns logits among other outputs)")
+                              "output=KEY for a model that returns logits among other outputs; an entry named "
+                              "'logits', or the only entry, is read without it)")
         return select_output(outputs, self.output)
 
     def __call__(self, outputs, captures, batch, classes=None):

@@ -240,3 +240,36 @@ def test_auto_never_takes_a_map_with_more_spatial_axes_than_the_input():
     e = ex.explain(x)
     assert ex.report.layers["auto"] == "embed" or ex.report.layers["auto"].startswith("permute")
     assert e.layers["auto"].feature_map.shape == (2, 8, 8, 8) and e.cam.shape == (2, 32, 32)
+
+
+class SplitClassToken(torch.nn.Module):
+    """A two-block ViT that splits its class token off with ``torch.split`` (as CvT does) for the head."""
+
+    def __init__(self, dim=16):
+        super().__init__()
+        self.embed = torch.nn.Conv2d(3, dim, 8, 8)
+        self.cls = torch.nn.Parameter(torch.randn(1, 1, dim))
+        self.blocks = torch.nn.ModuleList(torchvision.models.vision_transformer.EncoderBlock(2, dim, 32, 0.0, 0.0)
+                                          for _ in range(2))
+        self.head = torch.nn.Linear(dim, 4)
+
+    def forward(self, x):
+        t = self.embed(x).flatten(2).transpose(1, 2)
+        t = torch.cat([self.cls.expand(t.shape[0], -1, -1), t], dim=1)
+        for block in self.blocks:
+            t = block(t)
+        cls, _patches = torch.split(t, [1, t.shape[1] - 1], dim=1)
+        return self.head(cls.squeeze(1))
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_a_class_token_split_off_is_read_as_one(capture):
+    # The patch tokens after the last attention never reach the split-off class token: auto must take the
+    # last attention's input (its norm), whose Grad-CAM the hooks give, not the last block's output.
+    torch.manual_seed(0)
+    model, x, target = SplitClassToken().eval(), image_batch(32), torch.tensor([1, 2])
+    ex = gs.convert(model, capture=capture, example_input=x)
+    assert ex.report.layers["auto"] == "blocks.1.ln_1"
+    e = _quiet_explain(ex, x, target)
+    references = hooked_gradcam(model, {"blocks.1.ln_1": model.blocks[1].ln_1}, x, target, tokens_to_map(1, (4, 4)))
+    _compare(e, references, {"auto": "blocks.1.ln_1"})

@@ -106,17 +106,29 @@ class TupleOut(nn.Module):
             return features, logits
         if self.kind == "dict":
             return {"features": features, "logits": logits}
+        if self.kind == "one entry":
+            return {"scores": logits}
         return self.Out(logits, features)
 
 
-@pytest.mark.parametrize("kind,key", [("tuple", 1), ("dict", "logits"), ("namedtuple", "logits")])
+@pytest.mark.parametrize("kind,key", [("tuple", 1), ("dict", "logits"), ("namedtuple", "logits"),
+                                      ("one entry", "scores")])
 def test_structured_outputs(kind, key):
     torch.manual_seed(0)
     model = TupleOut(kind).eval()
     x = image_batch(16)
-    with pytest.raises(TypeError, match="output="):
-        gs.convert(model, layer="conv")
+    if kind == "tuple":  # nothing names the logits: the user says which entry
+        with pytest.raises(TypeError, match="output="):
+            gs.convert(model, layer="conv")
+    else:  # an entry named 'logits', or the only entry, is read by default (Hugging Face's ModelOutput is a dict)
+        default = gs.convert(model, layer="conv")
+        assert (default.output, default.report.output_by_default) == (key, True)
+        assert f"explains output {key!r} (by default)" in default.report.summary()
+        assert torch.equal(default.explain(x, [1, 2]).gradient, gs.convert(model, layer="conv", output=key)
+                           .explain(x, [1, 2]).gradient)
     ex = gs.convert(model, layer="conv", output=key)
+    assert (ex.output, ex.report.output_by_default) == (key, False)
+    assert f"explains output {key!r};" in ex.report.summary()
     e = ex.explain(x, [1, 2])
     logits = model(x)[key] if kind != "namedtuple" else model(x).logits
     assert torch.equal(e.logits, logits)

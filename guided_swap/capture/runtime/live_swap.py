@@ -18,6 +18,7 @@ Forward hooks on the mirror's modules name each call site by its module path and
 >>> len(run.sites), list(run.sites)[:3], tuple(run.captures["layer4"][0].shape)
 (17, ['relu', 'layer1.0.relu', 'layer1.0.relu_1'], (1, 512, 2, 2))
 """
+import math
 import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -473,5 +474,8 @@ def _called_once(calls: Sequence[ModuleCall]) -> set:
 
 
 def _feature_maps(output: Any) -> List[Tensor]:
+    """The maps among a module's returned values; a pooled (B, C, 1, 1) vector, such as the pooler output next
+    to the last map in a Hugging Face backbone's ``ModelOutput``, is not one."""
     values = output.values() if isinstance(output, dict) else output if isinstance(output, (list, tuple)) else ()
-    return [v for v in values if isinstance(v, Tensor) and v.dim() >= 3 and v.is_floating_point()]
+    return [v for v in values if isinstance(v, Tensor) and v.dim() >= 3 and v.is_floating_point()
+            and math.prod(v.shape[2:]) > 1]

@@ -34,7 +34,7 @@ from ...core.errors import InputError, LayerError
 from ...core.maps import PassResult
 from ...core.report import RuntimeReport, Swap
 from ...core.rules import Rule
-from ...core.targets import OutputKey, Score
+from ...core.targets import OutputKey, Score, default_output
 from ..base import AUTO, Capture, InputShape, LayerPart, check_autograd, check_tensor, gradients
 from .live_swap import Run, Site, auto_layer, private_mirror
 
@@ -53,6 +53,7 @@ class RuntimeCapture(Capture):
         self._left_alone: Dict[str, Site] = {}
         self._runs = 0
         self._tail_backward = False
+        self._output_by_default = False  # set when a run shows an output naming a 'logits' entry
         self._lock = threading.Lock()
 
     # --- the contract ------------------------------------------------------------------------------------
@@ -63,7 +64,8 @@ class RuntimeCapture(Capture):
                                                       for s in self._sites.values())
         return RuntimeReport(self.rule.name, swapped, tuple((s.name, s.spelling) for s in self._left_alone.values()),
                              (), layers=dict(self._paths), layer_reasons=dict(self._layer_reasons), capture=self.path,
-                             ordinary_rule=self.rule.ordinary, runs=self._runs, tail_backward=self._tail_backward)
+                             ordinary_rule=self.rule.ordinary, runs=self._runs, tail_backward=self._tail_backward,
+                             output=self.output, output_by_default=self._output_by_default)
 
     @property
     def ready(self) -> bool:
@@ -146,6 +148,8 @@ class RuntimeCapture(Capture):
         self._sites.update((k, v) for k, v in run.sites.items() if k not in self._sites)
         self._left_alone.update((k, v) for k, v in run.left_alone.items() if k not in self._left_alone)
         self._tail_backward |= run.rectified_after_capture
+        if self.output is None and default_output(outputs) is not None:  # the report says what is explained
+            self.output, self._output_by_default = default_output(outputs), True
         return run, outputs
 
     def _captures(self, run: Run) -> List[Tensor]:
