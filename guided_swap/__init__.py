@@ -36,6 +36,7 @@ _aliases.install()
 
 #: Modules reachable as ``guided_swap.NAME`` (``from guided_swap import reference``), imported when first used.
 _PUBLIC_MODULES = {"reference": "checks.reference", "sanity": "checks.sanity", "demo": "checks.demo",
+                   "metrics": "checks.metrics",
                    "labels": "media.labels", "smoothing": "run.smoothing"}
 
 

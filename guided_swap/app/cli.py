@@ -6,6 +6,7 @@
     guided-swap layers resnet50
     guided-swap export --model resnet18 --layer layer4 --shape 2,3,224,224 --out resnet18.pt2
     guided-swap bench
+    guided-swap evaluate maps/ --model resnet50 --weights resnet50.pth
 
 Errors are one line on stderr (--traceback shows the whole story). Exit codes: 0 done, 1 some inputs could
 not be explained, 2 a usage error (nothing was written), 130 interrupted.
@@ -32,7 +33,8 @@ from ..media import labels as label_files
 from ..media.viz import CAM_TITLES
 from ..run.convert import convert, layer_names
 from ..run.program import export
-from . import model_spec
+from ..checks.metrics import BASELINES
+from . import evaluate, model_spec
 from .folder import Job, Quiet, method_names, rule_names, run, uses_layer
 from .model_spec import Preprocessing, build, check
 from .results import KINDS
@@ -268,6 +270,56 @@ def cmd_export(args) -> int:
     return 0
 
 
+def _names(choices: Sequence[str]):
+    def parse(text: str) -> tuple:
+        names = tuple(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
+        if not names or any(name not in choices for name in names):
+            raise argparse.ArgumentTypeError(f"takes names of {','.join(choices)}; got {text!r}")
+        return names
+    return parse
+
+
+def cmd_evaluate(args) -> int:
+    options = evaluate.Options(metrics=args.metrics, percentiles=args.percentiles, noise=args.noise, seed=args.seed,
+                               steps=args.steps, deletion_baseline=args.deletion_baseline,
+                               insertion_baseline=args.insertion_baseline, batch_size=args.batch_size,
+                               chunk=args.chunk)
+    if any(not 0 < p < 100 for p in options.percentiles):
+        raise CommandError(f"--percentiles takes numbers between 0 and 100, got {args.percentiles}")
+    source = model_spec.check(args.model, args.weights, getattr(args, "trust_weights", False))
+    return evaluate.run(args.results, source, options, out=args.out, force=args.force, device=args.device)
+
+
+def _evaluate_parser(sub) -> None:
+    evaluating = sub.add_parser("evaluate", help="faithfulness metrics of the maps in a results folder",
+                              description="ROAD, confidence change, deletion and insertion of every map the .npz "
+                                          "results of guided-swap explain hold, for the target each explained; "
+                                          "one JSON per result, tables per map and a plot of the curves. Reruns "
+                                          "skip the results already evaluated with the same settings (see "
+                                          "docs/metrics.md).")
+    evaluating.add_argument("results", metavar="RESULTS_DIR", help="a folder guided-swap explain wrote")
+    evaluating.add_argument("--model", help="the model the results were made with (as explain's --model)")
+    evaluating.add_argument("--weights", help="its weights (as explain's --weights)")
+    evaluating.add_argument("--metrics", type=_names(evaluate.METRICS), default=evaluate.METRICS, metavar="NAME[,NAME]",
+                          help="any of " + ",".join(evaluate.METRICS) + " (default: all)")
+    evaluating.add_argument("--percentiles", type=_floats, default=(10, 20, 30, 40, 50, 60, 70, 80, 90),
+                          help="ROAD's percentiles (default 10,20,...,90)")
+    evaluating.add_argument("--noise", type=_noise, default=0.01, help="ROAD's imputation noise (default 0.01)")
+    evaluating.add_argument("--seed", type=_count, default=0, help="seed of ROAD's noise, per result (default 0)")
+    evaluating.add_argument("--steps", type=_positive, default=32, help="points of the deletion and insertion "
+                                                                      "curves, less one (default 32)")
+    evaluating.add_argument("--deletion-baseline", choices=BASELINES, default="zeros",
+                          help="what deleted positions become (default zeros)")
+    evaluating.add_argument("--insertion-baseline", choices=BASELINES, default="blur",
+                          help="what insertion starts from (default blur)")
+    evaluating.add_argument("--batch-size", type=_positive, default=8, help="results per batch (default 8)")
+    evaluating.add_argument("--chunk", type=_positive, default=32, help="perturbed copies per forward (default 32)")
+    evaluating.add_argument("--device", type=_device, default="auto", help="auto (cuda if present), cpu, cuda[:N]")
+    evaluating.add_argument("--out", help="where the evaluation goes (default RESULTS_DIR/evaluation)")
+    evaluating.add_argument("--force", action="store_true", help="evaluate every result again")
+    _trust_argument(evaluating)
+
+
 def cmd_bench(rest: List[str]) -> int:
     return bench_main(rest)
 
@@ -336,6 +388,7 @@ def parser() -> argparse.ArgumentParser:
     top.add_argument("--traceback", action="store_true", help="show the full traceback of an error")
     sub = top.add_subparsers(dest="command", required=True)
     _explain_parser(sub)
+    _evaluate_parser(sub)
 
     demo = sub.add_parser("demo", help="the main job, offline, on the bundled face/non-face CNN")
     demo.add_argument("--out", default="guided_swap_demo")
@@ -393,7 +446,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _command(args) -> int:
-    commands = {"explain": cmd_explain, "demo": cmd_demo, "layers": cmd_layers, "export": cmd_export}
+    commands = {"explain": cmd_explain, "demo": cmd_demo, "layers": cmd_layers, "export": cmd_export,
+                "evaluate": cmd_evaluate}
     try:
         return commands[args.command](args)
     except Quiet:
