@@ -87,7 +87,8 @@ def report_data(report: ConversionReport, packer: Packer) -> Dict[str, Any]:
 def _layout_data(layout: Layout, packer: Packer) -> Dict[str, Any]:
     data = {name: pack(getattr(layout, name), packer) for name in _LAYOUT_FIELDS}
     if layout.reshape is not None:
-        data["reshape"] = packer.pickle(layout.reshape, f"the reshape= function {getattr(layout.reshape, '__qualname__', '')}")
+        name = getattr(layout.reshape, "__qualname__", type(layout.reshape).__qualname__)
+        data["reshape"] = packer.pickle(layout.reshape, f"the reshape= function {name}")
     return data
 
 
