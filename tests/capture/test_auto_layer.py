@@ -213,3 +213,41 @@ def test_auto_refuses_an_earlier_map_when_the_token_grid_is_lost_after_it():
     expected = torch.relu((G.mean(dim=(2, 3), keepdim=True) * A).sum(dim=1))
     assert_nontrivial(expected, 0.05)
     assert relative_error(e.cam_raw, expected) < 1e-5
+
+
+class LatentCrossAttention(nn.Module):
+    """A Perceiver in small: learned latents attend to the image tokens once, then are pooled. The latent
+    tokens come out of an attention: no grid was lost, they are no positions at all."""
+
+    def __init__(self, c=8, latents=6):
+        super().__init__()
+        self.embed, self.norm, self.latents = nn.Conv2d(3, c, 4, 4), nn.LayerNorm(c), nn.Parameter(torch.randn(1, latents, c))
+        self.attend, self.mlp, self.head = nn.MultiheadAttention(c, 2, batch_first=True), nn.Linear(c, c), nn.Linear(c, 5)
+
+    def forward(self, x):
+        t = self.norm(self.embed(x).flatten(2).transpose(1, 2))
+        latents, _ = self.attend(self.latents.expand(x.shape[0], -1, -1), t, t)
+        return self.head(torch.relu(self.mlp(latents)).mean(1))
+
+
+def test_tokens_an_attention_made_are_not_taken_for_lost_positions():
+    torch.manual_seed(0)
+    model, x, target = LatentCrossAttention().eval(), image_batch(32), torch.tensor([0, 4])
+    ex = gs.convert(model)
+    e = ex.explain(x, target)
+    assert ex.report.layers["auto"] == "norm"  # the last map of positions: the tokens the latents attend to
+    kept = {}
+
+    def keep(_, __, out):
+        out.retain_grad()
+        kept["out"] = out
+
+    handle = model.norm.register_forward_hook(keep)
+    try:
+        model(x).gather(1, target.view(-1, 1)).sum().backward()
+    finally:
+        handle.remove()
+    A, G = (t.reshape(2, 8, 8, -1).permute(0, 3, 1, 2) for t in (kept["out"].detach(), kept["out"].grad))
+    expected = torch.relu((G.mean(dim=(2, 3), keepdim=True) * A).sum(dim=1))
+    assert_nontrivial(expected, 0.05)
+    assert relative_error(e.cam_raw, expected) < 1e-5

@@ -59,7 +59,7 @@ _CHANNELS_FIRST_FUNCTIONS = {
     "_native_batch_norm_legit", "_native_batch_norm_legit_no_training", "cudnn_batch_norm", "native_group_norm",
     "upsample_nearest2d", "upsample_bilinear2d", "upsample_nearest3d", "upsample_trilinear3d",
     "_adaptive_avg_pool2d", "_adaptive_avg_pool3d"}
-_RESHAPES = {"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as", "reshape_as"}
+RESHAPES = {"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as", "reshape_as"}
 
 
 def name_of(target: Any) -> str:
@@ -107,7 +107,7 @@ class Reader:
             return self._features_last(node, rank)
         if is_permute(node, module):
             return self._permuted(node, module, rank)
-        if node.op in ("call_method", "call_function") and name in _RESHAPES:
+        if node.op in ("call_method", "call_function") and name in RESHAPES:
             return self._reshaped(node)
         if node.op == "call_function" and node.target is operator.getitem:
             return self._indexed(node)

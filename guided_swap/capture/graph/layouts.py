@@ -139,22 +139,51 @@ def transformer_layer(gm: fx.GraphModule, example: Tensor) -> Optional[LayerChoi
 
 
 def _refuse_if_positions_lost(reader: graph_axes.Reader, chosen: fx.Node, output: fx.Node) -> None:
-    """Refuse ``chosen`` when the positions go on past it as tokens whose grid the graph reading lost: on a tensor
-    every path to the output crosses (a patch merging it cannot follow, say). ``chosen`` is then only the last map
-    it could read, an earlier stage than the one before the pooling, and its map would be silently wrong."""
+    """Refuse ``chosen`` when the positions go on past it as tokens whose grid the graph reading lost: tokens on a
+    tensor every path to the output crosses, rearranged from a map (a patch merging it cannot follow, say).
+    ``chosen`` is then only the last map it could read, an earlier stage than the one before the pooling, and
+    its map would be silently wrong. Tokens an attention made (a Perceiver's latents) are no positions."""
     order = {node: i for i, node in enumerate(reader.gm.graph.nodes)}
     for node in bottlenecks(reader.gm, output, set(reader.shapes)):
         axes = reader.axes.get(node)
         if order[node] <= order[chosen] or axes is None or "T" not in axes.roles or axes.grid is not None:
             continue
-        if reader.shapes[node][axes.roles.index("T")] > 1:
-            size = _grid_size(reader, chosen)
+        if reader.shapes[node][axes.roles.index("T")] > 1 and _rearranged_from_a_map(reader, node):
             raise LayerError(
-                f"layer='auto' cannot tell the last map before the pooling: after {_qualname(chosen)} ({size}), the "
-                f"last map whose layout it can read, the positions go on as the tokens of {_qualname(node)} "
-                f"{reader.shapes[node]}, whose patch grid could not be followed through the graph (a patch merging "
-                "it does not know). Pass layer=NAME with layout=guided_swap.Layout('tokens', grid=(h, w)) or "
-                "reshape= (docs/transformers.md); see guided_swap.layer_names(model) for every name")
+                f"layer='auto' cannot tell the last map before the pooling: after {_qualname(chosen)} "
+                f"({_grid_size(reader, chosen)}), the last map whose layout it can read, the positions go on as the "
+                f"tokens of {_qualname(node)} {reader.shapes[node]}, whose patch grid could not be followed through "
+                "the graph (a patch merging it does not know). Pass layer=NAME with "
+                "layout=guided_swap.Layout('tokens', grid=(h, w)) or reshape= (docs/transformers.md); see "
+                "guided_swap.layer_names(model) for every name")
+
+
+#: ops that move a tensor's values without mixing positions (the ops of a patch merging), and those that act on
+#: each position's features alone: back through these from lost tokens, a map means the tokens are its positions
+_REARRANGING = graph_axes.RESHAPES | {"permute", "transpose", "swapaxes", "movedim", "contiguous", "clone", "cat",
+                                     "concat", "slice", "getitem", "unfold", "im2col", "pad", "constant_pad_nd",
+                                     "dropout", "linear", "layer_norm", "rms_norm", "add", "mul"}
+
+
+def _rearranged_from_a_map(reader: graph_axes.Reader, node: fx.Node, budget: int = 64) -> bool:
+    """Whether ``node``'s tokens come from a readable map through rearranging ops only (:data:`_REARRANGING`)."""
+    while budget > 0:
+        budget -= 1
+        name = graph_axes.name_of(node.target)
+        module = reader.module(node)
+        if module is not None and isinstance(module, (nn.Linear, nn.LayerNorm, nn.Dropout, nn.Identity)):
+            name = "linear"
+        if node.op not in ("call_function", "call_method", "call_module") or name not in _REARRANGING:
+            return False
+        first = node.args[0] if node.args else None
+        if isinstance(first, (list, tuple)) and first:  # cat's tensors
+            first = first[0]
+        if not isinstance(first, fx.Node) or first not in reader.shapes:
+            return False
+        if _is_map(reader, first):
+            return True
+        node = first
+    return False
 
 
 def bottlenecks(gm: fx.GraphModule, output: fx.Node, tensors: set) -> list:
@@ -183,11 +212,15 @@ def bottlenecks(gm: fx.GraphModule, output: fx.Node, tensors: set) -> list:
 
 
 def _on_input_paths(nodes: list, output: fx.Node, tensors: set) -> set:
-    """The tensor nodes computed from the input that the output is computed from (and the output)."""
+    """The nodes on tensor paths from the input that the output is computed from: tensors, tuples of tensors
+    (an attention module's output, a split) and the output; never a size read off a tensor."""
+    def carries_tensors(node):
+        return node in tensors or node is output or any(
+            user.target is operator.getitem and user in tensors for user in node.users)
+
     from_input = set()
     for node in nodes:
-        if (node.op == "placeholder" or node is output or node in tensors) and \
-                (node.op == "placeholder" or any(arg in from_input for arg in node.all_input_nodes)):
+        if node.op == "placeholder" or (carries_tensors(node) and any(a in from_input for a in node.all_input_nodes)):
             from_input.add(node)
     return from_input & graph_axes.upstream([output])
 
