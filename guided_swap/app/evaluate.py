@@ -220,7 +220,9 @@ def run(folder: str, model_source, options: Options, out: Optional[str] = None, 
         try:
             for batch in batches(pending, options.batch_size):
                 shape = tuple(np.load(batch[0].path, allow_pickle=False)["input"].shape)
-                ex = explainers.setdefault(shape, explainer_for(model, shape, where))
+                if shape not in explainers:
+                    explainers[shape] = explainer_for(model, shape, where)
+                ex = explainers[shape]
                 values = evaluate_batch(ex, batch, options, where)
                 for result in batch:
                     write_evaluation(out, result, settings, values[result.name])
