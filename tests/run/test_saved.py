@@ -223,16 +223,21 @@ def _with_tensors(path, change):
 
 
 def test_tensors_swapped_or_resized_are_refused_even_with_matching_checksums(good_file, tmp_path):
+    # safetensors hands the tensors back in no fixed order, so every edit picks its tensors by sorted key. A swap
+    # is visible only between tensors of different shapes: two same-shaped weights swapped are a different
+    # model that the file's checksums, recomputed by whoever edited it, cannot tell apart.
     def resize(tensors):
-        key = next(k for k, t in tensors.items() if t.dim() == 4)
+        key = min(k for k, t in tensors.items() if t.dim() == 4)
         tensors[key] = torch.zeros(tuple(tensors[key].shape[:-1]) + (tensors[key].shape[-1] + 1,))
 
     def swap(tensors):
-        a, b = [k for k, t in tensors.items() if t.dim() == 4][:2]
+        convs = sorted(k for k, t in tensors.items() if t.dim() == 4)
+        a = convs[0]
+        b = next(k for k in convs if tensors[k].shape != tensors[a].shape)
         tensors[a], tensors[b] = tensors[b], tensors[a]
 
     def drop(tensors):
-        tensors.pop(next(iter(tensors)))
+        tensors.pop(min(tensors))
 
     for change, message in ((resize, "in the file, but the explainer's description says"), (swap, "description says"),
                             (drop, "does not hold")):
