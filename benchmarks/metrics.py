@@ -144,9 +144,16 @@ def quantus_calls(quantus, net, ex, x, cams, target) -> Dict[str, Dict[str, Call
 
 
 def measure(rows, rounds: int) -> list:
-    flat = {f"{row}|{who}": call for row, pair in rows.items() for who, call in pair.items()}
-    outputs = {name: call() for name, call in flat.items()}  # one run each: the results compared, warm caches
-    times = interleaved(flat, rounds, warmup=0)
+    outputs = {}
+
+    def keeping(name, call):
+        def run():
+            outputs[name] = call()
+            print(f"  {name} done", flush=True)
+        return run
+
+    flat = {f"{row}|{who}": keeping(f"{row}|{who}", call) for row, pair in rows.items() for who, call in pair.items()}
+    times = interleaved(flat, rounds, warmup=0)  # every round timed; the last round's results are compared
     out = []
     for row, pair in rows.items():
         peer = next(w for w in pair if w != "gs")
@@ -178,7 +185,7 @@ def markdown(rows: list, args, note: str) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--size", type=int, default=192, help="a multiple of 12 (Quantus flips whole positions)")
+    parser.add_argument("--size", type=int, default=96, help="a multiple of 12 (Quantus flips whole positions)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--out", default=os.path.join(RESULTS, "metrics"))
     args = parser.parse_args(argv)
