@@ -140,15 +140,18 @@ def transformer_layer(gm: fx.GraphModule, example: Tensor) -> Optional[LayerChoi
 
 def _refuse_if_positions_lost(reader: graph_axes.Reader, chosen: fx.Node, output: fx.Node) -> None:
     """Refuse ``chosen`` when the positions go on past it as tokens whose grid the graph reading lost: tokens on a
-    tensor every path to the output crosses, rearranged from a map (a patch merging it cannot follow, say).
-    ``chosen`` is then only the last map it could read, an earlier stage than the one before the pooling, and
-    its map would be silently wrong. Tokens an attention made (a Perceiver's latents) are no positions."""
+    tensor every path to the output crosses, rearranged from a map (a patch merging it cannot follow, say), and
+    as many as no grid of ``chosen`` holds. ``chosen`` is then only the last map it could read, an earlier stage
+    than the one before the pooling, and its map would be silently wrong. Tokens an attention made (a
+    Perceiver's latents) are no positions; the same count of tokens (VOLO's class-attention blocks pass the
+    patches on beside the class token) is the same grid."""
     order = {node: i for i, node in enumerate(reader.gm.graph.nodes)}
     for node in bottlenecks(reader.gm, output, set(reader.shapes)):
         axes = reader.axes.get(node)
         if order[node] <= order[chosen] or axes is None or "T" not in axes.roles or axes.grid is not None:
             continue
-        if reader.shapes[node][axes.roles.index("T")] > 1 and _rearranged_from_a_map(reader, node):
+        count = reader.shapes[node][axes.roles.index("T")]
+        if count > 1 and count not in _position_counts(reader, chosen) and _rearranged_from_a_map(reader, node):
             raise LayerError(
                 f"layer='auto' cannot tell the last map before the pooling: after {_qualname(chosen)} "
                 f"({_grid_size(reader, chosen)}), the last map whose layout it can read, the positions go on as the "
@@ -214,15 +217,20 @@ def bottlenecks(gm: fx.GraphModule, output: fx.Node, tensors: set) -> list:
 def _on_input_paths(nodes: list, output: fx.Node, tensors: set) -> set:
     """The nodes on tensor paths from the input that the output is computed from: tensors, tuples of tensors
     (an attention module's output, a split) and the output; never a size read off a tensor."""
-    def carries_tensors(node):
-        return node in tensors or node is output or any(
-            user.target is operator.getitem and user in tensors for user in node.users)
-
     from_input = set()
     for node in nodes:
-        if node.op == "placeholder" or (carries_tensors(node) and any(a in from_input for a in node.all_input_nodes)):
+        if node.op == "placeholder" or ((node is output or _carries_tensors(tensors, node)) and
+                                        any(a in from_input for a in node.all_input_nodes)):
             from_input.add(node)
     return from_input & graph_axes.upstream([output])
+
+
+def _position_counts(reader: graph_axes.Reader, node: fx.Node) -> set:
+    """How many tokens hold the positions of the map ``node``: its grid, with and without prefix and suffix."""
+    axes = reader.axes[node]
+    if "T" in axes.roles:
+        return {math.prod(axes.grid), math.prod(axes.grid) + axes.prefix + axes.suffix}
+    return {math.prod(reader.shapes[node][k] for k, r in enumerate(axes.roles) if r == "S")}
 
 
 def _grid_size(reader: graph_axes.Reader, node: fx.Node) -> str:
@@ -278,12 +286,28 @@ def _is_map(reader: graph_axes.Reader, node: fx.Node) -> bool:
 
 
 def _class_token_read(reader: graph_axes.Reader, upstream: set) -> Optional[fx.Node]:
-    """The last ``x[:, i]`` on a token map that picks a prefix token (the class token), on the way to the output."""
-    found = None
-    for node in reader.gm.graph.nodes:
-        if node in upstream and node.op == "call_function" and _picks_a_prefix_token(reader, node):
-            found = node
-    return found
+    """The last read of prefix tokens (the class token) of a token map that reaches the output through such
+    reads only: the head's read. A class-attention block's ``x[:, :1]`` (CaiT, VOLO) is no such read: its
+    token map also goes, whole, into the attention."""
+    reads = [node for node in reader.gm.graph.nodes
+             if node in upstream and node.op == "call_function" and _picks_a_prefix_token(reader, node)]
+    return next((read for read in reversed(reads) if _only_prefix_reaches_output(reader, read, upstream)), None)
+
+
+def _only_prefix_reaches_output(reader: graph_axes.Reader, read: fx.Node, upstream: set) -> bool:
+    """Whether the token map ``read`` reads reaches the output only through reads of its prefix tokens."""
+    tensor, taken = read.args[0], {read}
+    if tensor not in reader.shapes:  # a chunk of a split: every chunk used must be prefix tokens
+        if not all(_picks_a_prefix_token(reader, chunk) for chunk in tensor.users if chunk in upstream):
+            return False
+        tensor, taken = tensor.args[0], {tensor}
+    return all(user in taken or (user.op == "call_function" and _picks_a_prefix_token(reader, user))
+               for user in tensor.users if user in upstream and _carries_tensors(reader.shapes, user))
+
+
+def _carries_tensors(tensors, node: fx.Node) -> bool:
+    """A tensor, or a tuple of them (an attention module's output, a split), not a size read off one."""
+    return node in tensors or any(user.target is operator.getitem and user in tensors for user in node.users)
 
 
 def _picks_a_prefix_token(reader: graph_axes.Reader, node: fx.Node) -> bool:
