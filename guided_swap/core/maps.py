@@ -164,12 +164,18 @@ class LayerMaps:
                 eigen_smooth: bool = False, resize: bool = False) -> Tensor:
         """The CAM ``name`` with options (:mod:`guided_swap.core.cam_options`): ``signed`` (no ReLU),
         ``per_channel`` (B, K, *spatial), ``eigen_smooth`` (the principal component instead of the channel sum);
-        at the layer's resolution, or the input's with ``resize``. No option: ``cams_raw[name]`` (``cams[name]``)."""
+        at the layer's resolution, or the input's with ``resize``. No option: ``cams_raw[name]`` (``cams[name]``).
+
+        >>> G = torch.tensor([1.0, -3.0]).view(1, 2, 1, 1).expand(1, 2, 2, 2)
+        >>> maps = LayerMaps(torch.ones(1, 2, 2, 2), G, (4, 4))
+        >>> maps.cam_map("gradcam", signed=True)[0, 0], tuple(maps.cam_map(per_channel=True, resize=True).shape)
+        (tensor([-2., -2.]), (1, 2, 4, 4))
+        """
         cam_options.check_flags(signed=signed, per_channel=per_channel, eigen_smooth=eigen_smooth, resize=resize)
         if not (signed or per_channel or eigen_smooth):
             return (self.cams if resize else self.cams_raw)[name]
         if self.fixed_cams is not None:
-            raise cam_maths.CamError("a smoothed explanation holds the mean of each copy's CAM, not the copies' "
+            raise cam_maths.CamError("a smoothed explanation holds a statistic of the copies' CAMs, not the copies' "
                                      "activations and gradients: signed=, per_channel= and eigen_smooth= cannot be "
                                      "computed from it; explain without smooth= for them")
         out = cam_options.cam_map(name, *self._feature, signed=signed, per_channel=per_channel,
@@ -252,6 +258,12 @@ class Explanation:
 
         ``e.cam_map("gradcam", signed=True, per_channel=True)`` is Captum's
         ``LayerGradCam(...).attribute(x, target, relu_attributions=False, attr_dim_summation=False)``.
+
+        >>> A, G = torch.rand(2, 4, 3, 3), torch.randn(2, 4, 3, 3)
+        >>> e = Explanation(torch.zeros(2, 5), None, torch.zeros(2), torch.zeros(2, 3, 12, 12),
+        ...                 {"layer4": LayerMaps(A, G, (12, 12))})
+        >>> tuple(e.cam_map("hirescam", signed=True, per_channel=True).shape), tuple(e.cam_map(resize=True).shape)
+        ((2, 4, 3, 3), (2, 12, 12))
         """
         return self._layer(layer).cam_map(name, signed=signed, per_channel=per_channel, eigen_smooth=eigen_smooth,
                                           resize=resize)
@@ -261,7 +273,16 @@ class Explanation:
         """One (B, *input spatial) map in [0, 1] from the CAM ``name`` of several ``layers`` (default: every
         captured layer), fused ``how="mean"`` (pytorch-grad-cam given several target layers) or ``"product"``
         (its RefineCAM); see :func:`guided_swap.core.cam_options.fuse`. With one layer, ``"mean"`` is
-        pytorch-grad-cam's scaled map of that layer; ``eigen_smooth`` is its ``eigen_smooth=True``."""
+        pytorch-grad-cam's scaled map of that layer; ``eigen_smooth`` is its ``eigen_smooth=True``.
+
+        >>> A, G = torch.rand(2, 4, 6, 6), torch.randn(2, 4, 6, 6)
+        >>> e = Explanation(torch.zeros(2, 5), None, torch.zeros(2), torch.zeros(2, 3, 12, 12),
+        ...                 {"layer3": LayerMaps(A, G, (12, 12)),
+        ...                  "layer4": LayerMaps(A[..., ::2, ::2], G[..., ::2, ::2], (12, 12))})
+        >>> fused = e.fused("layercam", how="product")
+        >>> tuple(fused.shape), float(fused.min()), round(float(fused.max()), 4)
+        ((2, 12, 12), 0.0, 1.0)
+        """
         if isinstance(layers, str):
             layers = [layers]
         chosen = [self._layer(layer) for layer in (list(self.layers) if layers is None else layers)]

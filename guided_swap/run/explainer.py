@@ -140,7 +140,13 @@ class Explainer(nn.Module):
         """pytorch-grad-cam's ``cam(x, targets, aug_smooth=True, eigen_smooth=...)``: the (B, *spatial) map in [0, 1]
         of the CAM ``cam`` fused over ``layers`` (default: every captured layer), averaged over six flipped and
         rescaled copies of each input, which go through :meth:`explain` ``chunk`` at a time (default: all in one
-        pass). See :mod:`guided_swap.run.augment`."""
+        pass). See :mod:`guided_swap.run.augment`.
+
+        >>> import torch, torchvision, guided_swap as gs
+        >>> ex = gs.convert(torchvision.models.resnet18().eval(), layer=["layer3", "layer4"])
+        >>> ex.aug_smooth(torch.randn(1, 3, 64, 64), [7], "layercam", layers=["layer4"], chunk=3).shape
+        torch.Size([1, 64, 64])
+        """
         return augment.aug_smooth(self, x, target, cam, layers=layers, eigen_smooth=eigen_smooth, chunk=chunk,
                                   interpolate=interpolate)
 
