@@ -323,6 +323,18 @@ class Score:
         """The classes this target stands for on ``outputs`` (None: a score function, applied as it is)."""
         return None
 
+    def for_copies(self, outputs: Any, batch: int) -> Tuple[Optional[Tensor], Callable[[Tensor], "Score"]]:
+        """This target resolved once, on ``outputs`` (the clean input's), for copies of its samples (SmoothGrad's
+        noisy copies, ``aug_smooth``'s flips and scales): the classes (None for a score function) and
+        ``rows -> Score``, the score of a batch of copies of the samples ``rows``. A score function is applied to
+        each copy as it is."""
+        return None, lambda rows: self
+
+    def bound(self, output: OutputKey) -> "Score":
+        """This score for an explainer whose explained output is ``output`` (a score that reads logits takes it
+        when it names none itself)."""
+        return self
+
     def traceable(self, device: torch.device, batch: int) -> "Score":
         """This score with its values as tensors on ``device``, checked on the host without a device
         synchronisation (a compiled pass then never recompiles for new values; :meth:`check_after` checks
@@ -365,6 +377,10 @@ class ClassScore(Score):
 
     def classes_for(self, outputs, batch):
         return class_indices(self.logits(outputs), self.target)
+
+    def for_copies(self, outputs, batch):
+        classes = self.classes_for(outputs, batch)
+        return classes, lambda rows: ClassScore(classes[rows], self.output)
 
     def traceable(self, device, batch):
         if self.target is None:
@@ -459,7 +475,7 @@ def as_score(target: Any, output: OutputKey = None, layers: Sequence[str] = ()) 
     (tensor([5., 7.]), tensor([1, 0]))
     """
     if isinstance(target, Score):
-        return target
+        return target.bound(output)
     if isinstance(target, Box):
         return BoxScore(target)
     if isinstance(target, BoxMatch):

@@ -262,10 +262,18 @@ def smoothing_note(smoothing: Optional[Mapping]) -> str:
 
     >>> smoothing_note({"copies": 16, "noise": 0.15, "chunk": 8}), smoothing_note(None)
     ('\\nSmoothGrad: 16 copies, noise 0.15', '')
+    >>> smoothing_note({"copies": 8, "type": "vargrad", "noise": None, "noise_absolute": 0.3})
+    '\\nVarGrad: 8 copies, noise σ 0.3'
     """
     if not smoothing:
         return ""
-    return f"\nSmoothGrad: {smoothing['copies']} copies, noise {smoothing['noise']:g}"
+    kind = _SMOOTHING_NAMES.get(smoothing.get("type") or "smoothgrad", str(smoothing.get("type")))
+    noise = f"noise {smoothing['noise']:g}" if smoothing.get("noise") is not None else \
+        f"noise σ {smoothing['noise_absolute']:g}"
+    return f"\n{kind}: {smoothing['copies']} copies, {noise}"
+
+
+_SMOOTHING_NAMES = {"smoothgrad": "SmoothGrad", "smoothgrad_sq": "SmoothGrad²", "vargrad": "VarGrad"}
 
 
 def _titles(explanation, swapped: Optional[int], layer_nodes: Mapping[str, str], panels: Sequence[str]) \

@@ -14,7 +14,7 @@ into an :class:`~guided_swap.core.maps.Explanation`.
 import pickle
 import warnings
 from collections import Counter
-from typing import Any, Optional, Tuple
+from typing import Any, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -26,7 +26,7 @@ from ..core.maps import Explanation, zero_gradient_messages
 from ..core.report import ConversionReport
 from ..core.rules import Rule
 from ..core.targets import ChannelScore, Score, as_score
-from . import explainer_file, saved, smoothing
+from . import augment, explainer_file, saved, smoothing
 from .assemble import explanation_of
 from . import compiled
 from .compiled import CompiledExplain
@@ -97,7 +97,8 @@ class Explainer(nn.Module):
 
     def explain(self, x: Any, target: Any = None, *, interpolate: str = "bilinear", smooth: Optional[int] = None,
                 noise: Optional[float] = None, generator: Optional[torch.Generator] = None,
-                chunk: Optional[int] = None, check_finite: Optional[bool] = None) -> Explanation:
+                chunk: Optional[int] = None, check_finite: Optional[bool] = None, smooth_type: Optional[str] = None,
+                noise_absolute: Optional[float] = None) -> Explanation:
         """One forward and one backward: the rule's input gradient and every CAM at every captured layer.
 
         ``x``: what the model takes, a (B, C, ...) tensor (or, for the run-time capture of a detector, a list
@@ -107,7 +108,9 @@ class Explainer(nn.Module):
         image of a detector).
         ``smooth=N``: SmoothGrad, the mean map over N noisy copies of each input, noise ``noise`` (default 0.15)
         times each input's value range, drawn from ``generator``, ``chunk`` inputs per pass (default: the
-        batch size); see :mod:`guided_swap.run.smoothing` for what is averaged.
+        batch size); see :mod:`guided_swap.run.smoothing` for what is averaged. ``smooth_type``: ``"smoothgrad"``
+        (the mean, default), ``"smoothgrad_sq"`` or ``"vargrad"`` (Captum's ``nt_type``); ``noise_absolute``: one
+        standard deviation in the input's units (Captum's ``stdevs``) instead of ``noise``.
         ``check_finite``: read values to refuse an input holding NaN or Inf, and to warn when a gradient is zero
         everywhere for a sample (its maps would show nothing). None reads them on the CPU only: on a GPU that
         would wait for the device on every call; True reads them there too, False never.
@@ -115,19 +118,36 @@ class Explainer(nn.Module):
         shape = self.capture.check(x, check_finite)
         if interpolate not in cam_maths.INTERPOLATIONS:
             raise ValueError(f"interpolate={interpolate!r} is not one of {cam_maths.INTERPOLATIONS}")
-        smoothing.check(smooth, noise, generator, chunk, x if isinstance(x, Tensor) else x[0])
+        smoothing.check(smooth, noise, generator, chunk, x if isinstance(x, Tensor) else x[0], smooth_type,
+                        noise_absolute)
         score = as_score(target, self.output, self.layers)
         self.capture.prepare(x)
         if smooth is not None:
             if self._compiled is not None:
                 self._compiled.warn_eager("smooth=", "SmoothGrad's chunks run the eager pass")
             explanation = smoothing.smooth_explain(self.capture, x, score, copies=smooth, noise=noise,
-                                                   generator=generator, chunk=chunk, interpolate=interpolate)
+                                                   generator=generator, chunk=chunk, interpolate=interpolate,
+                                                   smooth_type=smooth_type, noise_absolute=noise_absolute)
         else:
             explanation = self._one_pass(x, score, shape.spatial, interpolate)
         self._warn_if_nothing_swapped()
         warn_if_zero_gradients(explanation, reads_values(explanation.gradient, check_finite), score)
         return explanation
+
+    def aug_smooth(self, x: Tensor, target: Any = None, cam: str = "gradcam", *, layers: Optional[Sequence[str]] = None,
+                   eigen_smooth: bool = False, chunk: Optional[int] = None, interpolate: str = "bilinear") -> Tensor:
+        """pytorch-grad-cam's ``cam(x, targets, aug_smooth=True, eigen_smooth=...)``: the (B, *spatial) map in [0, 1]
+        of the CAM ``cam`` fused over ``layers`` (default: every captured layer), averaged over six flipped and
+        rescaled copies of each input, which go through :meth:`explain` ``chunk`` at a time (default: all in one
+        pass). See :mod:`guided_swap.run.augment`.
+
+        >>> import torch, torchvision, guided_swap as gs
+        >>> ex = gs.convert(torchvision.models.resnet18().eval(), layer=["layer3", "layer4"])
+        >>> ex.aug_smooth(torch.randn(1, 3, 64, 64), [7], "layercam", layers=["layer4"], chunk=3).shape
+        torch.Size([1, 64, 64])
+        """
+        return augment.aug_smooth(self, x, target, cam, layers=layers, eigen_smooth=eigen_smooth, chunk=chunk,
+                                  interpolate=interpolate)
 
     def _one_pass(self, x: Any, score: Score, spatial, interpolate: str) -> Explanation:
         if self._compiled is not None:  # None back: this pass runs eagerly, a warning said why

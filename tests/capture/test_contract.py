@@ -105,7 +105,7 @@ def test_smoothgrad_is_the_same_on_every_path(explainers, x):
     maps = {path: ex.explain(x, [1, 2], smooth=3, noise=0.1, generator=torch.Generator().manual_seed(4))
             for path, ex in explainers.items()}
     for path, e in maps.items():
-        assert e.smoothing == {"copies": 3, "noise": 0.1, "chunk": 2}
+        assert e.smoothing == {"copies": 3, "type": "smoothgrad", "noise": 0.1, "noise_absolute": None, "chunk": 2}
         assert relative_error(e.gradient, maps["fx"].gradient) <= TOL, path
         assert relative_error(e.cams["layercam"], maps["fx"].cams["layercam"]) <= TOL, path
 
