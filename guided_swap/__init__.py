@@ -26,7 +26,8 @@ from .core.layout import Layout
 from .core.maps import Explanation, LayerMaps
 from .core.report import ConversionReport
 from .core.rules import Rule, get_rule, register_rule, rules, unregister_rule
-from .core.targets import Box, Channel
+from .core.finer import Finer
+from .core.targets import Box, BoxMatch, Channel
 from .media import images, viz
 from .run.convert import convert, convert_runtime, layer_names
 from .run.explainer import Explainer, load
@@ -36,6 +37,7 @@ _aliases.install()
 
 #: Modules reachable as ``guided_swap.NAME`` (``from guided_swap import reference``), imported when first used.
 _PUBLIC_MODULES = {"reference": "checks.reference", "sanity": "checks.sanity", "demo": "checks.demo",
+                   "metrics": "checks.metrics",
                    "labels": "media.labels", "smoothing": "run.smoothing"}
 
 
@@ -50,7 +52,8 @@ def __getattr__(name):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["convert", "Explainer", "Explanation", "LayerMaps", "ConversionReport", "Channel", "Box", "convert_runtime",
+__all__ = ["convert", "Explainer", "Explanation", "LayerMaps", "ConversionReport", "Channel", "Box", "BoxMatch", "Finer",
+           "convert_runtime",
            "Capture", "layer_names", "load", "export", "export_program", "cam", "Rule", "rules", "register_rule",
            "unregister_rule", "get_rule", "GuidedSwapError", "TraceError", "LayerError", "TargetError", "InputError",
            "OutputError", "RuleError", "LoadError", "ExportError", "CommandError", "__version__", "cam_methods",

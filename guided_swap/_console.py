@@ -9,6 +9,8 @@ import signal
 import warnings
 from contextlib import contextmanager
 
+import torch
+
 
 def _one_line(message, category, *_, **__) -> str:
     return f"guided-swap: warning: {category.__name__}: {message}\n"
@@ -33,8 +35,6 @@ def warnings_in_one_line():
 def quiet_child(*_) -> None:
     """Set-up of a decode or write worker: Ctrl-C is the main process's to handle (it stops after the batch
     and then ends its workers), one torch thread, one-line warnings."""
-    import torch
-
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(1)
     one_line_warnings()

@@ -92,3 +92,36 @@ def lively_targets(model, x: torch.Tensor, layer: torch.nn.Module, candidates: i
                 chosen[sample] = cls
                 break
     return chosen
+
+
+def _signed_projection(original):
+    """pytorch-grad-cam's get_2d_projection, then guided_swap's documented sign: the projection correlates
+    positively with the centred channel sum of the weighted activations (an SVD's sign is arbitrary)."""
+    def projection(weighted):
+        out = original(weighted)
+        evidence = np.nan_to_num(weighted).sum(axis=1).reshape(len(out), -1)
+        evidence = evidence - evidence.mean(axis=1, keepdims=True)
+        signs = np.where((out.reshape(len(out), -1) * evidence).sum(axis=1) >= 0, 1.0, -1.0).astype(np.float32)
+        return out * signs.reshape(-1, *([1] * (out.ndim - 1)))
+    return projection
+
+
+@pytest.fixture
+def signed_eigen(monkeypatch):
+    """pytorch-grad-cam's eigen_smooth with guided_swap's sign rule applied to its own projection."""
+    from pytorch_grad_cam import base_cam, grad_cam_elementwise, hirescam, layer_cam
+
+    for module in (base_cam, layer_cam, hirescam, grad_cam_elementwise):
+        monkeypatch.setattr(module, "get_2d_projection", _signed_projection(module.get_2d_projection))
+
+
+def plain_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """pytorch-grad-cam and Captum keep views of hooked activations: an in-place rectifier after a layer would
+    overwrite them. Their references run on a copy whose rectifier modules are out of place (the same maths)."""
+    import copy
+
+    reference = copy.deepcopy(model)
+    for module in reference.modules():
+        if isinstance(module, (torch.nn.ReLU, torch.nn.ReLU6)):
+            module.inplace = False
+    return reference

@@ -6,18 +6,38 @@
     guided-swap layers resnet50
     guided-swap export --model resnet18 --layer layer4 --shape 2,3,224,224 --out resnet18.pt2
     guided-swap bench
+    guided-swap evaluate maps/ --model resnet50 --weights resnet50.pth
 
 Errors are one line on stderr (--traceback shows the whole story). Exit codes: 0 done, 1 some inputs could
 not be explained, 2 a usage error (nothing was written), 130 interrupted.
 """
 import argparse
 import difflib
+import math
 import os
+import re
 import sys
 import textwrap
 from typing import List, Optional, Sequence
 
+import torch
+from matplotlib import colormaps
+
+from .._console import warnings_in_one_line
+from ..checks.benchmark import main as bench_main
+from ..checks.demo import run_demo
+from ..core.cam import cam_methods
 from ..core.errors import CommandError, GuidedSwapError
+from ..core.rules import get_rule
+from ..media import labels as label_files
+from ..media.viz import CAM_TITLES
+from ..run.convert import convert, layer_names
+from ..run.program import export
+from ..checks.metrics import BASELINES
+from . import evaluate, model_spec
+from .folder import Job, Quiet, method_names, rule_names, run, uses_layer
+from .model_spec import Preprocessing, build, check
+from .results import KINDS
 
 METHOD_HELP = {
     "guided": "guided backprop: the input gradient, each ReLU passing back only positive gradient where its "
@@ -98,8 +118,6 @@ def _floats(text: str) -> tuple:
 
 
 def _save(text: str) -> tuple:
-    from .results import KINDS
-
     kinds = tuple(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
     wrong = [k for k in kinds if k not in KINDS]
     if wrong or not kinds:
@@ -108,8 +126,6 @@ def _save(text: str) -> tuple:
 
 
 def _cams(text: str) -> tuple:
-    from ..core.cam import cam_methods
-
     names = tuple(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
     wrong = [name for name in names if name not in cam_methods()]
     if wrong or not names:
@@ -119,8 +135,6 @@ def _cams(text: str) -> tuple:
 
 
 def _noise(text: str) -> float:
-    import math
-
     try:
         value = float(text)
     except ValueError:
@@ -131,8 +145,6 @@ def _noise(text: str) -> float:
 
 
 def _cmap(text: str) -> str:
-    from matplotlib import colormaps
-
     if text not in colormaps:
         close = difflib.get_close_matches(text, list(colormaps), n=3)
         raise argparse.ArgumentTypeError(f"unknown colour map {text!r}" + (f" (did you mean {', '.join(close)}?)"
@@ -141,8 +153,6 @@ def _cmap(text: str) -> str:
 
 
 def _device(text: str) -> str:
-    import re
-
     if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", text):
         raise argparse.ArgumentTypeError(f"takes auto, cpu, cuda, cuda:N or mps; got {text!r}")
     return text
@@ -151,32 +161,24 @@ def _device(text: str) -> str:
 def _method_help(name: str) -> str:
     if name in METHOD_HELP:
         return METHOD_HELP[name]
-    from ..core.rules import get_rule
-
     doc = (type(get_rule(name)).__doc__ or "").strip().split("\n")[0]
     return "the input gradient under the registered rule " + name + (f": {doc}" if doc else "")
 
 
 def _method_epilog() -> str:
-    from .folder import method_names
-
     return "\n".join(textwrap.fill(f"{name:15s} {_method_help(name)}", 110, initial_indent="  ",
                                    subsequent_indent=" " * 18) for name in method_names())
 
 
 def _cam_epilog() -> str:
-    from ..media.viz import CAM_TITLES
-
     return "\n".join(f"  {name:15s} {CAM_TITLES.get(name, 'registered with guided_swap.register_cam')}"
                      for name in _cam_names())
 
 
 def read_labels(path: str) -> List[str]:
     """Class names, one per line (:func:`guided_swap.media.labels.read_labels`); a bad file is a usage error."""
-    from ..media import labels
-
     try:
-        return labels.read_labels(path)
+        return label_files.read_labels(path)
     except (OSError, ValueError) as error:
         raise CommandError(f"--labels: {error}") from None
 
@@ -200,8 +202,6 @@ def parse_target(text: str, labels: Optional[Sequence[str]]):
 
 
 def _preprocessing(args, base):
-    from .model_spec import Preprocessing
-
     crop = args.size or base.crop
     resize = args.resize or (base.resize if args.size is None else max(crop, round(crop * base.resize / base.crop)))
     mean, std = args.mean or base.mean, args.std or base.std
@@ -215,9 +215,6 @@ def _preprocessing(args, base):
 
 def make_job(args):
     """The run the arguments describe; every usage error is raised here, before a model is built."""
-    from . import model_spec
-    from .folder import Job, uses_layer
-
     if args.layer is not None and not uses_layer(args.method):
         raise CommandError(f"--layer is for the Grad-CAM methods (gradcam, guided-gradcam, all); --method "
                            f"{args.method} captures no layer")
@@ -229,7 +226,7 @@ def make_job(args):
     for path in args.inputs:
         if not os.path.exists(path):
             raise CommandError(f"no such file or folder: {path!r}")
-    source = model_spec.check(args.model, args.weights)
+    source = model_spec.check(args.model, args.weights, args.trust_weights)
     labels = read_labels(args.labels) if args.labels else source.categories
     return Job(inputs=args.inputs, out=args.out, source=source, method=args.method, layer=args.layer or "auto",
                target=parse_target(args.target, labels), preprocessing=_preprocessing(args, source.preprocessing),
@@ -239,28 +236,20 @@ def make_job(args):
 
 
 def cmd_explain(args) -> int:
-    from .folder import run
-
     return run(make_job(args))
 
 
 def cmd_demo(args) -> int:
-    from ..checks.demo import run_demo
-
     print(run_demo(args.out))
     return 0
 
 
-def _model(model: Optional[str], weights: Optional[str]):
-    from .model_spec import build, check
-
-    return build(check(model, weights))
+def _model(model: Optional[str], weights: Optional[str], trust: bool = False):
+    return build(check(model, weights, trust))
 
 
 def cmd_layers(args) -> int:
-    from .. import layer_names
-
-    names = layer_names(_model(args.model, args.weights))
+    names = layer_names(_model(args.model, args.weights, args.trust_weights))
     print("modules (capture what the module returns):")
     print("\n".join("  " + name for name in names["modules"]))
     print("graph nodes (torchvision naming):")
@@ -269,16 +258,11 @@ def cmd_layers(args) -> int:
 
 
 def cmd_export(args) -> int:
-    import torch
-
-    from .. import convert
-    from ..run.program import export
-
     try:
         shape = tuple(int(part) for part in args.shape.split(","))
     except ValueError:
         raise CommandError(f"--shape takes comma-separated sizes like 2,3,224,224; got {args.shape!r}") from None
-    model = _model(args.model, args.weights)
+    model = _model(args.model, args.weights, args.trust_weights)
     layer = None if args.layer == "none" else args.layer
     explainer = convert(model, layer=layer, rule=args.rule, example_input=torch.zeros((1,) + shape[1:]))
     export(explainer, torch.randn(shape), args.out)
@@ -286,26 +270,73 @@ def cmd_export(args) -> int:
     return 0
 
 
-def cmd_bench(rest: List[str]) -> int:
-    from ..checks.benchmark import main as bench_main
+def _names(choices: Sequence[str]):
+    def parse(text: str) -> tuple:
+        names = tuple(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
+        if not names or any(name not in choices for name in names):
+            raise argparse.ArgumentTypeError(f"takes names of {','.join(choices)}; got {text!r}")
+        return names
+    return parse
 
+
+def cmd_evaluate(args) -> int:
+    options = evaluate.Options(metrics=args.metrics, percentiles=args.percentiles, noise=args.noise, seed=args.seed,
+                               steps=args.steps, deletion_baseline=args.deletion_baseline,
+                               insertion_baseline=args.insertion_baseline, batch_size=args.batch_size,
+                               chunk=args.chunk)
+    if any(not 0 < p < 100 for p in options.percentiles):
+        raise CommandError(f"--percentiles takes numbers between 0 and 100, got {args.percentiles}")
+    source = model_spec.check(args.model, args.weights, getattr(args, "trust_weights", False))
+    return evaluate.run(args.results, source, options, out=args.out, force=args.force, device=args.device)
+
+
+def _evaluate_parser(sub) -> None:
+    evaluating = sub.add_parser("evaluate", help="faithfulness metrics of the maps in a results folder",
+                              description="ROAD, confidence change, deletion and insertion of every map the .npz "
+                                          "results of guided-swap explain hold, for the target each explained; "
+                                          "one JSON per result, tables per map and a plot of the curves. Reruns "
+                                          "skip the results already evaluated with the same settings (see "
+                                          "docs/metrics.md).")
+    evaluating.add_argument("results", metavar="RESULTS_DIR", help="a folder guided-swap explain wrote")
+    evaluating.add_argument("--model", help="the model the results were made with (as explain's --model)")
+    evaluating.add_argument("--weights", help="its weights (as explain's --weights)")
+    evaluating.add_argument("--metrics", type=_names(evaluate.METRICS), default=evaluate.METRICS, metavar="NAME[,NAME]",
+                          help="any of " + ",".join(evaluate.METRICS) + " (default: all)")
+    evaluating.add_argument("--percentiles", type=_floats, default=(10, 20, 30, 40, 50, 60, 70, 80, 90),
+                          help="ROAD's percentiles (default 10,20,...,90)")
+    evaluating.add_argument("--noise", type=_noise, default=0.01, help="ROAD's imputation noise (default 0.01)")
+    evaluating.add_argument("--seed", type=_count, default=0, help="seed of ROAD's noise, per result (default 0)")
+    evaluating.add_argument("--steps", type=_positive, default=32, help="points of the deletion and insertion "
+                                                                      "curves, less one (default 32)")
+    evaluating.add_argument("--deletion-baseline", choices=BASELINES, default="zeros",
+                          help="what deleted positions become (default zeros)")
+    evaluating.add_argument("--insertion-baseline", choices=BASELINES, default="blur",
+                          help="what insertion starts from (default blur)")
+    evaluating.add_argument("--batch-size", type=_positive, default=8, help="results per batch (default 8)")
+    evaluating.add_argument("--chunk", type=_positive, default=32, help="perturbed copies per forward (default 32)")
+    evaluating.add_argument("--device", type=_device, default="auto", help="auto (cuda if present), cpu, cuda[:N]")
+    evaluating.add_argument("--out", help="where the evaluation goes (default RESULTS_DIR/evaluation)")
+    evaluating.add_argument("--force", action="store_true", help="evaluate every result again")
+    _trust_argument(evaluating)
+
+
+def cmd_bench(rest: List[str]) -> int:
     return bench_main(rest)
 
 
 def _explain_parser(sub) -> None:
-    from .folder import method_names
-
     explain = sub.add_parser("explain", help="explain images or folders of images",
                              description="Explain images or folders of images: one .npz and one .png per input.",
                              epilog=EXPLAIN_EPILOG.format(methods=_method_epilog(), cams=_cam_epilog()),
                              formatter_class=argparse.RawDescriptionHelpFormatter)
     explain.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
     explain.add_argument("--model", help="a torchvision name (resnet50), package.module:factory, or demo; leave out "
-                                         "when --weights holds a whole pickled model")
+                                         "when --weights holds a whole pickled model (with --trust-weights)")
     explain.add_argument("--weights", help="checkpoint file (a state dict, possibly wrapped or with a module. prefix, "
                                            "a .safetensors file, or a whole pickled model), or a torchvision weights "
                                            "name such as DEFAULT or IMAGENET1K_V1; without it a torchvision model has "
                                            "random weights (seed 0)")
+    _trust_argument(explain)
     explain.add_argument("--method", default="all", choices=method_names(), help="what to compute (see below)")
     explain.add_argument("--cam", type=_cams, metavar="NAME[,NAME]",
                          help="for the Grad-CAM methods: more CAMs from the same pass, saved as cams.NAME (input size) "
@@ -357,6 +388,7 @@ def parser() -> argparse.ArgumentParser:
     top.add_argument("--traceback", action="store_true", help="show the full traceback of an error")
     sub = top.add_subparsers(dest="command", required=True)
     _explain_parser(sub)
+    _evaluate_parser(sub)
 
     demo = sub.add_parser("demo", help="the main job, offline, on the bundled face/non-face CNN")
     demo.add_argument("--out", default="guided_swap_demo")
@@ -364,10 +396,12 @@ def parser() -> argparse.ArgumentParser:
     layers = sub.add_parser("layers", help="list the names --layer accepts")
     layers.add_argument("model", nargs="?", help="as explain's --model")
     layers.add_argument("--weights", help="as explain's --weights")
+    _trust_argument(layers)
 
     export = sub.add_parser("export", help="export a .pt2 program (forward + rule backward + CAM maths)")
     export.add_argument("--model", help="as explain's --model")
     export.add_argument("--weights", help="as explain's --weights")
+    _trust_argument(export)
     export.add_argument("--layer", default="auto", help="module or node name, auto, or none")
     export.add_argument("--rule", default="guided", choices=_rules())
     export.add_argument("--shape", default="2,3,224,224", help="example input shape; the batch stays dynamic")
@@ -377,15 +411,18 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
-def _cam_names() -> List[str]:
-    from ..core.cam import cam_methods
+def _trust_argument(parser) -> None:
+    parser.add_argument("--trust-weights", action="store_true",
+                        help="allow unpickling the --weights file (a whole pickled model, or a checkpoint holding "
+                             "Python objects besides tensors); unpickling runs code from the file, so only for files "
+                             "you trust. Without it a checkpoint is read with torch.load(weights_only=True) only")
 
+
+def _cam_names() -> List[str]:
     return list(cam_methods())
 
 
 def _rules() -> List[str]:
-    from .folder import rule_names
-
     return rule_names()
 
 
@@ -400,8 +437,6 @@ def _report_error(error: BaseException, usage: bool) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from .._console import warnings_in_one_line
-
     argv = list(sys.argv[1:] if argv is None else argv)
     if "bench" in argv[:2]:
         return cmd_bench(argv[argv.index("bench") + 1:])
@@ -411,9 +446,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _command(args) -> int:
-    from .folder import Quiet
-
-    commands = {"explain": cmd_explain, "demo": cmd_demo, "layers": cmd_layers, "export": cmd_export}
+    commands = {"explain": cmd_explain, "demo": cmd_demo, "layers": cmd_layers, "export": cmd_export,
+                "evaluate": cmd_evaluate}
     try:
         return commands[args.command](args)
     except Quiet:

@@ -16,6 +16,7 @@ from typing import Sequence
 import torch
 
 from .._console import quiet_child
+from ..media.images import load_image
 from .model_spec import Preprocessing
 from .results import Item
 
@@ -30,8 +31,6 @@ class Decoded(torch.utils.data.Dataset):
         return len(self.positions)
 
     def __getitem__(self, k: int):
-        from ..media.images import load_image
-
         index = self.positions[k]
         p = self.preprocessing
         try:

@@ -34,17 +34,23 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
+from tqdm import tqdm
 
-from .._files import remove_if_present
+from .._files import remove_if_present, remove_stale_parts
+from .._version import __version__
 from . import distributed
 from . import results
 from .decoding import Decoded, loader
+from ..capture.graph.layers import input_spec
 from ..core.errors import CommandError, GuidedSwapError, ZeroGradientWarning
 from ..core.maps import listing
-from .model_spec import Preprocessing, Source
+from ..core.rules import rules
+from ..run.convert import convert
+from ..run.smoothing import DEFAULT_NOISE
+from .model_spec import Preprocessing, Source, build, sha256_text
 from .results import Plan
-from .writing import (CAM_METHODS, Writers, draw_saved, explain_batch, figure_context, figure_names, shared_limits,
-                      uses_layer, zero_panels)
+from .writing import (CAM_METHODS, SMOOTHING_SEED, Writers, draw_saved, explain_batch, figure_context, figure_names,
+                      shared_limits, uses_layer, zero_panels)
 
 INTERRUPTED = "not explained: the run was interrupted; run the same command again to finish"
 NO_FIGURE = "figure not drawn: the run was interrupted; run the same command again to finish"
@@ -52,8 +58,6 @@ NO_FIGURE = "figure not drawn: the run was interrupted; run the same command aga
 
 def rule_names() -> List[str]:
     """The backprop rules the library knows: every registered rule."""
-    from ..core.rules import rules
-
     return list(rules())
 
 
@@ -96,9 +100,6 @@ class Job:
 
     def settings(self) -> Dict[str, Any]:
         """What makes a result what it is: recorded in each result and compared on a rerun."""
-        from .. import __version__
-        from .model_spec import sha256_text
-
         p = self.preprocessing
         return results.normalised({
             "library": "guided_swap", "version": __version__, **self.source.settings(),
@@ -109,9 +110,6 @@ class Job:
             "cmap": self.cmap, "scale": self.scale, "cams": list(self.cams), "smooth": self.smoothing()})
 
     def smoothing(self) -> Optional[Dict[str, Any]]:
-        from ..run.smoothing import DEFAULT_NOISE
-        from .writing import SMOOTHING_SEED
-
         if self.smooth is None:
             return None
         return {"copies": self.smooth, "noise": DEFAULT_NOISE if self.noise is None else self.noise,
@@ -144,8 +142,6 @@ def _plan(job: Job, settings: Dict[str, Any], done_kinds: Sequence[str]) -> Plan
 
 def _prepare(job: Job, group) -> None:
     """Rank 0 makes OUT and removes what killed runs left; the other ranks wait, then all write."""
-    from .._files import remove_stale_parts
-
     if group.main:
         results.prepare(job.out)
         remove_stale_parts(job.out)
@@ -172,10 +168,6 @@ def _shared_plan(job: Job, settings: Dict[str, Any], group, done_kinds: Sequence
 
 def build_explainer(job: Job, group, say: Callable[[str], None]):
     """Model, explainer on this rank's device, and the model's class count and input channels."""
-    from .. import convert
-    from ..capture.graph.layers import input_spec
-    from .model_spec import build
-
     model = build(job.source, say=lambda m: say(f"warning: {m}"))
     channels = (input_spec(model) or (4, 3))[1]
     size = job.preprocessing.crop
@@ -238,8 +230,6 @@ def stop_after_batch():
 
 
 def _progress(total: int, group, what: str):
-    from tqdm import tqdm
-
     desc = what if group.world == 1 else f"{what} (rank 0 of {group.world})"
     return tqdm(total=total, desc=desc, unit="img", disable=None if group.main else True, file=sys.stderr,
                 dynamic_ncols=True)

@@ -8,8 +8,12 @@ preprocessing.
 - a state dict, with or without a ``module.`` (DataParallel) or ``_orig_mod.`` (torch.compile) prefix;
 - a dict wrapping one under ``state_dict``, ``model``, ``model_state_dict``, ``net``, ``ema``...;
 - a ``.safetensors`` file;
-- a whole pickled model (``torch.save(model)``): loaded when its class can be imported, which runs code from
-  the file, so only for files you trust; ``--model`` is then left out.
+- a whole pickled model (``torch.save(model)``), with ``--model`` left out: unpickling it runs code from the
+  file, so it is loaded only with ``--trust-weights`` (``trust=True`` here), and when its class can be imported.
+
+A state dict is read with ``torch.load(weights_only=True)``, which rebuilds tensors and plain containers and
+nothing else. A file that ``weights_only`` refuses (it holds other Python objects) is never retried unsafely on
+its own: it is refused with a message, unless ``--trust-weights`` says the file is trusted.
 
 Everything that can be checked without building the model (an unknown name, a missing file) is checked by
 :func:`check`, so a usage error comes before the model is loaded.
@@ -25,14 +29,18 @@ import importlib
 import importlib.util
 import os
 import pickle
+import re
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
+import torchvision
 from torch import nn
 
+from ..checks import demo
 from ..core.errors import CommandError
+from ..media import labels
 from ..media.labels import IMAGENET_MEAN, IMAGENET_STD
 
 WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "network", "module", "ema", "model_ema",
@@ -64,6 +72,7 @@ class Source:
     weights_url: Optional[str] = None
     preprocessing: Preprocessing = field(default_factory=Preprocessing)
     categories: Optional[List[str]] = None
+    trust: bool = False  # --trust-weights: the weights file may be unpickled (that runs code from the file)
 
     def settings(self) -> Dict[str, Any]:
         """The part of a run's settings that says which model made a result."""
@@ -75,8 +84,6 @@ class Source:
 
 
 def _torchvision_names() -> List[str]:
-    import torchvision
-
     return torchvision.models.list_models()
 
 
@@ -99,8 +106,6 @@ def sha256_text(text: str) -> str:
 
 def _enum_weights(model: str, name: str):
     """The torchvision weights enum entry ``name`` names for ``model``, or None."""
-    import torchvision
-
     try:
         enum = torchvision.models.get_model_weights(model)
     except (ValueError, KeyError):
@@ -110,8 +115,6 @@ def _enum_weights(model: str, name: str):
 
 
 def _enum_preprocessing(weights) -> Preprocessing:
-    from ..media import labels
-
     try:
         declared = labels.preprocessing(weights)
     except ValueError:  # weights without image-classification transforms
@@ -120,23 +123,24 @@ def _enum_preprocessing(weights) -> Preprocessing:
 
 
 def _class_names(weights) -> Optional[List[str]]:
-    from ..media import labels
-
     return labels.class_names(weights)
 
 
-def check(model: Optional[str], weights: Optional[str] = None) -> Source:
-    """Resolve ``--model``/``--weights`` without building the model: usage errors come here, early."""
+def check(model: Optional[str], weights: Optional[str] = None, trust: bool = False) -> Source:
+    """Resolve ``--model``/``--weights`` without building the model: usage errors come here, early. ``trust``
+    (``--trust-weights``) allows unpickling the weights file, which runs code from it."""
     if model is None:
         if weights is None:
             raise CommandError("--model is required (a torchvision name, package.module:factory or demo), unless "
-                               "--weights holds a whole pickled model")
+                               "--weights holds a whole pickled model (with --trust-weights)")
         if not os.path.isfile(weights):
             raise CommandError(f"no weights file at {weights!r}")
-        return Source(None, weights, "pickled", "file", sha256(weights))
+        if not trust:
+            raise CommandError(f"without --model, --weights {weights} must be a whole pickled model, and unpickling "
+                               "it runs code from the file: pass --trust-weights if you trust where it came from, or "
+                               "name the architecture with --model and give a state dict")
+        return Source(None, weights, "pickled", "file", sha256(weights), trust=True)
     if model == "demo":
-        from ..checks import demo
-
         if weights is not None:
             raise CommandError("--model demo comes with its own weights; leave out --weights")
         stats = demo.checkpoint()
@@ -158,7 +162,7 @@ def check(model: Optional[str], weights: Optional[str] = None) -> Source:
     if weights is None:
         return Source(model, None, kind, "random")
     if os.path.isfile(weights):
-        return Source(model, weights, kind, "file", sha256(weights))
+        return Source(model, weights, kind, "file", sha256(weights), trust=trust)
     enum = _enum_weights(model, weights) if kind == "torchvision" else None
     if enum is not None:
         return Source(model, str(enum), kind, "enum", weights_url=enum.url, preprocessing=_enum_preprocessing(enum),
@@ -175,11 +179,9 @@ def build(source: Source, say: Callable[[str], None] = _stderr) -> nn.Module:
     """The model ``source`` names, weights loaded, in eval mode. Random weights are seeded (the same on every
     run and every rank) and announced through ``say``, as is loading a pickled model."""
     if source.kind == "demo":
-        from ..checks.demo import load_demo
-
-        return load_demo()[0]
+        return demo.load_demo()[0]
     if source.kind == "pickled":
-        content = read_checkpoint(source.weights, say)
+        content = read_checkpoint(source.weights, say, trust=source.trust)
         if not isinstance(content, nn.Module):
             raise CommandError(f"{source.weights!r} holds a state dict, not a whole model; name the architecture "
                                "with --model")
@@ -192,7 +194,7 @@ def build(source: Source, say: Callable[[str], None] = _stderr) -> nn.Module:
     if source.weights_kind == "random":
         say(f"{source.model} has random weights (seed {RANDOM_SEED}); pass --weights FILE for a trained model")
         return model.eval()
-    checkpoint = read_checkpoint(source.weights, say)
+    checkpoint = read_checkpoint(source.weights, say, trust=source.trust)
     if isinstance(checkpoint, nn.Module):
         raise CommandError(f"{source.weights!r} holds a whole pickled model ({type(checkpoint).__name__}); "
                            "leave out --model to use it as it is")
@@ -209,8 +211,6 @@ def _architecture(spec: str, kind: str) -> nn.Module:
             raise CommandError(f"cannot load model factory {spec!r}: {error}") from None
         model = factory()
     else:
-        import torchvision
-
         model = torchvision.models.get_model(spec, weights=None)
     if not isinstance(model, nn.Module):
         raise CommandError(f"{spec!r} did not give a torch.nn.Module but a {type(model).__name__}")
@@ -218,8 +218,6 @@ def _architecture(spec: str, kind: str) -> nn.Module:
 
 
 def _torchvision_with_enum(source: Source) -> nn.Module:
-    import torchvision
-
     try:
         return torchvision.models.get_model(source.model, weights=source.weights.split(".", 1)[1]).eval()
     except OSError as error:  # URLError and friends: no internet, no cached copy
@@ -228,15 +226,21 @@ def _torchvision_with_enum(source: Source) -> nn.Module:
                            "--weights FILE") from None
 
 
-def read_checkpoint(path: str, say: Callable[[str], None] = _stderr) -> Any:
-    """A checkpoint file's content: a state dict (unwrapped, prefixes not yet stripped) or a whole model."""
+def read_checkpoint(path: str, say: Callable[[str], None] = _stderr, trust: bool = False) -> Any:
+    """A checkpoint file's content: a state dict (unwrapped, prefixes not yet stripped) or a whole model.
+
+    It is read with ``weights_only=True``; a file that this refuses is unpickled only when ``trust`` is True
+    (``--trust-weights``), and refused otherwise: unpickling runs code from the file.
+    """
     if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
+        from safetensors.torch import load_file  # optional: not a dependency, needed only for .safetensors files
 
         return load_file(path)
     try:
         content = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:  # weights_only refused a class: most likely a whole pickled model
+    except pickle.UnpicklingError as error:  # weights_only refused a class: a whole model, or other objects
+        if not trust:
+            raise CommandError(_refused_message(path, error)) from None
         content = _read_pickled(path, say)
     except (RuntimeError, EOFError, OSError) as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
@@ -244,9 +248,18 @@ def read_checkpoint(path: str, say: Callable[[str], None] = _stderr) -> Any:
     return _unwrap(content, path)
 
 
+def _refused_message(path: str, error: Exception) -> str:
+    found = re.search(r"GLOBAL ([\w.]+)", str(error))
+    what = f" (it names {found.group(1)})" if found else ""
+    return (f"{path!r} holds pickled Python objects besides tensors{what}, which torch.load(weights_only=True) "
+            "refuses: unpickling them runs code from the file. If you trust where it came from, pass --trust-weights "
+            "(for a whole pickled model also leave out --model); otherwise save model.state_dict() (or a "
+            ".safetensors file) and load that")
+
+
 def _read_pickled(path: str, say: Callable[[str], None]) -> Any:
-    say(f"{path} holds pickled Python objects (torch.save(model)); loading them runs code from the file: use only "
-        "files you trust")
+    say(f"{path} holds pickled Python objects; --trust-weights was given, so it is unpickled, which runs code from "
+        "the file")
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except (AttributeError, ImportError) as error:

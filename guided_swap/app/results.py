@@ -19,14 +19,17 @@ Layout (``OUT`` is ``--out``):
 >>> layout_names(["photos/a.jpg", "photos/sub/a.png"], ["photos"])
 ['a.jpg', 'sub/a.png']
 """
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
+from PIL import Image
 
 from .._files import atomic_write
+from .._version import __version__
 from ..core.errors import CommandError
 
 MARKER = ".guided-swap"
@@ -118,8 +121,6 @@ def read_record(path: str) -> Optional[dict]:
         if path.endswith(".npz"):
             with np.load(path, allow_pickle=False) as data:
                 return json.loads(str(data["record"])) if "record" in data.files else None
-        from PIL import Image
-
         with Image.open(path) as image:
             text = image.info.get(PNG_KEY)
         return json.loads(text) if text else None
@@ -193,8 +194,6 @@ def prepare(out: str) -> None:
     os.makedirs(out, exist_ok=True)
     marker = os.path.join(out, MARKER)
     if not os.path.exists(marker):
-        from .. import __version__
-
         with atomic_write(marker) as temporary, open(temporary, "w") as stream:
             json.dump({"written_by": "guided_swap", "version": __version__}, stream)
 
@@ -211,8 +210,6 @@ def write_png(fig, path: str, record: dict) -> None:
     The figure prints through its own canvas: no pyplot, so there is no figure registry to close it in (the
     figure is freed with its last reference).
     """
-    from .. import __version__
-
     metadata = {"Software": f"guided_swap {__version__}", PNG_KEY: json.dumps(record)}
     with atomic_write(path, clean=False) as temporary, open(temporary, "wb") as stream:
         fig.savefig(stream, format="png", dpi=110, metadata=metadata)
@@ -251,8 +248,6 @@ def fingerprint(record: dict) -> str:
     >>> fingerprint({"a": 1, "b": [2.5]}) == fingerprint({"b": [2.5], "a": 1})
     True
     """
-    import hashlib
-
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
 
 

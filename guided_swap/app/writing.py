@@ -18,6 +18,8 @@ import torch
 from . import results
 from .._files import part_name, remove_if_present
 from .._console import quiet_child
+from ..media import viz
+from ..media.viz import _Moments
 from .results import Item
 
 CAM_METHODS = {"gradcam": "gradient", "guided-gradcam": "guided", "all": "guided"}
@@ -76,8 +78,6 @@ def record(job, item: Item, maps: Dict[str, np.ndarray], settings: dict, layer_n
 def moments(maps: Dict[str, np.ndarray], method: str, cams: Sequence[str] = ()) -> Dict[str, List[float]]:
     """Per map panel: count, sum, sum of squares, min and max of its values, so a colour scale shared by many
     results can be made from their records alone (:func:`shared_limits`)."""
-    from ..media.viz import _Moments
-
     out = {}
     for panel in panels(method, cams)[1:]:
         m = _Moments()
@@ -93,8 +93,6 @@ def zero_panels(rec: dict) -> List[str]:
 
 def shared_limits(records: Iterable[dict], method: str, cams: Sequence[str] = ()) -> Dict[str, List[float]]:
     """One colour range per map panel over every record's maps (as ``viz.shared_limits`` over the maps)."""
-    from ..media.viz import _Moments
-
     merged = {panel: _Moments() for panel in panels(method, cams)[1:]}
     for rec in records:
         for panel, (count, total, squares, low, high) in (rec.get("moments") or {}).items():
@@ -165,8 +163,6 @@ def figure(job, maps: Dict[str, np.ndarray], context: FigureContext, item: Item,
            limits: Optional[Dict[str, List[float]]] = None):
     """The figure of one input from its arrays (:func:`figure_names`): its panels (:func:`panels`), titled by
     what each map is, on ``limits`` (one scale shared by the run) or each map on its own range."""
-    from ..media import viz
-
     p = job.preprocessing
     return viz.figure(Saved.of(maps, context), maps["input"][None], panels(job.method, job.cams),
                       labels=job.labels, notes=[item.name], mean=p.mean, std=p.std, cmap=job.cmap,

@@ -26,6 +26,7 @@ it. Adding a capture path means writing one subclass; nothing else changes.
 ((2, 3, 64, 64), (2, 512, 2, 2))
 """
 import abc
+import re
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
@@ -80,6 +81,11 @@ class Capture(nn.Module, abc.ABC):
     def graph_module(self) -> Optional[nn.Module]:
         """The explain graph (returns :class:`~guided_swap.capture.graph.plan.GraphOutputs`), or None for a path
         that has none to compile or export."""
+        return None
+
+    @property
+    def forward_module(self) -> Optional[nn.Module]:
+        """The module ``forward`` runs when it is a graph (what ``compile`` compiles for ``ex(x)``), or None."""
         return None
 
     @property
@@ -145,6 +151,25 @@ def layer_list(layer: Union[None, str, Sequence[str]]) -> List[str]:
             raise LayerError(f"layer names repeat: {list(layer)}")
         return list(layer)
     raise TypeError(f"layer must be a name, a list of names, 'auto' or None; got {layer!r}")
+
+
+class LayerPart(NamedTuple):
+    """A layer name read as a module (or node) name and which of its tensors is captured: ``"layer4"`` its
+    output, ``"layer4:input"`` its input (the first tensor it is called with; Captum's
+    ``attribute_to_layer_input=True``), ``"block[1]"`` entry 1 of the tuple it returns."""
+
+    base: str
+    part: Union[None, str, int] = None
+
+    @classmethod
+    def parse(cls, name: str) -> "LayerPart":
+        if name.endswith(":input"):
+            return cls(name[:-len(":input")], "input")
+        match = _ENTRY.fullmatch(name)
+        return cls(match[1], int(match[2])) if match else cls(name)
+
+
+_ENTRY = re.compile(r"(.+)\[([0-9]+)\]")
 
 
 def reads_values(x: Tensor, check_finite: Optional[bool]) -> bool:

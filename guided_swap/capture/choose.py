@@ -106,6 +106,17 @@ class DeferredCapture(Capture):
         return self.chosen
 
     @property
+    def output(self) -> OutputKey:
+        """The entry explained: as given until the path is picked, then the picked capture's (which reads a
+        ``logits`` entry by default)."""
+        chosen = getattr(self, "chosen", None)
+        return self._given_output if chosen is None else chosen.output
+
+    @output.setter
+    def output(self, key: OutputKey) -> None:
+        self._given_output = key
+
+    @property
     def report(self) -> ConversionReport:
         return self._pending if self.chosen is None else self.chosen.report
 
@@ -116,6 +127,10 @@ class DeferredCapture(Capture):
     @property
     def graph_module(self) -> Optional[nn.Module]:
         return None if self.chosen is None else self.chosen.graph_module
+
+    @property
+    def forward_module(self) -> Optional[nn.Module]:
+        return None if self.chosen is None else self.chosen.forward_module
 
     def pick(self, x: Any) -> Capture:
         """The capture for inputs like ``x``, picked on the first call."""

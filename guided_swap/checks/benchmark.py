@@ -27,6 +27,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -36,9 +37,12 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
+from .._files import atomic_write
 from ..core import cam as cam_maths
 from . import reference
+from ..run import compiled
 from ..run.convert import convert
+from ..run.program import export_program
 
 DEFAULT_MODELS = (("resnet50", "layer4", 224), ("vgg16", "features.29", 224), ("densenet121", "features", 224),
                   ("googlenet", "inception5b", 224))
@@ -121,8 +125,6 @@ def plain_gradient(model: nn.Module, layer: str, size: int = 224, options: Optio
 
 def plain_compiled(model: nn.Module, layer: str, size: int = 224, options: Optional[dict] = None) -> Method:
     """The plain gradient compiled the way ``Explainer.compile`` compiles: one graph, dynamic batch."""
-    from ..run import compiled
-
     options, device = dict(options or {}), _device(model)
 
     def gradient_pass(x, target):
@@ -174,8 +176,6 @@ def _all_maps_method(explainer) -> Method:
 
 
 def gs_exported(model: nn.Module, layer: str, size: int = 224, options: Optional[dict] = None) -> Method:
-    from ..run.program import export_program
-
     device = _device(model)
     program = export_program(convert(model, layer=layer), torch.randn(2, 3, size, size, device=device)).module()
     return lambda x, target: program(x, _on(target, device))
@@ -192,14 +192,14 @@ def seed_hooks(model: nn.Module, layer: str, size: int = 224, options: Optional[
 
 
 def captum_gbp(model: nn.Module, layer: str, size: int = 224, options: Optional[dict] = None) -> Method:
-    from captum.attr import GuidedBackprop
+    from captum.attr import GuidedBackprop  # optional: captum is a dev dependency, a peer compared against
 
     method, device = GuidedBackprop(copy.deepcopy(model)), _device(model)
     return lambda x, target: {"gradient": method.attribute(x, target=_on(target, device))}
 
 
 def captum_ggc(model: nn.Module, layer: str, size: int = 224, options: Optional[dict] = None) -> Method:
-    from captum.attr import GuidedGradCam
+    from captum.attr import GuidedGradCam  # optional: captum is a dev dependency, a peer compared against
 
     copied, device = copy.deepcopy(model), _device(model)
     method = GuidedGradCam(copied, copied.get_submodule(layer))
@@ -208,6 +208,7 @@ def captum_ggc(model: nn.Module, layer: str, size: int = 224, options: Optional[
 
 
 def gradcam_lib(model: nn.Module, layer: str, size: int = 224, options: Optional[dict] = None) -> Method:
+    # optional: pytorch-grad-cam (grad-cam) is a dev dependency, a peer compared against
     from pytorch_grad_cam import GradCAM, GuidedBackpropReLUModel
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
@@ -557,8 +558,6 @@ def _ratio_cell(entry: dict) -> str:
 
 def write(results: dict, directory: str) -> Tuple[str, ...]:
     """``results.{json,md}`` (CPU) or ``results_gpu.{json,md}`` and ``readme_gpu.md`` (GPU), written atomically."""
-    from .._files import atomic_write
-
     os.makedirs(directory, exist_ok=True)
     stem = "results_gpu" if results["machine"].get("gpu") else "results"
     outputs = {f"{stem}.json": json.dumps(results, indent=1), f"{stem}.md": to_markdown(results)}
@@ -647,8 +646,6 @@ def merge(parts: Sequence[dict]) -> dict:
 def _run_isolated(args, models) -> dict:
     """Each model in a process of its own: one process holding every method's copy of every model (and the
     allocator's high-water marks from batch 16) ran a 24 GB machine out of memory."""
-    import tempfile
-
     parts = []
     for name, layer, size in models:
         with tempfile.TemporaryDirectory() as directory:

@@ -24,10 +24,13 @@ from typing import Dict, Iterator, List, Tuple
 
 import torch
 import torch.nn.functional as F
+from skimage import data
 from torch import nn
 
 from .._files import atomic_write
 from ..media.labels import IMAGENET_MEAN, IMAGENET_STD
+from ..media.viz import figure, save_png
+from ..run.convert import convert
 
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")  # guided_swap/data
 WEIGHTS = os.path.join(DATA, "demo_cnn.pt")
@@ -96,8 +99,6 @@ class DemoCNN(nn.Module):
 
 def dataset() -> Tuple[torch.Tensor, torch.Tensor]:
     """All 200 images of ``skimage.data.lfw_subset()`` at 48 x 48 (raw [0, 1]) and labels (1 = face)."""
-    from skimage import data
-
     faces = torch.from_numpy(data.lfw_subset()).float().unsqueeze(1)
     images = F.interpolate(faces, size=(SIZE, SIZE), mode="bilinear", align_corners=False)
     labels = torch.cat([torch.ones(100), torch.zeros(100)]).long()  # the first 100 are faces
@@ -154,9 +155,6 @@ def load_demo() -> Tuple[nn.Module, torch.Tensor, List[str]]:
 
 def run_demo(out_dir: str = "guided_swap_demo") -> str:
     """Explain the demo images with every map and write ``demo.png``; returns its path."""
-    from .. import convert
-    from ..media.viz import figure, save_png
-
     model, x, truth = load_demo()
     stats = checkpoint()
     explainer = convert(model, layer="auto", example_input=x[:1])
@@ -189,8 +187,6 @@ class PhotoCNN(nn.Module):
 @functools.lru_cache(maxsize=1)
 def photographs() -> Tuple[torch.Tensor, ...]:
     """The four source photographs as (3, H, W) tensors in [0, 1], shorter side 256 px."""
-    from skimage import data
-
     photos = []
     for name in PHOTO_SOURCES:
         photo = torch.from_numpy(getattr(data, name)()).permute(2, 0, 1).float().div(255)

@@ -23,11 +23,18 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import torch
 import torch.nn.functional as F
+from matplotlib.figure import Figure
+from scipy.stats import rankdata
+from skimage.metrics import structural_similarity
 from torch import Tensor, nn
 
 from .._files import atomic_write
 from ..run.convert import convert
 from ..core.rules import rules
+from ..media import viz
+from ..media.viz import minmax
+from . import demo
+from .demo import DemoCNN
 
 
 
@@ -59,17 +66,11 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def _ranks(values: np.ndarray) -> np.ndarray:
-    from scipy.stats import rankdata
-
     return rankdata(values)
 
 
 def ssim(a: np.ndarray, b: np.ndarray) -> float:
     """SSIM of two maps after min-max normalisation to [0, 1] (window 7, or the map's odd side if smaller)."""
-    from skimage.metrics import structural_similarity
-
-    from ..media.viz import minmax
-
     side = min(a.shape)
     window = min(7, side if side % 2 else side - 1)
     if window < 3:
@@ -146,10 +147,6 @@ def _rows(step: int, name: str, scores: Dict[str, Tuple[float, float]]) -> List[
 def randomization_figure(model: nn.Module, x: Tensor, layer: str = "auto", max_steps: Optional[int] = None, seed: int = 0):
     """The classic figure for the first image: methods as rows, cascade steps as columns, each map min-max
     scaled on its own (this figure compares shapes, not strengths). A ``matplotlib.figure.Figure``: no pyplot."""
-    from matplotlib.figure import Figure
-
-    from ..media.viz import minmax
-
     model = copy.deepcopy(model).eval()
     x = x[:1]
     with torch.no_grad():
@@ -225,8 +222,6 @@ def planted_dataset(n: int, size: int = 48, seed: int = 0) -> Tuple[Tensor, Tens
 def train_planted(n: int = 600, epochs: int = 40, seed: int = 0) -> Tuple[nn.Module, float]:
     """The demo CNN architecture trained on planted evidence (a minute on 2 cores); returns it and its
     held-out accuracy on fresh images."""
-    from .demo import DemoCNN
-
     torch.manual_seed(seed)
     images, labels, _ = planted_dataset(n, seed=seed)
     x = (images - 0.5) / 0.25
@@ -279,13 +274,10 @@ def table_markdown(rows: List[dict]) -> str:
 
 def report(out_dir: str) -> str:
     """Run both checks on the demo model and the planted-evidence model; write markdown and figures."""
-    from .demo import load_demo
-    from ..media.viz import save_png
-
     os.makedirs(out_dir, exist_ok=True)
-    model, x, _ = load_demo()
+    model, x, _ = demo.load_demo()
     cascade = model_randomization(model, x)
-    save_png(randomization_figure(model, x), os.path.join(out_dir, "randomization_demo.png"))
+    viz.save_png(randomization_figure(model, x), os.path.join(out_dir, "randomization_demo.png"))
     planted, accuracy = train_planted()
     images, labels, boxes = planted_dataset(200, seed=2000)
     xp = (images - 0.5) / 0.25

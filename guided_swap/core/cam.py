@@ -1,7 +1,8 @@
 """Class activation maps as pure functions of the activation ``A`` (B, K, *spatial) and its gradient ``G``.
 
 All of them take ordinary gradients (docs/methods.md); none needs a model. The spatial part may have any rank:
-(l) for a Conv1d signal, (h, w) for an image, (d, h, w) or (t, h, w) for a volume or a video.
+(l) for a Conv1d signal, (h, w) for an image, (d, h, w) or (t, h, w) for a volume or a video. The maths run in
+float32 at least (:func:`working`): a float16 or bfloat16 model's maps are float32.
 
 >>> import torch
 >>> A = torch.ones(1, 2, 2, 2); G = torch.tensor([1.0, -3.0]).view(1, 2, 1, 1).expand(1, 2, 2, 2)
@@ -47,23 +48,38 @@ def _spatial_dims(tensor: Tensor) -> tuple:
     return tuple(range(2, tensor.dim()))
 
 
+def working(tensor: Tensor) -> Tensor:
+    """``tensor`` in the dtype the CAM maths run in: float32 for a floating dtype narrower than float32
+    (float16, bfloat16), else its own dtype. In float16 Grad-CAM++'s ``G²``, ``G³`` underflow and XGrad-CAM's sums
+    over the positions overflow (maps all zero or NaN); in bfloat16 every sum keeps 8 significant bits.
+
+    >>> working(torch.ones(2, dtype=torch.float16)).dtype, working(torch.ones(2, dtype=torch.float64)).dtype
+    (torch.float32, torch.float64)
+    """
+    if tensor.is_floating_point() and torch.finfo(tensor.dtype).bits < 32:
+        return tensor.float()
+    return tensor
+
+
+def _inputs(activation: Tensor, gradient: Tensor) -> Tuple[Tensor, Tensor]:
+    """``(A, G)`` checked and in the working dtype (:func:`working`)."""
+    _check(activation, gradient)
+    return working(activation), working(gradient)
+
+
 def gradcam(activation: Tensor, gradient: Tensor) -> Tensor:
     """Grad-CAM: ``ReLU(sum_k mean_spatial(G_k) * A_k)``, shape (B, *spatial)."""
-    _check(activation, gradient)
-    weights = gradient.mean(dim=_spatial_dims(gradient), keepdim=True)
-    return torch.relu((weights * activation).sum(dim=1))
+    return torch.relu(gradcam_weighted(activation, gradient).sum(dim=1))
 
 
 def pixelwise_cam(activation: Tensor, gradient: Tensor) -> Tensor:
     """Pixel-wise CAM: ``ReLU(sum_k G_k * A_k)``, shape (B, *spatial)."""
-    _check(activation, gradient)
-    return torch.relu((gradient * activation).sum(dim=1))
+    return torch.relu(hirescam_weighted(activation, gradient).sum(dim=1))
 
 
 def guided_pixelwise_cam(activation: Tensor, gradient: Tensor) -> Tensor:
     """Guided pixel-wise CAM: ``ReLU(sum_k ReLU(G_k) * A_k)``, shape (B, *spatial)."""
-    _check(activation, gradient)
-    return torch.relu((torch.relu(gradient) * activation).sum(dim=1))
+    return torch.relu(layercam_weighted(activation, gradient).sum(dim=1))
 
 
 def upsample(cam: Tensor, size: Sequence[int], mode: str = "bilinear") -> Tensor:
@@ -102,28 +118,17 @@ XGRADCAM_EPS = 1e-7
 def gradcam_plusplus(activation: Tensor, gradient: Tensor) -> Tensor:
     """Grad-CAM++ (Chattopadhyay et al. 2018, eq. 19 with the exponential score): ``ReLU(sum_k w_k A_k)`` with
     ``w_k = sum_p alpha_kp ReLU(G_kp)``, ``alpha = G² / (2 G² + sum_p(A_k) G³ + eps)``, 0 where ``G = 0``."""
-    _check(activation, gradient)
-    dims = _spatial_dims(gradient)
-    square = gradient * gradient
-    alpha = square / (2 * square + activation.sum(dim=dims, keepdim=True) * square * gradient + PLUSPLUS_EPS)
-    alpha = torch.where(gradient != 0, alpha, torch.zeros_like(alpha))
-    weights = (alpha * torch.relu(gradient)).sum(dim=dims, keepdim=True)
-    return torch.relu((weights * activation).sum(dim=1))
+    return torch.relu(gradcam_plusplus_weighted(activation, gradient).sum(dim=1))
 
 
 def xgradcam(activation: Tensor, gradient: Tensor) -> Tensor:
     """XGrad-CAM (Fu et al. 2020): ``w_k = sum_p G_kp A_kp / (sum_p A_kp + eps)``; ``ReLU(sum_k w_k A_k)``."""
-    _check(activation, gradient)
-    dims = _spatial_dims(gradient)
-    weights = (gradient * activation).sum(dim=dims, keepdim=True) / (activation.sum(dim=dims, keepdim=True) +
-                                                                     XGRADCAM_EPS)
-    return torch.relu((weights * activation).sum(dim=1))
+    return torch.relu(xgradcam_weighted(activation, gradient).sum(dim=1))
 
 
 def elementwise_gradcam(activation: Tensor, gradient: Tensor) -> Tensor:
     """Element-wise Grad-CAM (pytorch-grad-cam's GradCAMElementWise): ``ReLU(sum_k ReLU(G_k * A_k))``."""
-    _check(activation, gradient)
-    return torch.relu(torch.relu(gradient * activation).sum(dim=1))
+    return torch.relu(elementwise_weighted(activation, gradient).sum(dim=1))
 
 
 def eigengradcam(activation: Tensor, gradient: Tensor) -> Tensor:
@@ -135,15 +140,74 @@ def eigengradcam(activation: Tensor, gradient: Tensor) -> Tensor:
     positively with the (centred) evidence ``sum_k G_k A_k`` for the target at each position. Two equal top
     singular values leave the component itself ambiguous (a map with a single position gives zeros).
     """
-    _check(activation, gradient)
-    product = (gradient * activation).flatten(2).transpose(1, 2)        # (B, positions, K)
-    work = product.float() if product.dtype in (torch.float16, torch.bfloat16) else product
-    centred = work - work.mean(dim=1, keepdim=True)
+    return torch.relu(principal_component(hirescam_weighted(activation, gradient)))
+
+
+def principal_component(weighted: Tensor) -> Tensor:
+    """The first principal component over the positions of a (B, K, *spatial) tensor, one (B, *spatial) map.
+
+    Per sample the (positions x K) matrix is centred over the positions and projected on its first right singular
+    vector ``v``, signed so that ``sum_k v_k >= 0``: the map then correlates positively with the centred channel sum
+    ``sum_k weighted_k`` (pytorch-grad-cam's ``get_2d_projection``, whose sign is arbitrary, with that rule).
+
+    >>> w = torch.tensor([[[1.0, 2.0, 3.0], [2.0, 4.0, 6.0]]])   # (1, 2 channels, 3 positions), rank one
+    >>> principal_component(w)
+    tensor([[-2.2361,  0.0000,  2.2361]])
+    """
+    product = working(weighted).flatten(2).transpose(1, 2)              # (B, positions, K)
+    centred = product - product.mean(dim=1, keepdim=True)
     _, _, vh = torch.linalg.svd(centred, full_matrices=False)
     first = vh[:, 0, :]                                                  # (B, K)
     sign = torch.where(first.sum(dim=1, keepdim=True) >= 0, 1.0, -1.0).to(first.dtype)
     projection = (centred @ (first * sign).unsqueeze(2)).squeeze(2)      # (B, positions)
-    return torch.relu(projection).to(activation.dtype).view(activation.shape[:1] + activation.shape[2:])
+    return projection.view(weighted.shape[:1] + weighted.shape[2:])
+
+
+# --- the weighted activations: each CAM's terms before the sum over channels --------------------------------
+# pytorch-grad-cam's "weighted activations": a CAM is ReLU(sum_k weighted_k) (or, with eigen_smooth, the first
+# principal component of weighted); Captum's LayerGradCam(attr_dim_summation=False) returns Grad-CAM's.
+
+def gradcam_weighted(activation: Tensor, gradient: Tensor) -> Tensor:
+    """Grad-CAM's ``mean_spatial(G_k) * A_k``, shape (B, K, *spatial)."""
+    activation, gradient = _inputs(activation, gradient)
+    return gradient.mean(dim=_spatial_dims(gradient), keepdim=True) * activation
+
+
+def gradcam_plusplus_weighted(activation: Tensor, gradient: Tensor) -> Tensor:
+    """Grad-CAM++'s ``w_k * A_k`` (see :func:`gradcam_plusplus`)."""
+    activation, gradient = _inputs(activation, gradient)
+    dims = _spatial_dims(gradient)
+    square = gradient * gradient
+    alpha = square / (2 * square + activation.sum(dim=dims, keepdim=True) * square * gradient + PLUSPLUS_EPS)
+    alpha = torch.where(gradient != 0, alpha, torch.zeros_like(alpha))
+    return (alpha * torch.relu(gradient)).sum(dim=dims, keepdim=True) * activation
+
+
+def xgradcam_weighted(activation: Tensor, gradient: Tensor) -> Tensor:
+    """XGrad-CAM's ``w_k * A_k`` (see :func:`xgradcam`)."""
+    activation, gradient = _inputs(activation, gradient)
+    dims = _spatial_dims(gradient)
+    weights = (gradient * activation).sum(dim=dims, keepdim=True) / (activation.sum(dim=dims, keepdim=True) +
+                                                                     XGRADCAM_EPS)
+    return weights * activation
+
+
+def layercam_weighted(activation: Tensor, gradient: Tensor) -> Tensor:
+    """LayerCAM's ``ReLU(G_k) * A_k``."""
+    activation, gradient = _inputs(activation, gradient)
+    return torch.relu(gradient) * activation
+
+
+def hirescam_weighted(activation: Tensor, gradient: Tensor) -> Tensor:
+    """HiResCAM's (and EigenGrad-CAM's) ``G_k * A_k``."""
+    activation, gradient = _inputs(activation, gradient)
+    return gradient * activation
+
+
+def elementwise_weighted(activation: Tensor, gradient: Tensor) -> Tensor:
+    """Element-wise Grad-CAM's ``ReLU(G_k * A_k)``."""
+    activation, gradient = _inputs(activation, gradient)
+    return torch.relu(gradient * activation)
 
 
 def eigencam(activation: Tensor, gradient: Tensor) -> Tensor:
@@ -161,6 +225,13 @@ _CAMS: Dict[str, CamFunction] = {
     "eigencam": eigencam,
 }
 BUILT_IN = tuple(_CAMS)
+#: The weighted activations of each built-in CAM; EigenGrad-CAM is always their principal component.
+WEIGHTED: Dict[str, CamFunction] = {
+    "gradcam": gradcam_weighted, "gradcam++": gradcam_plusplus_weighted, "xgradcam": xgradcam_weighted,
+    "layercam": layercam_weighted, "hirescam": hirescam_weighted, "elementwise": elementwise_weighted,
+    "eigengradcam": hirescam_weighted,
+}
+ALWAYS_EIGEN = ("eigengradcam",)
 
 
 class CamError(GuidedSwapError, KeyError, ValueError):
@@ -221,8 +292,10 @@ def get_cam(name: str) -> CamFunction:
 
 
 def compute(name: str, activation: Tensor, gradient: Tensor) -> Tensor:
-    """The CAM ``name`` of ``(A, G)``, checked to be one (B, *spatial) map."""
-    _check(activation, gradient)
+    """The CAM ``name`` of ``(A, G)``, checked to be one (B, *spatial) map. The maths run in float32 at least
+    (:func:`working`: a float16 or bfloat16 model's ``A`` and ``G`` are upcast first, a user's CAM gets them so too),
+    and the map keeps that dtype."""
+    activation, gradient = _inputs(activation, gradient)
     out = get_cam(name)(activation, gradient)
     expected = activation.shape[:1] + activation.shape[2:]
     if not isinstance(out, Tensor) or out.shape != expected:

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from .errors import LayerError
 
-KINDS = ("nchw", "nhwc", "tokens")
+KINDS = ("nchw", "nhwc", "tokens", "vector")
 FIX = ("convert with layout='tokens' | 'nhwc' | 'nchw', layout=gs.Layout('tokens', grid=(h, w), prefix=P), or "
        "reshape=fn taking the captured tensor to (B, C, *spatial)")
 
@@ -31,8 +31,10 @@ class Layout:
     """How a captured tensor becomes the ``(B, C, *spatial)`` map the CAM maths take.
 
     ``kind``: ``"nchw"`` (channels first: nothing to do), ``"nhwc"`` (channels last), ``"tokens"`` (``(B, N, C)``:
-    ``prefix`` tokens, then the ``grid`` of patches in row-major order, then ``suffix`` tokens), ``"reshape"`` (the
-    user's ``reshape`` callable) or ``"unknown"`` (``reason`` says why; asking for a CAM raises).
+    ``prefix`` tokens, then the ``grid`` of patches in row-major order, then ``suffix`` tokens), ``"vector"`` (a
+    ``(B, C)`` layer such as a linear layer's output: one position, so every CAM is one value per sample, Captum
+    LayerGradCam's ``(B, 1)``, and its resized map is that value everywhere), ``"reshape"`` (the user's ``reshape``
+    callable) or ``"unknown"`` (``reason`` says why; asking for a CAM raises).
     ``permutation`` puts the batch, the channels, then the positions first (set by the graph reading; the
     defaults fit the kinds). ``input_size`` is the input's spatial size the grid was read at: another input size
     scales the grid with it.
@@ -69,6 +71,8 @@ class Layout:
             return f"reshape={getattr(self.reshape, '__name__', repr(self.reshape))}"
         if self.kind == "unknown":
             return f"layout not understood: {self.reason}"
+        if self.kind == "vector":
+            return "(B, C): one position"
         return "channels first"
 
     def _perm(self, rank: int) -> Tuple[int, ...]:
@@ -99,6 +103,10 @@ class Layout:
                              f"({self.reason}), so it gives no class activation map; {FIX}")
         if self.kind == "reshape":
             return _checked_reshape(self.reshape, t, where)
+        if self.kind == "vector":
+            if t.dim() != 2:
+                raise LayerError(f"{where}a vector layout needs a (B, C) capture, got {tuple(t.shape)}; {FIX}")
+            return t.reshape(t.shape + (1,) * len(input_size or (1,)))  # one position, of the input's rank
         perm = self._perm(t.dim())
         if len(perm) != t.dim():
             raise LayerError(f"{where}layout {self.describe()!r} does not fit the captured tensor {tuple(t.shape)}; {FIX}")
@@ -126,6 +134,7 @@ class Layout:
 
 
 CHANNELS_FIRST = Layout("nchw", reason="channels first")
+VECTOR = Layout("vector", reason="a (B, C) capture: one position")
 def _checked_reshape(fn: Callable, t: Tensor, where: str) -> Tensor:
     out = fn(t)
     if not isinstance(out, Tensor) or out.dim() < 3 or out.shape[0] != t.shape[0]:

@@ -22,8 +22,9 @@ import torch
 from torch import Tensor
 
 from . import cam as cam_maths
+from . import cam_options
 from .errors import LayerError
-from .layout import CHANNELS_FIRST, Layout
+from .layout import CHANNELS_FIRST, VECTOR, Layout
 
 
 class PassResult(NamedTuple):
@@ -107,8 +108,9 @@ class LayerMaps:
 
     @cached_property
     def _feature(self) -> Tuple[Tensor, Tensor]:
-        return (self.layout.to_channels_first(self.activation, self.input_size, self.name),
-                self.layout.to_channels_first(self.grad, self.input_size, self.name))
+        layout = VECTOR if self.layout.kind == "nchw" and self.activation.dim() == 2 else self.layout  # (B, C)
+        return (layout.to_channels_first(self.activation, self.input_size, self.name),
+                layout.to_channels_first(self.grad, self.input_size, self.name))
 
     @property
     def feature_map(self) -> Tensor:
@@ -167,6 +169,33 @@ class LayerMaps:
     def guided_pixelwise_cam(self) -> Tensor:
         """LayerCAM resized to the input."""
         return self.cams["layercam"]
+
+    def cam_map(self, name: str = "gradcam", *, signed: bool = False, per_channel: bool = False,
+                eigen_smooth: bool = False, resize: bool = False) -> Tensor:
+        """The CAM ``name`` with options (:mod:`guided_swap.core.cam_options`): ``signed`` (no ReLU),
+        ``per_channel`` (B, K, *spatial), ``eigen_smooth`` (the principal component instead of the channel sum);
+        at the layer's resolution, or the input's with ``resize``. No option: ``cams_raw[name]`` (``cams[name]``).
+
+        >>> G = torch.tensor([1.0, -3.0]).view(1, 2, 1, 1).expand(1, 2, 2, 2)
+        >>> maps = LayerMaps(torch.ones(1, 2, 2, 2), G, (4, 4))
+        >>> maps.cam_map("gradcam", signed=True)[0, 0], tuple(maps.cam_map(per_channel=True, resize=True).shape)
+        (tensor([-2., -2.]), (1, 2, 4, 4))
+        """
+        cam_options.check_flags(signed=signed, per_channel=per_channel, eigen_smooth=eigen_smooth, resize=resize)
+        if not (signed or per_channel or eigen_smooth):
+            return (self.cams if resize else self.cams_raw)[name]
+        if self.fixed_cams is not None:
+            raise cam_maths.CamError("a smoothed explanation holds a statistic of the copies' CAMs, not the copies' "
+                                     "activations and gradients: signed=, per_channel= and eigen_smooth= cannot be "
+                                     "computed from it; explain without smooth= for them")
+        out = cam_options.cam_map(name, *self._feature, signed=signed, per_channel=per_channel,
+                                  eigen_smooth=eigen_smooth)
+        if not resize:
+            return out
+        if not per_channel:
+            return cam_maths.upsample(out, self.input_size, self.interpolate)
+        flat = cam_maths.upsample(out.flatten(0, 1), self.input_size, self.interpolate)
+        return flat.view(out.shape[:2] + flat.shape[1:])
 
     def __getitem__(self, index: Union[int, slice]) -> "LayerMaps":
         rows = _rows(index)
@@ -233,6 +262,52 @@ class Explanation:
     def cams_raw(self) -> CamMaps:
         """Every registered CAM of the first layer at its resolution."""
         return self._first().cams_raw
+
+    def cam_map(self, name: str = "gradcam", *, layer: Optional[str] = None, signed: bool = False,
+                per_channel: bool = False, eigen_smooth: bool = False, resize: bool = False) -> Tensor:
+        """The CAM ``name`` of ``layer`` (default: the first) with options: :meth:`LayerMaps.cam_map`.
+
+        ``e.cam_map("gradcam", signed=True, per_channel=True)`` is Captum's
+        ``LayerGradCam(...).attribute(x, target, relu_attributions=False, attr_dim_summation=False)``.
+
+        >>> A, G = torch.rand(2, 4, 3, 3), torch.randn(2, 4, 3, 3)
+        >>> e = Explanation(torch.zeros(2, 5), None, torch.zeros(2), torch.zeros(2, 3, 12, 12),
+        ...                 {"layer4": LayerMaps(A, G, (12, 12))})
+        >>> tuple(e.cam_map("hirescam", signed=True, per_channel=True).shape), tuple(e.cam_map(resize=True).shape)
+        ((2, 4, 3, 3), (2, 12, 12))
+        """
+        return self._layer(layer).cam_map(name, signed=signed, per_channel=per_channel, eigen_smooth=eigen_smooth,
+                                          resize=resize)
+
+    def fused(self, name: str = "gradcam", layers: Optional[Sequence[str]] = None, *, how: str = "mean",
+              eigen_smooth: bool = False) -> Tensor:
+        """One (B, *input spatial) map in [0, 1] from the CAM ``name`` of several ``layers`` (default: every
+        captured layer), fused ``how="mean"`` (pytorch-grad-cam given several target layers) or ``"product"``
+        (its RefineCAM); see :func:`guided_swap.core.cam_options.fuse`. With one layer, ``"mean"`` is
+        pytorch-grad-cam's scaled map of that layer; ``eigen_smooth`` is its ``eigen_smooth=True``.
+
+        >>> A, G = torch.rand(2, 4, 6, 6), torch.randn(2, 4, 6, 6)
+        >>> e = Explanation(torch.zeros(2, 5), None, torch.zeros(2), torch.zeros(2, 3, 12, 12),
+        ...                 {"layer3": LayerMaps(A, G, (12, 12)),
+        ...                  "layer4": LayerMaps(A[..., ::2, ::2], G[..., ::2, ::2], (12, 12))})
+        >>> fused = e.fused("layercam", how="product")
+        >>> tuple(fused.shape), float(fused.min()), round(float(fused.max()), 4)
+        ((2, 12, 12), 0.0, 1.0)
+        """
+        if isinstance(layers, str):
+            layers = [layers]
+        chosen = [self._layer(layer) for layer in (list(self.layers) if layers is None else layers)]
+        if not chosen:
+            raise LayerError("fused() needs at least one layer")
+        maps = [m.cam_map(name, eigen_smooth=eigen_smooth) for m in chosen]
+        return cam_options.fuse(maps, chosen[0].input_size, how, chosen[0].interpolate)
+
+    def _layer(self, layer: Optional[str]) -> LayerMaps:
+        if layer is None:
+            return self._first()
+        if layer not in self.layers:
+            raise LayerError(f"layer {layer!r} is not captured by this explanation; captured: {list(self.layers)}")
+        return self.layers[layer]
 
     def __len__(self) -> int:
         return self.gradient.shape[0]

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Dict, Tuple
 
 from .layout import Layout
+from .targets import OutputKey
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,9 @@ class ConversionReport:
     capture: str = "fx"
     ordinary_rule: bool = False
     layouts: Dict[str, Layout] = field(default_factory=dict)  # how each capture becomes (B, C, *spatial)
+    fixed_arguments: Tuple[str, ...] = ()  # forward's optional arguments, traced as their defaults ("mask=None")
+    output: OutputKey = None            # the entry of a structured output that is explained (None: the output)
+    output_by_default: bool = False     # True: ``output`` was read without output= (``logits``, or the only entry)
 
     def _layer_names(self):
         return list(dict.fromkeys(list(self.layers) + list(self.layer_reasons)))
@@ -51,14 +55,26 @@ class ConversionReport:
         reason = self.layer_reasons.get(name)
         return line + (" " + reason_format.format(reason) if reason else "")
 
+    def output_line(self, long: bool = False) -> str:
+        """Which entry of the model's output is explained ('' when the output is one tensor)."""
+        key = getattr(self, "output", None)  # reports saved before outputs were recorded have none
+        if key is None:
+            return ""
+        if not getattr(self, "output_by_default", False):
+            return f"explains output {key!r}"
+        return f"explains output {key!r} (" + ("read by default: the model's output names a 'logits' entry, or only "
+                                               "this one; convert with output=KEY to explain another" if long else "by default") + ")"
+
     def summary(self) -> str:
-        """One line: the capture path, how many rectifiers carry the rule, the layers, what was left alone."""
+        """One line: the capture path, how many rectifiers carry the rule, the output explained, the layers,
+        what was left alone."""
         if self.ordinary_rule:
             parts = [f"{self.capture} capture; rule {self.rule}: ordinary gradients, nothing swapped"]
         elif "pending" in self.capture:
             parts = [f"{self.capture}; rule {self.rule}"]
         else:
             parts = [f"{self.capture} capture; rule {self.rule}: {len(self.swapped)} rectifier call site(s) swapped"]
+        parts += [self.output_line()] if self.output_line() else []
         parts += [self._layer_line(name, "({})") for name in self._layer_names()]
         if self.left_alone:
             kinds = sorted({kind for _, kind in self.left_alone})
@@ -66,7 +82,7 @@ class ConversionReport:
         return "; ".join(parts)
 
     def __str__(self) -> str:
-        lines = [f"capture: {self.capture}", f"rule: {self.rule}"]
+        lines = [f"capture: {self.capture}", f"rule: {self.rule}"] + ([self.output_line(long=True)] if self.output_line() else [])
         if self.ordinary_rule:
             lines.append("the rule's gradient is the ordinary one: no rectifier needs swapping")
         else:
@@ -82,6 +98,9 @@ class ConversionReport:
             lines.append("made out of place to keep captures intact: " + ", ".join(self.made_out_of_place))
         if self.forked:
             lines.append("rectifiers follow a captured layer: Grad-CAM takes its gradient from a plain copy of that tail")
+        if self.fixed_arguments:
+            lines.append("traced with forward's optional arguments at their defaults: " + ", ".join(self.fixed_arguments)
+                         + " (convert with tracer_kwargs={'concrete_args': {...}} for other values)")
         return "\n".join(lines)
 
 

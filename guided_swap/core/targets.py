@@ -10,14 +10,16 @@ with one class per sample, a callable ``outputs -> (B,) score``, a :class:`Chann
 (tensor([1, 0]), tensor([5., 7.]))
 """
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
+from torchvision.ops import box_iou
 
 from .errors import OutputError, TargetError
 
-#: Which entry of a model's output is explained: None (the output is one tensor), an index or a key.
+#: Which entry of a model's output is explained: None (the output itself, or the entry :func:`default_output`
+#: reads: ``logits``, or the only one), an index or a key.
 OutputKey = Union[None, int, str]
 
 
@@ -78,6 +80,69 @@ class Box:
                               f"{self.index + 1}. Pick a lower index, or lower the detector's score threshold "
                               "(box_score_thresh for Faster/Mask R-CNN, score_thresh for RetinaNet, FCOS and SSD)")
         return int(candidates[self.index])
+
+
+@dataclass(frozen=True)
+class BoxMatch:
+    """Explain the detections that match reference boxes, as pytorch-grad-cam's ``FasterRCNNBoxScoreTarget``
+    writes it: for each reference box (``boxes`` (K, 4), x1 y1 x2 y2, with ``labels`` (K,)), the detection of
+    largest IoU with it counts when that IoU exceeds ``iou_threshold`` and its label is the reference's; the
+    image's score is the sum of IoU + score over the matches, and 0 when nothing matches (the maps are then
+    zero, and explain warns). One set of references for every image, or a list with one set per image.
+
+    >>> import torch
+    >>> detections = [{"boxes": torch.tensor([[0., 0., 10., 10.], [20., 20., 30., 30.]]),
+    ...                "scores": torch.tensor([0.9, 0.6]), "labels": torch.tensor([3, 1])}]
+    >>> BoxMatch([[1., 1., 10., 10.]], [3]).scores(detections)
+    tensor([1.7100])
+    >>> BoxMatch([[1., 1., 10., 10.]], [1]).scores(detections)  # the label differs: no match
+    tensor([0.])
+    """
+
+    boxes: Any
+    labels: Any
+    iou_threshold: float = 0.5
+
+    def __post_init__(self):
+        if isinstance(self.iou_threshold, bool) or not isinstance(self.iou_threshold, (int, float)) or \
+                not 0 <= self.iou_threshold < 1:
+            raise ValueError(f"BoxMatch iou_threshold is an IoU in [0, 1), got {self.iou_threshold!r}")
+
+    def _references(self, batch: int) -> List[Tuple[Tensor, Tensor]]:
+        per_image = isinstance(self.boxes, (list, tuple)) and len(self.boxes) and \
+            (isinstance(self.boxes[0], Tensor) and self.boxes[0].dim() == 2 or
+             isinstance(self.boxes[0], (list, tuple)) and len(self.boxes[0]) and
+             isinstance(self.boxes[0][0], (list, tuple, Tensor)))
+        boxes = list(self.boxes) if per_image else [self.boxes] * batch
+        labels = list(self.labels) if per_image else [self.labels] * batch
+        if len(boxes) != batch or len(labels) != batch:
+            raise TargetError(f"BoxMatch has reference boxes for {len(boxes)} images; the batch has {batch}: give "
+                              "one set of boxes for every image, or a list with one set per image")
+        references = []
+        for image, (b, l) in enumerate(zip(boxes, labels)):
+            b = torch.as_tensor(b, dtype=torch.float32).reshape(-1, 4) if not isinstance(b, Tensor) else b.reshape(-1, 4)
+            l = torch.as_tensor(l).reshape(-1)
+            if b.shape[0] != l.shape[0]:
+                raise TargetError(f"BoxMatch image {image}: {b.shape[0]} boxes but {l.shape[0]} labels; give one label "
+                                  "per box")
+            references.append((b, l))
+        return references
+
+    def scores(self, outputs: Any) -> Tensor:
+        """The (B,) differentiable score of each image's detections in ``outputs`` (torchvision's format)."""
+        detections = _detections(outputs)
+
+        out = []
+        for (boxes, labels), found in zip(self._references(len(detections)), detections):
+            score = found["scores"].sum() * 0  # zero, and still part of the graph: no match gives zero maps
+            if found["boxes"].shape[0]:
+                ious = box_iou(boxes.to(found["boxes"]), found["boxes"])  # (K, N)
+                best, index = ious.max(dim=1)
+                for k in range(boxes.shape[0]):
+                    if best[k] > self.iou_threshold and found["labels"][index[k]] == labels[k].to(found["labels"]):
+                        score = score + best[k] + found["scores"][index[k]]
+            out.append(score)
+        return torch.stack(out)
 
 
 def _detections(outputs: Any) -> List[Dict[str, Tensor]]:
@@ -169,8 +234,54 @@ def callable_score(fn: Callable, outputs: Any, batch: int) -> Tensor:
     return score
 
 
+#: The entry explained by default when a model's output names its entries (a dict, Hugging Face's ModelOutput,
+#: a namedtuple) and no ``output=`` is given; an output that names one entry only is explained by that one.
+DEFAULT_OUTPUT = "logits"
+
+
+def entry_names(outputs: Any) -> Optional[List[Any]]:
+    """The names of a structured output's entries (dict keys, namedtuple fields), or None when it names none.
+
+    >>> entry_names({"logits": 1, "hidden": 2}), entry_names((1, 2)), entry_names(torch.zeros(1))
+    (['logits', 'hidden'], None, None)
+    """
+    if isinstance(outputs, Mapping):
+        return list(outputs.keys())
+    if isinstance(outputs, tuple) and hasattr(outputs, "_fields"):
+        return list(outputs._fields)
+    return None
+
+
+def default_entry(names: Optional[Sequence[Any]]) -> OutputKey:
+    """Of an output's entry names, the one explained without ``output=``: ``"logits"``, else the only one;
+    None when the names leave it open.
+
+    >>> default_entry(["logits", "hidden_states"]), default_entry(["last_hidden_state"]), default_entry(["a", "b"])
+    ('logits', 'last_hidden_state', None)
+    """
+    names = list(names or ())
+    if DEFAULT_OUTPUT in names:
+        return DEFAULT_OUTPUT
+    return names[0] if len(names) == 1 else None
+
+
+def default_output(outputs: Any, key: OutputKey = None) -> OutputKey:
+    """The entry explained: ``key`` when given, else (:func:`default_entry`) the ``logits`` entry, or the only
+    entry, of an output that names its entries (Hugging Face's ``ModelOutput``, a dict, a namedtuple), else
+    None (the output itself).
+
+    >>> default_output({"logits": 1, "hidden_states": 2}), default_output({"logits": 1}, "hidden_states")
+    ('logits', 'hidden_states')
+    >>> default_output(torch.zeros(2, 3)) is None, default_output((torch.zeros(2, 3),)) is None
+    (True, True)
+    """
+    return key if key is not None else default_entry(entry_names(outputs))
+
+
 def select_output(outputs: Any, key: OutputKey) -> Tensor:
-    """The entry of a model's outputs that is explained: the tensor itself, or ``outputs[key]``."""
+    """The entry of a model's outputs that is explained: the tensor itself, ``outputs[key]``, or (no key) the
+    ``logits`` entry, or the only entry, of an output that names its entries (:func:`default_output`)."""
+    key = default_output(outputs, key)
     if key is None:
         if not isinstance(outputs, Tensor):
             raise OutputError(f"the model returns a {type(outputs).__name__}; convert with output=KEY to say which "
@@ -184,7 +295,7 @@ def select_output(outputs: Any, key: OutputKey) -> Tensor:
 def explained_logits(outputs: Any, key: OutputKey, batch: int) -> Tensor:
     """The logits an explanation records: the explained output, or (B, 0) for a model whose output is not a
     tensor and names no entry (a detector's list of dicts; see ``e.outputs``)."""
-    if key is not None or isinstance(outputs, Tensor):
+    if default_output(outputs, key) is not None or isinstance(outputs, Tensor):
         return select_output(outputs, key)
     device = next((t.device for t in torch.utils._pytree.tree_leaves(outputs) if isinstance(t, Tensor)), None)
     return torch.empty(batch, 0, device=device)
@@ -212,6 +323,18 @@ class Score:
         """The classes this target stands for on ``outputs`` (None: a score function, applied as it is)."""
         return None
 
+    def for_copies(self, outputs: Any, batch: int) -> Tuple[Optional[Tensor], Callable[[Tensor], "Score"]]:
+        """This target resolved once, on ``outputs`` (the clean input's), for copies of its samples (SmoothGrad's
+        noisy copies, ``aug_smooth``'s flips and scales): the classes (None for a score function) and
+        ``rows -> Score``, the score of a batch of copies of the samples ``rows``. A score function is applied to
+        each copy as it is."""
+        return None, lambda rows: self
+
+    def bound(self, output: OutputKey) -> "Score":
+        """This score for an explainer whose explained output is ``output`` (a score that reads logits takes it
+        when it names none itself)."""
+        return self
+
     def traceable(self, device: torch.device, batch: int) -> "Score":
         """This score with its values as tensors on ``device``, checked on the host without a device
         synchronisation (a compiled pass then never recompiles for new values; :meth:`check_after` checks
@@ -237,10 +360,11 @@ class ClassScore(Score):
         return "argmax" if self.target is None else "classes"
 
     def logits(self, outputs: Any) -> Tensor:
-        if self.output is None and not isinstance(outputs, Tensor):
+        if default_output(outputs, self.output) is None and not isinstance(outputs, Tensor):
             raise TargetError(f"this model returns a {type(outputs).__name__}, not logits: explain a detection with "
                               "target=guided_swap.Box(i), or pass a callable outputs -> (B,) score (or convert with "
-                              "output=KEY for a model that returns logits among other outputs)")
+                              "output=KEY for a model that returns logits among other outputs; an entry named "
+                              "'logits', or the only entry, is read without it)")
         return select_output(outputs, self.output)
 
     def __call__(self, outputs, captures, batch, classes=None):
@@ -253,6 +377,10 @@ class ClassScore(Score):
 
     def classes_for(self, outputs, batch):
         return class_indices(self.logits(outputs), self.target)
+
+    def for_copies(self, outputs, batch):
+        classes = self.classes_for(outputs, batch)
+        return classes, lambda rows: ClassScore(classes[rows], self.output)
 
     def traceable(self, device, batch):
         if self.target is None:
@@ -314,6 +442,20 @@ class FunctionScore(Score):
 
 
 @dataclass(frozen=True)
+class BoxMatchScore(Score):
+    """A :class:`BoxMatch` target: each image's matched detections' IoU + score, 0 without a match."""
+
+    match: BoxMatch
+    kind = "box"
+
+    def __call__(self, outputs, captures, batch, classes=None):
+        scores = self.match.scores(outputs)
+        if scores.shape[0] != batch:
+            raise TargetError(f"the detector returned {scores.shape[0]} dicts for a batch of {batch} images")
+        return scores, None
+
+
+@dataclass(frozen=True)
 class BoxScore(Score):
     """A :class:`Box` target: each image's chosen detection score."""
 
@@ -333,9 +475,11 @@ def as_score(target: Any, output: OutputKey = None, layers: Sequence[str] = ()) 
     (tensor([5., 7.]), tensor([1, 0]))
     """
     if isinstance(target, Score):
-        return target
+        return target.bound(output)
     if isinstance(target, Box):
         return BoxScore(target)
+    if isinstance(target, BoxMatch):
+        return BoxMatchScore(target)
     if isinstance(target, Channel):
         if target.layer not in layers:
             raise TargetError(f"Channel target layer {target.layer!r} is not captured by this explainer "

@@ -14,6 +14,9 @@ from typing import Sequence, Union
 
 import numpy as np
 import torch
+from PIL import Image
+from skimage import io as skio
+from skimage.transform import resize as sk_resize
 
 from .labels import IMAGENET_MEAN, IMAGENET_STD
 
@@ -50,8 +53,6 @@ EXIF_ORIENTATION = 0x0112
 def read_image(path: str) -> np.ndarray:
     """Read an image file, turned upright by its EXIF orientation; a clear error names the file when it cannot
     be read."""
-    from skimage import io as skio
-
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no image file at {path!r}")
     try:
@@ -65,8 +66,6 @@ def read_image(path: str) -> np.ndarray:
 def exif_orientation(path: str) -> int:
     """The EXIF orientation tag of an image file (1..8), 1 (upright) when it has none or cannot say."""
     try:
-        from PIL import Image
-
         with Image.open(path) as image:
             value = image.getexif().get(EXIF_ORIENTATION, 1)
     except Exception:  # not an image PIL reads (e.g. some TIFFs): no EXIF to apply
@@ -97,8 +96,6 @@ def load_image(path_or_array: Union[str, np.ndarray], resize: int = 256, crop: i
 
     ``resize=None`` skips resizing, ``crop=None`` skips cropping; ``channels=1`` gives a grey input.
     """
-    from skimage.transform import resize as sk_resize
-
     name = path_or_array if isinstance(path_or_array, str) else "array"
     image = read_image(path_or_array) if isinstance(path_or_array, str) else path_or_array
     try:

@@ -13,6 +13,9 @@ import math
 import os
 from typing import List, Optional
 
+from torch import nn
+from torchvision.models import WeightsEnum, get_weight
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -99,8 +102,6 @@ def preprocessing(source) -> dict:
 
 
 def _no_metadata(source) -> None:
-    from torch import nn
-
     if isinstance(source, nn.Module):
         return None
     raise TypeError(f"expected a torchvision weights enum (or its name), a timm model or its pretrained_cfg dict, "
@@ -109,10 +110,6 @@ def _no_metadata(source) -> None:
 
 def _torchvision_weights(source):
     """The torchvision weights enum member ``source`` is or names; None for anything else."""
-    try:
-        from torchvision.models import WeightsEnum, get_weight
-    except ImportError:  # pragma: no cover - torchvision is a dependency
-        return None
     if isinstance(source, WeightsEnum):
         return source
     if isinstance(source, str):
@@ -144,7 +141,7 @@ def _timm_config(source) -> Optional[dict]:
 def _timm_names(source, config: dict) -> Optional[List[str]]:
     if config.get("label_names"):
         return list(config["label_names"])
-    try:
+    try:  # optional: timm is a dev dependency, only needed for timm models
         from timm.data import ImageNetInfo, infer_imagenet_subset
     except ImportError:
         return None
@@ -155,7 +152,7 @@ def _timm_names(source, config: dict) -> Optional[List[str]]:
 
 
 def _timm_preprocessing(source, config: dict) -> dict:
-    try:
+    try:  # optional: timm is a dev dependency, only needed for timm models
         from timm.data import resolve_data_config
     except ImportError:
         raise ValueError("reading a timm config needs timm installed (pip install timm)") from None

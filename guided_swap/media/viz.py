@@ -15,8 +15,15 @@ pyplot, no backend switch), so it is safe in notebooks, servers and threads.
 from typing import Dict, Iterable, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
+import torch
+from matplotlib import colormaps
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
+from matplotlib.figure import Figure
+from skimage import io as skio
 
 from .._files import atomic_write
+from ..core.cam import cam_methods
 from .labels import IMAGENET_MEAN, IMAGENET_STD
 
 PANELS = ("input", "gradient", "cam", "guided_gradcam")
@@ -117,8 +124,6 @@ def colormap(heat, cmap: str = "jet") -> np.ndarray:
 
 
 def _colormap(cmap):
-    from matplotlib import colormaps
-
     if isinstance(cmap, str):
         if cmap not in colormaps:
             raise ValueError(f"unknown colour map {cmap!r}; try 'jet', 'viridis', 'inferno' or 'turbo'")
@@ -208,8 +213,6 @@ def _check_limits(name: str, limits) -> Limits:
 
 
 def _check_panels(panels: Sequence[str], allowed: Sequence[str] = PANELS) -> None:
-    from ..core.cam import cam_methods
-
     if isinstance(panels, str):
         raise TypeError(f"panels must be a sequence of names such as ('input', 'cam'), got the string {panels!r}")
     cams = cam_methods()
@@ -260,10 +263,18 @@ def smoothing_note(smoothing: Optional[Mapping]) -> str:
 
     >>> smoothing_note({"copies": 16, "noise": 0.15, "chunk": 8}), smoothing_note(None)
     ('\\nSmoothGrad: 16 copies, noise 0.15', '')
+    >>> smoothing_note({"copies": 8, "type": "vargrad", "noise": None, "noise_absolute": 0.3})
+    '\\nVarGrad: 8 copies, noise σ 0.3'
     """
     if not smoothing:
         return ""
-    return f"\nSmoothGrad: {smoothing['copies']} copies, noise {smoothing['noise']:g}"
+    kind = _SMOOTHING_NAMES.get(smoothing.get("type") or "smoothgrad", str(smoothing.get("type")))
+    noise = f"noise {smoothing['noise']:g}" if smoothing.get("noise") is not None else \
+        f"noise σ {smoothing['noise_absolute']:g}"
+    return f"\n{kind}: {smoothing['copies']} copies, {noise}"
+
+
+_SMOOTHING_NAMES = {"smoothgrad": "SmoothGrad", "smoothgrad_sq": "SmoothGrad²", "vargrad": "VarGrad"}
 
 
 def _titles(explanation, swapped: Optional[int], layer_nodes: Mapping[str, str], panels: Sequence[str]) \
@@ -313,8 +324,6 @@ def _probabilities(explanation, probabilities):
     logits = getattr(explanation, "logits", None)
     if logits is None or logits.dim() != 2 or logits.shape[1] < 2:
         return None
-    import torch
-
     return torch.softmax(logits.detach().float(), dim=1).cpu().numpy()
 
 
@@ -365,8 +374,6 @@ def figure(explanation, inputs, panels: Optional[Sequence[str]] = None, *, expla
     >>> [ax.get_title() for ax in fig.axes[1:4]]
     ['plain gradient (no ReLU swapped)', 'Grad-CAM (0)', 'Grad-CAM ×\\nplain gradient (no ReLU swapped)']
     """
-    from matplotlib.figure import Figure
-
     panels = tuple(available_panels(explanation) if panels is None else panels)
     _check_figure_arguments(explanation, inputs, panels, notes, scale, limits)
     ranges = _ranges(explanation, panels, scale, limits)
@@ -414,9 +421,6 @@ def _ranges(explanation, panels, scale: str, limits) -> Dict[str, Optional[Limit
 def draw_map(fig, ax, panel: str, values, picture: np.ndarray, limit: Limits, cmap="jet", alpha: float = 0.5) -> None:
     """Draw one map on ``ax`` of ``fig`` with its colour bar: a CAM (H, W) as an overlay on ``picture``
     through ``cmap``, a gradient-like (C, H, W) map in colour; both scaled by ``limit = (lo, hi)``."""
-    from matplotlib.cm import ScalarMappable
-    from matplotlib.colors import Normalize
-
     if _is_cam(panel):
         ax.imshow(overlay(picture, scale_to_unit(values, limit), alpha, cmap))
         bar_cmap = _colormap(cmap)
@@ -454,7 +458,5 @@ def save_png(fig_or_array, path: str, dpi: int = 110) -> str:
         if hasattr(fig_or_array, "savefig"):
             fig_or_array.savefig(temporary, dpi=dpi, format="png")
         else:
-            from skimage import io as skio
-
             skio.imsave(temporary, (np.clip(to_numpy(fig_or_array), 0, 1) * 255).astype(np.uint8), check_contrast=False)
     return path

@@ -40,7 +40,9 @@ def convert(model: nn.Module, layer: Union[None, str, Sequence[str]] = AUTO, rul
     the first input given to ``explain`` when there is none) or None.
     ``rule``: a registered rule name (``guided_swap.core.rules()``: ``"guided"``, ``"deconvnet"``, ``"gradient"``,
     and any the user registered) or a :class:`~guided_swap.Rule` instance.
-    ``output``: which entry of a tuple/namedtuple/dict output is explained.
+    ``output``: which entry of a tuple/namedtuple/dict output is explained. None: the output itself, or, for an
+    output that names its entries (Hugging Face's ``ModelOutput``, a dict, a namedtuple), its ``logits`` entry (or
+    its only entry); the report says which (``explains output 'logits' (by default)``).
     ``tracer_kwargs``: torch.fx options when the model does not trace (leaf_modules, autowrap_functions, ...).
     ``capture``: ``"fx"`` (symbolic tracing), ``"export"`` (torch.export, for models fx cannot trace: shape
     checks, loops over sizes; it captures for inputs shaped like the example, any batch size), ``"runtime"``

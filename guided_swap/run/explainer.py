@@ -26,7 +26,7 @@ from ..core.maps import Explanation, zero_gradient_messages
 from ..core.report import ConversionReport
 from ..core.rules import Rule
 from ..core.targets import ChannelScore, Score, as_score
-from . import extra_cams, saved, smoothing
+from . import augment, explainer_file, extra_cams, saved, smoothing
 from .assemble import explanation_of
 from . import compiled
 from .compiled import CompiledExplain
@@ -80,8 +80,7 @@ class Explainer(nn.Module):
     @property
     def forward_module(self) -> Optional[nn.Module]:
         """The forward graph ``ex(x)`` runs (graph captures only)."""
-        chosen = getattr(self.capture, "chosen", self.capture)
-        return getattr(chosen, "forward_module", None)
+        return self.capture.forward_module
 
     @property
     def forked(self) -> bool:
@@ -99,7 +98,8 @@ class Explainer(nn.Module):
     def explain(self, x: Any, target: Any = None, *, cams: Sequence[str] = (), interpolate: str = "bilinear",
                 smooth: Optional[int] = None, noise: Optional[float] = None,
                 generator: Optional[torch.Generator] = None, chunk: Optional[int] = None,
-                check_finite: Optional[bool] = None) -> Explanation:
+                check_finite: Optional[bool] = None, smooth_type: Optional[str] = None,
+                noise_absolute: Optional[float] = None) -> Explanation:
         """One forward and one backward: the rule's input gradient and every CAM at every captured layer.
 
         ``x``: what the model takes, a (B, C, ...) tensor (or, for the run-time capture of a detector, a list
@@ -109,7 +109,9 @@ class Explainer(nn.Module):
         image of a detector).
         ``smooth=N``: SmoothGrad, the mean map over N noisy copies of each input, noise ``noise`` (default 0.15)
         times each input's value range, drawn from ``generator``, ``chunk`` inputs per pass (default: the
-        batch size); see :mod:`guided_swap.run.smoothing` for what is averaged.
+        batch size); see :mod:`guided_swap.run.smoothing` for what is averaged. ``smooth_type``: ``"smoothgrad"``
+        (the mean, default), ``"smoothgrad_sq"`` or ``"vargrad"`` (Captum's ``nt_type``); ``noise_absolute``: one
+        standard deviation in the input's units (Captum's ``stdevs``) instead of ``noise``.
         ``cams``: CAMs that need passes of their own, made in this call: ``"scorecam"``, ``"ablationcam"``,
         ``"fullgrad"`` (then ``e.cams["scorecam"]``...), their perturbed copies ``chunk`` (default 64) per forward;
         see :mod:`guided_swap.run.extra_cams`.
@@ -121,14 +123,16 @@ class Explainer(nn.Module):
         if interpolate not in cam_maths.INTERPOLATIONS:
             raise ValueError(f"interpolate={interpolate!r} is not one of {cam_maths.INTERPOLATIONS}")
         passes = extra_cams.requested(cams, smooth, chunk)
-        smoothing.check(smooth, noise, generator, None if passes else chunk, x if isinstance(x, Tensor) else x[0])
+        smoothing.check(smooth, noise, generator, None if passes else chunk, x if isinstance(x, Tensor) else x[0],
+                        smooth_type, noise_absolute)
         score = as_score(target, self.output, self.layers)
         self.capture.prepare(x)
         if smooth is not None:
             if self._compiled is not None:
                 self._compiled.warn_eager("smooth=", "SmoothGrad's chunks run the eager pass")
             explanation = smoothing.smooth_explain(self.capture, x, score, copies=smooth, noise=noise,
-                                                   generator=generator, chunk=chunk, interpolate=interpolate)
+                                                   generator=generator, chunk=chunk, interpolate=interpolate,
+                                                   smooth_type=smooth_type, noise_absolute=noise_absolute)
         else:
             explanation = self._one_pass(x, score, shape.spatial, interpolate)
             if passes:
@@ -136,6 +140,21 @@ class Explainer(nn.Module):
         self._warn_if_nothing_swapped()
         warn_if_zero_gradients(explanation, reads_values(explanation.gradient, check_finite), score)
         return explanation
+
+    def aug_smooth(self, x: Tensor, target: Any = None, cam: str = "gradcam", *, layers: Optional[Sequence[str]] = None,
+                   eigen_smooth: bool = False, chunk: Optional[int] = None, interpolate: str = "bilinear") -> Tensor:
+        """pytorch-grad-cam's ``cam(x, targets, aug_smooth=True, eigen_smooth=...)``: the (B, *spatial) map in [0, 1]
+        of the CAM ``cam`` fused over ``layers`` (default: every captured layer), averaged over six flipped and
+        rescaled copies of each input, which go through :meth:`explain` ``chunk`` at a time (default: all in one
+        pass). See :mod:`guided_swap.run.augment`.
+
+        >>> import torch, torchvision, guided_swap as gs
+        >>> ex = gs.convert(torchvision.models.resnet18().eval(), layer=["layer3", "layer4"])
+        >>> ex.aug_smooth(torch.randn(1, 3, 64, 64), [7], "layercam", layers=["layer4"], chunk=3).shape
+        torch.Size([1, 64, 64])
+        """
+        return augment.aug_smooth(self, x, target, cam, layers=layers, eigen_smooth=eigen_smooth, chunk=chunk,
+                                  interpolate=interpolate)
 
     def _one_pass(self, x: Any, score: Score, spatial, interpolate: str) -> Explanation:
         if self._compiled is not None:  # None back: this pass runs eagerly, a warning said why
@@ -199,16 +218,17 @@ class Explainer(nn.Module):
             torch.__future__.set_overwrite_module_params_on_conversion(previous)
 
     def save(self, path: str) -> None:
-        """Save this explainer (graphs, weights, layers, rule, report) to one file; see :func:`load` and
-        :mod:`guided_swap.run.saved` for what loading it needs. Nothing is written when it cannot be saved."""
+        """Save this explainer (graphs, weights, layers, rule, report) to one file, as data that loads without
+        running code from the file; see :func:`load` and :mod:`guided_swap.run.saved` for what needs
+        ``trust=True`` (a user's rule not registered where it loads, custom leaf modules, a run-time capture).
+        Nothing is written when it cannot be saved."""
         if not self.capture.ready:
             raise LayerError("this explainer is resolved from its first input (layer='auto' or the export capture): "
                              "call explain(x) once, or convert with example_input=, before saving")
         self.capture.before_save()
-        header = {"rule": self.rule.name, "rule_class": f"{type(self.rule).__module__}.{type(self.rule).__qualname__}",
-                  "layers": list(self.layers), "swapped": len(self.swapped), "capture": self.report.capture}
+        description, packer = explainer_file.describe(self.capture)
         try:
-            saved.save_object(self, path, header)
+            saved.write(path, _header(self), description, packer.tensors, packer.pickled, packer.needs)
         except (pickle.PicklingError, AttributeError, TypeError) as error:
             if not _picklable(self.rule):
                 raise RuleError(f"the rule {type(self.rule).__qualname__} cannot be saved ({error}); define the rule "
@@ -220,12 +240,55 @@ class Explainer(nn.Module):
         return f"rule={self.rule.name!r}, layers={self.layers}, swapped={len(self.swapped)}, forked={self.forked}"
 
 
-def load(path: str, map_location=None) -> Explainer:
-    """Load an explainer written by :meth:`Explainer.save`."""
-    explainer = saved.load_object(path, map_location)
-    if not isinstance(explainer, Explainer):
-        raise LoadError(f"{path!r} holds a {type(explainer).__name__}, not an Explainer")
+def load(path: str, map_location=None, *, trust: bool = False) -> Explainer:
+    """Load an explainer written by :meth:`Explainer.save`, running no code from the file.
+
+    The graphs, modules, weights, rule and report are rebuilt from data: functions, methods and module classes
+    only from guided_swap's allow-list (:mod:`guided_swap.run.allowed`), weights from safetensors. A file that
+    also holds pickled objects (a user's rule not registered here, a custom leaf module, a ``reshape=`` function,
+    a run-time capture's copy of the model, or any file in the older format 3) raises :class:`LoadError` naming
+    them, unless ``trust=True``: unpickling runs code from the file, so pass it only for files you trust.
+    ``map_location``: a device, its name, or a dict from saved device names to new ones.
+
+    >>> import torch, torchvision, guided_swap as gs, tempfile, os
+    >>> path = os.path.join(tempfile.mkdtemp(), "vgg.gsx")
+    >>> gs.convert(torchvision.models.vgg11().eval(), layer="features.18").save(path)
+    >>> gs.load(path, map_location="cpu").layers
+    ('features.18',)
+    """
+    if not (map_location is None or isinstance(map_location, (str, torch.device, dict)) or trust):
+        raise TypeError("map_location takes a device, a device name, or a dict from saved device names to new ones "
+                        f"(anything torch.load takes only with trust=True); got {type(map_location).__name__}")
+    contents = saved.read(path, trust, map_location)
+    if contents.legacy is not None:
+        explainer = contents.legacy
+        if not isinstance(explainer, Explainer):
+            raise LoadError(f"{path!r} holds a {type(explainer).__name__}, not an Explainer")
+        return explainer
+    try:
+        explainer = Explainer(explainer_file.rebuild(contents.description, contents.tensors, contents.pickled,
+                                                     map_location))
+    except LoadError as error:
+        raise LoadError(f"{path!r}: {error}") from None
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError, RecursionError) as error:
+        raise LoadError(f"{path!r} is damaged or edited: its description does not rebuild an explainer "
+                        f"({type(error).__name__}: {error})") from None
+    _check_header(path, contents.header, explainer)
     return explainer
+
+
+def _header(explainer: Explainer) -> dict:
+    rule = explainer.rule
+    return {"rule": rule.name, "rule_class": f"{type(rule).__module__}.{type(rule).__qualname__}",
+            "layers": list(explainer.layers), "swapped": len(explainer.swapped), "capture": explainer.report.capture}
+
+
+def _check_header(path: str, header: dict, explainer: Explainer) -> None:
+    """The header must say what the contents are: an edited header is refused, not believed."""
+    wrong = [key for key, value in _header(explainer).items() if header.get(key) != value]
+    if wrong:
+        raise LoadError(f"{path!r}: its header does not match its contents ({', '.join(wrong)}), so it was edited or "
+                        "damaged after saving; save or convert it again")
 
 
 def _picklable(obj: Any) -> bool:

@@ -16,7 +16,9 @@ from typing import Dict, Optional
 
 import torch
 from torch import Tensor, nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.proxy_tensor import make_fx
+from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
 
 from .._files import atomic_write
 from ..capture.base import Capture
@@ -115,9 +117,6 @@ def export(explainer: Explainer, example_input: Tensor, path: str, **options) ->
 def _batch_symbolic(state: Dict[str, Tensor], x: Tensor, target: Tensor, dynamic_batch: bool):
     """Fake inputs whose batch size alone is symbolic: tracing with every size symbolic is ~7x slower
     (densenet121: 83 s against 12 s), and only the batch needs to vary."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
-
     mode = FakeTensorMode(shape_env=ShapeEnv())
     first = DimDynamic.DYNAMIC if dynamic_batch else DimDynamic.STATIC
 

@@ -1,4 +1,5 @@
-"""--model/--weights: checkpoint formats, whole pickled models, mismatches and unknown names, early and in one line."""
+"""--model/--weights: checkpoint formats, whole pickled models (only with --trust-weights), hostile pickles,
+mismatches and unknown names, early and in one line."""
 import os
 import subprocess
 import sys
@@ -10,6 +11,8 @@ from torch import nn
 from guided_swap.checks.demo import DemoCNN
 from guided_swap.core.errors import CommandError
 from guided_swap.app.model_spec import build, check
+
+from hostile import WritesMarker, marker_written
 
 FACTORY = "guided_swap.checks.demo:DemoCNN"
 
@@ -49,16 +52,19 @@ def test_safetensors_load(tmp_path):
     assert same_weights(build(check(FACTORY, path)), model)
 
 
-def test_a_whole_pickled_model_loads_when_its_class_imports(tmp_path):
+def test_a_whole_pickled_model_loads_only_with_trust_weights(tmp_path):
     model, path = trained(), str(tmp_path / "whole.pt")
     torch.save(model, path)
+    with pytest.raises(CommandError, match="unpickling it runs code from the file: pass --trust-weights"):
+        check(None, path)
     said = []
-    source = check(None, path)
-    loaded = build(source, say=said.append)
+    loaded = build(check(None, path, trust=True), say=said.append)
     assert type(loaded) is DemoCNN and same_weights(loaded, model) and not loaded.training
     assert "runs code from the file" in said[0]
+    with pytest.raises(CommandError, match="weights_only=True\\) refuses.*--trust-weights"):
+        build(check(FACTORY, path), say=said.append)  # with --model: read as a state dict, never unpickled
     with pytest.raises(CommandError, match="holds a whole pickled model .*leave out --model"):
-        build(check(FACTORY, path), say=said.append)
+        build(check(FACTORY, path, trust=True), say=said.append)
 
 
 def test_a_whole_pickled_model_whose_class_is_gone_gets_one_line(tmp_path, monkeypatch):
@@ -71,10 +77,40 @@ def test_a_whole_pickled_model_whose_class_is_gone_gets_one_line(tmp_path, monke
     monkeypatch.delitem(sys.modules, "gone_module")
     os.remove(tmp_path / "gone_module.py")
     with pytest.raises(CommandError) as caught:
-        build(check(None, path), say=lambda m: None)
+        build(check(None, path, trust=True), say=lambda m: None)
     message = str(caught.value)
     assert "cannot be imported" in message and "gone_module" in message and "state_dict()" in message
     assert "\n" not in message
+
+
+def test_a_hostile_checkpoint_is_never_unpickled_without_trust_weights(tmp_path):
+    marker = str(tmp_path / "marker")
+    path = str(tmp_path / "hostile.pt")
+    torch.save({"state_dict": trained().state_dict(), "note": WritesMarker(marker)}, path)
+    with pytest.raises(CommandError, match="holds pickled Python objects besides tensors .*--trust-weights"):
+        build(check(FACTORY, path), say=lambda m: None)  # weights_only refuses it, and nothing retries
+    with pytest.raises(CommandError, match="--trust-weights"):
+        check(None, path)
+    assert not marker_written(marker)
+    said = []
+    assert same_weights(build(check(FACTORY, path, trust=True), say=said.append), trained())
+    assert marker_written(marker) and "--trust-weights was given" in said[0]  # the payload is live
+
+
+def test_cli_refuses_a_hostile_whole_model_without_trust_weights(tmp_path):
+    marker = tmp_path / "marker"
+    path = tmp_path / "hostile.pt"
+    torch.save(WritesMarker(str(marker)), path)
+    image = tmp_path / "in" / "a.png"
+    image.parent.mkdir()
+    from skimage import data, io
+
+    io.imsave(str(image), data.camera()[:64, :64], check_contrast=False)
+    for model in ([], ["--model", FACTORY]):
+        done = subprocess.run([sys.executable, "-m", "guided_swap", "explain", str(image.parent), *model, "--weights",
+                               str(path), "--out", str(tmp_path / "out")], capture_output=True, text=True)
+        assert done.returncode == 2 and "--trust-weights" in done.stderr, done.stderr
+        assert not marker.exists() and not (tmp_path / "out").exists()
 
 
 def test_a_mismatch_names_the_first_missing_unexpected_and_misshapen_keys(tmp_path):

@@ -62,8 +62,8 @@ def test_a_killed_rank_s_work_is_done_by_the_next_run(tmp_path, folder):
     launcher = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 env={**os.environ, "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1"})
     deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and (not out.exists() or len(files(out)) < 6):
-        time.sleep(0.1)
+    while time.monotonic() < deadline and (not out.exists() or len([n for n in files(out) if n.endswith(".npz")]) < 2):
+        time.sleep(0.02)  # kill early in the first pass: on a loaded machine a late kill found every map made
     os.kill(worker_pids(launcher.pid)[-1], signal.SIGKILL)
     launcher.communicate(timeout=120)
     assert launcher.returncode != 0

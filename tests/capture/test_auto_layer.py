@@ -168,3 +168,86 @@ def test_branches_that_meet_in_the_pooling_take_the_last_map_and_say_it_is_parti
     assert name == "relu_1"
     assert reason.startswith("relu_1: the last spatial map (4x4) before the global pooling at mean")
     assert reason.endswith("other branches reach it too, so this map shows only part of the evidence")
+
+
+class UnfoldMerge(nn.Module):
+    """Tokens from a conv stem, one block, then a patch merging written with ``F.unfold`` (which the graph
+    reading cannot follow) and a pooled head: the last stage is the 4x4 grid after the merging."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.embed, self.norm1, self.fc1 = nn.Conv2d(3, c, 4, 4), nn.LayerNorm(c), nn.Linear(c, c)
+        self.reduce, self.norm2, self.head = nn.Linear(4 * c, 2 * c), nn.LayerNorm(2 * c), nn.Linear(2 * c, 5)
+
+    def forward(self, x):
+        t = self.embed(x)
+        b, c, h, w = t.shape
+        t = t.flatten(2).transpose(1, 2)
+        t = t + torch.relu(self.fc1(self.norm1(t)))
+        merged = torch.nn.functional.unfold(t.transpose(1, 2).reshape(b, c, h, w), 2, stride=2).transpose(1, 2)
+        return self.head(self.norm2(self.reduce(merged)).mean(1))
+
+
+def test_auto_refuses_an_earlier_map_when_the_token_grid_is_lost_after_it():
+    # The last map auto can read is the 8x8 grid before the merging; taking it would silently explain an
+    # earlier stage than the one the head pools, so auto says where the grid was lost and what to pass.
+    torch.manual_seed(0)
+    model, x = UnfoldMerge().eval(), image_batch(32)
+    with pytest.raises(gs.LayerError, match=r"after 'reshape' \(8x8\).*tokens of 'reduce' \(2, 16, 16\).*layout="):
+        gs.convert(model).explain(x)
+    ex = gs.convert(model, layer="norm2", layout=gs.Layout("tokens", grid=(4, 4)))  # what the message says to do
+    e = ex.explain(x, [1, 3])
+    kept = {}
+
+    def keep(_, __, out):
+        out.retain_grad()
+        kept["out"] = out
+
+    handle = model.norm2.register_forward_hook(keep)
+    try:
+        model(x).gather(1, torch.tensor([[1], [3]])).sum().backward()
+    finally:
+        handle.remove()
+    to_map = lambda t: t.reshape(2, 4, 4, -1).permute(0, 3, 1, 2)  # noqa: E731
+    A, G = to_map(kept["out"].detach()), to_map(kept["out"].grad)
+    expected = torch.relu((G.mean(dim=(2, 3), keepdim=True) * A).sum(dim=1))
+    assert_nontrivial(expected, 0.05)
+    assert relative_error(e.cam_raw, expected) < 1e-5
+
+
+class LatentCrossAttention(nn.Module):
+    """A Perceiver in small: learned latents attend to the image tokens once, then are pooled. The latent
+    tokens come out of an attention: no grid was lost, they are no positions at all."""
+
+    def __init__(self, c=8, latents=6):
+        super().__init__()
+        self.embed, self.norm, self.latents = nn.Conv2d(3, c, 4, 4), nn.LayerNorm(c), nn.Parameter(torch.randn(1, latents, c))
+        self.attend, self.mlp, self.head = nn.MultiheadAttention(c, 2, batch_first=True), nn.Linear(c, c), nn.Linear(c, 5)
+
+    def forward(self, x):
+        t = self.norm(self.embed(x).flatten(2).transpose(1, 2))
+        latents, _ = self.attend(self.latents.expand(x.shape[0], -1, -1), t, t)
+        return self.head(torch.relu(self.mlp(latents)).mean(1))
+
+
+def test_tokens_an_attention_made_are_not_taken_for_lost_positions():
+    torch.manual_seed(0)
+    model, x, target = LatentCrossAttention().eval(), image_batch(32), torch.tensor([0, 4])
+    ex = gs.convert(model)
+    e = ex.explain(x, target)
+    assert ex.report.layers["auto"] == "norm"  # the last map of positions: the tokens the latents attend to
+    kept = {}
+
+    def keep(_, __, out):
+        out.retain_grad()
+        kept["out"] = out
+
+    handle = model.norm.register_forward_hook(keep)
+    try:
+        model(x).gather(1, target.view(-1, 1)).sum().backward()
+    finally:
+        handle.remove()
+    A, G = (t.reshape(2, 8, 8, -1).permute(0, 3, 1, 2) for t in (kept["out"].detach(), kept["out"].grad))
+    expected = torch.relu((G.mean(dim=(2, 3), keepdim=True) * A).sum(dim=1))
+    assert_nontrivial(expected, 0.05)
+    assert relative_error(e.cam_raw, expected) < 1e-5

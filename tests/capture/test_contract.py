@@ -105,7 +105,7 @@ def test_smoothgrad_is_the_same_on_every_path(explainers, x):
     maps = {path: ex.explain(x, [1, 2], smooth=3, noise=0.1, generator=torch.Generator().manual_seed(4))
             for path, ex in explainers.items()}
     for path, e in maps.items():
-        assert e.smoothing == {"copies": 3, "noise": 0.1, "chunk": 2}
+        assert e.smoothing == {"copies": 3, "type": "smoothgrad", "noise": 0.1, "noise_absolute": None, "chunk": 2}
         assert relative_error(e.gradient, maps["fx"].gradient) <= TOL, path
         assert relative_error(e.cams["layercam"], maps["fx"].cams["layercam"]) <= TOL, path
 
@@ -143,7 +143,10 @@ def test_save_and_load_on_every_path(explainers, x, tmp_path):
         ex.explain(x[:1])  # the deferred one is captured by now
         file = tmp_path / f"{path}.gsx"
         ex.save(str(file))
-        loaded = gs.load(str(file))
+        if path == "runtime":  # it holds a copy of the model: pickled, so it loads only with trust=True
+            with pytest.raises(gs.LoadError, match="trust=True"):
+                gs.load(str(file))
+        loaded = gs.load(str(file), trust=path == "runtime")
         assert type(loaded.capture) is type(ex.capture)
         assert torch.equal(loaded.explain(x, [1, 2]).gradient, ex.explain(x, [1, 2]).gradient), path
 
@@ -203,3 +206,18 @@ def test_a_box_target_and_a_list_of_images_work_on_the_runtime_path_with_smoothi
     assert tuple(smooth.gradient.shape) == (2, 3, 12, 12) and smooth.gradient.abs().sum() > 0
     with pytest.raises(gs.TargetError, match="not logits"):
         ex.explain(images, 1)
+
+
+def test_a_model_without_rectifiers_says_so_once_on_every_path():
+    """The run-time path explained a model with no ReLU as "guided" without a word (the graph paths warned)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.GELU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).eval()
+    x = torch.randn(2, 3, 12, 12)
+    for path in PATHS:
+        ex = convert(model, path, x, layer="0")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ex.explain(x)
+            ex.explain(x)
+        said = [w for w in caught if "no ReLU was found" in str(w.message)]
+        assert len(said) == 1 and "gelu" in str(said[0].message).lower(), path

@@ -241,7 +241,9 @@ def test_save_load_and_export_refused(tmp_path):
     ex = convert_runtime(model, layer="layer4")
     e = ex.explain(x, [1, 2])
     ex.save(str(tmp_path / "r.gsx"))
-    loaded = gs.load(str(tmp_path / "r.gsx"))
+    with pytest.raises(gs.LoadError, match="trust=True"):  # it holds a copy of the model: a pickle
+        gs.load(str(tmp_path / "r.gsx"))
+    loaded = gs.load(str(tmp_path / "r.gsx"), trust=True)
     assert isinstance(loaded.capture, RuntimeCapture) and loaded.report.capture == "runtime"
     assert torch.equal(loaded.explain(x, [1, 2]).gradient, e.gradient)
     with pytest.raises(gs.ExportError, match="captured at run time"):
@@ -276,3 +278,43 @@ def test_a_model_in_training_mode_is_explained_as_deployed_and_left_in_training_
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     model.eval()
     assert torch.equal(e.logits, model(image_batch(32)).detach())
+
+
+# --- pytorch-grad-cam's box target ------------------------------------------------------------------------
+
+def _pgc_scores(outputs, boxes, labels):
+    from pytorch_grad_cam.utils.model_targets import FasterRCNNBoxScoreTarget  # optional: a dev dependency
+
+    target = FasterRCNNBoxScoreTarget(labels=labels, bounding_boxes=boxes)
+    return torch.cat([target(o) for o in outputs])
+
+
+def test_a_box_match_target_equals_pytorch_grad_cams_box_score_target(explained, faster_rcnn):
+    """pgc's FasterRCNNBoxScoreTarget as a gs.BoxMatch: the same score and the same maps, 0 without a match."""
+    pytest.importorskip("pytorch_grad_cam")
+    ex, e, x, _, _ = explained
+    detections = e.outputs
+    boxes = [d["boxes"][:2].detach() for d in detections]  # each image's own two top boxes, as pgc's tutorial does
+    labels = [d["labels"][:2] for d in detections]
+    match = gs.BoxMatch(boxes, labels)
+    ours = ex.explain(list(x), match)
+    theirs = ex.explain(list(x), lambda out: torch.cat([_pgc_scores([o], b, l) for o, b, l in
+                                                       zip(out, boxes, labels)]))
+    assert torch.allclose(ours.score, theirs.score) and bool((ours.score > 1).all())
+    assert relative_error(ours.gradient, theirs.gradient) <= 1e-6
+    assert relative_error(ours.cam_raw, theirs.cam_raw) <= 1e-6
+    assert_nontrivial(ours.gradient)
+    far = gs.BoxMatch([[0.0, 0.0, 1.0, 1.0]], [1])  # the same reference for both images, matching nothing
+    with pytest.warns(gs.ZeroGradientWarning):
+        nothing = ex.explain(list(x), far)
+    assert torch.equal(nothing.score, torch.zeros(2)) and not nothing.gradient.any()
+
+
+def test_a_box_match_target_refuses_what_it_cannot_read():
+    with pytest.raises(ValueError, match="iou_threshold"):
+        gs.BoxMatch([[0, 0, 1, 1]], [1], iou_threshold=1.5)
+    with pytest.raises(gs.TargetError, match="one label per box"):
+        gs.BoxMatch([[0, 0, 1, 1], [1, 1, 2, 2]], [1]).scores([{"boxes": torch.zeros(1, 4), "scores": torch.ones(1),
+                                                                 "labels": torch.ones(1, dtype=torch.long)}])
+    with pytest.raises(gs.TargetError, match="detector"):
+        gs.BoxMatch([[0, 0, 1, 1]], [1]).scores(torch.zeros(2, 5))

@@ -240,3 +240,79 @@ def test_auto_never_takes_a_map_with_more_spatial_axes_than_the_input():
     e = ex.explain(x)
     assert ex.report.layers["auto"] == "embed" or ex.report.layers["auto"].startswith("permute")
     assert e.layers["auto"].feature_map.shape == (2, 8, 8, 8) and e.cam.shape == (2, 32, 32)
+
+
+class SplitClassToken(torch.nn.Module):
+    """A two-block ViT that splits its class token off with ``torch.split`` (as CvT does) for the head."""
+
+    def __init__(self, dim=16):
+        super().__init__()
+        self.embed = torch.nn.Conv2d(3, dim, 8, 8)
+        self.cls = torch.nn.Parameter(torch.randn(1, 1, dim))
+        self.blocks = torch.nn.ModuleList(torchvision.models.vision_transformer.EncoderBlock(2, dim, 32, 0.0, 0.0)
+                                          for _ in range(2))
+        self.head = torch.nn.Linear(dim, 4)
+
+    def forward(self, x):
+        t = self.embed(x).flatten(2).transpose(1, 2)
+        t = torch.cat([self.cls.expand(t.shape[0], -1, -1), t], dim=1)
+        for block in self.blocks:
+            t = block(t)
+        cls, _patches = torch.split(t, [1, t.shape[1] - 1], dim=1)
+        return self.head(cls.squeeze(1))
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_a_class_token_split_off_is_read_as_one(capture):
+    # The patch tokens after the last attention never reach the split-off class token: auto must take the
+    # last attention's input (its norm), whose Grad-CAM the hooks give, not the last block's output.
+    torch.manual_seed(0)
+    model, x, target = SplitClassToken().eval(), image_batch(32), torch.tensor([1, 2])
+    ex = gs.convert(model, capture=capture, example_input=x)
+    assert ex.report.layers["auto"] == "blocks.1.ln_1"
+    e = _quiet_explain(ex, x, target)
+    references = hooked_gradcam(model, {"blocks.1.ln_1": model.blocks[1].ln_1}, x, target, tokens_to_map(1, (4, 4)))
+    _compare(e, references, {"auto": "blocks.1.ln_1"})
+
+
+class ClassAttentionHead(torch.nn.Module):
+    """A ViT block, then a CaiT/VOLO class-attention block (only the class token is updated, from all tokens;
+    the patches pass on beside it) and a head on the class token and the mean patch token."""
+
+    def __init__(self, dim=16):
+        super().__init__()
+        self.embed = torch.nn.Conv2d(3, dim, 8, 8)
+        self.cls = torch.nn.Parameter(torch.randn(1, 1, dim))
+        self.block = torchvision.models.vision_transformer.EncoderBlock(2, dim, 32, 0.0, 0.0)
+        self.norm, self.attn = torch.nn.LayerNorm(dim), torch.nn.MultiheadAttention(dim, 2, batch_first=True)
+        self.head, self.aux = torch.nn.Linear(dim, 4), torch.nn.Linear(dim, 4)
+        self.keep = None  # a list: the plain-autograd reference keeps the last token map there
+
+    def forward(self, x):
+        t = self.embed(x).flatten(2).transpose(1, 2)
+        t = self.block(torch.cat([self.cls.expand(t.shape[0], -1, -1), t], dim=1))
+        normed = self.norm(t)
+        cls = t[:, :1] + self.attn(normed[:, :1], normed, normed)[0]   # the class token's slice: not the head's read
+        t = torch.cat([cls, t[:, 1:]], dim=1)
+        if self.keep is not None:
+            t.retain_grad()
+            self.keep.append(t)
+        return self.head(t[:, 0]) + self.aux(t[:, 1:].mean(1))
+
+
+def test_a_class_attention_slice_is_not_taken_for_the_heads_read():
+    # The last slice of the class token feeds a class attention whose token map also goes, whole, into the
+    # attention: taken for the head's read, auto would take that attention's input (norm), whose gradient
+    # misses the patches the aux head reads. The last token map is the concatenation after the class attention.
+    torch.manual_seed(0)
+    model, x, target = ClassAttentionHead().eval(), image_batch(32), torch.tensor([1, 2])
+    ex = gs.convert(model)
+    e = _quiet_explain(ex, x, target)
+    assert ex.report.layers["auto"] == "cat_1"
+    model.keep = kept = []
+    model(x).gather(1, target.view(-1, 1)).sum().backward()
+    to_map = tokens_to_map(1, (4, 4))
+    A, G = to_map(kept[0].detach()), to_map(kept[0].grad)
+    expected = torch.relu((G.mean(dim=(2, 3), keepdim=True) * A).sum(dim=1))
+    assert_nontrivial(expected, 0.05)
+    assert relative_error(e.cam_raw, expected) < 1e-4

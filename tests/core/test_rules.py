@@ -115,8 +115,16 @@ def test_a_user_rule_survives_save_load_and_export(tmp_path):
     expected = ex.explain(x, [1, 2])
     path = os.path.join(tmp_path, "halved.gsx")
     ex.save(path)
-    loaded = gs.load(path)
+    with pytest.raises(gs.LoadError, match=r"'halved' .*not a built-in rule. Register it .*trust=True"):
+        gs.load(path)  # a user's rule is pickled in the file: not unpickled without trust
+    loaded = gs.load(path, trust=True)
     assert loaded.rule == Halved() and torch.equal(loaded.explain(x, [1, 2]).gradient, expected.gradient)
+    registered = gs.register_rule(Halved())  # registered here: found by name, nothing from the file is unpickled
+    try:
+        again = gs.load(path)
+        assert again.rule is registered and torch.equal(again.explain(x, [1, 2]).gradient, expected.gradient)
+    finally:
+        gs.unregister_rule("halved")
     program = gs.export_program(ex, x)
     out = program.module()(x, torch.tensor([1, 2]))
     assert relative_error(out["gradient"], expected.gradient) <= 1e-5

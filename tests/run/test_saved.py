@@ -1,4 +1,5 @@
-"""Save/load of the converted explainer: round trip, a process without the model's class, damaged files."""
+"""Save/load of the converted explainer: round trip, bit-exact maps on the zoo, a process without the model's
+class, damaged and edited files, what needs trust=True, the old pickled format."""
 import os
 import subprocess
 import sys
@@ -14,8 +15,10 @@ import guided_swap as gs
 from guided_swap.run import saved
 from guided_swap import convert_runtime
 
-from conftest import image_batch, make_model
+from conftest import image_batch, make_model, randomise_batchnorm, small_densenet
+from hostile import forge, parts
 from models import EverySpelling
+from untraceable_models import ShapeAssertNet
 
 MODEL_SOURCE = textwrap.dedent('''
     import torch, torch.nn as nn, torch.nn.functional as F
@@ -115,23 +118,156 @@ def test_incompatible_version_is_refused(tmp_path):
     path = tmp_path / "old.gsx"
     ex.save(str(path))
     newer = tmp_path / "newer.gsx"
-    with zipfile.ZipFile(path) as source, zipfile.ZipFile(newer, "w") as target:
-        header = source.read(saved.HEADER).replace(f'"format_version": {saved.FORMAT_VERSION}'.encode(), b'"format_version": 99')
-        target.writestr(saved.HEADER, header)
-        target.writestr(saved.PAYLOAD, source.read(saved.PAYLOAD))
+    forge(path, newer, header=lambda h: h.update(format_version=99))
     with pytest.raises(gs.LoadError, match="format 99"):
         gs.load(str(newer))
 
 
+# --- Bit-exact on the zoo, and fast -----------------------------------------------------------------------
+
+def _vgg_small_head():
+    model = make_model("vgg11")
+    torch.manual_seed(1)
+    model.classifier = nn.Sequential(nn.Linear(512 * 7 * 7, 32), nn.ReLU(True), nn.Dropout(), nn.Linear(32, 10))
+    return model.eval()
+
+
+def _timm(name):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    return randomise_batchnorm(timm.create_model(name, pretrained=False)).eval()
+
+
+ZOO = {  # name: (model, input size, convert options)
+    "resnet18": (lambda: make_model("resnet18"), 48, {}),
+    "densenet": (small_densenet, 48, {}),
+    "vgg11": (_vgg_small_head, 48, {}),
+    "mobilenet_v3_small": (lambda: make_model("mobilenet_v3_small"), 48, {}),
+    "efficientnet_b0": (lambda: make_model("efficientnet_b0"), 48, {}),
+    "googlenet": (lambda: make_model("googlenet"), 48, {}),
+    "inception_v3": (lambda: make_model("inception_v3"), 80, {}),
+    "timm_mobilenetv3": (lambda: _timm("mobilenetv3_small_050"), 64, {}),
+    "export_shape_assert": (lambda: ShapeAssertNet().eval(), 48, {"capture": "export"}),
+}
+
+
+@pytest.mark.filterwarnings("ignore:no ReLU was found")  # efficientnet: SiLU only, the graph is what counts
+@pytest.mark.parametrize("name", list(ZOO))
+def test_a_loaded_explainer_gives_the_same_maps_bit_for_bit(name, tmp_path):
+    build, size, options = ZOO[name]
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, size, size)
+    ex = gs.convert(build(), layer="auto", example_input=x[:1], **options)
+    path = str(tmp_path / f"{name}.gsx")
+    ex.save(path)
+    assert saved.read_header(path)["needs_trust"] == []  # data only: loads without unpickling
+    assert saved.PICKLED not in parts(path)
+    loaded = gs.load(path)
+    assert loaded.report.capture == ex.report.capture == ("export" if options else "fx")
+    a, b = ex.explain(x), loaded.explain(x)  # each sample's top class
+    assert a.gradient.abs().sum() > 0 and a.cam_raw.abs().sum() > 0  # not vacuous
+    for key in ("logits", "gradient", "cam_raw", "cam", "guided_gradcam"):
+        assert torch.equal(getattr(a, key), getattr(b, key)), key
+    assert str(loaded.report) == str(ex.report) and loaded.swapped == ex.swapped
+    assert torch.equal(loaded(x), ex(x))
+
+
+def test_loading_moves_the_weights_where_map_location_says(tmp_path):
+    ex = gs.convert(make_model("resnet18"), layer="layer4")
+    path = str(tmp_path / "r.gsx")
+    ex.save(path)
+    loaded = gs.load(path, map_location={"cpu": "meta"})
+    assert {p.device.type for p in loaded.parameters()} == {"meta"}
+    with pytest.raises(TypeError, match="map_location"):
+        gs.load(path, map_location=lambda storage, location: storage)
+
+
+# --- Edited and damaged files: a LoadError, never a wrong explainer -------------------------------------------
+
+@pytest.fixture(scope="module")
+def good_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("good") / "good.gsx"
+    gs.convert(make_model("resnet18"), layer="layer4").save(str(path))
+    return path
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda h: h.update(layers=["layer3"]), "header does not match its contents .*layers"),
+    (lambda h: h.update(rule="deconvnet"), "header does not match its contents .*rule"),
+    (lambda h: h.update(swapped=3), "header does not match its contents .*swapped"),
+    (lambda h: h.pop("parts"), "does not list its parts"),
+])
+def test_an_edited_header_is_refused(good_file, tmp_path, edit, message):
+    edited = tmp_path / "edited.gsx"
+    forge(good_file, edited, header=edit)
+    with pytest.raises(gs.LoadError, match=message):
+        gs.load(str(edited))
+
+
+def test_a_part_changed_after_saving_fails_its_checksum(good_file, tmp_path):
+    description = parts(good_file)[saved.DESCRIPTION].replace(b'"layer4"', b'"layer3"')
+    edited = tmp_path / "edited.gsx"
+    with zipfile.ZipFile(good_file) as source, zipfile.ZipFile(edited, "w") as target:
+        for name in source.namelist():
+            target.writestr(name, description if name == saved.DESCRIPTION else source.read(name))
+    with pytest.raises(gs.LoadError, match="explainer.json is not the part its header was written with"):
+        gs.load(str(edited))
+
+
+def _with_tensors(path, change):
+    from safetensors.torch import load, save
+
+    tensors = load(parts(path)[saved.TENSORS])
+    change(tensors)
+    return {saved.TENSORS: save(tensors)}
+
+
+def test_tensors_swapped_or_resized_are_refused_even_with_matching_checksums(good_file, tmp_path):
+    # safetensors hands the tensors back in no fixed order, so every edit picks its tensors by sorted key. A swap
+    # is visible only between tensors of different shapes: two same-shaped weights swapped are a different
+    # model that the file's checksums, recomputed by whoever edited it, cannot tell apart.
+    def resize(tensors):
+        key = min(k for k, t in tensors.items() if t.dim() == 4)
+        tensors[key] = torch.zeros(tuple(tensors[key].shape[:-1]) + (tensors[key].shape[-1] + 1,))
+
+    def swap(tensors):
+        convs = sorted(k for k, t in tensors.items() if t.dim() == 4)
+        a = convs[0]
+        b = next(k for k in convs if tensors[k].shape != tensors[a].shape)
+        tensors[a], tensors[b] = tensors[b], tensors[a]
+
+    def drop(tensors):
+        tensors.pop(min(tensors))
+
+    for change, message in ((resize, "in the file, but the explainer's description says"), (swap, "description says"),
+                            (drop, "does not hold")):
+        edited = tmp_path / "edited.gsx"
+        forge(good_file, edited, replace=_with_tensors(good_file, change))
+        with pytest.raises(gs.LoadError, match=message):
+            gs.load(str(edited))
+
+
+def test_a_truncated_file_at_any_length_is_a_load_error(good_file, tmp_path):
+    data = good_file.read_bytes()
+    for fraction in (0.05, 0.5, 0.95, 0.999):
+        cut = tmp_path / "cut.gsx"
+        cut.write_bytes(data[: int(len(data) * fraction)])
+        with pytest.raises(gs.LoadError):
+            gs.load(str(cut))
+
+
 # --- Saving a run-time explainer: it holds its copy of the model, so it saves and loads where the model's classes
 
-def test_a_runtime_explainer_saves_and_loads_with_its_model_classes(tmp_path):
+def test_a_runtime_explainer_loads_only_with_trust(tmp_path):
     torch.manual_seed(0)
     ex = convert_runtime(EverySpelling().eval(), layer="conv2")
     x = torch.randn(2, 3, 16, 16)
     path = str(tmp_path / "r.gsx")
     ex.save(path)
-    loaded = gs.load(path)
+    assert "run-time capture" in saved.read_header(path)["needs_trust"][0]
+    with pytest.raises(gs.LoadError, match=r"run-time capture .*gs.load\(path, trust=True\)"):
+        gs.load(path)
+    loaded = gs.load(path, trust=True)
     assert loaded.report.capture == "runtime"
     assert torch.equal(loaded.explain(x, [0, 1]).gradient, ex.explain(x, [0, 1]).gradient)
 
@@ -166,4 +302,32 @@ def test_loading_without_the_model_class_says_what_is_missing(tmp_path, monkeypa
     convert_runtime(module.VanishingNet().eval(), layer="conv").save(path)
     monkeypatch.delitem(sys.modules, module.__name__)
     with pytest.raises(gs.LoadError, match="captured at run time the model's own classes"):
-        gs.load(path)
+        gs.load(path, trust=True)
+
+
+# --- The old pickled format (3) -----------------------------------------------------------------------------
+
+def _format_3(ex, path):
+    """A file as guided_swap wrote it before the safe format: the pickled explainer and a header."""
+    import io
+    import json
+
+    buffer = io.BytesIO()
+    torch.save(ex, buffer)
+    header = {"format": saved.FORMAT, "format_version": 3, "guided_swap_version": "0.2.0",
+              "torch_version": torch.__version__, "rule": "guided", "layers": list(ex.layers)}
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr(saved.HEADER, json.dumps(header))
+        archive.writestr(saved.LEGACY_PAYLOAD, buffer.getvalue())
+
+
+def test_an_old_format_file_loads_with_trust_and_saves_again_in_the_safe_format(tmp_path):
+    ex = gs.convert(make_model("resnet18"), layer="layer4")
+    old, new = str(tmp_path / "old.gsx"), str(tmp_path / "new.gsx")
+    _format_3(ex, old)
+    with pytest.raises(gs.LoadError, match=r"format 3, which is a pickle.*trust=True\) and save it again"):
+        gs.load(old)
+    gs.load(old, trust=True).save(new)
+    assert saved.read_header(new)["format_version"] == saved.FORMAT_VERSION
+    x = image_batch(32)
+    assert torch.equal(gs.load(new).explain(x, [1, 2]).gradient, ex.explain(x, [1, 2]).gradient)

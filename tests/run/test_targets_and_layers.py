@@ -106,17 +106,29 @@ class TupleOut(nn.Module):
             return features, logits
         if self.kind == "dict":
             return {"features": features, "logits": logits}
+        if self.kind == "one entry":
+            return {"scores": logits}
         return self.Out(logits, features)
 
 
-@pytest.mark.parametrize("kind,key", [("tuple", 1), ("dict", "logits"), ("namedtuple", "logits")])
+@pytest.mark.parametrize("kind,key", [("tuple", 1), ("dict", "logits"), ("namedtuple", "logits"),
+                                      ("one entry", "scores")])
 def test_structured_outputs(kind, key):
     torch.manual_seed(0)
     model = TupleOut(kind).eval()
     x = image_batch(16)
-    with pytest.raises(TypeError, match="output="):
-        gs.convert(model, layer="conv")
+    if kind == "tuple":  # nothing names the logits: the user says which entry
+        with pytest.raises(TypeError, match="output="):
+            gs.convert(model, layer="conv")
+    else:  # an entry named 'logits', or the only entry, is read by default (Hugging Face's ModelOutput is a dict)
+        default = gs.convert(model, layer="conv")
+        assert (default.output, default.report.output_by_default) == (key, True)
+        assert f"explains output {key!r} (by default)" in default.report.summary()
+        assert torch.equal(default.explain(x, [1, 2]).gradient, gs.convert(model, layer="conv", output=key)
+                           .explain(x, [1, 2]).gradient)
     ex = gs.convert(model, layer="conv", output=key)
+    assert (ex.output, ex.report.output_by_default) == (key, False)
+    assert f"explains output {key!r};" in ex.report.summary()
     e = ex.explain(x, [1, 2])
     logits = model(x)[key] if kind != "namedtuple" else model(x).logits
     assert torch.equal(e.logits, logits)
@@ -147,3 +159,35 @@ def test_module_called_twice_needs_a_node_name():
     assert gs.convert(model, layer="conv_1").report.layers == {"conv_1": "conv_1"}
     with pytest.raises(gs.LayerError, match=r"called 2 times.*\['block.1', 'block.1_1'\]"):
         gs.convert(model, layer="block")
+
+
+# --- a forward with optional arguments (Captum's own test model writes one) ------------------------------
+
+class OptionalInputNet(nn.Module):
+    """``forward(x, add_input=None, multidim_output=False)``, as Captum's BasicModel_MultiLayer: fx used to take a
+    placeholder for ``add_input``, follow ``add_input is not None`` as if given, and explain(x) failed on x + None."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.linear0, self.relu, self.linear1 = nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)
+
+    def forward(self, x, add_input=None, multidim_output=False):
+        hidden = self.relu(self.linear0(x if add_input is None else x + add_input))
+        out = self.linear1(hidden)
+        return out.reshape(out.shape[0], 1, 2) if multidim_output else out
+
+
+@pytest.mark.parametrize("path", ["fx", "export", "runtime"])
+def test_optional_arguments_are_traced_as_absent_and_match_captum(path):
+    captum_attr = pytest.importorskip("captum.attr")
+    model = OptionalInputNet().eval()
+    x = torch.tensor([[3.0, 4.0, -1.0], [0.5, -2.0, 1.0]])
+    ex = gs.convert(model, layer="linear0", capture=path, example_input=x[:1])
+    e = ex.explain(x, [0, 1])
+    gradient = captum_attr.GuidedBackprop(model).attribute(x, target=[0, 1])
+    cam = captum_attr.LayerGradCam(model, model.linear0).attribute(x, target=[0, 1], relu_attributions=True)
+    assert gradient.abs().sum() > 0 and cam.abs().sum() > 0
+    assert torch.allclose(e.gradient, gradient) and torch.allclose(e.cam_raw.reshape(2, 1), cam)
+    if path != "runtime":
+        assert "add_input=None, multidim_output=False" in str(ex.report)

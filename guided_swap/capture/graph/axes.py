@@ -21,6 +21,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, fx, nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 # An axis is "B" (batch), "C" (channels), "S" (spatial) or "T" (tokens: positions flattened from a grid).
 
@@ -58,7 +59,7 @@ _CHANNELS_FIRST_FUNCTIONS = {
     "_native_batch_norm_legit", "_native_batch_norm_legit_no_training", "cudnn_batch_norm", "native_group_norm",
     "upsample_nearest2d", "upsample_bilinear2d", "upsample_nearest3d", "upsample_trilinear3d",
     "_adaptive_avg_pool2d", "_adaptive_avg_pool3d"}
-_RESHAPES = {"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as", "reshape_as"}
+RESHAPES = {"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as", "reshape_as"}
 
 
 def name_of(target: Any) -> str:
@@ -106,10 +107,12 @@ class Reader:
             return self._features_last(node, rank)
         if is_permute(node, module):
             return self._permuted(node, module, rank)
-        if node.op in ("call_method", "call_function") and name in _RESHAPES:
+        if node.op in ("call_method", "call_function") and name in RESHAPES:
             return self._reshaped(node)
         if node.op == "call_function" and node.target is operator.getitem:
             return self._indexed(node)
+        if node.op == "call_function" and name == "slice" and isinstance(node.target, torch._ops.OpOverload):
+            return self._sliced(node)
         if node.op == "call_function" and name in ("cat", "concat", "concatenate"):
             return self._concatenated(node)
         return self._same_shape(node)
@@ -151,6 +154,21 @@ class Reader:
         if before is None:
             return None
         return _index_axes(before, self.shapes[source], index)
+
+    def _sliced(self, node: fx.Node) -> Optional[Axes]:
+        """``aten.slice(x, dim, start, end, step)``: the export path's form of ``x[..., start:end:step]`` (Swin's
+        patch merging takes ``x[:, 0::2, 0::2]``), read as that index."""
+        source = self._input(node)
+        before = self.axes.get(source) if source is not None else None
+        args = list(node.args[1:]) + [None] * 4
+        dim = node.kwargs.get("dim", args[0] if args[0] is not None else 0)
+        start, end = node.kwargs.get("start", args[1]), node.kwargs.get("end", args[2])
+        step = node.kwargs.get("step", args[3] if args[3] is not None else 1)
+        shape = self.shapes[source] if source is not None else ()
+        if before is None or not all(isinstance(v, (int, type(None))) for v in (dim, start, end, step)):
+            return None
+        index = (slice(None),) * (dim % len(shape)) + (slice(start, end, step),)
+        return _index_axes(before, shape, index)
 
     def _tuple_entry(self, source: fx.Node, index: Any) -> Optional[Axes]:
         module = self.module(source)
@@ -348,8 +366,6 @@ def read_graph(gm: fx.GraphModule, example: Tensor) -> Optional[Reader]:
 
 
 def _shapes(gm: fx.GraphModule, example: Tensor) -> Optional[Dict[fx.Node, Tuple[int, ...]]]:
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
     shapes: Dict[fx.Node, Tuple[int, ...]] = {}
 
     class ShapeRecorder(fx.Interpreter):

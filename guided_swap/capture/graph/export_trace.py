@@ -45,11 +45,12 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, fx, nn
 from torch.export.graph_signature import InputKind, OutputKind
+from torch.fx.experimental.symbolic_shapes import SYMPY_INTERP
 from torch.fx.node import has_side_effect
 
 from ...core.errors import InputError, TraceError
 from ..mirror import mirror
-from .trace import QualnameTracer, Traced, default_leaf_modules
+from .trace import QualnameTracer, Traced, default_leaf_modules, optional_arguments
 
 _TORCH_DIR = Path(torch.__file__).resolve().parent
 _PACKAGE_DIR = Path(__file__).resolve().parents[2]  # guided_swap/
@@ -83,7 +84,8 @@ def trace_export(model: nn.Module, example_input: Tensor, *, dynamic_size: bool 
     leaves = tuple(default_leaf_modules())
     module_outputs = _module_outputs(gm.graph)
     names = _name_nodes(gm.graph, root, leaves, module_outputs)
-    return Traced(gm, module_outputs, names, leaves)
+    return Traced(gm, module_outputs, names, leaves, optional_arguments(model),  # export called it with x alone
+                  _module_inputs(gm.graph))
 
 
 def _example(x: Tensor) -> Tensor:
@@ -341,8 +343,6 @@ def check_input_shape(x: Tensor, guards: Tuple[str, ...] = (), example: Tuple[in
     """
     if not isinstance(x, Tensor) or not all(type(size) is int for size in x.shape):
         return
-    from torch.fx.experimental.symbolic_shapes import SYMPY_INTERP
-
     scope = {**SYMPY_INTERP, "torch": torch, "math": math, "inf": math.inf, "x": x}
     for code, compiled in zip(guards, _compiled_guards(tuple(guards))):
         if not eval(compiled, scope):  # torch.export's own guard expressions, over x's sizes only
@@ -403,6 +403,27 @@ def _module_outputs(graph: fx.Graph) -> Dict[str, List[fx.Node]]:
         if len(nodes) == 1:
             outputs.setdefault(paths[key], []).append(nodes[0])
     return outputs
+
+
+def _module_inputs(graph: fx.Graph) -> Dict[str, List[fx.Node]]:
+    """For every module call, the first tensor it is given: the first node from outside its scope that a node
+    inside it reads. (Tuple entries are not recovered from an aten graph: ``NAME[i]`` is an fx-path name.)"""
+    first: Dict[str, fx.Node] = {}
+    paths: Dict[str, str] = {}
+    for node in graph.nodes:
+        if node.op != "call_function":
+            continue
+        for key, path in _scopes(node):
+            if key in first:
+                continue
+            outside = [a for a in node.all_input_nodes if a.op != "get_attr" and _is_tensor(a) and
+                       key not in (a.meta.get("nn_module_stack") or {})]
+            if outside:
+                first[key], paths[key] = outside[0], path
+    inputs: Dict[str, List[fx.Node]] = {}
+    for key, node in first.items():
+        inputs.setdefault(paths[key], []).append(node)
+    return inputs
 
 
 def _op_name(node: fx.Node) -> str:

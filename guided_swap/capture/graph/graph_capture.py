@@ -39,12 +39,26 @@ class GraphCapture(Capture):
     def __init__(self, swapped: SwappedGraph):
         super().__init__(swapped.rule, swapped.layers, swapped.output)
         self.input_spec = swapped.input_spec
-        self.forward_module: fx.GraphModule = swapped.forward_graph()
+        self.forward_graph: fx.GraphModule = swapped.forward_graph()
         self.explain_module: Optional[fx.GraphModule] = None
         self.forked = False
         self._swapped: Optional[SwappedGraph] = swapped  # until the explain graph is built
         self._report = swapped.report(None)
         self._lock = threading.Lock()
+
+    @classmethod
+    def restored(cls, rule: Rule, layers: Sequence[str], output: OutputKey, input_spec: Optional[tuple],
+                 forward_module: fx.GraphModule, explain_module: fx.GraphModule, forked: bool,
+                 report: ConversionReport) -> "GraphCapture":
+        """A built capture from its parts (those of a saved file): what building leaves, with no traced model."""
+        capture = cls.__new__(cls)
+        Capture.__init__(capture, rule, layers, output)
+        capture.input_spec = input_spec
+        capture.forward_graph, capture.explain_module = forward_module, explain_module
+        capture.forked, capture._swapped, capture._report = forked, None, report
+        capture._lock = threading.Lock()
+        capture.train(False)
+        return capture
 
     # --- building on the first input ---------------------------------------------------------------------
 
@@ -88,6 +102,10 @@ class GraphCapture(Capture):
     def graph_module(self) -> Optional[fx.GraphModule]:
         return self.explain_module
 
+    @property
+    def forward_module(self) -> fx.GraphModule:
+        return self.forward_graph
+
     def check(self, x: Any, check_finite: Optional[bool] = None) -> InputShape:
         check_autograd()
         if not isinstance(x, Tensor):
@@ -99,11 +117,11 @@ class GraphCapture(Capture):
                                  f"(batch, {channels} channels, spatial...): add a batch dimension with x.unsqueeze(0)")
             if x.shape[1] != channels:
                 raise InputError(f"input has {x.shape[1]} channels; the model's first convolution takes {channels}")
-        check_tensor(x, self.forward_module, check_finite)
+        check_tensor(x, self.forward_graph, check_finite)
         return InputShape(x.shape[0], tuple(x.shape[2:]))
 
     def forward(self, x: Tensor) -> Any:
-        return self.forward_module(x)
+        return self.forward_graph(x)
 
     def run(self, x: Tensor, score: Score) -> PassResult:
         """Score the main graph, then the plain fork with the classes the main graph chose; one

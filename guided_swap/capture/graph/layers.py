@@ -11,16 +11,17 @@ A name is resolved in this order:
 """
 import difflib
 import math
+import operator
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import fx, nn
 
 from ...core.errors import LayerError
-from ..base import LayerChoice
+from ..base import LayerChoice, LayerPart
 from .axes import upstream
 from .layouts import transformer_layer
-from .trace import Traced
+from .trace import Traced, trace
 
 _CONV_MODULES = (nn.modules.conv._ConvNd,)
 _CONV_FUNCTIONS = (torch.conv1d, torch.conv2d, torch.conv3d, torch.nn.functional.conv1d,
@@ -31,7 +32,13 @@ HINT = "see guided_swap.layer_names(model) for every name"
 
 
 def resolve(name: str, traced: Traced, model: nn.Module) -> fx.Node:
-    """The node that ``name`` captures."""
+    """The node that ``name`` captures: a module's output, a graph node, ``NAME:input`` (the first tensor the
+    module is called with) or ``NAME[i]`` (entry ``i`` of the tuple it returns)."""
+    base, part = LayerPart.parse(name)
+    if part == "input":
+        return _one_call(name, traced.module_inputs.get(base, []), base, traced, model)
+    if isinstance(part, int):
+        return _entry(name, base, part, traced, model)
     calls = traced.module_outputs.get(name, [])
     if len(calls) == 1:
         return calls[0]
@@ -40,12 +47,55 @@ def resolve(name: str, traced: Traced, model: nn.Module) -> fx.Node:
     if len(calls) > 1:
         names = [c.meta["qualname"] for c in calls]
         raise LayerError(f"module {name!r} is called {len(calls)} times; name one call: {names}")
+    entries = traced.module_entries.get(name)
+    if entries:
+        listed = ", ".join(f"{name}[{i}]" for i, node in enumerate(entries[0]) if node is not None)
+        raise LayerError(f"module {name!r} returns a tuple of {len(entries[0])}; capture its entries by name, one "
+                         f"map each: layer=[{listed}]")
     modules = dict(model.named_modules())
     if name in modules:
         raise LayerError(f"module {name!r} is never called as a module in the traced graph (it is unused, or "
                          f"inside a leaf module); capture a graph node instead; {HINT}")
     raise LayerError(f"layer {name!r} is not in {type(model).__name__}; closest names: "
                      f"{suggestions(name, traced, model)}; {HINT}")
+
+
+def _one_call(name: str, calls: List[fx.Node], base: str, traced: Traced, model: nn.Module) -> fx.Node:
+    if len(calls) == 1:
+        return calls[0]
+    if len(calls) > 1:
+        raise LayerError(f"module {base!r} is called {len(calls)} times, so {name!r} is ambiguous; capture the node "
+                         f"that feeds the call you mean; {HINT}")
+    raise LayerError(f"{name!r}: {base!r} is not a module called in the traced graph; closest names: "
+                     f"{suggestions(base, traced, model)}; {HINT}")
+
+
+def _entry(name: str, base: str, index: int, traced: Traced, model: nn.Module) -> fx.Node:
+    """Entry ``index`` of what module (or node) ``base`` returns: the tuple's own node, or a getitem added
+    after a node whose value is a tuple (a leaf module's call)."""
+    entries = traced.module_entries.get(base, [])
+    if len(entries) > 1:
+        raise LayerError(f"module {base!r} is called {len(entries)} times, so {name!r} is ambiguous; {HINT}")
+    if entries:
+        nodes = entries[0]
+        if index >= len(nodes) or nodes[index] is None:
+            raise LayerError(f"{name!r}: {base!r} returns {len(nodes)} entries, and entry {index} is not a tensor "
+                             "computed by the model")
+        return nodes[index]
+    try:
+        source = resolve(base, traced, model)
+    except LayerError:
+        if base not in dict(model.named_modules()):
+            raise
+        raise LayerError(f"{name!r}: the entries of what {base!r} returns are not known in this graph (an aten graph "
+                         "from torch.export keeps no tuples); capture the node that computes the entry, or convert "
+                         f"with capture='fx' or 'runtime'; {HINT}") from None
+    graph = source.graph
+    with graph.inserting_after(source):
+        node = graph.call_function(operator.getitem, (source, index))
+    node.meta["qualname"] = name
+    traced.node_names[name] = node
+    return node
 
 
 def suggestions(name: str, traced: Traced, model: nn.Module, n: int = 5) -> List[str]:
@@ -375,8 +425,6 @@ def _is_elementwise_with_constants(gm: fx.GraphModule, user: fx.Node, node: fx.N
 
 
 def _try_trace(model: nn.Module) -> Optional[fx.GraphModule]:
-    from .trace import trace
-
     try:
         return trace(model).module
     except Exception:  # an untraceable model gets no input check

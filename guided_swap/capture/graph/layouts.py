@@ -9,12 +9,13 @@ before it. ``layer="auto"`` for transformers is chosen here too (:func:`auto_lay
 import math
 import operator
 from dataclasses import replace
-from typing import Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
 from torch import Tensor, fx, nn
 
 from . import axes as graph_axes
+from ...core.errors import LayerError
 from ...core.layout import CHANNELS_FIRST, Layout
 from ..base import LayerChoice
 
@@ -22,9 +23,13 @@ _ATTENTION_FUNCTIONS = {"scaled_dot_product_attention", "multi_head_attention_fo
 
 def layout_of(axes: Optional[graph_axes.Axes], shape: Tuple[int, ...], input_size: Tuple[int, ...]) -> Layout:
     """The :class:`Layout` of a capture whose axes are ``axes`` (None: not understood)."""
+    if axes is None and len(shape) == 2:
+        return Layout("vector", reason="a (B, C) capture: one position")
     if axes is None:
         return Layout("unknown", reason=f"no channel axis could be followed to the capture {shape} from the input")
     roles = axes.roles
+    if tuple(roles) == ("B", "C"):
+        return Layout("vector", reason="read from the graph")
     if len(roles) < 3 or roles[0] != "B" or roles.count("C") != 1:
         return Layout("unknown", reason=f"the capture {shape} has no (batch, channels, positions) axes")
     channel = roles.index("C")
@@ -127,9 +132,116 @@ def transformer_layer(gm: fx.GraphModule, example: Tensor) -> Optional[LayerChoi
     last = maps[-1]
     while _selects_or_permutes(reader, last) and _is_map(reader, last.args[0]):
         last = last.args[0]  # name the map itself, not a slice or a permuted view of it
+    _refuse_if_positions_lost(reader, last, output)
     if _cnn_would_find(reader, last):
         return None
     return LayerChoice(last, "auto: the last map of positions before the pooling")
+
+
+def _refuse_if_positions_lost(reader: graph_axes.Reader, chosen: fx.Node, output: fx.Node) -> None:
+    """Refuse ``chosen`` when the positions go on past it as tokens whose grid the graph reading lost: tokens on a
+    tensor every path to the output crosses, rearranged from a map (a patch merging it cannot follow, say), and
+    as many as no grid of ``chosen`` holds. ``chosen`` is then only the last map it could read, an earlier stage
+    than the one before the pooling, and its map would be silently wrong. Tokens an attention made (a
+    Perceiver's latents) are no positions; the same count of tokens (VOLO's class-attention blocks pass the
+    patches on beside the class token) is the same grid."""
+    order = {node: i for i, node in enumerate(reader.gm.graph.nodes)}
+    for node in bottlenecks(reader.gm, output, set(reader.shapes)):
+        axes = reader.axes.get(node)
+        if order[node] <= order[chosen] or axes is None or "T" not in axes.roles or axes.grid is not None:
+            continue
+        count = reader.shapes[node][axes.roles.index("T")]
+        if count > 1 and count not in _position_counts(reader, chosen) and _rearranged_from_a_map(reader, node):
+            raise LayerError(
+                f"layer='auto' cannot tell the last map before the pooling: after {_qualname(chosen)} "
+                f"({_grid_size(reader, chosen)}), the last map whose layout it can read, the positions go on as the "
+                f"tokens of {_qualname(node)} {reader.shapes[node]}, whose patch grid could not be followed through "
+                "the graph (a patch merging it does not know). Pass layer=NAME with "
+                "layout=guided_swap.Layout('tokens', grid=(h, w)) or reshape= (docs/transformers.md); see "
+                "guided_swap.layer_names(model) for every name")
+
+
+#: ops that move a tensor's values without mixing positions (the ops of a patch merging), and those that act on
+#: each position's features alone: back through these from lost tokens, a map means the tokens are its positions
+_REARRANGING = graph_axes.RESHAPES | {"permute", "transpose", "swapaxes", "movedim", "contiguous", "clone", "cat",
+                                     "concat", "slice", "getitem", "unfold", "im2col", "pad", "constant_pad_nd",
+                                     "dropout", "linear", "layer_norm", "rms_norm", "add", "mul"}
+
+
+def _rearranged_from_a_map(reader: graph_axes.Reader, node: fx.Node, budget: int = 64) -> bool:
+    """Whether ``node``'s tokens come from a readable map through rearranging ops only (:data:`_REARRANGING`)."""
+    while budget > 0:
+        budget -= 1
+        name = graph_axes.name_of(node.target)
+        module = reader.module(node)
+        if module is not None and isinstance(module, (nn.Linear, nn.LayerNorm, nn.Dropout, nn.Identity)):
+            name = "linear"
+        if node.op not in ("call_function", "call_method", "call_module") or name not in _REARRANGING:
+            return False
+        first = node.args[0] if node.args else None
+        if isinstance(first, (list, tuple)) and first:  # cat's tensors
+            first = first[0]
+        if not isinstance(first, fx.Node) or first not in reader.shapes:
+            return False
+        if _is_map(reader, first):
+            return True
+        node = first
+    return False
+
+
+def bottlenecks(gm: fx.GraphModule, output: fx.Node, tensors: set) -> list:
+    """The nodes every tensor path from the input to ``output`` crosses, in graph order (``tensors``: the nodes
+    whose value is a tensor; a size read off the input, the export graph's ``sym_size``, is no such path).
+
+    In a graph in topological order, a node is on every path from the input to the output exactly when no
+    edge between two nodes on such paths jumps over it: one sweep over the edges (a residual connection jumps
+    over its block).
+    """
+    nodes = list(gm.graph.nodes)
+    on_path = _on_input_paths(nodes, output, tensors)
+    order = {node: i for i, node in enumerate(nodes)}
+    cover = [0] * (len(nodes) + 1)
+    for node in nodes:
+        for arg in node.all_input_nodes if node in on_path else ():
+            if arg in on_path:
+                cover[order[arg] + 1] += 1
+                cover[order[node]] -= 1
+    found, jumps = [], 0
+    for i, node in enumerate(nodes):
+        jumps += cover[i]
+        if node in on_path and jumps == 0:
+            found.append(node)
+    return found
+
+
+def _on_input_paths(nodes: list, output: fx.Node, tensors: set) -> set:
+    """The nodes on tensor paths from the input that the output is computed from: tensors, tuples of tensors
+    (an attention module's output, a split) and the output; never a size read off a tensor."""
+    from_input = set()
+    for node in nodes:
+        if node.op == "placeholder" or ((node is output or _carries_tensors(tensors, node)) and
+                                        any(a in from_input for a in node.all_input_nodes)):
+            from_input.add(node)
+    return from_input & graph_axes.upstream([output])
+
+
+def _position_counts(reader: graph_axes.Reader, node: fx.Node) -> set:
+    """How many tokens hold the positions of the map ``node``: its grid, with and without prefix and suffix."""
+    axes = reader.axes[node]
+    if "T" in axes.roles:
+        return {math.prod(axes.grid), math.prod(axes.grid) + axes.prefix + axes.suffix}
+    return {math.prod(reader.shapes[node][k] for k, r in enumerate(axes.roles) if r == "S")}
+
+
+def _grid_size(reader: graph_axes.Reader, node: fx.Node) -> str:
+    """``16x16``: the grid of a token map, the spatial size of any other map."""
+    axes = reader.axes[node]
+    sizes = axes.grid if "T" in axes.roles else [reader.shapes[node][k] for k, r in enumerate(axes.roles) if r == "S"]
+    return "x".join(str(size) for size in sizes)
+
+
+def _qualname(node: fx.Node) -> str:
+    return repr(node.meta.get("qualname", node.name))
 
 
 def _selects_or_permutes(reader: graph_axes.Reader, node: fx.Node) -> bool:
@@ -174,17 +286,37 @@ def _is_map(reader: graph_axes.Reader, node: fx.Node) -> bool:
 
 
 def _class_token_read(reader: graph_axes.Reader, upstream: set) -> Optional[fx.Node]:
-    """The last ``x[:, i]`` on a token map that picks a prefix token (the class token), on the way to the output."""
-    found = None
-    for node in reader.gm.graph.nodes:
-        if node in upstream and node.op == "call_function" and _picks_a_prefix_token(reader, node):
-            found = node
-    return found
+    """The last read of prefix tokens (the class token) of a token map that reaches the output through such
+    reads only: the head's read. A class-attention block's ``x[:, :1]`` (CaiT, VOLO) is no such read: its
+    token map also goes, whole, into the attention."""
+    reads = [node for node in reader.gm.graph.nodes
+             if node in upstream and node.op == "call_function" and _picks_a_prefix_token(reader, node)]
+    return next((read for read in reversed(reads) if _only_prefix_reaches_output(reader, read, upstream)), None)
+
+
+def _only_prefix_reaches_output(reader: graph_axes.Reader, read: fx.Node, upstream: set) -> bool:
+    """Whether the token map ``read`` reads reaches the output only through reads of its prefix tokens."""
+    tensor, taken = read.args[0], {read}
+    if tensor not in reader.shapes:  # a chunk of a split: every chunk used must be prefix tokens
+        if not all(_picks_a_prefix_token(reader, chunk) for chunk in tensor.users if chunk in upstream):
+            return False
+        tensor, taken = tensor.args[0], {tensor}
+    return all(user in taken or (user.op == "call_function" and _picks_a_prefix_token(reader, user))
+               for user in tensor.users if user in upstream and _carries_tensors(reader.shapes, user))
+
+
+def _carries_tensors(tensors, node: fx.Node) -> bool:
+    """A tensor, or a tuple of them (an attention module's output, a split), not a size read off one."""
+    return node in tensors or any(user.target is operator.getitem and user in tensors for user in node.users)
 
 
 def _picks_a_prefix_token(reader: graph_axes.Reader, node: fx.Node) -> bool:
-    """``x[:, i]`` (fx) or ``aten.select(x, token_axis, i)`` (the export path's graph) with ``i`` a prefix token."""
+    """Whether ``node`` reads prefix tokens only (the class token) of a token map: ``x[:, i]`` or ``x[:, :1]``
+    (fx), ``aten.select``/``aten.slice`` (the export path's graph), or a chunk of ``torch.split`` along the
+    tokens (CvT splits its class token off this way)."""
     source = node.args[0] if node.args else None
+    if node.target is operator.getitem and isinstance(source, fx.Node) and source not in reader.shapes:
+        return _split_chunk_in_prefix(reader, source, node.args[1])
     axes = reader.axes.get(source) if isinstance(source, fx.Node) else None
     if axes is None or "T" not in axes.roles or not axes.prefix:
         return False
@@ -194,13 +326,49 @@ def _picks_a_prefix_token(reader: graph_axes.Reader, node: fx.Node) -> bool:
         if len(index) <= token_axis or not all(i == slice(None) for i in index[:token_axis]):
             return False
         picked = index[token_axis]
-    elif graph_axes.name_of(node.target) == "select" and len(node.args) == 3:
-        dim, picked = node.args[1], node.args[2]
+    elif graph_axes.name_of(node.target) in ("select", "slice") and len(node.args) >= 3:
+        dim = node.args[1]
         if not isinstance(dim, int) or dim % len(axes.roles) != token_axis:
             return False
+        picked = node.args[2] if graph_axes.name_of(node.target) == "select" else slice(*node.args[2:5])
     else:
         return False
-    return isinstance(picked, int) and 0 <= picked < axes.prefix
+    return _within(picked, reader.shapes[source][token_axis], axes.prefix)
+
+
+def _within(picked: Any, length: int, prefix: int) -> bool:
+    """Whether an int or slice of an axis of ``length`` picks positions below ``prefix`` only (and some)."""
+    if isinstance(picked, int) and not isinstance(picked, bool):
+        return 0 <= picked % length < prefix
+    if isinstance(picked, slice) and all(isinstance(v, (int, type(None))) for v in (picked.start, picked.stop,
+                                                                                     picked.step)):
+        chosen = range(*picked.indices(length))
+        return len(chosen) > 0 and max(chosen) < prefix and min(chosen) >= 0
+    return False
+
+
+def _split_chunk_in_prefix(reader: graph_axes.Reader, split: fx.Node, chunk: Any) -> bool:
+    """``torch.split(x, sizes, dim)[chunk]`` (or ``aten.split_with_sizes``) with that chunk in x's prefix tokens."""
+    if split.op not in ("call_function", "call_method") or graph_axes.name_of(split.target) not in (
+            "split", "split_with_sizes") or not isinstance(chunk, int) or not split.args:
+        return False
+    source = split.args[0]
+    axes = reader.axes.get(source) if isinstance(source, fx.Node) else None
+    sizes = split.args[1] if len(split.args) > 1 else split.kwargs.get("split_size_or_sections",
+                                                                        split.kwargs.get("split_sizes"))
+    dim = split.args[2] if len(split.args) > 2 else split.kwargs.get("dim", 0)
+    if axes is None or "T" not in axes.roles or not axes.prefix or not isinstance(dim, int):
+        return False
+    token_axis, length = axes.roles.index("T"), reader.shapes[source][axes.roles.index("T")]
+    if dim % len(axes.roles) != token_axis:
+        return False
+    if isinstance(sizes, int):
+        sizes = [sizes] * -(-length // sizes)
+    if not isinstance(sizes, (list, tuple)) or not 0 <= chunk < len(sizes) or \
+            not all(isinstance(v, int) for v in sizes[:chunk + 1]):  # fx may hold later sizes as graph nodes
+        return False
+    start = sum(sizes[:chunk])
+    return _within(slice(start, start + sizes[chunk]), length, axes.prefix)
 
 
 def _is_attention(gm: fx.GraphModule, node: fx.Node) -> bool:

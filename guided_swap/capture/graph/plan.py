@@ -15,7 +15,7 @@ from ...core.errors import OutputError
 from ...core.layout import Layout
 from ...core.report import ConversionReport
 from ...core.rules import Rule
-from ...core.targets import OutputKey
+from ...core.targets import OutputKey, default_entry
 from ..base import AUTO
 from . import layers as layer_nodes
 from . import layouts, rewrite
@@ -76,7 +76,7 @@ class SwappedGraph:
                                for name, nodes in traced.module_outputs.items()}
         self.swapped_nodes = list(replaced.values())
         self.left_alone, self.hidden = rewrite.unswapped_activations(gm)
-        _check_output_key(_output_arg(gm.graph), output)
+        self.output, self.output_by_default = explained_entry(_output_arg(gm.graph), output)
 
     @property
     def needs_example(self) -> bool:
@@ -115,7 +115,10 @@ class SwappedGraph:
 
     def report(self, built: Optional[ExplainGraph]) -> ConversionReport:
         report = ConversionReport(self.rule.name, tuple(self.swaps), tuple(self.left_alone), tuple(self.hidden),
-                                  capture=self.capture_path, ordinary_rule=self.rule.ordinary)
+                                  capture=self.capture_path, ordinary_rule=self.rule.ordinary, output=self.output,
+                                  output_by_default=self.output_by_default,
+                                  fixed_arguments=tuple(f"{k}={v!r}" for k, v in
+                                                        self.traced.fixed_arguments.items()))
         if built is None:
             pending = {name: "resolved at the first explain() from its input" for name in self.layers if name == AUTO}
             return replace(report, layers={n: rewrite.qualname(node) for n, node in self.named.items()},
@@ -144,18 +147,34 @@ def _output_entries(output_arg: Any) -> Optional[list]:
         if output_arg.op == "call_function" and isinstance(target, type) and hasattr(target, "_fields"):
             return list(target._fields) + list(range(len(target._fields)))  # a namedtuple built in forward
         return None
-    if isinstance(output_arg, dict):
+    if isinstance(output_arg, dict):  # fx and the export path record a ModelOutput (a dict) as a plain dict
         return list(output_arg.keys())
     if hasattr(output_arg, "_fields"):
         return list(output_arg._fields) + list(range(len(output_arg)))
     return list(range(len(output_arg)))
 
 
-def _check_output_key(output_arg: Any, key: OutputKey) -> None:
+def _entry_names(output_arg: Any) -> Optional[list]:
+    """The names of the entries of the graph's output (dict keys, namedtuple fields), or None."""
+    if isinstance(output_arg, dict):
+        return list(output_arg)
+    target = output_arg.target if isinstance(output_arg, fx.Node) and output_arg.op == "call_function" else output_arg
+    fields = getattr(target, "_fields", None)
+    return list(fields) if isinstance(fields, tuple) else None
+
+
+def explained_entry(output_arg: Any, key: OutputKey) -> Tuple[OutputKey, bool]:
+    """The entry of the graph's output that is explained, and whether it was read by default: ``key`` when
+    given (checked), else the ``logits`` entry, or the only entry, of an output that names its entries
+    (:func:`~guided_swap.core.targets.default_entry`), else None for a single tensor."""
     entries = _output_entries(output_arg)
+    named = default_entry(_entry_names(output_arg))
+    if key is None and named is not None:
+        return named, True
     if key is None and entries is not None:
         raise OutputError(f"the model returns several outputs {entries}; convert with output=ENTRY to say which one "
                           "is explained")
     if key is not None and (entries is None or key not in entries):
         raise OutputError(f"output={key!r} is not an entry of the model's output (entries: {entries}); "
                           "leave output=None for a model that returns one tensor")
+    return key, False

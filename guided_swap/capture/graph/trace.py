@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 import torch
+import torchvision
 from torch import fx, nn
 
 from .. import ops
@@ -37,8 +38,6 @@ def default_leaf_modules() -> List[type]:
     torchvision makes *every* torchvision.ops module a leaf; that would hide the ReLUs inside
     ``Conv2dNormActivation`` and ``SqueezeExcitation``, so modules with children are traced through.
     """
-    import torchvision
-
     leaves = []
     for _, obj in inspect.getmembers(torchvision.ops, inspect.isclass):
         if issubclass(obj, nn.Module) and not issubclass(obj, (nn.Sequential, nn.ModuleList)):
@@ -58,6 +57,8 @@ class QualnameTracer(fx.Tracer):
         self.leaf_modules = tuple(leaf_modules)
         self.current_qualname = ""
         self.module_outputs: Dict[str, List[fx.Node]] = {}
+        self.module_inputs: Dict[str, List[fx.Node]] = {}  # the first tensor each call is given
+        self.module_entries: Dict[str, List[List[Optional[fx.Node]]]] = {}  # calls that return a tuple
         self.node_names: Dict[fx.Node, str] = {}
         self._name_counts: Dict[str, int] = {}
 
@@ -75,6 +76,12 @@ class QualnameTracer(fx.Tracer):
             name, self.current_qualname = self.current_qualname, outer
         if isinstance(result, fx.Proxy):
             self.module_outputs.setdefault(name, []).append(result.node)
+        elif isinstance(result, (tuple, list)) and any(isinstance(item, fx.Proxy) for item in result):
+            self.module_entries.setdefault(name, []).append(
+                [item.node if isinstance(item, fx.Proxy) else None for item in result])
+        first = next((a for a in list(args) + list(kwargs.values()) if isinstance(a, fx.Proxy)), None)
+        if first is not None:
+            self.module_inputs.setdefault(name, []).append(first.node)
         return result
 
     def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
@@ -104,6 +111,9 @@ class Traced:
     module_outputs: Dict[str, List[fx.Node]]
     node_names: Dict[str, fx.Node] = field(default_factory=dict)
     leaf_modules: tuple = ()
+    fixed_arguments: Dict[str, Any] = field(default_factory=dict)  # forward's arguments traced as these values
+    module_inputs: Dict[str, List[fx.Node]] = field(default_factory=dict)  # the first tensor each call is given
+    module_entries: Dict[str, List[List[Optional[fx.Node]]]] = field(default_factory=dict)  # tuple-returning calls
 
 
 def trace(model: nn.Module, tracer_kwargs: Optional[Dict[str, Any]] = None) -> Traced:
@@ -111,12 +121,18 @@ def trace(model: nn.Module, tracer_kwargs: Optional[Dict[str, Any]] = None) -> T
 
     ``tracer_kwargs`` takes the options torchvision's ``create_feature_extractor`` takes: ``leaf_modules``
     (classes not to trace through), ``autowrap_functions``, ``autowrap_modules`` and ``concrete_args``.
+
+    The model's input is the first argument of its ``forward``; every later argument with a default is traced
+    as its default (``forward(self, x, mask=None)`` as if ``mask`` were absent): fx would otherwise take a
+    placeholder for it, follow ``if mask is not None`` as if it were given, and the explainer, called with
+    ``x`` alone, would fail. ``concrete_args`` overrides a default.
     """
     options = dict(tracer_kwargs or {})
     unknown = sorted(set(options) - set(TRACER_OPTIONS))
     if unknown:
         raise TypeError(f"unknown tracer option(s) {unknown}; the options are {list(TRACER_OPTIONS)}")
-    concrete_args = options.pop("concrete_args", None)
+    defaults = optional_arguments(model)
+    concrete_args = {**defaults, **(options.pop("concrete_args", None) or {})} or None
     leaves = tuple(default_leaf_modules()) + tuple(options.pop("leaf_modules", ()))
     autowrap_modules = (math,) + tuple(options.pop("autowrap_modules", ()))
     tracer = QualnameTracer(leaves, options.pop("autowrap_functions", ()), autowrap_modules)
@@ -127,7 +143,18 @@ def trace(model: nn.Module, tracer_kwargs: Optional[Dict[str, Any]] = None) -> T
         raise TraceError(_trace_failure_message(model, error)) from error
     module = fx.GraphModule(root, graph, class_name=type(model).__name__)
     names = {name: node for node, name in tracer.node_names.items()}
-    return Traced(module, tracer.module_outputs, names, leaves)
+    return Traced(module, tracer.module_outputs, names, leaves, dict(concrete_args or {}), tracer.module_inputs,
+                  tracer.module_entries)
+
+
+def optional_arguments(model: nn.Module) -> Dict[str, Any]:
+    """The arguments of ``model.forward`` after the first that have a default, with their defaults."""
+    try:
+        parameters = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):  # a forward without a signature Python can read
+        return {}
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {p.name: p.default for p in parameters[1:] if p.kind in kinds and p.default is not inspect.Parameter.empty}
 
 
 def _inside(filename: str, directory: str) -> bool:

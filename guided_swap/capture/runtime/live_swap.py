@@ -18,6 +18,7 @@ Forward hooks on the mirror's modules name each call site by its module path and
 >>> len(run.sites), list(run.sites)[:3], tuple(run.captures["layer4"][0].shape)
 (17, ['relu', 'layer1.0.relu', 'layer1.0.relu_1'], (1, 512, 2, 2))
 """
+import math
 import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -336,7 +337,16 @@ class Run:
 
     def _enter_module(self, path: str):
         def hook(module, inputs):
-            self._stack.append(_Frame(path, self._name(path), module))
+            frame = _Frame(path, self._name(path), module)
+            self._stack.append(frame)
+            wanted = self.capture_names.intersection((f"{frame.path}:input", f"{frame.name}:input"))
+            position = next((i for i, value in enumerate(inputs) if isinstance(value, Tensor)), None)
+            if not wanted or position is None:
+                return None
+            for name in wanted:
+                self.captures.setdefault(name, []).append(inputs[position])
+            # the module gets a copy, so an in-place op inside it cannot change the capture
+            return inputs[:position] + (inputs[position].clone(),) + inputs[position + 1:]
         return hook
 
     def _leave_module(self, module, inputs, output):
@@ -349,6 +359,15 @@ class Run:
             self.captures.setdefault(name, []).append(output)
         if wanted and isinstance(output, Tensor):
             replaced = output = output.clone()  # what the rest of the model sees (and may change in place)
+        entries = [(name, int(name[name.rindex("[") + 1:-1])) for name in self.capture_names
+                   if name.endswith("]") and name[:name.rindex("[")] in (frame.path, frame.name)]
+        if entries and isinstance(output, (tuple, list)):
+            values = list(output)
+            for name, index in entries:
+                if index < len(values) and isinstance(values[index], Tensor):
+                    self.captures.setdefault(name, []).append(values[index])
+                    values[index] = values[index].clone()
+            replaced = output = type(output)(values) if not hasattr(output, "_fields") else type(output)(*values)
         if self.record:
             self.calls.append(ModuleCall(frame.path, module, output))
         return replaced
@@ -455,5 +474,8 @@ def _called_once(calls: Sequence[ModuleCall]) -> set:
 
 
 def _feature_maps(output: Any) -> List[Tensor]:
+    """The maps among a module's returned values; a pooled (B, C, 1, 1) vector, such as the pooler output next
+    to the last map in a Hugging Face backbone's ``ModelOutput``, is not one."""
     values = output.values() if isinstance(output, dict) else output if isinstance(output, (list, tuple)) else ()
-    return [v for v in values if isinstance(v, Tensor) and v.dim() >= 3 and v.is_floating_point()]
+    return [v for v in values if isinstance(v, Tensor) and v.dim() >= 3 and v.is_floating_point()
+            and math.prod(v.shape[2:]) > 1]

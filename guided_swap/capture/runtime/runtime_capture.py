@@ -35,8 +35,8 @@ from ...core.maps import PassResult
 from ...core.pass_cams import BiasPass
 from ...core.report import RuntimeReport, Swap
 from ...core.rules import Rule
-from ...core.targets import OutputKey, Score
-from ..base import AUTO, Capture, InputShape, check_autograd, check_tensor, gradients
+from ...core.targets import OutputKey, Score, default_output
+from ..base import AUTO, Capture, InputShape, LayerPart, check_autograd, check_tensor, gradients
 from . import bias_hooks
 from .live_swap import Run, Site, auto_layer, private_mirror
 
@@ -55,6 +55,7 @@ class RuntimeCapture(Capture):
         self._left_alone: Dict[str, Site] = {}
         self._runs = 0
         self._tail_backward = False
+        self._output_by_default = False  # set when a run shows an output naming a 'logits' entry
         self._lock = threading.Lock()
 
     # --- the contract ------------------------------------------------------------------------------------
@@ -65,7 +66,8 @@ class RuntimeCapture(Capture):
                                                       for s in self._sites.values())
         return RuntimeReport(self.rule.name, swapped, tuple((s.name, s.spelling) for s in self._left_alone.values()),
                              (), layers=dict(self._paths), layer_reasons=dict(self._layer_reasons), capture=self.path,
-                             ordinary_rule=self.rule.ordinary, runs=self._runs, tail_backward=self._tail_backward)
+                             ordinary_rule=self.rule.ordinary, runs=self._runs, tail_backward=self._tail_backward,
+                             output=self.output, output_by_default=self._output_by_default)
 
     @property
     def ready(self) -> bool:
@@ -153,6 +155,8 @@ class RuntimeCapture(Capture):
         self._sites.update((k, v) for k, v in run.sites.items() if k not in self._sites)
         self._left_alone.update((k, v) for k, v in run.left_alone.items() if k not in self._left_alone)
         self._tail_backward |= run.rectified_after_capture
+        if self.output is None and default_output(outputs) is not None:  # the report says what is explained
+            self.output, self._output_by_default = default_output(outputs), True
         return run, outputs
 
     def _captures(self, run: Run) -> List[Tensor]:
@@ -167,8 +171,10 @@ class RuntimeCapture(Capture):
                 calls = ", ".join([key] + [f"{key}_{i}" for i in range(1, len(values))])
                 raise LayerError(f"module {key!r} ran {len(values)} times in one forward; name one call: {calls}")
             if not isinstance(values[0], Tensor):
-                raise LayerError(f"layer {name!r} returned a {type(values[0]).__name__}, not a tensor; capture a "
-                                 f"module inside it that returns one feature map: {_suggest(key + '.', self.model)}")
+                entries = f"its entries {key}[0], {key}[1], ..., or " if isinstance(values[0], (tuple, list)) else ""
+                raise LayerError(f"layer {name!r} returned a {type(values[0]).__name__}, not a tensor; capture "
+                                 f"{entries}a module inside it that returns one feature map: "
+                                 f"{_suggest(key + '.', self.model)}")
             captures.append(values[0])
         return captures
 
@@ -223,10 +229,12 @@ def _unimportable_classes(model: nn.Module) -> List[str]:
 
 
 def _check_layer(name: str, model: nn.Module) -> str:
-    """A module path, or one call of it (``path_1``): the name itself, validated."""
+    """A module path, or one call of it (``path_1``), with ``:input`` or ``[i]`` after it: the name itself,
+    validated."""
     modules = dict(model.named_modules())
-    base, _, index = name.rpartition("_")
-    if name in modules or (base in modules and index.isdigit()):
+    module = LayerPart.parse(name).base
+    base, _, index = module.rpartition("_")
+    if module in modules or (base in modules and index.isdigit()):
         return name
     close = difflib.get_close_matches(name, [m for m in modules if m], n=5, cutoff=0.5)
     raise LayerError(f"layer {name!r} is not a module of {type(model).__name__}; closest names: "
