@@ -272,7 +272,16 @@ def _pass(explainer, job: Job, plan: Plan, indices, settings, group, channels: i
                 interrupted = True
                 break
         writers.finish()
+    _write_failures(writers, plan, indices, records, settings)
     return records, interrupted
+
+
+def _write_failures(writers: Writers, plan: Plan, indices, records: Dict[int, dict], settings) -> None:
+    """The inputs whose result could not be written get a failed record with the reason (the run goes on)."""
+    where = {plan.items[i]: i for i in indices}
+    for item, reason in writers.failed.items():
+        if item in where:
+            records[where[item]] = results.failure_record(item, settings, reason)
 
 
 @dataclass
@@ -331,6 +340,7 @@ def _draw(explainer, job: Job, plan: Plan, mine: Sequence[int], drawing: Drawing
                 interrupted = done < len(mine)
                 break
         writers.finish()
+    _write_failures(writers, plan, mine, records, settings)
     return records, interrupted
 
 
