@@ -208,9 +208,14 @@ class Writers:
     One input's write that fails (:data:`WRITE_ERRORS`: a full disk, a name the file system refuses) does not
     stop the others: ``failed`` maps the input (the :class:`Item` among the work's arguments) to one line. The
     processes end with this one, even when it is killed, and on SIGTERM (:func:`~guided_swap._console.tied_child`);
-    if one is killed, the writes it held fail (``failed``) and the rest are written in this process."""
+    if one is killed, the writes it held fail (``failed``) and the rest are written in this process.
 
-    def __init__(self, count: int, backlog: int = 64):
+    ``wrap(item, work)``, if given, is what runs instead of ``work`` for that input (the runner's
+    :class:`~guided_swap.app.results.Together`, which places a result's files together)."""
+
+    def __init__(self, count: int, backlog: int = 64,
+                 wrap: Optional[Callable[[Optional[Item], Callable[..., None]], Callable[..., None]]] = None):
+        self.wrap = wrap
         self.pool = None
         if count:
             self.pool = ProcessPoolExecutor(count, mp_context=multiprocessing.get_context("fork"),
@@ -221,6 +226,8 @@ class Writers:
 
     def submit(self, *args, work: Callable[..., None] = write_result) -> None:
         key = next((arg for arg in args if isinstance(arg, Item)), None)
+        if self.wrap is not None:
+            work = self.wrap(key, work)
         if self.pool is not None:
             try:
                 self.pending.append((key, self.pool.submit(work, *args)))
