@@ -21,7 +21,7 @@ from .capture.base import Capture
 from .core import cam
 from .core.cam import CamError, cam_methods, register_cam, unregister_cam
 from .core.errors import (CommandError, ExportError, GuidedSwapError, InputError, LayerError, LoadError, OutputError,
-                          RuleError, TargetError, TraceError, ZeroGradientWarning)
+                          RuleError, RunError, TargetError, TraceError, ZeroGradientWarning)
 from .core.layout import Layout
 from .core.maps import Explanation, LayerMaps
 from .core.report import ConversionReport
@@ -56,5 +56,5 @@ __all__ = ["convert", "Explainer", "Explanation", "LayerMaps", "ConversionReport
            "convert_runtime",
            "Capture", "layer_names", "load", "export", "export_program", "cam", "Rule", "rules", "register_rule",
            "unregister_rule", "get_rule", "GuidedSwapError", "TraceError", "LayerError", "TargetError", "InputError",
-           "OutputError", "RuleError", "LoadError", "ExportError", "CommandError", "__version__", "cam_methods",
-           "register_cam", "unregister_cam", "CamError", "Layout", "ZeroGradientWarning", "images", "viz"]
+           "OutputError", "RuleError", "LoadError", "ExportError", "CommandError", "RunError", "__version__",
+           "cam_methods", "register_cam", "unregister_cam", "CamError", "Layout", "ZeroGradientWarning", "images", "viz"]

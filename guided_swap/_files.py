@@ -20,6 +20,9 @@ import secrets
 from contextlib import contextmanager
 from typing import Iterator, List
 
+PART_EXTRA = len(".") + len(".") + 10 + len("-") + 8 + len(".part")
+"""The bytes a temporary's name adds to the name it stands for (a process id of up to 10 digits), ``suffix`` aside."""
+
 _PART = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)-[0-9a-f]{8}\.part(\.[A-Za-z0-9]+)?$")
 
 

@@ -9,7 +9,8 @@
     guided-swap evaluate maps/ --model resnet50 --weights resnet50.pth
 
 Errors are one line on stderr (--traceback shows the whole story). Exit codes: 0 done, 1 some inputs could
-not be explained, 2 a usage error (nothing was written), 130 interrupted.
+not be explained (each in OUT/index.jsonl with its reason) or an error stopped the run after it began writing
+(what was written stays), 2 a usage error (nothing was written), 130 interrupted.
 """
 import argparse
 import difflib
@@ -35,7 +36,7 @@ from ..run.convert import convert, layer_names
 from ..run.program import export
 from ..checks.metrics import BASELINES
 from . import evaluate, model_spec
-from .folder import Job, Quiet, method_names, rule_names, run, uses_layer
+from .folder import Job, Quiet, exit_code, method_names, rule_names, run, uses_layer
 from .model_spec import Preprocessing, build, check
 from .results import KINDS
 
@@ -65,7 +66,11 @@ outputs:
   in its .npz. Both files record the settings that made them, and OUT/index.jsonl has one JSON line per input:
   input, outputs, target, score, top-5 classes, the Grad-CAM peak, the settings, and an error if any.
   --out must be a folder of its own (not an input folder, nor one holding inputs); results folders are never
-  searched for inputs.
+  searched for inputs, nor are links to folders. A name too long for the file system, or whose result would
+  be a folder other results go in, gets a result name of its own (NAME~HASH.ext; index.jsonl maps it). An
+  input that cannot be explained (a link to nothing, a named pipe, an unreadable image, a result that cannot
+  be written) gets an index line with the reason; the rest of the run goes on. One run per --out at a time:
+  a second is refused, naming the first's pid.
 
 reruns:
   Inputs whose results were made with the same settings are skipped, so an interrupted run is finished by
@@ -450,8 +455,8 @@ def _command(args) -> int:
                 "evaluate": cmd_evaluate}
     try:
         return commands[args.command](args)
-    except Quiet:
-        return 2
+    except Quiet as quiet:
+        return quiet.code
     except KeyboardInterrupt:
         if args.traceback:
             raise
@@ -460,9 +465,9 @@ def _command(args) -> int:
     except Exception as error:  # noqa: BLE001 - the one place every error becomes one line
         if args.traceback:
             raise
-        usage = isinstance(error, (CommandError, ValueError, TypeError))
-        _report_error(error, usage)
-        return 2 if usage else 1
+        code = exit_code(error)
+        _report_error(error, code == 2)
+        return code
 
 
 if __name__ == "__main__":

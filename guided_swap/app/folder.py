@@ -2,8 +2,10 @@
 
 One run:
 
-1. rank 0 finds the inputs, checks the layout and sorts the inputs into done (same settings) and to do
-   (:mod:`guided_swap.app.results`), reading only, before any model is built;
+1. rank 0 finds the inputs and checks the layout, reading only; takes OUT's lock for the run (a second run on
+   OUT is refused; the ranks of this one share it); sorts the inputs into done (same settings), to do, and
+   failed (an input that cannot be read, or whose result's place is taken: its index line says why)
+   (:mod:`guided_swap.app.results`), before any model is built;
 2. every rank builds the explainer; rank 0 makes ``OUT`` and removes the temporaries a killed run left there;
    every rank takes its share of the inputs to do (:mod:`guided_swap.app.distributed`),
    decodes them in ``workers`` DataLoader processes and writes one ``.npz`` and/or ``.png`` per input, each
@@ -21,8 +23,12 @@ One run:
    run has no maps kept, so it is explained again to be drawn (once: it was not explained in step 2);
 4. rank 0 gathers the records and rewrites ``OUT/index.jsonl``, one line per input.
 
-Ctrl-C (or SIGTERM) stops after the current batch; what was written stays, and the same command finishes
-the job. A killed process leaves only hidden temporaries, removed by the next run.
+A result's files are placed together (:class:`~guided_swap.app.results.Together`): with the shared scale, the
+``.npz`` of a result replacing an earlier pair waits in a hidden temporary until its figure is drawn. A write
+that fails is that input's failed record. Ctrl-C (or SIGTERM) stops after the current batch; what was written
+stays, and the same command finishes the job. An error after writing began stops the run with
+:class:`~guided_swap.core.errors.RunError` (exit status 1), after rank 0 writes the index from what the files hold.
+A killed process leaves only hidden temporaries, removed by the next run, and its writer processes end with it.
 """
 import os
 import signal
@@ -36,24 +42,26 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from tqdm import tqdm
 
-from .._files import remove_if_present, remove_stale_parts
+from .._files import part_name, remove_if_present, remove_stale_parts
 from .._version import __version__
 from . import distributed
 from . import results
 from .decoding import Decoded, loader
 from ..capture.graph.layers import input_spec
-from ..core.errors import CommandError, GuidedSwapError, ZeroGradientWarning
+from ..core.errors import CommandError, GuidedSwapError, RunError, ZeroGradientWarning
 from ..core.maps import listing
 from ..core.rules import rules
 from ..run.convert import convert
 from ..run.smoothing import DEFAULT_NOISE
 from .model_spec import Preprocessing, Source, build, sha256_text
-from .results import Plan
+from .results import Item, Plan, Together
 from .writing import (CAM_METHODS, SMOOTHING_SEED, Writers, draw_saved, explain_batch, figure_context, figure_names,
                       shared_limits, uses_layer, zero_panels)
 
 INTERRUPTED = "not explained: the run was interrupted; run the same command again to finish"
 NO_FIGURE = "figure not drawn: the run was interrupted; run the same command again to finish"
+NOT_REPLACED = ("not replaced: the run was interrupted before its figure was drawn, so its earlier result is kept "
+                "whole; run the same command again to finish")
 
 
 def rule_names() -> List[str]:
@@ -70,7 +78,16 @@ def rule_of(method: str) -> str:
 
 
 class Quiet(Exception):
-    """An error another rank reports; this rank exits without printing it."""
+    """An error another rank reports; this rank exits without printing it, with the exit status ``code``."""
+
+    def __init__(self, message: str, code: int = 2):
+        super().__init__(message)
+        self.code = code
+
+
+def exit_code(error: BaseException) -> int:
+    """The exit status of an error that stopped a command: 2 for a usage error (nothing written), else 1."""
+    return 2 if isinstance(error, (CommandError, ValueError, TypeError)) and not isinstance(error, RunError) else 1
 
 
 @dataclass
@@ -135,33 +152,45 @@ def _say(message: str) -> None:
     print(f"guided-swap: {message}", file=sys.stderr, flush=True)
 
 
-def _plan(job: Job, settings: Dict[str, Any], done_kinds: Sequence[str]) -> Plan:
-    items = results.discover(job.inputs, job.out)
-    return results.plan(items, job.out, settings, job.save, job.force, done_kinds)
+def _plan(job: Job, settings: Dict[str, Any], done_kinds: Sequence[str]) -> Tuple[Plan, results.Lock]:
+    """Find the inputs (checking the layout, reading only), take OUT's lock, then plan under it."""
+    found = results.find(job.inputs, job.out)
+    lock = results.Lock.take(job.out)
+    try:
+        plan = results.plan(found.items, job.out, settings, job.save, job.force, done_kinds)
+    except BaseException:
+        lock.release()
+        raise
+    plan.links, plan.renamed = found.links, found.renamed
+    return plan, lock
 
 
 def _prepare(job: Job, group) -> None:
-    """Rank 0 makes OUT and removes what killed runs left; the other ranks wait, then all write."""
+    """Rank 0 makes OUT and removes what killed runs left (never a live process's temporaries: the lock keeps
+    other runs out, and a temporary whose process still runs here is kept); the other ranks wait, then all
+    write."""
     if group.main:
         results.prepare(job.out)
-        remove_stale_parts(job.out)
+        remove_stale_parts(job.out, only_dead=True)
     distributed.broadcast(None, group)
 
 
-def _shared_plan(job: Job, settings: Dict[str, Any], group, done_kinds: Sequence[str]) -> Plan:
-    """Rank 0 plans; every rank gets the plan, or rank 0's error (raised everywhere, printed by rank 0)."""
-    plan, error = None, None
+def _shared_plan(job: Job, settings: Dict[str, Any], group, done_kinds: Sequence[str]
+                 ) -> Tuple[Plan, Optional[results.Lock]]:
+    """Rank 0 takes OUT's lock (for every rank of the run) and plans; every rank gets the plan, or rank 0's error
+    (raised everywhere, printed by rank 0)."""
+    plan, error, lock = None, None, None
     if group.main:
         try:
-            plan = _plan(job, settings, done_kinds)
+            plan, lock = _plan(job, settings, done_kinds)
         except (GuidedSwapError, OSError) as caught:
             error = caught
-    plan, message = distributed.broadcast((plan, None if error is None else str(error)), group)
+    plan, message = distributed.broadcast((plan, None if error is None else (str(error), exit_code(error))), group)
     if error is not None:
         raise error
     if message is not None:
-        raise Quiet(message)
-    return plan
+        raise Quiet(*message)
+    return plan, lock
 
 
 # --- the explainer -------------------------------------------------------------------------------------------
@@ -236,7 +265,10 @@ def _progress(total: int, group, what: str):
 
 
 def run(job: Job, say: Callable[[str], None] = _say) -> int:
-    """Run ``job``; 0 when every input has its result, 1 when some could not be read, 130 when interrupted."""
+    """Run ``job``; 0 when every input has its result, 1 when some could not be explained (each in the index
+    with its reason) or an error stopped the run after it began writing (:class:`~guided_swap.core.errors.RunError`,
+    raised), 130 when interrupted. Usage errors (:class:`~guided_swap.core.errors.CommandError`, ValueError,
+    TypeError) are raised before anything is written."""
     group = distributed.start(job.device)
     try:
         return _run(job, group, say if group.main else (lambda message: None))
@@ -251,13 +283,38 @@ def _stages(job: Job) -> Tuple[Tuple[str, ...], bool]:
     return tuple(kind for kind in job.save if not (shared and kind == "png")), shared
 
 
+def _staged(job: Job, plan: Plan, indices, held: Optional[Dict[int, str]] = None, hold: bool = False):
+    """How each input's files are written: all of one call's together (:class:`~guided_swap.app.results.Together`).
+    With ``hold``, the ``.npz`` of a result that replaces files already there goes to a hidden temporary (added
+    to ``held``), placed with its figure by the drawing pass; without, ``held``'s temporaries are placed with
+    the figure written."""
+    where = {plan.items[i]: i for i in indices}
+    replacing = set(plan.replacing)
+
+    def wrap(item: Optional[Item], work):
+        index = where.get(item)
+        if held is None or index is None:
+            return Together(work)
+        npz = results.output_paths(job.out, item, ("npz",))["npz"]
+        if hold and index in replacing:
+            held[index] = part_name(npz)
+            return Together(work, hold={npz: held[index]})
+        if not hold and index in held:
+            return Together(work, ready={npz: held[index]})
+        return Together(work)
+    return wrap
+
+
 def _pass(explainer, job: Job, plan: Plan, indices, settings, group, channels: int, kinds, limits, flag, what: str,
-          stashed: Optional[Dict[int, str]] = None):
+          stashed: Optional[Dict[int, str]] = None, held: Optional[Dict[int, str]] = None):
     """Explain ``indices`` (already this rank's share) and write their ``kinds`` of output; (records,
-    interrupted). With ``stashed`` (a dict), their figure arrays also go to hidden temporaries, added to it."""
+    interrupted). With ``stashed`` (a dict), their figure arrays also go to hidden temporaries, added to it;
+    with ``held`` (a dict), the ``.npz`` of each result replacing files already there goes to a hidden temporary,
+    added to it, until its figure is drawn (:func:`_staged`)."""
     records, interrupted = {}, False
     batches = loader(Decoded(plan.items, indices, job.preprocessing, channels), job.batch_size, job.workers)
-    writers = Writers(job.writers, backlog=2 * job.batch_size)  # Ctrl-C waits for at most two batches' writes
+    writers = Writers(job.writers, backlog=2 * job.batch_size,  # Ctrl-C waits for at most two batches' writes
+                      wrap=_staged(job, plan, indices, held, hold=True))
     # explain's warning names samples of one batch; the run names the files once at its end (_finish)
     with _progress(len(indices), group, what) as bar, writers, warnings.catch_warnings():
         warnings.simplefilter("ignore", ZeroGradientWarning)
@@ -272,7 +329,16 @@ def _pass(explainer, job: Job, plan: Plan, indices, settings, group, channels: i
                 interrupted = True
                 break
         writers.finish()
+    _write_failures(writers, plan, indices, records, settings)
     return records, interrupted
+
+
+def _write_failures(writers: Writers, plan: Plan, indices, records: Dict[int, dict], settings) -> None:
+    """The inputs whose result could not be written get a failed record with the reason (the run goes on)."""
+    where = {plan.items[i]: i for i in indices}
+    for item, reason in writers.failed.items():
+        if item in where:
+            records[where[item]] = results.failure_record(item, settings, reason)
 
 
 @dataclass
@@ -295,12 +361,14 @@ def _figures_to_draw(job: Job, plan: Plan, records: Dict[int, dict], settings) -
     were never kept) explained again."""
     good = [records[i] for i in sorted(records) if records[i]["error"] is None]
     drawing = Drawing(shared_limits(good, job.method, job.cams), {}, [])
+    replacing = set(plan.replacing)  # their new .npz waits for the figure (held), so each is drawn
     for i in sorted(records):
         if records[i]["error"] is not None:
             continue
         old = results.read_record(results.output_paths(job.out, plan.items[i], ("png",))["png"])
-        if old is not None and old.get("settings") == settings and old.get("limits") == drawing.limits:
-            continue
+        if i not in replacing and old is not None and old.get("limits") == drawing.limits \
+                and _unlimited(old) == _unlimited(records[i]):
+            continue  # the very figure of this result, on this scale
         if "npz" in job.save or i not in plan.done:  # this run saved its maps: in its .npz, or stashed
             drawing.from_files[i] = results.fingerprint(records[i])
         else:
@@ -308,17 +376,22 @@ def _figures_to_draw(job: Job, plan: Plan, records: Dict[int, dict], settings) -
     return drawing
 
 
+def _unlimited(record: dict) -> dict:
+    return {key: value for key, value in record.items() if key != "limits"}
+
+
 def _draw(explainer, job: Job, plan: Plan, mine: Sequence[int], drawing: Drawing, stashed: Dict[int, str],
-          settings, group, flag) -> Tuple[Dict[int, dict], bool]:
-    """Draw the figures of ``mine`` from the maps a file holds (the ``.npz``, or this rank's stash, removed once
-    drawn), each checked to carry the record rank 0 counted; (records, interrupted)."""
+          held: Dict[int, str], settings, group, flag) -> Tuple[Dict[int, dict], bool]:
+    """Draw the figures of ``mine`` from the maps a file holds (the ``.npz``, this rank's stash, removed once
+    drawn, or the ``.npz`` held back, placed with its figure), each checked to carry the record rank 0 counted;
+    (records, interrupted)."""
     records, interrupted = {}, False
     names = figure_names(job.method, job.cams)
-    writers = Writers(job.writers, backlog=2 * job.batch_size)
+    writers = Writers(job.writers, backlog=2 * job.batch_size, wrap=_staged(job, plan, mine, held))
     with _progress(len(mine), group, "drawing") as bar, writers:
         for done, index in enumerate(mine, 1):
             item = plan.items[index]
-            path = stashed.get(index) or results.output_paths(job.out, item, ("npz",))["npz"]
+            path = stashed.get(index) or held.get(index) or results.output_paths(job.out, item, ("npz",))["npz"]
             rec, maps = results.read_saved(path, names)
             if rec is None or results.fingerprint(rec) != drawing.from_files[index]:
                 records[index] = results.failure_record(item, settings, _changed(job, path))
@@ -331,6 +404,7 @@ def _draw(explainer, job: Job, plan: Plan, mine: Sequence[int], drawing: Drawing
                 interrupted = done < len(mine)
                 break
         writers.finish()
+    _write_failures(writers, plan, mine, records, settings)
     return records, interrupted
 
 
@@ -343,16 +417,49 @@ def _changed(job: Job, path: str) -> str:
 def _run(job: Job, group, say) -> int:
     settings = job.settings()
     first, shared = _stages(job)
-    stash = shared and "npz" not in job.save
-    plan = _shared_plan(job, settings, group, first or job.save)
+    plan, lock = _shared_plan(job, settings, group, first or job.save)
+    try:
+        if lock is not None and lock.note:
+            say(f"warning: {lock.note}")
+        return _run_planned(job, group, say, settings, plan, first, shared)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _announce(job: Job, plan: Plan, say) -> None:
     if plan.replaced:
         say(f"--force: replacing {plan.replaced} result(s) made with other settings")
     if plan.changed:
         say(f"{plan.changed} input(s) changed since their results were made: explaining them again")
     if plan.done:
         say(f"{len(plan.done)} of {len(plan.items)} input(s) already done with these settings in {job.out}: skipped")
+    if plan.links:
+        say(f"warning: {len(plan.links)} link(s) to folders not followed: {listing(plan.links, 3)}; to explain what "
+            "one holds, give the folder it points to as an input")
+    if plan.renamed:
+        first = plan.items[plan.renamed[0]]
+        say(f"{len(plan.renamed)} input(s) get result names of their own, shortened or tagged (too long for the file "
+            f"system, or a result would be a folder other results go in): first {first.path} -> {first.name}; "
+            "index.jsonl maps each input to its name")
+
+
+def _run_planned(job: Job, group, say, settings, plan: Plan, first, shared) -> int:
+    stash = shared and "npz" not in job.save
+    _announce(job, plan, say)
     explainer, _, channels = build_explainer(job, group, say)
     _prepare(job, group)
+    try:
+        return _explain_all(job, group, say, settings, plan, first, shared, stash, explainer, channels)
+    except Exception as error:  # noqa: BLE001 - after writing began, any error stops the run (exit status 1)
+        done = _salvage(job, plan, settings, error) if group.main else None
+        text = (str(error).strip().splitlines() or [""])[0]
+        where = "" if done is None else f"; {done} of {len(plan.items)} input(s) done in {job.out} (see index.jsonl)"
+        raise RunError(f"the run stopped: {type(error).__name__}: {text}{where}; what was written stays: run the same "
+                       "command again to finish (--traceback shows where it stopped)") from error
+
+
+def _explain_all(job: Job, group, say, settings, plan: Plan, first, shared, stash, explainer, channels) -> int:
     say(summary(explainer, job))
     if job.report and group.main:
         print(explainer.report)
@@ -360,17 +467,21 @@ def _run(job: Job, group, say) -> int:
     common = (explainer, job, plan)
     mine = distributed.shard(plan.todo, group)
     stashed: Dict[int, str] = {}
+    held: Dict[int, str] = {}  # the .npz of results replacing a pair, placed with their figure
     try:
         with stop_after_batch() as flag:
             records, interrupted = _pass(*common, mine, settings, group, channels, first, None, flag, "explaining",
-                                         stashed if stash else None)
+                                         stashed if stash else None, held if shared and "npz" in job.save else None)
             gathered = distributed.gather((records, interrupted), group)
             drawn: Optional[list] = None
             if shared:
-                drawn = distributed.gather(_draw_shared(common, mine, gathered, stashed, settings, group, channels,
-                                                        flag, say), group)
+                share = _draw_shared(common, mine, gathered, stashed, held, settings, group, channels, flag, say)
+                for index in held:  # held back and never drawn (the run stopped first): the earlier pair stays
+                    if records[index]["error"] is None and index not in share[0]:
+                        share[0][index] = results.failure_record(plan.items[index], settings, NOT_REPLACED)
+                drawn = distributed.gather(share, group)
     finally:
-        for path in stashed.values():  # those left when the run stopped before drawing them
+        for path in list(stashed.values()) + list(held.values()):  # those left when the run stopped before drawing
             remove_if_present(path)
     seconds = distributed.gather(time.perf_counter() - started, group)
     if not group.main:
@@ -378,7 +489,38 @@ def _run(job: Job, group, say) -> int:
     return _finish(job, plan, settings, gathered, drawn, max(seconds), group, say)
 
 
-def _draw_shared(common, mine, gathered, stashed, settings, group, channels, flag, say) -> Tuple[Dict[int, dict], bool]:
+def _salvage(job: Job, plan: Plan, settings, error: BaseException) -> Optional[int]:
+    """Rank 0, after an error stopped the run: ``OUT/index.jsonl`` from what the files hold (a result with this
+    run's settings and input, in every kind saved, is done; any other input says why not), so the index agrees
+    with the results; the number done, or None if the index could not be written either."""
+    text = (str(error).strip().splitlines() or [""])[0]
+    reason = f"not explained: the run stopped ({type(error).__name__}: {text}); run the same command again to finish"
+    lines = []
+    for index, item in enumerate(plan.items):
+        line = plan.failed.get(index) or plan.done.get(index) or _on_disk(job, item, settings)
+        lines.append(line or results.failure_record(item, settings, reason))
+    try:
+        results.write_index(job.out, lines)
+    except OSError:
+        return None
+    return len([line for line in lines if line["error"] is None])
+
+
+def _on_disk(job: Job, item: Item, settings) -> Optional[dict]:
+    """The record of ``item``'s result if every kind saved is there, made with these settings from the input as
+    it is now; else None."""
+    found = [results.read_record(path) for path in results.output_paths(job.out, item, job.save).values()]
+    try:
+        stamp = results.source_stamp(item.path)
+    except OSError:
+        return None
+    if not found or any(r is None or r.get("settings") != settings or r.get("source") != stamp for r in found):
+        return None
+    return _unlimited(found[0])
+
+
+def _draw_shared(common, mine, gathered, stashed, held, settings, group, channels, flag, say
+                 ) -> Tuple[Dict[int, dict], bool]:
     """The drawing pass: rank 0 plans it (:func:`_figures_to_draw`); each rank draws, from files, the figures
     of the inputs it explained and its share of the done ones, and explains again those it must."""
     explainer, job, plan = common
@@ -392,7 +534,7 @@ def _draw_shared(common, mine, gathered, stashed, settings, group, channels, fla
     explained, todo = set(mine), set(plan.todo)
     ours = [i for i in drawing.from_files if i in explained]
     ours += distributed.shard([i for i in drawing.from_files if i not in todo], group)
-    records, interrupted = _draw(explainer, job, plan, ours, drawing, stashed, settings, group, flag)
+    records, interrupted = _draw(explainer, job, plan, ours, drawing, stashed, held, settings, group, flag)
     if drawing.again and not interrupted:
         again, interrupted = _pass(*common, distributed.shard(drawing.again, group), settings, group, channels,
                                    ("png",), drawing.limits, flag, "explaining again to draw")
@@ -401,7 +543,7 @@ def _draw_shared(common, mine, gathered, stashed, settings, group, channels, fla
 
 
 def _merged(plan: Plan, gathered) -> Dict[int, dict]:
-    records: Dict[int, dict] = dict(plan.done)
+    records: Dict[int, dict] = {**plan.done, **plan.failed}
     for share, _ in gathered:
         records.update(share)
     return records
@@ -420,7 +562,7 @@ def _finish(job: Job, plan: Plan, settings, gathered, drawn, seconds: float, gro
     lines = [records.get(i) or results.failure_record(item, settings, INTERRUPTED) for i, item in enumerate(plan.items)]
     results.write_index(job.out, lines)
     made = sum(len([r for r in share.values() if r["error"] is None]) for share, _ in gathered)
-    failed = [r for r in lines if r["error"] is not None and r["error"] not in (INTERRUPTED, NO_FIGURE)]
+    failed = [r for r in lines if r["error"] is not None and r["error"] not in (INTERRUPTED, NO_FIGURE, NOT_REPLACED)]
     for record in failed:
         say(f"could not explain {record['input']}: {record['error']}")
     rate = f"{made / seconds:.1f} images/s" if seconds > 0 and made else "no images"
@@ -435,7 +577,7 @@ def _finish(job: Job, plan: Plan, settings, gathered, drawn, seconds: float, gro
         say(blank)
     say(f"explained {made} image(s) in {seconds:.1f} s ({rate}, {where}) into {job.out}"
         + (f"; {len(plan.done)} already done" if plan.done else "")
-        + (f"; {len(failed)} could not be read (see {job.out}/index.jsonl)" if failed else ""))
+        + (f"; {len(failed)} could not be explained (see {job.out}/index.jsonl)" if failed else ""))
     return 1 if failed else 0
 
 

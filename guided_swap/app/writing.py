@@ -7,8 +7,10 @@ pool of writer processes (drawing a figure takes far longer than explaining the 
 (['cams_raw.layercam', 'cams.layercam'], ('input', 'cam', 'cams.layercam'))
 """
 import multiprocessing
+import os
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -17,7 +19,7 @@ import torch
 
 from . import results
 from .._files import part_name, remove_if_present
-from .._console import quiet_child
+from .._console import tied_child
 from ..media import viz
 from ..media.viz import _Moments
 from .results import Item
@@ -191,34 +193,79 @@ def draw_saved(job, item: Item, rec: dict, maps: Dict[str, np.ndarray], context:
         remove_if_present(stash)
 
 
+WRITE_ERRORS = (OSError, ValueError, TypeError)  # one input's write failing: recorded, the run goes on
+
+
+def _one_line(error: BaseException) -> str:
+    text = (str(error).strip().splitlines() or [""])[0]
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
 class Writers:
     """:func:`write_result` (or another ``work``) in ``count`` forked processes (0: in this one), at most
-    ``backlog`` waiting."""
+    ``backlog`` waiting.
 
-    def __init__(self, count: int, backlog: int = 64):
+    One input's write that fails (:data:`WRITE_ERRORS`: a full disk, a name the file system refuses) does not
+    stop the others: ``failed`` maps the input (the :class:`Item` among the work's arguments) to one line. The
+    processes end with this one, even when it is killed, and on SIGTERM (:func:`~guided_swap._console.tied_child`);
+    if one is killed, the writes it held fail (``failed``) and the rest are written in this process.
+
+    ``wrap(item, work)``, if given, is what runs instead of ``work`` for that input (the runner's
+    :class:`~guided_swap.app.results.Together`, which places a result's files together)."""
+
+    def __init__(self, count: int, backlog: int = 64,
+                 wrap: Optional[Callable[[Optional[Item], Callable[..., None]], Callable[..., None]]] = None):
+        self.wrap = wrap
         self.pool = None
         if count:
             self.pool = ProcessPoolExecutor(count, mp_context=multiprocessing.get_context("fork"),
-                                            initializer=quiet_child)
-        self.pending: Deque[Future] = deque()
+                                            initializer=tied_child, initargs=(os.getpid(),))
+        self.pending: Deque[Tuple[Optional[Item], Future]] = deque()
         self.backlog = backlog
+        self.failed: Dict[Optional[Item], str] = {}
 
     def submit(self, *args, work: Callable[..., None] = write_result) -> None:
-        if self.pool is None:
+        key = next((arg for arg in args if isinstance(arg, Item)), None)
+        if self.wrap is not None:
+            work = self.wrap(key, work)
+        if self.pool is not None:
+            try:
+                self.pending.append((key, self.pool.submit(work, *args)))
+            except BrokenProcessPool:
+                self._lost(key)
+            else:
+                while len(self.pending) > self.backlog:
+                    self._wait(*self.pending.popleft())
+                return
+        try:
             work(*args)
-            return
-        self.pending.append(self.pool.submit(work, *args))
-        while len(self.pending) > self.backlog:
-            self.pending.popleft().result()  # a writer's error is raised here
+        except WRITE_ERRORS as error:
+            self.failed[key] = f"could not write its result: {_one_line(error)}"
+
+    def _wait(self, key: Optional[Item], future: Future) -> None:
+        try:
+            future.result()
+        except BrokenProcessPool:
+            self._lost(key)
+        except WRITE_ERRORS as error:
+            self.failed[key] = f"could not write its result: {_one_line(error)}"
+
+    def _lost(self, key: Optional[Item]) -> None:
+        """A writer process ended before its write (killed, or out of memory): the write is lost, and the
+        rest are written in this process."""
+        self.failed[key] = LOST_WRITE
+        if self.pool is not None:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            self.pool = None
 
     def finish(self) -> None:
-        """Wait for every write; raise the first error."""
+        """Wait for every write (its failure, if any, in ``failed``)."""
         while self.pending:
-            self.pending.popleft().result()
+            self._wait(*self.pending.popleft())
 
     def close(self) -> None:
         if self.pool is not None:
-            for future in self.pending:
+            for _, future in self.pending:
                 future.cancel()
             self.pool.shutdown(wait=True)
 
@@ -227,6 +274,9 @@ class Writers:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+LOST_WRITE = "not written: a writer process ended before writing it (killed?); run the same command again to finish"
 
 
 def explain_batch(explainer, job, batch, items: Sequence[Item], settings: dict, group, writers: Writers,

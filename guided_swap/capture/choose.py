@@ -19,7 +19,7 @@ from ..core.report import ConversionReport
 from ..core.rules import Rule
 from ..core.targets import OutputKey, Score
 from .base import Capture, InputShape
-from .graph.export_trace import fx_failure_site, trace_export
+from .graph.export_trace import fx_failure, trace_export
 from .graph.graph_capture import capture_graph
 from .graph.trace import trace
 from .runtime.runtime_capture import RuntimeCapture
@@ -50,7 +50,7 @@ def capture_model(model: nn.Module, layers: Sequence[str], rule: Rule, output: O
         except TraceError as error:
             if path == "fx":
                 raise
-            fx_note = f"fx failed at {fx_failure_site(error)}"
+            fx_note = fx_failure(error)
         else:
             return capture_graph(traced, model, layers, rule, output, "fx", layouts, example)
     if path == "runtime":

@@ -49,5 +49,10 @@ class CommandError(GuidedSwapError):
     """A usage error on the command line: printed as one line, exit status 2."""
 
 
+class RunError(GuidedSwapError, RuntimeError):
+    """A folder run (``guided-swap explain``) stopped by an error after it began writing: printed as one line, exit
+    status 1; what was written stays, and the same command finishes the job."""
+
+
 class ZeroGradientWarning(UserWarning):
     """A gradient is zero everywhere for some samples, so the maps made from it show nothing."""

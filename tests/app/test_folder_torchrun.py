@@ -100,3 +100,20 @@ def test_two_processes_draw_the_shared_scale_figures_from_their_own_maps(tmp_pat
         assert (pixels(two) == pixels(one)).all()
     assert sorted(read_record(str(tmp_path / "two" / f"p{i}.png.png"))["made_by"]["rank"] for i in range(6)) \
         == [0, 0, 0, 1, 1, 1]
+
+
+def test_the_ranks_of_a_run_share_its_lock_and_a_locked_out_refuses_them_once(tmp_path, folder):
+    from guided_swap.app.results import LOCK, Lock
+
+    out = tmp_path / "out"
+    lock = Lock.take(str(out))  # another run holds --out
+    try:
+        done = torchrun(folder, "--model", "demo", "--save", "npz", "--workers", "0", "--out", out)
+    finally:
+        lock.release()
+    assert done.returncode != 0
+    assert done.stderr.count(f"is in use by another guided-swap run (pid {os.getpid()}") == 1, done.stderr
+    assert "[rank 1]" not in done.stderr and not out.exists()
+    done = torchrun(folder, "--model", "demo", "--save", "npz", "--workers", "0", "--out", out)  # both ranks in
+    assert done.returncode == 0, done.stderr
+    assert len(read_index(out)) == COUNT and not (out / LOCK).exists()

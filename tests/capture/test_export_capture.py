@@ -7,6 +7,7 @@ import collections
 import inspect
 import io
 import os
+import re
 
 import pytest
 import torch
@@ -354,3 +355,14 @@ def test_errors_are_clear(x):
         trace_export(DataDependentNet(), x)
     with pytest.raises(TraceError, match="the model itself fails"):
         trace_export(ShapeAssertNet(), torch.randn(1, 3, 60, 60))
+
+
+def test_a_failure_inside_torch_s_own_modules_says_what_failed():
+    """DataParallel fails inside torch's code, where no line is the user's: the reason names torch's line and the
+    error, not "unknown"."""
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    ex = gs.convert(nn.DataParallel(net).eval(), layer=None, example_input=torch.zeros(1, 3, 16, 16))
+    capture = ex.report.capture
+    assert "unknown" not in capture, capture
+    assert re.search(r"fx failed at torch/nn/parallel/data_parallel\.py:\d+ in forward \(inside torch\): "
+                     r"TraceError: Proxy object cannot be iterated", capture), capture

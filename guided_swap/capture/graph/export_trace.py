@@ -499,10 +499,24 @@ def _short_path(filename: str) -> str:
     return filename
 
 
+def _chain(error: Optional[BaseException]) -> List[BaseException]:
+    """``error`` and the errors it wraps (``raise ... from``, or raised while handling), outermost first."""
+    chain: List[BaseException] = []
+    while error is not None and all(error is not seen for seen in chain):
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    return chain
+
+
+_TRACER_DIRS = tuple(_TORCH_DIR / name for name in ("fx", "_dynamo", "export", "_export", "_subclasses", "utils"))
+
+
 def fx_failure_site(error: BaseException) -> str:
     """The ``file:line`` of the user's code where tracing failed (the innermost frame outside torch and
-    guided_swap; timm and torchvision count as user code), or ``"unknown"``. A wrapped error
-    (``raise ... from``) is followed to its cause.
+    guided_swap; timm and torchvision count as user code). When it failed inside torch's own modules (a
+    ``DataParallel`` wrapper, say), the innermost torch frame outside the tracer, as ``file:line in function
+    (inside torch)``; ``"unknown"`` when the error has no such frame. A wrapped error (``raise ... from``) is
+    followed to its cause.
 
     >>> import torch
     >>> from guided_swap.capture.graph.trace import trace
@@ -516,12 +530,29 @@ def fx_failure_site(error: BaseException) -> str:
     ...     print(fx_failure_site(error))  # doctest: +ELLIPSIS
     <doctest ...>:3
     """
-    chain: List[BaseException] = []
-    while error is not None and all(error is not seen for seen in chain):
-        chain.append(error)
-        error = error.__cause__ or error.__context__
+    chain = _chain(error)
     for cause in reversed(chain):  # the innermost error holds the frames of the model's code
         frames = _user_frames(cause)
         if frames:
             return f"{_short_path(frames[-1].filename)}:{frames[-1].lineno}"
+    for cause in reversed(chain):
+        frames = [frame for frame in traceback.extract_tb(cause.__traceback__)
+                  if _inside(Path(frame.filename).resolve(), _TORCH_DIR)
+                  and not any(_inside(Path(frame.filename).resolve(), d) for d in _TRACER_DIRS)]
+        if frames:
+            return f"{_short_path(frames[-1].filename)}:{frames[-1].lineno} in {frames[-1].name} (inside torch)"
     return "unknown"
+
+
+def fx_failure(error: BaseException) -> str:
+    """Why torch.fx could not trace a model, in one line: ``fx failed at FILE:LINE`` when the failing line is
+    the model's code; else where inside torch (or ``unknown``) and the error itself, which then says more than
+    the place (``fx failed at torch/nn/parallel/data_parallel.py:175 in forward (inside torch): TraceError:
+    Proxy object cannot be iterated``)."""
+    site = fx_failure_site(error)
+    if site != "unknown" and not site.endswith("(inside torch)"):
+        return f"fx failed at {site}"
+    innermost = _chain(error)[-1]
+    text = (str(innermost).strip().splitlines() or [""])[0]
+    text = text.split(". ")[0].rstrip(".")[:160]
+    return f"fx failed at {site}: {type(innermost).__name__}" + (f": {text}" if text else "")
