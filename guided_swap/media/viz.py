@@ -12,7 +12,8 @@ pyplot, no backend switch), so it is safe in notebooks, servers and threads.
 >>> standardize_clip(m * 1e-12).round(3).tolist()   # scale-free: a map of 1e-12 looks like the same map of 1
 [[0.366, 0.455], [0.545, 0.634]]
 """
-from typing import Dict, Iterable, Mapping, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -308,7 +309,7 @@ def _row_title(explanation, probabilities, labels, i: int) -> str:
     if labels is not None:
         if not 0 <= target < len(labels):
             raise ValueError(f"target class {target} has no name: labels has {len(labels)} entries")
-        name = labels[target]
+        name = printable(labels[target])
     else:
         name = f"class {target}"
     if probabilities is None:
@@ -373,31 +374,90 @@ def figure(explanation, inputs, panels: Optional[Sequence[str]] = None, *, expla
     >>> [ax.get_title() for ax in fig.axes[1:4]]
     ['plain gradient (no ReLU swapped)', 'Grad-CAM (0)', 'Grad-CAM ×\\nplain gradient (no ReLU swapped)']
     """
+    rows = plan(explanation, inputs, panels, explainer=explainer, swapped=swapped, labels=labels,
+                probabilities=probabilities, notes=notes, scale=scale, limits=limits, mean=mean, std=std)
+    fig = Figure(figsize=(2.9 * len(rows[0][1]), 2.6 * len(rows)), layout="constrained")
+    axes = fig.subplots(len(rows), len(rows[0][1]), squeeze=False)
+    for row_axes, (image, cells) in zip(axes, rows):
+        for ax, cell in zip(row_axes, cells):
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if cell.values is None:
+                ax.imshow(image)
+            else:
+                draw_map(fig, ax, cell.panel, cell.values, image, cell.limits, cmap, alpha)
+            ax.set_title(cell.title, fontsize=9, **PLAIN)
+    return fig
+
+
+#: Text properties that draw a title as the characters it holds: no math text (``$...$``), no TeX.
+PLAIN = {"parse_math": False, "usetex": False}
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One panel of one row: its name, its title, and the map it shows (None for the input) on ``limits``."""
+
+    panel: str
+    title: str
+    values: Optional[np.ndarray] = None
+    limits: Optional[Limits] = None
+
+
+def plan(explanation, inputs, panels: Optional[Sequence[str]] = None, *, explainer=None,
+         swapped: Optional[int] = None, labels: Optional[Sequence[str]] = None, probabilities=None,
+         notes: Optional[Sequence[str]] = None, scale: str = "shared", limits: Optional[Mapping[str, Limits]] = None,
+         mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) \
+        -> List[Tuple[np.ndarray, List[Cell]]]:
+    """What a figure shows, whoever draws it (:func:`figure` with matplotlib, :func:`picture` with Pillow): per
+    row, the input as an (H, W, 3) picture and one :class:`Cell` per panel, with its title and range (arguments
+    as :func:`figure`'s).
+
+    >>> from types import SimpleNamespace
+    >>> e = SimpleNamespace(gradient=torch.ones(1, 3, 2, 2), logits=torch.zeros(1, 2), target=torch.ones(1).long(),
+    ...                     score=torch.zeros(1), layers={}, swapped=4, rule="guided")
+    >>> picture, cells = plan(e, torch.zeros(1, 3, 2, 2), notes=["$x^$.png"])[0]
+    >>> [(c.panel, c.title) for c in cells]
+    [('input', 'class 1: p=0.50\\n$x^$.png'), ('gradient', 'guided backprop')]
+    """
     panels = tuple(available_panels(explanation) if panels is None else panels)
     _check_figure_arguments(explanation, inputs, panels, notes, scale, limits)
     ranges = _ranges(explanation, panels, scale, limits)
     report = getattr(explainer, "report", None)
     titles = _titles(explanation, _swap_count(explanation, explainer, swapped), getattr(report, "layers", {}), panels)
     probabilities = _probabilities(explanation, probabilities)
-    rows = inputs.shape[0]
-    fig = Figure(figsize=(2.9 * len(panels), 2.6 * rows), layout="constrained")
-    axes = fig.subplots(rows, len(panels), squeeze=False)
-    for i in range(rows):
-        picture = denormalize(inputs[i], mean, std)
-        heading = _row_title(explanation, probabilities, labels, i) + (f"\n{notes[i]}" if notes is not None else "")
-        for ax, panel in zip(axes[i], panels):
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if panel == "input":
-                ax.imshow(picture)
-                ax.set_title(heading, fontsize=9)
-                continue
-            limit = ranges[panel] if ranges[panel] is not None else shared_limits([_row(explanation, i, panel)],
-                                                                                  [panel])[panel]
-            values = _panel_values(explanation, panel)[i]
-            draw_map(fig, ax, panel, values, picture, limit, cmap, alpha)
-            ax.set_title(titles[panel] + ("" if values.any() else ZERO_NOTE), fontsize=9)
-    return fig
+    rows = []
+    for i in range(inputs.shape[0]):
+        heading = _row_title(explanation, probabilities, labels, i) + \
+            (f"\n{printable(notes[i])}" if notes is not None else "")
+        cells = [Cell(panel, heading) if panel == "input" else _map_cell(explanation, i, panel, titles[panel],
+                                                                         ranges[panel]) for panel in panels]
+        rows.append((denormalize(inputs[i], mean, std), cells))
+    return rows
+
+
+def _map_cell(explanation, i: int, panel: str, title: str, limit: Optional[Limits]) -> Cell:
+    if limit is None:  # per image: the range of this row's map alone
+        limit = shared_limits([_row(explanation, i, panel)], [panel])[panel]
+    values = to_numpy(_panel_values(explanation, panel)[i])
+    return Cell(panel, title + ("" if values.any() else ZERO_NOTE), values, limit)
+
+
+def printable(text) -> str:
+    """``text`` as the characters a title shows, one for one: bytes that are not UTF-8 (a file name read with
+    ``surrogateescape``, as ``os.listdir`` gives them) as ``\\xNN``, control characters (a newline, a tab) as
+    their escapes. Nothing is interpreted: ``$`` is a dollar sign.
+
+    >>> import os
+    >>> printable(os.fsdecode(b"bad\\xff.png")), printable("two\\nlines.png"), printable("$\\\\alpha$.png")
+    ('bad\\\\xff.png', 'two\\\\nlines.png', '$\\\\alpha$.png')
+    """
+    text = str(text)
+    try:
+        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate that stands for no byte
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 #: Added to the title of a panel whose map is zero everywhere: it shows nothing, though coloured like an answer.
