@@ -1,7 +1,8 @@
 """Pictures of maps: pure functions on arrays and tensors, and one figure per batch with a colour bar per map.
 
 Nothing here touches matplotlib's global state: :func:`figure` builds a ``matplotlib.figure.Figure`` (no
-pyplot, no backend switch), so it is safe in notebooks, servers and threads.
+pyplot, no backend switch), so it is safe in notebooks, servers and threads. :func:`picture` composes the same
+figure with numpy and Pillow (no matplotlib figure), many times faster: what the folder runner draws.
 
 >>> import numpy as np
 >>> m = np.array([[0.0, 1.0], [2.0, 3.0]])
@@ -24,6 +25,7 @@ from matplotlib.figure import Figure
 from skimage import io as skio
 
 from .._files import atomic_write
+from . import render
 from ..core.cam import cam_methods
 from .labels import IMAGENET_MEAN, IMAGENET_STD
 
@@ -388,6 +390,46 @@ def figure(explanation, inputs, panels: Optional[Sequence[str]] = None, *, expla
                 draw_map(fig, ax, cell.panel, cell.values, image, cell.limits, cmap, alpha)
             ax.set_title(cell.title, fontsize=9, **PLAIN)
     return fig
+
+
+def picture(explanation, inputs, panels: Optional[Sequence[str]] = None, *, explainer=None,
+            swapped: Optional[int] = None, labels: Optional[Sequence[str]] = None, probabilities=None,
+            notes: Optional[Sequence[str]] = None, scale: str = "shared",
+            limits: Optional[Mapping[str, Limits]] = None, cmap: str = "jet", alpha: float = 0.5,
+            mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> render.Picture:
+    """:func:`figure`'s picture composed with numpy and Pillow, about twenty times faster: the same panels, titles,
+    ranges and colours, a colour bar on every map (arguments as :func:`figure`'s). What the folder runner draws.
+
+    A :class:`guided_swap.media.render.Picture`: ``.image`` is a Pillow image, ``.titles`` the titles row by
+    row, and ``.savefig(path)`` (or :func:`save_png`) writes a PNG. Panels are drawn at the input's own size
+    (enlarged by whole pixels under 160 pixels, reduced by a whole factor over 448), not resampled.
+
+    >>> import torch, guided_swap as gs
+    >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+    ...                           torch.nn.Flatten()).eval()
+    >>> ex = gs.convert(net, layer="0")
+    >>> x = torch.randn(1, 3, 16, 16)
+    >>> p = picture(ex.explain(x), x, explainer=ex, notes=["$x^$.png"])
+    >>> p.titles[0][0].splitlines()[1], p.titles[0][1:]
+    ('$x^$.png', ['guided backprop', 'Grad-CAM (0)', 'Guided Grad-CAM'])
+    """
+    rows = plan(explanation, inputs, panels, explainer=explainer, swapped=swapped, labels=labels,
+                probabilities=probabilities, notes=notes, scale=scale, limits=limits, mean=mean, std=std)
+    return render.compose([[_coloured(cell, image, cmap, alpha) for cell in cells] for image, cells in rows])
+
+
+_BAR = np.linspace(0.0, 1.0, 256)
+
+
+def _coloured(cell: "Cell", image: np.ndarray, cmap, alpha: float) -> render.Cell:
+    """A planned cell as the picture :func:`draw_map` draws: a CAM over the input through ``cmap``, a gradient-like
+    map in colour with a grey bar."""
+    if cell.values is None:
+        return render.Cell(image, cell.title)
+    if _is_cam(cell.panel):
+        shown = overlay(image, scale_to_unit(cell.values, cell.limits), alpha, cmap)
+        return render.Cell(shown, cell.title, render.Bar(cell.limits, colormap(_BAR, cmap)))
+    return render.Cell(to_rgb(cell.values, cell.limits), cell.title, render.Bar(cell.limits, colormap(_BAR, "gray")))
 
 
 #: Text properties that draw a title as the characters it holds: no math text (``$...$``), no TeX.

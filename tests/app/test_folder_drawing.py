@@ -79,11 +79,11 @@ def figure_as_before(args, name: str, limits) -> np.ndarray:
     nodes = dict(explainer.report.layers)
     one = replace(one, layers={nodes.get(key, key): maps for key, maps in one.layers.items()})
     p = job.preprocessing
-    fig = viz.figure(one, x[None], panels(job.method, job.cams), labels=job.labels, notes=[name], mean=p.mean,
-                     std=p.std, cmap=job.cmap, scale="shared" if limits else "per-image",
-                     limits={k: tuple(v) for k, v in limits.items()} if limits else None)
+    fig = viz.picture(one, x[None], panels(job.method, job.cams), labels=job.labels, notes=[name], mean=p.mean,
+                      std=p.std, cmap=job.cmap, scale="shared" if limits else "per-image",
+                      limits={k: tuple(v) for k, v in limits.items()} if limits else None)
     stream = io.BytesIO()
-    fig.savefig(stream, format="png", dpi=110)
+    fig.savefig(stream)
     return pixels(stream)
 
 
