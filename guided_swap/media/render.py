@@ -10,8 +10,8 @@ lacks shows as a box).
 >>> grey = np.linspace(0.0, 1.0, 256)[:, None].repeat(3, axis=1)
 >>> rows = [[Cell(np.zeros((4, 4, 3)), "input\\n$x^$.png"), Cell(np.ones((4, 4, 3)), "map", Bar((0.0, 0.5), grey))]]
 >>> p = compose(rows)
->>> p.titles, p.image.mode
-([['input\\n$x^$.png', 'map']], 'RGB')
+>>> p.titles, p.boxes, p.image.mode
+([['input\\n$x^$.png', 'map']], [[(8, 44, 168, 204), (186, 44, 346, 204)]], 'RGB')
 >>> bar_ticks((0.0, 0.5), 224), bar_ticks((-4.9e-3, 4.9e-3), 224)
 ((['0.0', '0.1', '0.2', '0.3', '0.4', '0.5'], ''), (['−4', '−2', '0', '2', '4'], '1e−3'))
 """
@@ -56,14 +56,18 @@ class Cell:
     bar: Optional[Bar] = None
 
 
+Box = Tuple[int, int, int, int]  # left, top, right, bottom (exclusive), in pixels
+
+
 class Picture:
-    """A composed figure: ``image`` (a Pillow RGB image) and the ``titles`` it shows, row by row.
+    """A composed figure: ``image`` (a Pillow RGB image), the ``titles`` it shows and the ``boxes`` its panels'
+    pictures fill, row by row.
 
     ``savefig`` takes what ``matplotlib.figure.Figure.savefig`` is given for a PNG, so code that saves a figure
     saves a Picture too (``dpi`` is ignored: the pixels are the picture's own)."""
 
-    def __init__(self, image: Image.Image, titles: List[List[str]]):
-        self.image, self.titles = image, titles
+    def __init__(self, image: Image.Image, titles: List[List[str]], boxes: List[List[Box]]):
+        self.image, self.titles, self.boxes = image, titles, boxes
 
     @property
     def size(self) -> Tuple[int, int]:
@@ -99,19 +103,21 @@ def compose(rows: Sequence[Sequence[Cell]]) -> Picture:
     canvas = Image.new("RGB", (2 * MARGIN + sum(widths) + GAP * (len(widths) - 1),
                                2 * MARGIN + sum(heights) + GAP * (len(heights) - 1)), "white")
     draw = ImageDraw.Draw(canvas)
-    top = MARGIN
+    boxes, top = [], MARGIN
     for r, row in enumerate(rows):
         left = MARGIN
+        boxes.append([])
         for c, cell in enumerate(row):
-            _draw_cell(canvas, draw, (left, top), widths[c], heads[r], fitted[r][c], lines[r][c], cell.bar,
-                       ticks[r][c])
+            boxes[r].append(_draw_cell(canvas, draw, (left, top), widths[c], heads[r], fitted[r][c], lines[r][c],
+                                       cell.bar, ticks[r][c]))
             left += widths[c] + GAP
         top += heights[r] + GAP
-    return Picture(canvas, [[cell.title for cell in row] for row in rows])
+    return Picture(canvas, [[cell.title for cell in row] for row in rows], boxes)
 
 
 def _draw_cell(canvas, draw, corner, width: int, head: int, image: Image.Image, lines: List[str],
-               bar: Optional[Bar], ticks) -> None:
+               bar: Optional[Bar], ticks) -> Box:
+    """Draw one cell with its top left corner at ``corner``; the box its picture fills."""
     left, top = corner
     title = _font(TITLE_SIZE)
     for k, line in enumerate(lines):
@@ -122,6 +128,7 @@ def _draw_cell(canvas, draw, corner, width: int, head: int, image: Image.Image, 
     draw.rectangle((left - 1, y - 1, left + image.width, y + image.height), outline="black")
     if bar is not None:
         _draw_bar(canvas, draw, (left + image.width + BAR_GAP, y), image.height, bar, ticks)
+    return left, y, left + image.width, y + image.height
 
 
 def _draw_bar(canvas, draw, corner, height: int, bar: Bar, ticks) -> None:
