@@ -120,9 +120,10 @@ def _draw_cell(canvas, draw, corner, width: int, head: int, image: Image.Image, 
     """Draw one cell with its top left corner at ``corner``; the box its picture fills."""
     left, top = corner
     title = _font(TITLE_SIZE)
-    for k, line in enumerate(lines):
-        draw.text((left + width / 2, top + k * _line_height(TITLE_SIZE)), line, font=title, fill="black",
-                  anchor="ma")
+    for k, line in enumerate(lines):  # centred over the picture, kept inside the cell
+        half = title.getlength(line) / 2
+        centre = min(max(left + image.width / 2, left + half), left + width - half)
+        draw.text((centre, top + k * _line_height(TITLE_SIZE)), line, font=title, fill="black", anchor="ma")
     y = top + head
     canvas.paste(image, (left, y))
     draw.rectangle((left - 1, y - 1, left + image.width, y + image.height), outline="black")
