@@ -97,7 +97,7 @@ def renderer_comparison(path: str) -> str:
     before = Image.open(buffer).convert("RGB")
     after = viz.picture(e, x, explainer=ex, labels=names, notes=notes).image
     heads = ["before: viz.figure, a matplotlib figure per image (~370 ms a figure at 224 px)",
-             "after: viz.picture, numpy and Pillow (~25 ms a figure at 224 px, PNG included)"]
+             "after: viz.picture, numpy and Pillow (~20 ms a figure at 224 px, PNG included)"]
     band = 28
     canvas = Image.new("RGB", (max(before.width, after.width), 2 * band + before.height + after.height), "white")
     draw = ImageDraw.Draw(canvas)

@@ -18,6 +18,7 @@ lacks shows as a box).
 import io
 import math
 import os
+import struct
 import zlib
 from dataclasses import dataclass
 from functools import lru_cache
@@ -27,7 +28,6 @@ import matplotlib
 import numpy as np
 from matplotlib.ticker import MaxNLocator
 from PIL import Image, ImageDraw, ImageFont
-from PIL.PngImagePlugin import PngInfo
 
 FONT = os.path.join(matplotlib.get_data_path(), "fonts", "ttf", "DejaVuSans.ttf")
 TITLE_SIZE, TICK_SIZE = 13, 10  # pixels: about matplotlib's 9 and 6 points at the folder figures' 110 dpi
@@ -35,7 +35,7 @@ MIN_SIDE, MAX_SIDE = 160, 448  # a panel's longer side: smaller pictures are enl
 MARGIN, GAP = 8, 18  # around the figure, between panels
 BAR_GAP, BAR_WIDTH, TICK_LENGTH, TICK_PAD = 6, 12, 3, 2
 POWER_LIMITS = (-2, 3)  # tick labels as a mantissa and an exponent outside 10^-2 .. 10^3 (matplotlib's bars)
-PNG_STRATEGY = zlib.Z_RLE  # lossless like every zlib strategy; on these figures the fastest and smallest
+PNG_STRATEGY = zlib.Z_RLE  # lossless like every zlib strategy; on these figures the fastest
 MINUS = "\u2212"
 
 
@@ -77,16 +77,61 @@ class Picture:
         """Write a PNG to a path or a binary stream, ``metadata`` (str to str) as its text chunks."""
         if format not in (None, "png"):
             raise ValueError(f"a Picture is saved as PNG only, not {format!r}")
-        info = PngInfo()
-        for key, value in (metadata or {}).items():
-            info.add_text(key, value)
-        self.image.save(fname, format="png", pnginfo=info, compress_type=PNG_STRATEGY)
+        data = png_bytes(np.asarray(self.image), metadata)
+        if hasattr(fname, "write"):
+            fname.write(data)
+            return
+        with open(fname, "wb") as stream:
+            stream.write(data)
 
     def _repr_png_(self) -> bytes:  # shown in notebooks
         stream = io.BytesIO()
         self.savefig(stream)
         return stream.getvalue()
 
+
+def png_bytes(rgb: np.ndarray, metadata: Optional[dict] = None) -> bytes:
+    """An (H, W, 3) uint8 array as PNG bytes, ``metadata`` as text chunks (``tEXt``, or ``iTXt`` for text beyond
+    Latin-1). Each row is stored as its difference from the row above (PNG's "Up" filter) and deflated with
+    zlib's run-length strategy: lossless, and about twice as fast as Pillow's encoder on these figures.
+
+    >>> import io
+    >>> from PIL import Image
+    >>> a = np.arange(24, dtype=np.uint8).reshape(2, 4, 3)
+    >>> with Image.open(io.BytesIO(png_bytes(a, {"note": "$x^$ é €"}))) as image:
+    ...     np.array_equal(np.asarray(image), a), image.info["note"]
+    (True, '$x^$ é €')
+    """
+    rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or not rgb.size:
+        raise ValueError(f"png_bytes takes an (H, W, 3) array with pixels, got shape {rgb.shape}")
+    height, width, _ = rgb.shape
+    rows = rgb.reshape(height, -1).copy()
+    rows[1:] -= rgb.reshape(height, -1)[:-1]  # uint8 arithmetic wraps, as the filter wants
+    raw = np.concatenate([np.full((height, 1), 2, np.uint8), rows], axis=1)  # 2: "Up"
+    raw[0, 0] = 0  # the first row has no row above: stored as it is ("None")
+    deflate = zlib.compressobj(1, zlib.DEFLATED, 15, 9, PNG_STRATEGY)
+    chunks = [(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))]
+    chunks += [_text_chunk(key, value) for key, value in (metadata or {}).items()]
+    chunks += [(b"IDAT", deflate.compress(raw.tobytes()) + deflate.flush()), (b"IEND", b"")]
+    return PNG_SIGNATURE + b"".join(struct.pack(">I", len(data)) + kind + data
+                                    + struct.pack(">I", zlib.crc32(kind + data)) for kind, data in chunks)
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _text_chunk(key: str, value: str) -> Tuple[bytes, bytes]:
+    try:
+        keyword = key.encode("latin-1")
+    except UnicodeEncodeError:
+        keyword = b""
+    if not 1 <= len(keyword) <= 79 or b"\0" in keyword or "\0" in value:
+        raise ValueError(f"a PNG text key is 1 to 79 Latin-1 characters and no text holds a NUL; got {key!r}")
+    try:
+        return b"tEXt", keyword + b"\0" + value.encode("latin-1")
+    except UnicodeEncodeError:  # iTXt: keyword, no compression, no language, no translated keyword, UTF-8
+        return b"iTXt", keyword + b"\0\0\0\0\0" + value.encode("utf-8")
 
 def compose(rows: Sequence[Sequence[Cell]]) -> Picture:
     """One figure: one row of panels per sequence of cells, each column as wide as its widest cell."""

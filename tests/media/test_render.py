@@ -118,3 +118,19 @@ def test_picture_checks_its_arguments_as_figure_does():
     gradient_only.layers = {}
     with pytest.raises(ValueError, match="need a captured layer"):
         viz.picture(gradient_only, torch.zeros(1, 3, 4, 4), panels=("input", "cam"))
+
+
+def test_png_bytes_are_lossless_with_their_text_and_refuse_what_png_cannot_hold():
+    generator = np.random.default_rng(0)
+    for shape in ((1, 1, 3), (1, 7, 3), (5, 1, 3), (37, 53, 3)):
+        pixels = generator.integers(0, 256, shape, dtype=np.uint8)
+        data = render.png_bytes(pixels, {"Software": "guided_swap", "note": "€ $x^$"})
+        with Image.open(io.BytesIO(data)) as image:
+            assert np.array_equal(np.asarray(image), pixels)
+            assert image.info["Software"] == "guided_swap" and image.info["note"] == "€ $x^$"
+    with pytest.raises(ValueError, match="text key"):
+        render.png_bytes(pixels, {"": "x"})
+    with pytest.raises(ValueError, match="NUL"):
+        render.png_bytes(pixels, {"key": "a\0b"})
+    with pytest.raises(ValueError, match=r"\(H, W, 3\)"):
+        render.png_bytes(np.zeros((4, 4), np.uint8))
