@@ -239,18 +239,22 @@ def _head_height(lines: List[List[str]], ticks) -> int:
 
 
 def _wrap(text: str, width: int) -> List[str]:
-    """The lines of ``text``, each line longer than ``width`` pixels broken (after a space where there is one)."""
+    """The lines of ``text``, each line longer than ``width`` pixels broken: after a space, ``/``, ``_`` or ``-``
+    where one is in reach, else where the width ends. Only the spaces at a break are dropped."""
     font = _font(TITLE_SIZE)
     out = []
     for line in text.split("\n"):
         while len(line) > 1 and font.getlength(line) > width:
             cut = _longest_prefix(line, font, width)
-            space = line.rfind(" ", 0, cut + 1)
-            cut = space + 1 if space > 0 else cut
+            after = max(line.rfind(mark, 1, cut) for mark in BREAKS)
+            cut = after + 1 if after > 0 else cut
             out.append(line[:cut].rstrip(" "))
-            line = line[cut:]
+            line = line[cut:].lstrip(" ") or line[cut:]
         out.append(line)
     return out
+
+
+BREAKS = " /_-"
 
 
 def _longest_prefix(line: str, font, width: int) -> int:

@@ -78,6 +78,7 @@ def test_titles_are_plain_text_and_long_ones_wrap_without_losing_a_character():
     assert len(lines) > 1 and "".join(lines) == long
     assert all(render._font(render.TITLE_SIZE).getlength(line) <= 160 for line in lines)
     assert render._wrap("guided backprop (layer4)", 90) == ["guided", "backprop", "(layer4)"]
+    assert render._wrap("photos/2024/cat.jpg", 100) == ["photos/2024/", "cat.jpg"]  # after a separator
 
 
 def test_panels_keep_the_input_size_between_the_limits():
