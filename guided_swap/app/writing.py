@@ -1,5 +1,5 @@
 """One result per input: the arrays a method computed, its record, its figure, written in this process or in a
-pool of writer processes (drawing a figure takes far longer than explaining the image).
+pool of writer processes (so that drawing and writing overlap explaining).
 
 >>> map_names("gradcam"), panels("gradcam"), panels("guided")
 (['logits', 'target', 'score', 'cam_raw', 'cam'], ('input', 'cam'), ('input', 'gradient'))
@@ -133,7 +133,7 @@ def figure_context(explainer, job, nodes: Dict[str, str]) -> FigureContext:
 
 @dataclass
 class Saved:
-    """One input's saved arrays (a batch of one) as the parts of an ``Explanation`` that ``viz.figure`` reads,
+    """One input's saved arrays (a batch of one) as the parts of an ``Explanation`` that ``viz.picture`` reads,
     so a figure drawn from a file is the figure of the explanation that wrote it."""
 
     logits: torch.Tensor
@@ -164,9 +164,10 @@ class Saved:
 def figure(job, maps: Dict[str, np.ndarray], context: FigureContext, item: Item,
            limits: Optional[Dict[str, List[float]]] = None):
     """The figure of one input from its arrays (:func:`figure_names`): its panels (:func:`panels`), titled by
-    what each map is, on ``limits`` (one scale shared by the run) or each map on its own range."""
+    what each map is, on ``limits`` (one scale shared by the run) or each map on its own range. Composed with
+    numpy and Pillow (``viz.picture``: the panels, titles and colour bars of ``viz.figure``, many times faster)."""
     p = job.preprocessing
-    return viz.figure(Saved.of(maps, context), maps["input"][None], panels(job.method, job.cams),
+    return viz.picture(Saved.of(maps, context), maps["input"][None], panels(job.method, job.cams),
                       labels=job.labels, notes=[item.name], mean=p.mean, std=p.std, cmap=job.cmap,
                       scale="shared" if limits else "per-image",
                       limits={k: tuple(v) for k, v in limits.items()} if limits else None)

@@ -1,7 +1,8 @@
 """Pictures of maps: pure functions on arrays and tensors, and one figure per batch with a colour bar per map.
 
 Nothing here touches matplotlib's global state: :func:`figure` builds a ``matplotlib.figure.Figure`` (no
-pyplot, no backend switch), so it is safe in notebooks, servers and threads.
+pyplot, no backend switch), so it is safe in notebooks, servers and threads. :func:`picture` composes the same
+figure with numpy and Pillow (no matplotlib figure), many times faster: what the folder runner draws.
 
 >>> import numpy as np
 >>> m = np.array([[0.0, 1.0], [2.0, 3.0]])
@@ -12,7 +13,8 @@ pyplot, no backend switch), so it is safe in notebooks, servers and threads.
 >>> standardize_clip(m * 1e-12).round(3).tolist()   # scale-free: a map of 1e-12 looks like the same map of 1
 [[0.366, 0.455], [0.545, 0.634]]
 """
-from typing import Dict, Iterable, Mapping, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -23,6 +25,7 @@ from matplotlib.figure import Figure
 from skimage import io as skio
 
 from .._files import atomic_write
+from . import render
 from ..core.cam import cam_methods
 from .labels import IMAGENET_MEAN, IMAGENET_STD
 
@@ -309,7 +312,7 @@ def _row_title(explanation, probabilities, labels, i: int) -> str:
     if labels is not None:
         if not 0 <= target < len(labels):
             raise ValueError(f"target class {target} has no name: labels has {len(labels)} entries")
-        name = labels[target]
+        name = printable(labels[target])
     else:
         name = f"class {target}"
     if probabilities is None:
@@ -374,31 +377,130 @@ def figure(explanation, inputs, panels: Optional[Sequence[str]] = None, *, expla
     >>> [ax.get_title() for ax in fig.axes[1:4]]
     ['plain gradient (no ReLU swapped)', 'Grad-CAM (0)', 'Grad-CAM ×\\nplain gradient (no ReLU swapped)']
     """
+    rows = plan(explanation, inputs, panels, explainer=explainer, swapped=swapped, labels=labels,
+                probabilities=probabilities, notes=notes, scale=scale, limits=limits, mean=mean, std=std)
+    fig = Figure(figsize=(2.9 * len(rows[0][1]), 2.6 * len(rows)), layout="constrained")
+    axes = fig.subplots(len(rows), len(rows[0][1]), squeeze=False)
+    for row_axes, (image, cells) in zip(axes, rows):
+        for ax, cell in zip(row_axes, cells):
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if cell.values is None:
+                ax.imshow(image)
+            else:
+                draw_map(fig, ax, cell.panel, cell.values, image, cell.limits, cmap, alpha)
+            ax.set_title(cell.title, fontsize=9, **PLAIN)
+    return fig
+
+
+def picture(explanation, inputs, panels: Optional[Sequence[str]] = None, *, explainer=None,
+            swapped: Optional[int] = None, labels: Optional[Sequence[str]] = None, probabilities=None,
+            notes: Optional[Sequence[str]] = None, scale: str = "shared",
+            limits: Optional[Mapping[str, Limits]] = None, cmap: str = "jet", alpha: float = 0.5,
+            mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> render.Picture:
+    """:func:`figure`'s picture composed with numpy and Pillow, about twenty times faster: the same panels, titles,
+    ranges and colours, a colour bar on every map (arguments as :func:`figure`'s). What the folder runner draws.
+
+    A :class:`guided_swap.media.render.Picture`: ``.image`` is a Pillow image, ``.titles`` the titles row by
+    row, and ``.savefig(path)`` (or :func:`save_png`) writes a PNG. Panels are drawn at the input's own size
+    (enlarged by whole pixels under 160 pixels, reduced by a whole factor over 448), not resampled.
+
+    >>> import torch, guided_swap as gs
+    >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+    ...                           torch.nn.Flatten()).eval()
+    >>> ex = gs.convert(net, layer="0")
+    >>> x = torch.randn(1, 3, 16, 16)
+    >>> p = picture(ex.explain(x), x, explainer=ex, notes=["$x^$.png"])
+    >>> p.titles[0][0].splitlines()[1], p.titles[0][1:]
+    ('$x^$.png', ['guided backprop', 'Grad-CAM (0)', 'Guided Grad-CAM'])
+    """
+    rows = plan(explanation, inputs, panels, explainer=explainer, swapped=swapped, labels=labels,
+                probabilities=probabilities, notes=notes, scale=scale, limits=limits, mean=mean, std=std)
+    return render.compose([[_coloured(cell, image, cmap, alpha) for cell in cells] for image, cells in rows])
+
+
+_BAR = np.linspace(0.0, 1.0, 256)
+
+
+def _coloured(cell: "Cell", image: np.ndarray, cmap, alpha: float) -> render.Cell:
+    """A planned cell as the picture :func:`draw_map` draws: a CAM over the input through ``cmap``, a gradient-like
+    map in colour with a grey bar."""
+    if cell.values is None:
+        return render.Cell(image, cell.title)
+    if _is_cam(cell.panel):
+        shown = overlay(image, scale_to_unit(cell.values, cell.limits), alpha, cmap)
+        return render.Cell(shown, cell.title, render.Bar(cell.limits, colormap(_BAR, cmap)))
+    return render.Cell(to_rgb(cell.values, cell.limits), cell.title, render.Bar(cell.limits, colormap(_BAR, "gray")))
+
+
+#: Text properties that draw a title as the characters it holds: no math text (``$...$``), no TeX.
+PLAIN = {"parse_math": False, "usetex": False}
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One panel of one row: its name, its title, and the map it shows (None for the input) on ``limits``."""
+
+    panel: str
+    title: str
+    values: Optional[np.ndarray] = None
+    limits: Optional[Limits] = None
+
+
+def plan(explanation, inputs, panels: Optional[Sequence[str]] = None, *, explainer=None,
+         swapped: Optional[int] = None, labels: Optional[Sequence[str]] = None, probabilities=None,
+         notes: Optional[Sequence[str]] = None, scale: str = "shared", limits: Optional[Mapping[str, Limits]] = None,
+         mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) \
+        -> List[Tuple[np.ndarray, List[Cell]]]:
+    """What a figure shows, whoever draws it (:func:`figure` with matplotlib, :func:`picture` with Pillow): per
+    row, the input as an (H, W, 3) picture and one :class:`Cell` per panel, with its title and range (arguments
+    as :func:`figure`'s).
+
+    >>> from types import SimpleNamespace
+    >>> e = SimpleNamespace(gradient=torch.ones(1, 3, 2, 2), logits=torch.zeros(1, 2), target=torch.ones(1).long(),
+    ...                     score=torch.zeros(1), layers={}, swapped=4, rule="guided")
+    >>> picture, cells = plan(e, torch.zeros(1, 3, 2, 2), notes=["$x^$.png"])[0]
+    >>> [(c.panel, c.title) for c in cells]
+    [('input', 'class 1: p=0.50\\n$x^$.png'), ('gradient', 'guided backprop')]
+    """
     panels = tuple(available_panels(explanation) if panels is None else panels)
     _check_figure_arguments(explanation, inputs, panels, notes, scale, limits)
     ranges = _ranges(explanation, panels, scale, limits)
     report = getattr(explainer, "report", None)
     titles = _titles(explanation, _swap_count(explanation, explainer, swapped), getattr(report, "layers", {}), panels)
     probabilities = _probabilities(explanation, probabilities)
-    rows = inputs.shape[0]
-    fig = Figure(figsize=(2.9 * len(panels), 2.6 * rows), layout="constrained")
-    axes = fig.subplots(rows, len(panels), squeeze=False)
-    for i in range(rows):
-        picture = denormalize(inputs[i], mean, std)
-        heading = _row_title(explanation, probabilities, labels, i) + (f"\n{notes[i]}" if notes is not None else "")
-        for ax, panel in zip(axes[i], panels):
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if panel == "input":
-                ax.imshow(picture)
-                ax.set_title(heading, fontsize=9)
-                continue
-            limit = ranges[panel] if ranges[panel] is not None else shared_limits([_row(explanation, i, panel)],
-                                                                                  [panel])[panel]
-            values = _panel_values(explanation, panel)[i]
-            draw_map(fig, ax, panel, values, picture, limit, cmap, alpha)
-            ax.set_title(titles[panel] + ("" if values.any() else ZERO_NOTE), fontsize=9)
-    return fig
+    rows = []
+    for i in range(inputs.shape[0]):
+        heading = _row_title(explanation, probabilities, labels, i) + \
+            (f"\n{printable(notes[i])}" if notes is not None else "")
+        cells = [Cell(panel, heading) if panel == "input" else _map_cell(explanation, i, panel, titles[panel],
+                                                                         ranges[panel]) for panel in panels]
+        rows.append((denormalize(inputs[i], mean, std), cells))
+    return rows
+
+
+def _map_cell(explanation, i: int, panel: str, title: str, limit: Optional[Limits]) -> Cell:
+    if limit is None:  # per image: the range of this row's map alone
+        limit = shared_limits([_row(explanation, i, panel)], [panel])[panel]
+    values = to_numpy(_panel_values(explanation, panel)[i])
+    return Cell(panel, title + ("" if values.any() else ZERO_NOTE), values, limit)
+
+
+def printable(text) -> str:
+    """``text`` as the characters a title shows, one for one: bytes that are not UTF-8 (a file name read with
+    ``surrogateescape``, as ``os.listdir`` gives them) as ``\\xNN``, control characters (a newline, a tab) as
+    their escapes. Nothing is interpreted: ``$`` is a dollar sign.
+
+    >>> import os
+    >>> printable(os.fsdecode(b"bad\\xff.png")), printable("two\\nlines.png"), printable("$\\\\alpha$.png")
+    ('bad\\\\xff.png', 'two\\\\nlines.png', '$\\\\alpha$.png')
+    """
+    text = str(text)
+    try:
+        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate that stands for no byte
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 #: Added to the title of a panel whose map is zero everywhere: it shows nothing, though coloured like an answer.

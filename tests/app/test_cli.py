@@ -46,7 +46,7 @@ def figures(monkeypatch):
     write = results.write_png
 
     def spy(fig, path, record):
-        drawn[os.path.basename(path)] = [axis.get_title() for axis in fig.axes if axis.get_title()]
+        drawn[os.path.basename(path)] = [title for row in fig.titles for title in row]
         write(fig, path, record)
 
     monkeypatch.setattr(results, "write_png", spy)

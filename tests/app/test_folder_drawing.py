@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from guided_swap.app import folder
+from guided_swap.app import folder, results
 from guided_swap.app.cli import main, make_job, parser
 from guided_swap.run.explainer import Explainer
 from guided_swap.app.results import MARKER, read_index, read_record
@@ -79,11 +79,11 @@ def figure_as_before(args, name: str, limits) -> np.ndarray:
     nodes = dict(explainer.report.layers)
     one = replace(one, layers={nodes.get(key, key): maps for key, maps in one.layers.items()})
     p = job.preprocessing
-    fig = viz.figure(one, x[None], panels(job.method, job.cams), labels=job.labels, notes=[name], mean=p.mean,
-                     std=p.std, cmap=job.cmap, scale="shared" if limits else "per-image",
-                     limits={k: tuple(v) for k, v in limits.items()} if limits else None)
+    fig = viz.picture(one, x[None], panels(job.method, job.cams), labels=job.labels, notes=[name], mean=p.mean,
+                      std=p.std, cmap=job.cmap, scale="shared" if limits else "per-image",
+                      limits={k: tuple(v) for k, v in limits.items()} if limits else None)
     stream = io.BytesIO()
-    fig.savefig(stream, format="png", dpi=110)
+    fig.savefig(stream)
     return pixels(stream)
 
 
@@ -186,3 +186,44 @@ def test_a_figure_whose_maps_changed_under_the_run_is_not_drawn_from_them(tmp_pa
     lines = {line["name"]: line for line in read_index(out)}
     assert "changed during the run" in lines["a.png"]["error"] and lines["b.png"]["error"] is None
     assert not (out / "a.png.png").exists() and (out / "b.png.png").exists()
+
+
+# File names (bytes on disk) and how a figure titles them: each character as it is, undecodable bytes and control
+# characters as escapes, never math text.
+ODD_NAMES = {b"$x^$.png": "$x^$.png", b"bad\xff.png": "bad\\xff.png", b"$\\alpha$.png": "$\\alpha$.png",
+             b"two\nlines.png": "two\\nlines.png"}
+
+
+def test_any_file_name_is_a_plain_text_title(tmp_path, monkeypatch, capsys):
+    root, out = tmp_path / "in", tmp_path / "out"
+    for name in ODD_NAMES:
+        save_image(root / os.fsdecode(name), CAT, size=40)
+    titles, write = {}, results.write_png
+
+    def spy(fig, path, record):
+        titles[record["name"]] = fig.titles[0][0]
+        write(fig, path, record)
+
+    monkeypatch.setattr(results, "write_png", spy)
+    assert main(arguments(root, out, "--save", "png,npz")) == 0
+    lines = {line["name"]: line for line in read_index(out)}
+    assert sorted(os.fsencode(name) for name in lines) == sorted(ODD_NAMES)
+    assert all(line["error"] is None for line in lines.values())
+    assert {os.fsencode(name): title.split("\n")[1:] for name, title in titles.items()} == \
+        {name: [shown] for name, shown in ODD_NAMES.items()}
+    for name in lines:  # each figure is on disk, with its record
+        assert read_record(str(out / name) + ".png")["name"] == name
+    capsys.readouterr()
+    assert main(arguments(root, out, "--save", "png,npz")) == 0  # a rerun finds them done
+    assert "4 of 4 input(s) already done" in capsys.readouterr().err
+
+
+def test_writer_processes_draw_odd_names_as_this_process_does(tmp_path):
+    root = tmp_path / "in"
+    for name in ODD_NAMES:
+        save_image(root / os.fsdecode(name), ASTRONAUT, size=40)
+    here, pool = arguments(root, tmp_path / "here"), arguments(root, tmp_path / "pool")
+    assert main(here) == 0 and main(pool[:pool.index("--writers") + 1] + ["2"]) == 0
+    for name in os.listdir(tmp_path / "here"):
+        if name.endswith(".png.png"):
+            assert np.array_equal(pixels(tmp_path / "here" / name), pixels(tmp_path / "pool" / name))

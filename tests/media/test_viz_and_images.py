@@ -1,5 +1,7 @@
 """Visualisation functions on values, figures (titles, colour bars, scales), image loading of every kind, and the
 demo models."""
+import io
+import os
 import re
 import warnings
 from types import SimpleNamespace
@@ -242,6 +244,20 @@ def test_only_computed_panels_are_drawn():
     with pytest.raises(ValueError, match="has no name"):
         viz.figure(e, x[:1], labels=["only one"])
 
+
+ODD_NAMES = ["$x^$.png", os.fsdecode(b"bad\xff.png"), "$\\alpha$.png", "two\nlines.png"]
+SHOWN = ["$x^$.png", "bad\\xff.png", "$\\alpha$.png", "two\\nlines.png"]  # each character as it is
+
+
+def test_titles_are_plain_text_whatever_the_bytes_of_a_name():
+    e, x = two_images_hundredfold_apart()
+    for pair in (0, 2):
+        fig = viz.figure(e, x, panels=("input", "cam"), notes=ODD_NAMES[pair:pair + 2], labels=["zero", "$y_1$"])
+        fig.savefig(io.BytesIO(), format="png")  # math text and set_text() complain when the text is drawn
+        titles = [fig.axes[0].get_title(), fig.axes[2].get_title()]
+        assert [title.split("\n", 1)[1] for title in titles] == SHOWN[pair:pair + 2]
+        assert all(title.startswith("$y_1$: p=") for title in titles)
+        assert all(not ax.title.get_parse_math() and not ax.title.get_usetex() for ax in fig.axes[:4])
 
 def test_library_figures_leave_pyplot_and_the_backend_alone(monkeypatch):
     import matplotlib
