@@ -19,6 +19,7 @@ from ..core.report import ConversionReport
 from ..core.rules import Rule
 from ..core.targets import OutputKey, Score
 from .base import Capture, InputShape
+from .hooks import DroppedHooks
 from .graph.export_trace import fx_failure, trace_export
 from .graph.graph_capture import capture_graph
 from .graph.trace import trace
@@ -43,18 +44,21 @@ def capture_model(model: nn.Module, layers: Sequence[str], rule: Rule, output: O
                           "captured layer as a channels-first map", stacklevel=5)
         return capture_runtime(model, layers, rule, output, example, reason)
 
-    fx_note = None
+    fx_note, fx_error = None, None
     if path in ("auto", "fx"):
         try:
             traced = trace(model, tracer_kwargs)
         except TraceError as error:
             if path == "fx":
                 raise
+            fx_error = error
             fx_note = fx_failure(error)
         else:
             return capture_graph(traced, model, layers, rule, output, "fx", layouts, example)
     if path == "runtime":
         return runtime(None)
+    if path == "auto" and isinstance(fx_error, DroppedHooks) and not fx_error.another_graph_could_hold:
+        return runtime(fx_note)  # export would skip these hooks too
 
     def export_or_runtime(x: Any) -> Capture:
         """The export capture for a tensor input; the run-time capture when export cannot take the model."""
@@ -65,7 +69,8 @@ def capture_model(model: nn.Module, layers: Sequence[str], rule: Rule, output: O
         except (TraceError, TypeError) as error:
             if path == "export":
                 raise
-            return runtime(f"{fx_note}; export failed: {str(error).splitlines()[0][:200]}")
+            why = getattr(error, "short", None) or f"export failed: {str(error).splitlines()[0][:200]}"
+            return runtime(f"{fx_note}; {why}")
         label = "export" + (f" ({fx_note})" if fx_note else "")
         return capture_graph(traced, model, layers, rule, output, label, layouts, x)
 

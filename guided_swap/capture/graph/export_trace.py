@@ -49,6 +49,7 @@ from torch.fx.experimental.symbolic_shapes import SYMPY_INTERP
 from torch.fx.node import has_side_effect
 
 from ...core.errors import InputError, TraceError
+from ..hooks import HookRecorder, refuse_dropped
 from ..mirror import mirror
 from .trace import QualnameTracer, Traced, default_leaf_modules, optional_arguments
 
@@ -75,7 +76,10 @@ def trace_export(model: nn.Module, example_input: Tensor, *, dynamic_size: bool 
                         f"e.g. torch.randn(2, 3, 224, 224); got {type(example_input).__name__}")
     root = mirror(model).eval()  # containers of its own: export hooks it, models write caches (EfficientViT)
     example = _example(example_input)
+    hooks = HookRecorder(root)
     program = _export(root, model, example, dynamic_size, strict)
+    refuse_dropped(hooks.dropped(), "export")
+    hooks.remove()
     graph = _unlifted_graph(program, root, tuple(example.shape[1:]), dynamic_size)
     written = _written_state(graph)
     _give_private_copies(root, written)
@@ -549,6 +553,8 @@ def fx_failure(error: BaseException) -> str:
     the model's code; else where inside torch (or ``unknown``) and the error itself, which then says more than
     the place (``fx failed at torch/nn/parallel/data_parallel.py:175 in forward (inside torch): TraceError:
     Proxy object cannot be iterated``)."""
+    if getattr(error, "short", None):  # a refusal of ours that says itself why (hooks.DroppedHooks)
+        return error.short
     site = fx_failure_site(error)
     if site != "unknown" and not site.endswith("(inside torch)"):
         return f"fx failed at {site}"

@@ -24,6 +24,7 @@ import torchvision
 from torch import fx, nn
 
 from .. import ops
+from ..hooks import HookRecorder, refuse_dropped
 from ...core.errors import TraceError
 from ..mirror import mirror
 
@@ -137,10 +138,13 @@ def trace(model: nn.Module, tracer_kwargs: Optional[Dict[str, Any]] = None) -> T
     autowrap_modules = (math,) + tuple(options.pop("autowrap_modules", ()))
     tracer = QualnameTracer(leaves, options.pop("autowrap_functions", ()), autowrap_modules)
     root = mirror(model)
+    hooks = HookRecorder(root)
     try:
         graph = tracer.trace(root, concrete_args=concrete_args)
     except Exception as error:  # any failure inside fx or the model's forward
         raise TraceError(_trace_failure_message(model, error)) from error
+    refuse_dropped(hooks.dropped(), "fx")
+    hooks.remove()
     module = fx.GraphModule(root, graph, class_name=type(model).__name__)
     names = {name: node for node, name in tracer.node_names.items()}
     return Traced(module, tracer.module_outputs, names, leaves, dict(concrete_args or {}), tracer.module_inputs,

@@ -38,6 +38,7 @@ from ...core.rules import Rule
 from ...core.targets import OutputKey, Score, default_output
 from ..base import AUTO, Capture, InputShape, LayerPart, check_autograd, check_tensor, gradients
 from . import bias_hooks
+from ..hooks import listed, unpicklable_hooks
 from .live_swap import Run, Site, auto_layer, private_mirror
 
 
@@ -139,6 +140,12 @@ class RuntimeCapture(Capture):
 
     def before_save(self) -> None:
         """Refuse, before anything is written, a model copy whose classes pickle could not find again."""
+        unsaved = unpicklable_hooks(self.model)
+        if unsaved:
+            raise TypeError(f"this explainer was captured at run time and holds a copy of the model with its hooks, "
+                            f"and pickle cannot save {listed(unsaved)} (a lambda or a function defined inside a "
+                            "function): define the hook at the top level of a module, or convert again instead of "
+                            "saving; nothing was written")
         hidden = _unimportable_classes(self.model)
         if hidden:
             raise TypeError(f"this explainer was captured at run time and holds a copy of the model, whose classes "
