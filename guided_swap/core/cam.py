@@ -210,10 +210,16 @@ def elementwise_weighted(activation: Tensor, gradient: Tensor) -> Tensor:
     return torch.relu(gradient * activation)
 
 
+def activation_weighted(activation: Tensor, gradient: Tensor) -> Tensor:
+    """Eigen-CAM's weighted activations: ``A`` itself (``G`` is not read)."""
+    activation, _ = _inputs(activation, gradient)
+    return activation
+
+
 def eigencam(activation: Tensor, gradient: Tensor) -> Tensor:
     """Eigen-CAM (Muhammad & Yeasin 2020): the first principal component of ``A`` alone (``G`` is not read),
     with :func:`eigengradcam`'s sign rule, which here makes the map correlate with the centred ``sum_k A_k``."""
-    return eigengradcam(activation, torch.ones_like(activation))
+    return torch.relu(principal_component(activation_weighted(activation, gradient)))
 
 
 # --- the registry: every gradient CAM by name ---------------------------------------------------------------
@@ -225,13 +231,14 @@ _CAMS: Dict[str, CamFunction] = {
     "eigencam": eigencam,
 }
 BUILT_IN = tuple(_CAMS)
-#: The weighted activations of each built-in CAM; EigenGrad-CAM is always their principal component.
+#: The weighted activations of each built-in CAM.
 WEIGHTED: Dict[str, CamFunction] = {
     "gradcam": gradcam_weighted, "gradcam++": gradcam_plusplus_weighted, "xgradcam": xgradcam_weighted,
     "layercam": layercam_weighted, "hirescam": hirescam_weighted, "elementwise": elementwise_weighted,
-    "eigengradcam": hirescam_weighted,
+    "eigengradcam": hirescam_weighted, "eigencam": activation_weighted,
 }
-ALWAYS_EIGEN = ("eigengradcam",)
+#: The CAMs that are always the principal component of their weighted activations, never their sum.
+ALWAYS_EIGEN = ("eigengradcam", "eigencam")
 
 
 class CamError(GuidedSwapError, KeyError, ValueError):
