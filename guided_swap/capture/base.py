@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from ..core.cam import CamError
 from ..core.errors import GuidedSwapError, InputError, LayerError
+from ..core.inputs import Inputs, Signature
 from ..core.layout import Layout
 from ..core.maps import PassResult
 from ..core.pass_cams import BiasPass
@@ -52,8 +53,12 @@ class LayerChoice(NamedTuple):
 
 
 class InputShape(NamedTuple):
+    """The batch size and the spatial size of the (first) input; ``sizes`` holds every input's spatial size when
+    there are several (:class:`~guided_swap.core.inputs.Inputs`)."""
+
     batch: int
     spatial: Tuple[int, ...]
+    sizes: Tuple[Tuple[int, ...], ...] = ()
 
 
 class Capture(nn.Module, abc.ABC):
@@ -92,6 +97,19 @@ class Capture(nn.Module, abc.ABC):
     def ready(self) -> bool:
         """Whether everything is resolved (False: :meth:`prepare` still needs an input)."""
         return True
+
+    @property
+    def layer_inputs(self) -> Dict[str, Tuple[int, ...]]:
+        """For each captured layer, which explained inputs it is computed from (by position); a layer missing here
+        may depend on any (a map is resized to the first input of its rank)."""
+        return {}
+
+    @property
+    def signature(self) -> Optional[Signature]:
+        """What this capture is called with (:class:`~guided_swap.core.inputs.Signature`: how many explained
+        inputs, which forward arguments are tensors or fixed values); None takes any call the model takes (the
+        run-time capture runs the model's own code)."""
+        return None
 
     def prepare(self, x: Any) -> None:
         """Resolve what waits for an input (``layer="auto"``, the path itself) from ``x``; idempotent."""
@@ -183,16 +201,40 @@ def check_autograd() -> None:
         raise GuidedSwapError("explain() needs autograd, which torch.inference_mode() turns off; call it outside")
 
 
-def check_tensor(x: Tensor, module: nn.Module, check_finite: Optional[bool]) -> None:
+def check_tensor(x: Tensor, module: nn.Module, check_finite: Optional[bool], what: str = "input") -> None:
     """Refuse an input tensor that is not floating point, not where ``module``'s weights are, or not finite."""
     if not x.is_floating_point():
-        raise TypeError(f"input must be a floating-point tensor, got dtype {x.dtype}; convert it with x.float()")
+        raise TypeError(f"{what} must be a floating-point tensor, got dtype {x.dtype}; convert it with x.float()")
     parameter = next(module.parameters(), None)
     if parameter is not None and (x.device != parameter.device or x.dtype != parameter.dtype):
-        raise InputError(f"input is {x.dtype} on {x.device} but the explainer is {parameter.dtype} on "
+        raise InputError(f"{what} is {x.dtype} on {x.device} but the explainer is {parameter.dtype} on "
                          f"{parameter.device}: move one, e.g. x.to(device, dtype) or explainer.to(...)")
     if reads_values(x, check_finite) and not bool(torch.isfinite(x).all()):
-        raise InputError("input holds NaN or Inf values; every map would be NaN. Clean the input first")
+        raise InputError(f"{what} holds NaN or Inf values; every map would be NaN. Clean the input first")
+
+
+def check_inputs(x: Inputs, module: nn.Module, check_finite: Optional[bool]) -> InputShape:
+    """Refuse a call whose explained inputs are not tensors of one batch size (each checked by
+    :func:`check_tensor`); the shape of each."""
+    if not x.tensors:
+        raise InputError("explain needs at least one input tensor to explain; got an empty tuple")
+    for index, tensor in enumerate(x.tensors):
+        if not isinstance(tensor, Tensor):
+            raise TypeError(f"input {index} of the tuple is a {type(tensor).__name__}; every explained input must be a "
+                            "tensor (pass values that are not explained with forward_args=)")
+        if tensor.dim() < 1:
+            raise InputError(f"input {index} is a scalar; every input needs a batch dimension first")
+        check_tensor(tensor, module, check_finite, f"input {index}")
+    batches = [t.shape[0] for t in x.tensors]
+    if len(set(batches)) > 1:
+        raise InputError(f"the inputs have different batch sizes {batches}; give every input one row per sample")
+    sizes = tuple(tuple(t.shape[2:]) for t in x.tensors)
+    return InputShape(batches[0], sizes[0], sizes)
+
+
+def input_gradient(x: Any, grads: Sequence[Tensor]) -> Any:
+    """The input gradient of a pass in the form of its input: a tensor, or a tuple for several inputs."""
+    return tuple(grads) if isinstance(x, Inputs) else grads[0]
 
 
 def gradients(total: Tensor, inputs: Sequence[Tensor], retain_graph: bool = False) -> List[Tensor]:

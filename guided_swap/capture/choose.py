@@ -13,6 +13,7 @@ from typing import Any, Callable, Dict, Optional, Sequence
 from torch import Tensor, nn
 
 from ..core.errors import TraceError
+from ..core.inputs import Inputs, Signature, call_signature, first_rows
 from ..core.layout import Layout
 from ..core.maps import PassResult
 from ..core.report import ConversionReport
@@ -22,7 +23,7 @@ from .base import Capture, InputShape
 from .hooks import DroppedHooks
 from .graph.export_trace import fx_failure, trace_export
 from .graph.graph_capture import capture_graph
-from .graph.trace import trace
+from .graph.trace import default_signature, trace
 from .runtime.runtime_capture import RuntimeCapture
 
 PATHS = ("auto", "fx", "export", "runtime")
@@ -30,13 +31,17 @@ PATHS = ("auto", "fx", "export", "runtime")
 
 def capture_model(model: nn.Module, layers: Sequence[str], rule: Rule, output: OutputKey = None, *,
                   path: str = "auto", example: Any = None, tracer_kwargs: Optional[Dict[str, Any]] = None,
-                  layouts: Optional[Dict[str, Layout]] = None) -> Capture:
+                  layouts: Optional[Dict[str, Layout]] = None, signature: Optional[Signature] = None) -> Capture:
     """The capture of ``model`` by ``path`` (one of :data:`PATHS`); ``"auto"`` falls back fx → export → run time
     and the report's ``capture`` says which path took it and why. Without ``example`` the export path (which
-    needs an input) is chosen on the first input: a :class:`DeferredCapture`."""
+    needs an input) is chosen on the first input: a :class:`DeferredCapture`. ``signature`` is what the model
+    is called with (several inputs, forward arguments; :mod:`guided_swap.core.inputs`): by default that of
+    ``example``, else forward's arguments without a default."""
     if path not in PATHS:
         raise ValueError(f"capture={path!r} is not one of {PATHS}")
     layouts = dict(layouts or {})
+    if signature is None:
+        signature = call_signature(example) if example is not None else default_signature(model)
 
     def runtime(reason: Optional[str]) -> Capture:
         if layouts:
@@ -47,7 +52,7 @@ def capture_model(model: nn.Module, layers: Sequence[str], rule: Rule, output: O
     fx_note, fx_error = None, None
     if path in ("auto", "fx"):
         try:
-            traced = trace(model, tracer_kwargs)
+            traced = trace(model, tracer_kwargs, signature)
         except TraceError as error:
             if path == "fx":
                 raise
@@ -63,7 +68,12 @@ def capture_model(model: nn.Module, layers: Sequence[str], rule: Rule, output: O
     def export_or_runtime(x: Any) -> Capture:
         """The export capture for a tensor input; the run-time capture when export cannot take the model."""
         if not isinstance(x, Tensor) and path == "auto":
-            return runtime(f"{fx_note}; the input is not a tensor")
+            why = "the export capture takes one input tensor" if isinstance(x, Inputs) else "the input is not a tensor"
+            return runtime(f"{fx_note}; {why}")
+        if isinstance(x, Inputs):
+            raise TraceError("the export capture takes one input tensor, without forward_args; a model called with "
+                             "several inputs or forward arguments goes through fx or the run-time capture "
+                             "(capture='fx' or 'runtime')")
         try:
             traced = trace_export(model, x)
         except (TraceError, TypeError) as error:
@@ -76,7 +86,7 @@ def capture_model(model: nn.Module, layers: Sequence[str], rule: Rule, output: O
 
     if example is None:
         pending = (f"{fx_note}: " if fx_note else "") + "export (or run time if export fails)"
-        return DeferredCapture(export_or_runtime, rule, layers, output, pending)
+        return DeferredCapture(export_or_runtime, rule, layers, output, pending, signature)
     return export_or_runtime(example)
 
 
@@ -96,9 +106,10 @@ class DeferredCapture(Capture):
     the capture picked."""
 
     def __init__(self, choose: Callable[[Any], Capture], rule: Rule, layers: Sequence[str], output: OutputKey,
-                 pending: str):
+                 pending: str, signature: Signature = Signature()):
         super().__init__(rule, layers, output)
         self._choose = choose
+        self._signature = signature
         self.chosen: Optional[Capture] = None
         self._pending = ConversionReport(rule.name, (), (), (), capture=f"{pending}, pending: captured from the "
                                          "first input", ordinary_rule=rule.ordinary)
@@ -130,6 +141,11 @@ class DeferredCapture(Capture):
         return self.chosen is not None and self.chosen.ready
 
     @property
+    def signature(self) -> Optional[Signature]:
+        """The calls this capture was made for until its path is picked; then the picked capture's."""
+        return self._signature if self.chosen is None else self.chosen.signature
+
+    @property
     def graph_module(self) -> Optional[nn.Module]:
         return None if self.chosen is None else self.chosen.graph_module
 
@@ -142,7 +158,7 @@ class DeferredCapture(Capture):
         if self.chosen is None:
             with self._lock:
                 if self.chosen is None:
-                    self.chosen = self._choose(x[:1].detach() if isinstance(x, Tensor) else x)
+                    self.chosen = self._choose(first_rows(x))
                     self._choose = None  # it holds the model; the capture picked holds its own copy
         return self.chosen
 

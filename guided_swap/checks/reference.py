@@ -10,7 +10,7 @@ ReLU backward then masks (guided), or an identity path that skips the mask (deco
 >>> count_relu_calls(model, torch.randn(1, 3, 64, 64))
 121
 """
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -129,23 +129,29 @@ def count_relu_calls(model: nn.Module, x: Tensor) -> int:
     return mode.calls
 
 
-def input_gradient(model: nn.Module, x: Tensor, target: Any, rule: str = "guided", output=None) -> Tensor:
+def input_gradient(model: nn.Module, x: Any, target: Any, rule: str = "guided", output=None,
+                   forward_args: Sequence[Any] = ()) -> Any:
     """``d score / d x`` with ``rule`` applied at every ReLU, for one class per sample, or for a callable
-    ``target(outputs) -> (B,) score``."""
-    x = x.detach().clone().requires_grad_(True)
+    ``target(outputs) -> (B,) score``. ``x`` may be a tuple of inputs (``model(x1, x2, *forward_args)``): the
+    gradients are then a tuple, zeros for an input the score does not depend on."""
+    inputs = x if isinstance(x, tuple) else (x,)
+    leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
     with ReLURule(rule):
-        out = model(x)
+        out = model(*leaves, *forward_args)
     if callable(target) and not isinstance(target, Tensor):
         score = target(out).sum()
     else:
         logits = out if output is None else out[output]
         score = logits.gather(1, torch.as_tensor(target).view(-1, 1)).sum()
-    (grad,) = torch.autograd.grad(score, x)
-    return grad
+    grads = torch.autograd.grad(score, leaves, allow_unused=True)
+    grads = tuple(torch.zeros_like(leaf) if g is None else g for leaf, g in zip(leaves, grads))
+    return grads if isinstance(x, tuple) else grads[0]
 
 
-def gradcam(model: nn.Module, x: Tensor, target: Any, layer: nn.Module, output=None) -> Tensor:
-    """Grad-CAM (B, *spatial) at ``layer``'s output with ordinary gradients, from a forward hook.
+def gradcam(model: nn.Module, x: Any, target: Any, layer: nn.Module, output=None,
+            forward_args: Sequence[Any] = ()) -> Tensor:
+    """Grad-CAM (B, *spatial) at ``layer``'s output with ordinary gradients, from a forward hook. ``x`` may be a
+    tuple of inputs (``model(x1, x2, *forward_args)``).
 
     The activation is cloned and the gradient read by a tensor hook at the moment the module returns, so an
     in-place op after the module (DenseNet's ``F.relu(features, inplace=True)``) changes neither.
@@ -158,8 +164,8 @@ def gradcam(model: nn.Module, x: Tensor, target: Any, layer: nn.Module, output=N
 
     handle = layer.register_forward_hook(keep)
     try:
-        x = x.detach().clone().requires_grad_(True)
-        out = model(x)
+        inputs = [t.detach().clone().requires_grad_(True) for t in (x if isinstance(x, tuple) else (x,))]
+        out = model(*inputs, *forward_args)
         logits = out if output is None else out[output]
         logits.gather(1, torch.as_tensor(target).view(-1, 1)).sum().backward()
     finally:

@@ -34,7 +34,7 @@ class PassResult(NamedTuple):
     captures: Tuple[Tensor, ...]   # the activation A at each captured layer
     score: Tensor                  # (B,) the explained score
     classes: Optional[Tensor]      # (B,) the class per sample, for class targets
-    input_grad: Tensor             # d score / d x under the explainer's rule
+    input_grad: Any                # d score / d x under the explainer's rule (a tuple for several inputs)
     layer_grads: Tuple[Tensor, ...]  # the ordinary gradient G at each captured layer
 
 
@@ -211,12 +211,15 @@ class Explanation:
     ``gradient`` is the input gradient under the explainer's rule (guided backprop for ``"guided"``);
     ``cam_raw``, ``cam`` and ``guided_gradcam`` come from the first layer, ``layers[name]`` from any.
     ``e[i]`` is sample ``i`` as a batch of one, ``e[a:b]`` a sub-batch; ``e.to_dict()`` the maps by name.
+    For a model explained with several inputs (``explain((x1, x2))``), ``gradient`` and ``guided_gradcam`` are
+    tuples with one entry per input, and each layer's CAMs are resized to the first input it is computed from
+    that has as many spatial dimensions as the map.
     """
 
     logits: Tensor
     target: Optional[Tensor]
     score: Tensor
-    gradient: Tensor
+    gradient: Any  # a tensor, or a tuple of tensors for several inputs
     layers: Dict[str, LayerMaps]
     outputs: Any = field(repr=False, default=None)
     rule: str = "guided"
@@ -239,9 +242,16 @@ class Explanation:
         return self._first().cam
 
     @property
-    def guided_gradcam(self) -> Tensor:
-        """``cam * gradient`` per channel, the input's shape."""
-        return cam_maths.guided_gradcam(self.cam, self.gradient)
+    def guided_gradcam(self) -> Any:
+        """``cam * gradient`` per channel, the input's shape. For several inputs a tuple: each input's gradient
+        times Grad-CAM resized to that input, None for an input with another number of spatial dimensions than
+        the map (Captum's GuidedGradCam gives an empty tensor there)."""
+        if not isinstance(self.gradient, tuple):
+            return cam_maths.guided_gradcam(self.cam, self.gradient)
+        layer = self._first()
+        raw = layer.cam_raw
+        return tuple(cam_maths.guided_gradcam(cam_maths.upsample(raw, g.shape[2:], layer.interpolate), g)
+                     if g.dim() - 2 == raw.dim() - 1 else None for g in self.gradient)
 
     @property
     def pixelwise_cam(self) -> Tensor:
@@ -310,20 +320,31 @@ class Explanation:
         return self.layers[layer]
 
     def __len__(self) -> int:
-        return self.gradient.shape[0]
+        return self.score.shape[0]
 
     def __getitem__(self, index: Union[int, slice]) -> "Explanation":
         rows = _rows(index, len(self))
         outputs = _slice_tree(self.outputs, rows, len(self))
+        gradient = tuple(g[rows] for g in self.gradient) if isinstance(self.gradient, tuple) else self.gradient[rows]
         return replace(self, logits=self.logits[rows], target=None if self.target is None else self.target[rows],
-                       score=self.score[rows], gradient=self.gradient[rows], outputs=outputs,
+                       score=self.score[rows], gradient=gradient, outputs=outputs,
                        layers={name: maps[rows] for name, maps in self.layers.items()})
 
+    @property
+    def gradients(self) -> Tuple[Tensor, ...]:
+        """The input gradient of every input, as a tuple (one entry for a model with one input)."""
+        return self.gradient if isinstance(self.gradient, tuple) else (self.gradient,)
+
     def available(self) -> Tuple[str, ...]:
-        """The names :meth:`to_dict` accepts for this explanation."""
-        names = ["logits", "target", "score", "gradient"]
+        """The names :meth:`to_dict` accepts for this explanation (``gradient.0``, ``gradient.1``, ... and
+        ``guided_gradcam.0``, ... for several inputs)."""
+        several = isinstance(self.gradient, tuple)
+        names = ["logits", "target", "score"]
+        names += [f"gradient.{i}" for i in range(len(self.gradient))] if several else ["gradient"]
         if self.layers:
-            names += ["cam_raw", "cam", "guided_gradcam", "pixelwise_cam", "guided_pixelwise_cam"]
+            guided = [f"guided_gradcam.{i}" for i, g in enumerate(self.guided_gradcam) if g is not None] \
+                if several else ["guided_gradcam"]
+            names += ["cam_raw", "cam"] + guided + ["pixelwise_cam", "guided_pixelwise_cam"]
             names += [f"{kind}.{cam}" for kind in ("cams", "cams_raw") for cam in self._first().cams]
         if len(self.layers) > 1:
             names += [f"layers.{layer}.{kind}" for layer in self.layers for kind in ("cam_raw", "cam")]
@@ -342,6 +363,9 @@ class Explanation:
         return {name: self._get(name) for name in names}
 
     def _get(self, name: str) -> Tensor:
+        kind, _, index = name.partition(".")
+        if kind in ("gradient", "guided_gradcam") and index.isdigit():
+            return getattr(self, kind)[int(index)]
         if name.startswith("layers."):
             layer, kind = name[len("layers."):].rsplit(".", 1)
             return getattr(self.layers[layer], kind)
@@ -353,18 +377,34 @@ class Explanation:
 
 def explanation_from_pass(result: PassResult, *, layers: Sequence[str], logits: Tensor, input_size: Sequence[int],
                           interpolate: str = "bilinear", rule: str = "guided", swapped: Optional[int] = None,
-                          layouts: Optional[Dict[str, Layout]] = None) -> Explanation:
+                          layouts: Optional[Dict[str, Layout]] = None,
+                          input_sizes: Optional[Sequence[Tuple[int, ...]]] = None,
+                          layer_inputs: Optional[Mapping] = None) -> Explanation:
     """The :class:`Explanation` of one pass: the one place maps are assembled.
 
     ``layouts`` (the conversion report's) say how each capture becomes (B, C, *spatial); a layer without one
-    is taken as channels first.
+    is taken as channels first. With several inputs, ``input_sizes`` holds each input's spatial size and
+    ``layer_inputs`` which inputs each layer is computed from: a layer's maps are resized to the first of those
+    (else of all inputs) with as many spatial dimensions as the map.
     """
     layouts = layouts or {}
-    layer_maps = {name: LayerMaps(_tensor(a, name).detach(), g, tuple(input_size), interpolate,
-                                  layouts.get(name, CHANNELS_FIRST), name)
-                  for name, a, g in zip(layers, result.captures, result.layer_grads)}
+    layer_maps = {}
+    for name, a, g in zip(layers, result.captures, result.layer_grads):
+        layout = layouts.get(name, CHANNELS_FIRST)
+        size = tuple(input_size) if not input_sizes else _size_for(_tensor(a, name), layout, input_sizes,
+                                                                   (layer_inputs or {}).get(name))
+        layer_maps[name] = LayerMaps(_tensor(a, name).detach(), g, size, interpolate, layout, name)
     return Explanation(logits.detach(), result.classes, result.score.detach(), result.input_grad, layer_maps,
                        detach_tree(result.outputs), rule, swapped)
+
+
+def _size_for(activation: Tensor, layout: Layout, sizes: Sequence[Tuple[int, ...]],
+              feeding: Optional[Sequence[int]]) -> Tuple[int, ...]:
+    """The spatial size a layer's maps are resized to when there are several inputs (explanation_from_pass)."""
+    rank = len(layout.grid) if layout.kind == "tokens" and layout.grid else (2 if layout.kind == "tokens"
+                                                                              else activation.dim() - 2)
+    order = list(feeding or ()) + [i for i in range(len(sizes)) if i not in (feeding or ())]
+    return next((tuple(sizes[i]) for i in order if len(sizes[i]) == rank), tuple(sizes[order[0]]))
 
 
 def zero_gradient_messages(explanation: Explanation, layers: bool = True) -> List[str]:
@@ -387,18 +427,21 @@ def zero_gradient_messages(explanation: Explanation, layers: bool = True) -> Lis
                             f"{listing(samples)}, so every CAM there is zero: the score does not depend on this "
                             "layer. An untrained or zero-initialised head (torchvision's ViT starts its head at "
                             "zero) or a target that ignores the input does this")
-    samples = [i for i in _zero_samples(explanation.gradient) if i not in dead]
-    if samples:
-        messages.append(f"the {explanation.rule!r} gradient is zero everywhere for sample(s) {listing(samples)}, so "
-                        "e.gradient and Guided Grad-CAM are zero there: no gradient reaches the input under this "
-                        "rule")
+    gradients = explanation.gradients
+    for index, gradient in enumerate(gradients):
+        samples = [i for i in _zero_samples(gradient) if i not in dead]
+        if samples:
+            which = f" at input {index}" if len(gradients) > 1 else ""
+            messages.append(f"the {explanation.rule!r} gradient{which} is zero everywhere for sample(s) "
+                            f"{listing(samples)}, so e.gradient and Guided Grad-CAM are zero there: no gradient "
+                            "reaches the input under this rule")
     return messages
 
 
 def _zero_samples(tensor: Tensor) -> List[int]:
     if tensor.dim() == 0 or tensor.shape[0] == 0 or tensor[0].numel() == 0:
         return []
-    return torch.nonzero(~tensor.detach().flatten(1).any(dim=1)).flatten().tolist()
+    return torch.nonzero(~tensor.detach().reshape(tensor.shape[0], -1).any(dim=1)).flatten().tolist()
 
 
 def listing(items: Sequence[Any], shown: int = 5) -> str:

@@ -39,7 +39,7 @@ class ConversionReport:
     capture: str = "fx"
     ordinary_rule: bool = False
     layouts: Dict[str, Layout] = field(default_factory=dict)  # how each capture becomes (B, C, *spatial)
-    fixed_arguments: Tuple[str, ...] = ()  # forward's optional arguments, traced as their defaults ("mask=None")
+    fixed_arguments: Tuple[str, ...] = ()  # forward's arguments traced as values ("mask=None", "scale=0.5")
     output: OutputKey = None            # the entry of a structured output that is explained (None: the output)
     output_by_default: bool = False     # True: ``output`` was read without output= (``logits``, or the only entry)
 
@@ -99,8 +99,9 @@ class ConversionReport:
         if self.forked:
             lines.append("rectifiers follow a captured layer: Grad-CAM takes its gradient from a plain copy of that tail")
         if self.fixed_arguments:
-            lines.append("traced with forward's optional arguments at their defaults: " + ", ".join(self.fixed_arguments)
-                         + " (convert with tracer_kwargs={'concrete_args': {...}} for other values)")
+            lines.append("traced with forward's arguments fixed at: " + ", ".join(self.fixed_arguments)
+                         + " (explain a tuple of inputs, or pass forward_args=, to give them: that call is traced "
+                         "again once)")
         return "\n".join(lines)
 
 

@@ -9,7 +9,7 @@ The tables:
 
 - functions (``call_function`` targets): torch's native tensor ops (``torch.cat``: the C functions of
   ``torch._C._VariableFunctions``) and the Python ones of ``torch.functional`` (``torch.split``), the
-  ``torch.sym_*`` helpers and ``torch._assert``; the functions of ``torch.nn.functional``; ``aten`` op overloads
+  ``torch.sym_*`` helpers, ``torch._assert`` and fx's ``_assert_is_none``; the functions of ``torch.nn.functional``; ``aten`` op overloads
   (``aten.conv2d.default``, torch.export's graphs); a fixed set of ``operator`` functions; ``math``;
   ``getattr`` (its attribute checked: :func:`attribute_allowed`); guided_swap's own graph functions. Taken out:
   the ops that read or map files or rebind storage (``from_file``, ``set_``).
@@ -74,6 +74,8 @@ def _functions() -> Dict[str, Callable]:
             table[f"torch.{name}"] = getattr(torch, name)
     extra = list(torch.functional.__all__) + [n for n in dir(torch) if n.startswith("sym_")] + ["_assert"]
     table.update({f"torch.{name}": getattr(torch, name) for name in extra if callable(getattr(torch, name, None))})
+    # fx's check that an argument traced as None is given as None (forward(x, mask=None) called with x alone)
+    table["torch.fx._symbolic_trace._assert_is_none"] = torch.fx._symbolic_trace._assert_is_none
     for name in dir(torch.nn.functional):
         value = getattr(torch.nn.functional, name)
         if _is_functional(name, value):

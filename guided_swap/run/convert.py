@@ -10,10 +10,11 @@ from typing import Any, Dict, Optional, Sequence, Union
 
 from torch import Tensor, nn
 
-from ..capture.base import AUTO, layer_list
+from ..capture.base import AUTO, Capture, layer_list
 from ..capture.choose import PATHS, capture_model, capture_runtime
 from ..capture.graph.layers import layer_names as graph_layer_names
 from ..capture.graph.trace import trace
+from ..core.inputs import Inputs, Signature
 from ..core.layout import LayoutSpec
 from ..core.layout import overrides as layout_overrides
 from ..core.rules import Rule, get_rule
@@ -29,8 +30,33 @@ def warn_if_training(model: nn.Module, stacklevel: int = 2) -> None:
                       "convert() to silence this", stacklevel=stacklevel)
 
 
+class Recipe:
+    """How ``convert`` captured a model, to capture it again for a call of another
+    :class:`~guided_swap.core.inputs.Signature` (``explain((x1, x2))`` after converting for ``x`` alone, a call
+    with ``forward_args``): the explainer keeps one, and drops it when saved."""
+
+    def __init__(self, model: nn.Module, names: Sequence[str], rule: Rule, output: OutputKey, path: str,
+                 tracer_kwargs: Optional[Dict[str, Any]], layouts: Dict[str, Any]):
+        self.model, self.names, self.rule, self.output, self.path = model, list(names), rule, output, path
+        self.tracer_kwargs, self.layouts = tracer_kwargs, layouts
+
+    def __call__(self, signature: Optional[Signature], example: Any) -> Capture:
+        return capture_model(self.model, self.names, self.rule, self.output, path=self.path, example=example,
+                             tracer_kwargs=self.tracer_kwargs, layouts=self.layouts, signature=signature)
+
+
+def example_call(example: Any) -> Any:
+    """``example_input`` as the captures take it: a tuple of tensors is a call with several inputs."""
+    if isinstance(example, tuple):
+        if not example or not all(isinstance(t, Tensor) for t in example):
+            raise TypeError("example_input= takes a tensor, or a non-empty tuple of tensors for a model with several "
+                            "inputs")
+        return Inputs(example)
+    return example
+
+
 def convert(model: nn.Module, layer: Union[None, str, Sequence[str]] = AUTO, rule: Union[str, Rule] = "guided", *,
-            output: OutputKey = None, example_input: Optional[Tensor] = None,
+            output: OutputKey = None, example_input: Any = None,
             tracer_kwargs: Optional[Dict[str, Any]] = None, capture: str = "auto", layout: LayoutSpec = None,
             reshape: Optional[Any] = None) -> Explainer:
     """Convert ``model`` once into an :class:`~guided_swap.Explainer`. The model itself is never changed.
@@ -40,6 +66,10 @@ def convert(model: nn.Module, layer: Union[None, str, Sequence[str]] = AUTO, rul
     the first input given to ``explain`` when there is none) or None.
     ``rule``: a registered rule name (``guided_swap.core.rules()``: ``"guided"``, ``"deconvnet"``, ``"gradient"``,
     and any the user registered) or a :class:`~guided_swap.Rule` instance.
+    ``example_input``: an input (a tuple of tensors for a model called with several inputs): resolves
+    ``"auto"``, picks the export path now, and fixes what the explainer is traced for. Without it, the model's
+    arguments without a default are its inputs; a call of another form (``explain((x1, x2))``, ``forward_args=``)
+    is traced again once, on its first use (:mod:`guided_swap.core.inputs`).
     ``output``: which entry of a tuple/namedtuple/dict output is explained. None: the output itself, or, for an
     output that names its entries (Hugging Face's ``ModelOutput``, a dict, a namedtuple), its ``logits`` entry (or
     its only entry); the report says which (``explains output 'logits' (by default)``).
@@ -63,8 +93,8 @@ def convert(model: nn.Module, layer: Union[None, str, Sequence[str]] = AUTO, rul
     warn_if_training(model, stacklevel=3)
     names = layer_list(layer)
     given = layout_overrides(layout, reshape, names)
-    return Explainer(capture_model(model, names, rule, output, path=capture, example=example_input,
-                                   tracer_kwargs=tracer_kwargs, layouts=given))
+    recipe = Recipe(model, names, rule, output, capture, tracer_kwargs, given)
+    return Explainer(recipe(None, example_call(example_input)), recipe)
 
 
 def convert_runtime(model: nn.Module, layer: Union[None, str, Sequence[str]] = AUTO, rule: Union[str, Rule] = "guided",
@@ -83,7 +113,7 @@ def convert_runtime(model: nn.Module, layer: Union[None, str, Sequence[str]] = A
         raise TypeError(f"convert_runtime() takes a torch.nn.Module, got {type(model).__name__}")
     rule = get_rule(rule)
     warn_if_training(model, stacklevel=3)
-    return Explainer(capture_runtime(model, layer_list(layer), rule, output, example_input, reason))
+    return Explainer(capture_runtime(model, layer_list(layer), rule, output, example_call(example_input), reason))
 
 
 def layer_names(model: nn.Module, tracer_kwargs: Optional[Dict[str, Any]] = None) -> Dict[str, list]:

@@ -11,17 +11,20 @@ into an :class:`~guided_swap.core.maps.Explanation`.
 >>> e.gradient.shape, e.cam_raw.shape, e.cam.shape, e.guided_gradcam.shape, len(ex.swapped)
 (torch.Size([2, 3, 64, 64]), torch.Size([2, 2, 2]), torch.Size([2, 64, 64]), torch.Size([2, 3, 64, 64]), 17)
 """
+import contextlib
 import pickle
+import threading
 import warnings
 from collections import Counter
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from ..capture.base import Capture, reads_values
+from ..capture.base import Capture, InputShape, reads_values
 from ..core import cam as cam_maths
-from ..core.errors import GuidedSwapError, LayerError, LoadError, RuleError, ZeroGradientWarning
+from ..core.errors import GuidedSwapError, InputError, LayerError, LoadError, RuleError, ZeroGradientWarning
+from ..core.inputs import Inputs, Signature, call_signature, first_rows, first_tensor, same_signature, several
 from ..core.maps import Explanation, zero_gradient_messages
 from ..core.report import ConversionReport
 from ..core.rules import Rule
@@ -40,12 +43,15 @@ class Explainer(nn.Module):
     runs the model as deployed (eval mode), so it never updates BatchNorm statistics.
     """
 
-    def __init__(self, capture: Capture):
+    def __init__(self, capture: Capture, recipe: Optional[Callable[[Signature, Any], Capture]] = None):
         super().__init__()
         if not isinstance(capture, Capture):
             raise TypeError(f"Explainer takes a guided_swap Capture (use guided_swap.convert), got "
                             f"{type(capture).__name__}")
         self.capture = capture
+        self._recipe = recipe  # builds the capture for a call of another signature (convert's; None once loaded)
+        self._variants: List[Tuple[Signature, Capture]] = []
+        self._variants_lock = threading.Lock()
         self.train(False)
 
     # --- what the capture holds ----------------------------------------------------------------------
@@ -89,13 +95,47 @@ class Explainer(nn.Module):
 
     # --- running ------------------------------------------------------------------------------------
 
-    def forward(self, x: Any) -> Any:
-        """The model's own output, bit for bit (the rule applies if you backpropagate through it)."""
-        if self._compiled is not None and self.forward_module is not None:
+    def forward(self, *args: Any) -> Any:
+        """The model's own output, bit for bit (the rule applies if you backpropagate through it):
+        ``ex(x)``, or ``ex(x1, x2, ...)`` for a model called with several arguments."""
+        if not args:
+            raise TypeError("the explainer's forward takes the model's input: ex(x) or ex(x1, x2, ...)")
+        x = args[0] if len(args) == 1 else positional_call(args, self.capture.signature)
+        capture = self.capture_for(x)
+        if self._compiled is not None and capture is self.capture and self.forward_module is not None \
+                and isinstance(x, Tensor):
             return self._compiled.forward(self.forward_module, x)
-        return self.capture(x)
+        return capture(x)
 
-    def explain(self, x: Any, target: Any = None, *, cams: Sequence[str] = (), interpolate: str = "bilinear",
+    def capture_for(self, x: Any) -> Capture:
+        """The capture that takes calls like ``x``: the one ``convert`` made, or one traced again for another
+        :class:`~guided_swap.core.inputs.Signature` (several inputs, forward arguments; built once, then kept)."""
+        wanted = call_signature(x)
+        primary = self.capture.signature
+        if primary is None or same_signature(primary, wanted):
+            return self.capture
+        with self._variants_lock:
+            for signature, capture in self._variants:
+                if same_signature(signature, wanted):
+                    return capture
+            if self._recipe is None:
+                raise InputError(f"this explainer takes {primary.describe()}, and this call gives {wanted.describe()}; "
+                                 "a loaded explainer cannot be traced again for other calls: convert the model with "
+                                 "example_input= shaped like this call (a tuple for several inputs)")
+            capture = self._recipe(wanted, first_rows(x))
+            self._variants.append((wanted, self._matched(capture)))
+            return capture
+
+    def _matched(self, capture: Capture) -> Capture:
+        """``capture`` on the device and dtype of this explainer's weights (it was built on the model's)."""
+        mine, theirs = next(self.capture.parameters(), None), next(capture.parameters(), None)
+        if mine is not None and theirs is not None and (mine.device, mine.dtype) != (theirs.device, theirs.dtype):
+            with _own_parameters():
+                capture.to(device=mine.device, dtype=mine.dtype if mine.is_floating_point() else None)
+        return capture
+
+    def explain(self, x: Any, target: Any = None, *, forward_args: Optional[Sequence[Any]] = None,
+                cams: Sequence[str] = (), interpolate: str = "bilinear",
                 smooth: Optional[int] = None, noise: Optional[float] = None,
                 generator: Optional[torch.Generator] = None, chunk: Optional[int] = None,
                 check_finite: Optional[bool] = None, smooth_type: Optional[str] = None,
@@ -103,7 +143,11 @@ class Explainer(nn.Module):
         """One forward and one backward: the rule's input gradient and every CAM at every captured layer.
 
         ``x``: what the model takes, a (B, C, ...) tensor (or, for the run-time capture of a detector, a list
-        of B (C, H, W) images of one size).
+        of B (C, H, W) images of one size), or a tuple of tensors for a model called with several inputs
+        (``model(x1, x2)``; Captum's tuple of inputs): ``e.gradient`` and ``e.guided_gradcam`` are then tuples,
+        one entry per input. ``forward_args``: a tuple of further arguments passed after the inputs and not
+        explained (Captum's ``additional_forward_args``); a forward argument with a default that is not given is
+        traced as absent (its default). See :mod:`guided_swap.core.inputs`.
         ``target``: None (argmax), an int, one int per sample (sequence or LongTensor), a callable
         ``outputs -> (B,) score``, :class:`guided_swap.Channel`, or :class:`guided_swap.Box` (one detection per
         image of a detector).
@@ -119,26 +163,33 @@ class Explainer(nn.Module):
         everywhere for a sample (its maps would show nothing). None reads them on the CPU only: on a GPU that
         would wait for the device on every call; True reads them there too, False never.
         """
-        shape = self.capture.check(x, check_finite)
+        x = as_call(x, forward_args)
+        capture = self.capture_for(x)
+        shape = capture.check(x, check_finite)
         if interpolate not in cam_maths.INTERPOLATIONS:
             raise ValueError(f"interpolate={interpolate!r} is not one of {cam_maths.INTERPOLATIONS}")
         passes = extra_cams.requested(cams, smooth, chunk)
-        smoothing.check(smooth, noise, generator, None if passes else chunk, x if isinstance(x, Tensor) else x[0],
-                        smooth_type, noise_absolute)
-        score = as_score(target, self.output, self.layers)
-        self.capture.prepare(x)
+        if passes and several(x):
+            raise InputError(f"cams={tuple(passes)} perturb one input tensor and run the model on the copies; this call "
+                             "has several inputs or forward_args. Explain without cams= (every gradient CAM is in "
+                             "e.cams), or explain a model that takes one input")
+        smoothing.check(smooth, noise, generator, None if passes else chunk, first_tensor(x) if isinstance(
+            x, (Tensor, Inputs)) else x[0], smooth_type, noise_absolute)
+        score = as_score(target, capture.output, capture.layers)
+        capture.prepare(x)
         if smooth is not None:
             if self._compiled is not None:
                 self._compiled.warn_eager("smooth=", "SmoothGrad's chunks run the eager pass")
-            explanation = smoothing.smooth_explain(self.capture, x, score, copies=smooth, noise=noise,
+            explanation = smoothing.smooth_explain(capture, x, score, copies=smooth, noise=noise,
                                                    generator=generator, chunk=chunk, interpolate=interpolate,
                                                    smooth_type=smooth_type, noise_absolute=noise_absolute)
         else:
-            explanation = self._one_pass(x, score, shape.spatial, interpolate)
+            explanation = self._one_pass(capture, x, score, shape, interpolate)
             if passes:
-                extra_cams.add_pass_cams(self.capture, x, score, explanation, passes, chunk, interpolate)
+                extra_cams.add_pass_cams(capture, x, score, explanation, passes, chunk, interpolate)
         self._warn_if_nothing_swapped()
-        warn_if_zero_gradients(explanation, reads_values(explanation.gradient, check_finite), score)
+        warn_if_zero_gradients(explanation, reads_values(first_tensor(x) if isinstance(x, (Tensor, Inputs))
+                                                         else x[0], check_finite), score)
         return explanation
 
     def aug_smooth(self, x: Tensor, target: Any = None, cam: str = "gradcam", *, layers: Optional[Sequence[str]] = None,
@@ -153,15 +204,21 @@ class Explainer(nn.Module):
         >>> ex.aug_smooth(torch.randn(1, 3, 64, 64), [7], "layercam", layers=["layer4"], chunk=3).shape
         torch.Size([1, 64, 64])
         """
+        if isinstance(x, tuple):
+            raise InputError("aug_smooth flips and rescales one image batch and explains the copies; it takes one "
+                             "input tensor, not a tuple of inputs")
         return augment.aug_smooth(self, x, target, cam, layers=layers, eigen_smooth=eigen_smooth, chunk=chunk,
                                   interpolate=interpolate)
 
-    def _one_pass(self, x: Any, score: Score, spatial, interpolate: str) -> Explanation:
+    def _one_pass(self, capture: Capture, x: Any, score: Score, shape: InputShape, interpolate: str) -> Explanation:
         if self._compiled is not None:  # None back: this pass runs eagerly, a warning said why
-            explanation = self._compiled.explain(self.capture, x, score, interpolate)
-            if explanation is not None:
-                return explanation
-        return explanation_of(self.capture, self.capture.run(x, score), spatial, interpolate)
+            if several(x):
+                self._compiled.warn_eager("several inputs or forward_args", "the compiled pass takes one input tensor")
+            else:
+                explanation = self._compiled.explain(capture, x, score, interpolate)
+                if explanation is not None:
+                    return explanation
+        return explanation_of(capture, capture.run(x, score), shape.spatial, interpolate, shape.sizes)
 
     def _warn_if_nothing_swapped(self) -> None:
         """Once per explainer: with no rectifier swapped, the rule's "guided" map is the plain gradient."""
@@ -197,7 +254,16 @@ class Explainer(nn.Module):
     def __getstate__(self):
         state = dict(super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__)
         state.pop("_compiled", None)  # compiled code is not saved: compile again after loading
+        # The recipe holds the model; captures for other calls are traced again where the model is at hand.
+        state.update(_recipe=None, _variants=[])
+        state.pop("_variants_lock", None)
         return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.__dict__.setdefault("_recipe", None)
+        self.__dict__.setdefault("_variants", [])
+        self._variants_lock = threading.Lock()
 
     def train(self, mode: bool = True) -> "Explainer":
         """Explainers run the model as deployed: ``train(True)`` is refused (it would update the model's
@@ -208,14 +274,12 @@ class Explainer(nn.Module):
         return super().train(False)
 
     def _apply(self, fn, recurse=True):
-        # Give the explainer new Parameter objects instead of setting .data on the shared ones, so that
-        # explainer.to(...) never moves or casts the user's model.
-        previous = torch.__future__.get_overwrite_module_params_on_conversion()
-        torch.__future__.set_overwrite_module_params_on_conversion(True)
-        try:
+        # New Parameter objects instead of .data set on the shared ones: explainer.to(...) never moves or casts
+        # the user's model. Captures traced for other calls are not submodules (not saved) but move along.
+        with _own_parameters():
+            for _, capture in self.__dict__.get("_variants", ()):
+                capture._apply(fn, recurse)
             return super()._apply(fn, recurse)
-        finally:
-            torch.__future__.set_overwrite_module_params_on_conversion(previous)
 
     def save(self, path: str) -> None:
         """Save this explainer (graphs, weights, layers, rule, report) to one file, as data that loads without
@@ -238,6 +302,50 @@ class Explainer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"rule={self.rule.name!r}, layers={self.layers}, swapped={len(self.swapped)}, forked={self.forked}"
+
+
+@contextlib.contextmanager
+def _own_parameters():
+    """Module conversions (``.to()``, ``.double()``) give new Parameter objects instead of setting ``.data`` on the
+    ones the explainer shares with the model, which would move or cast the model too."""
+    previous = torch.__future__.get_overwrite_module_params_on_conversion()
+    torch.__future__.set_overwrite_module_params_on_conversion(True)
+    try:
+        yield
+    finally:
+        torch.__future__.set_overwrite_module_params_on_conversion(previous)
+
+
+def positional_call(args: Sequence[Any], signature: Optional[Signature]) -> Inputs:
+    """``ex(a, b, c)`` as a call: split as ``signature`` splits a call of this length, else the leading tensors
+    are the inputs and the rest forward arguments."""
+    if signature is not None and signature.inputs + len(signature.extra) == len(args):
+        count = signature.inputs
+    else:
+        count = next((i for i, value in enumerate(args) if not isinstance(value, Tensor)), len(args))
+    return Inputs(tuple(args[:count]), tuple(args[count:]))
+
+
+def as_call(x: Any, forward_args: Optional[Sequence[Any]]) -> Any:
+    """What ``explain`` was given, as the captures take it: a tensor (or a detector's list of images) as it is,
+    a tuple of inputs or any forward arguments as an :class:`~guided_swap.core.inputs.Inputs`."""
+    if forward_args is not None and not isinstance(forward_args, (tuple, list)):
+        raise TypeError(f"forward_args= takes a tuple of the arguments passed after the inputs, got "
+                        f"{type(forward_args).__name__}; write forward_args=(value,) for one")
+    extra = tuple(forward_args or ())
+    if isinstance(x, tuple):
+        if not x:
+            raise InputError("explain got an empty tuple of inputs; give the input tensor(s)")
+        for index, value in enumerate(x):
+            if not isinstance(value, Tensor):
+                raise TypeError(f"input {index} of the tuple is a {type(value).__name__}; every explained input is a "
+                                "tensor: pass values that are not explained with forward_args=")
+        return Inputs(tuple(x), extra)
+    if not extra:
+        return x
+    if not isinstance(x, Tensor):
+        raise TypeError(f"forward_args= go with tensor inputs; got a {type(x).__name__} input")
+    return Inputs((x,), extra)
 
 
 def load(path: str, map_location=None, *, trust: bool = False) -> Explainer:

@@ -21,7 +21,8 @@ from ..capture.base import Capture
 from ..capture.choose import DeferredCapture
 from ..capture.graph.graph_capture import GraphCapture
 from ..core.errors import LoadError
-from .file_values import NotData, Packer, Unpacker, unpack
+from ..core.inputs import TENSOR, Signature
+from .file_values import NotData, Packer, Unpacker, pack, unpack
 from .graph_file import pack_graph, unpack_graph
 from .module_file import ModuleReader
 from .report_file import report_data, report_from, rule_data, rule_from
@@ -42,10 +43,34 @@ def _capture_data(capture: Capture, packer: Packer) -> Dict[str, Any]:
         return {"kind": "graph", "layers": list(capture.layers), "output": capture.output,
                 "input_spec": None if capture.input_spec is None else list(capture.input_spec),
                 "forked": capture.forked, "report": report_data(capture.report, packer),
+                "signature": _signature_data(capture.signature, packer),
                 "forward": _graph(capture.forward_module, packer), "explain": _graph(capture.explain_module, packer)}
     why = (f"a run-time capture ({capture.report.capture}), which holds a copy of the model "
            f"({type(getattr(capture, 'model', capture)).__qualname__}) and its classes")
     return {"kind": "pickled", "object": packer.pickle(capture, why)}
+
+
+def _signature_data(signature: Signature, packer: Packer) -> Dict[str, Any]:
+    try:
+        return {"data": pack(tuple(signature), packer)}
+    except NotData as why:
+        return {"pickled": packer.pickle(tuple(signature), f"a forward argument traced as a value that is not data: {why}")}
+
+
+def _signature_from(data: Any, unpacker: Unpacker) -> Signature:
+    if data is None:  # written before several inputs were: one input
+        return Signature()
+    if isinstance(data, dict) and set(data) == {"pickled"}:
+        value = unpacker.pickled(data["pickled"])
+    elif isinstance(data, dict) and set(data) == {"data"}:
+        value = unpack(data["data"], unpacker)
+    else:
+        raise LoadError("the file's call signature is neither data nor pickled: it is damaged or edited")
+    if not (isinstance(value, tuple) and len(value) == 2 and type(value[0]) is int and value[0] >= 1
+            and isinstance(value[1], tuple)
+            and all(e == TENSOR or (isinstance(e, tuple) and len(e) == 2 and e[0] == "value") for e in value[1])):
+        raise LoadError("the file's call signature is not (inputs, forward arguments): it is damaged or edited")
+    return Signature(*value)
 
 
 def _graph(gm: fx.GraphModule, packer: Packer) -> Dict[str, Any]:
@@ -98,7 +123,7 @@ def _graph_capture(data: Dict[str, Any], unpacker: Unpacker) -> GraphCapture:
     return GraphCapture.restored(unpacker.rule, plain_layers(data.get("layers")), output,
                                  None if spec is None else tuple(spec), _graph_from(data.get("forward"), unpacker),
                                  _graph_from(data.get("explain"), unpacker), data["forked"],
-                                 report_from(data.get("report"), unpacker))
+                                 report_from(data.get("report"), unpacker), _signature_from(data.get("signature"), unpacker))
 
 
 def plain_layers(layers: Any) -> Tuple[str, ...]:

@@ -12,7 +12,7 @@ graph a portable ``.pt2`` with a dynamic batch dimension. Loading it needs torch
 >>> sorted(out), tuple(out["cam"].shape)
 (['cam', 'cam_raw', 'gradient', 'guided_gradcam', 'logits'], (3, 64, 64))
 """
-from typing import Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 from torch import Tensor, nn
@@ -23,6 +23,7 @@ from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, Stateles
 from .._files import atomic_write
 from ..capture.base import Capture
 from ..core.errors import ExportError, GuidedSwapError
+from ..core.inputs import Inputs
 from ..core.targets import ClassScore
 from .assemble import explanation_of
 from .explainer import Explainer
@@ -41,8 +42,8 @@ class _Traced(nn.Module):
         for index, tensor in enumerate(state.values()):
             self.register_buffer(f"w{index}", tensor)
 
-    def forward(self, x: Tensor, target: Tensor):
-        return self.graph({name: getattr(self, f"w{i}") for i, name in enumerate(self.names)}, x, target)
+    def forward(self, *inputs_and_target: Tensor):
+        return self.graph({name: getattr(self, f"w{i}") for i, name in enumerate(self.names)}, *inputs_and_target)
 
 
 class _Pass(nn.Module):
@@ -55,44 +56,53 @@ class _Pass(nn.Module):
         object.__setattr__(self, "_capture", capture)  # not a submodule: its other modules are not traced
         self.interpolate = interpolate
 
-    def forward(self, x: Tensor, target: Tensor) -> Dict[str, Tensor]:
+    def forward(self, *inputs_and_target: Tensor) -> Dict[str, Tensor]:
         capture = self._capture
+        *inputs, target = inputs_and_target
+        x = inputs[0] if len(inputs) == 1 else Inputs(tuple(inputs))
         result = capture.run(x, ClassScore(target, capture.output, mode="given"))
-        explanation = explanation_of(capture, result, x.shape[2:], self.interpolate)
-        return explanation.to_dict([name for name in EXPORTED_MAPS if name in explanation.available()])
+        explanation = explanation_of(capture, result, inputs[0].shape[2:], self.interpolate,
+                                     [tuple(t.shape[2:]) for t in inputs] if len(inputs) > 1 else None)
+        return explanation.to_dict([name for name in explanation.available() if name.split(".")[0] in EXPORTED_MAPS])
 
 
 def _explain_function(capture: Capture, interpolate: str):
     one_pass = _Pass(capture, interpolate)
 
-    def explain(state: Dict[str, Tensor], x: Tensor, target: Tensor):
-        return torch.func.functional_call(one_pass, state, (x, target))
+    def explain(state: Dict[str, Tensor], *inputs_and_target: Tensor):
+        return torch.func.functional_call(one_pass, state, inputs_and_target)
 
     return explain
 
 
-def export_program(explainer: Explainer, example_input: Optional[Tensor] = None, *, interpolate: str = "bilinear",
+def export_program(explainer: Explainer, example_input: Any = None, *, interpolate: str = "bilinear",
                    dynamic_batch: bool = True) -> "torch.export.ExportedProgram":
-    """The explainer as an ``ExportedProgram``: ``program.module()(x, target) -> dict`` of maps.
+    """The explainer as an ``ExportedProgram``: ``program.module()(x, target) -> dict`` of maps; for a model with
+    several inputs, ``example_input`` is a tuple and the program takes ``(x1, x2, ..., target)`` and gives
+    ``gradient.0``, ``gradient.1``, ... (and ``guided_gradcam.i`` for each input of the map's rank).
 
     Its CAMs read each capture with the explainer's layouts (a ViT's tokens, a Swin's channels-last maps), as
     ``explain`` does. A capture without a graph (the run-time capture) cannot be exported."""
     if not isinstance(explainer, Explainer):
         raise TypeError(f"export() takes an Explainer from guided_swap.convert(), got {type(explainer).__name__}")
-    x = _example(explainer, example_input)
-    capture = explainer.capture
-    capture.prepare(x)
+    inputs = _example(explainer, example_input)
+    call = inputs[0] if not isinstance(example_input, tuple) else Inputs(tuple(inputs))
+    capture = explainer.capture_for(call)
+    if capture.signature is not None and capture.signature.extra:
+        raise ExportError("this explainer's model is called with forward_args, which an exported program does not "
+                          "take; export the explainer of a model called with its inputs alone")
+    capture.prepare(call)
     if capture.graph_module is None:
         raise ExportError(_NO_GRAPH)
-    target = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+    target = torch.zeros(inputs[0].shape[0], dtype=torch.long, device=inputs[0].device)
     one_pass = _Pass(capture, interpolate)
     state = {k: v.detach() for k, v in list(one_pass.named_parameters()) + list(one_pass.named_buffers())}
     try:
         graph = make_fx(_explain_function(capture, interpolate), tracing_mode="symbolic")(
-            *_batch_symbolic(state, x, target, dynamic_batch))
+            *_batch_symbolic(state, inputs + [target], dynamic_batch))
         batch = torch.export.Dim("batch", min=1, max=65536) if dynamic_batch else None
-        shapes = ({0: batch}, {0: batch}) if dynamic_batch else None
-        return torch.export.export(_Traced(graph, state), (x, target), dynamic_shapes=shapes)
+        shapes = (tuple({0: batch} for _ in range(len(inputs) + 1)),) if dynamic_batch else None  # forward(*args)
+        return torch.export.export(_Traced(graph, state), tuple(inputs) + (target,), dynamic_shapes=shapes)
     except GuidedSwapError:
         raise
     except Exception as error:  # torch.export's many failure types
@@ -114,9 +124,9 @@ def export(explainer: Explainer, example_input: Tensor, path: str, **options) ->
     return program
 
 
-def _batch_symbolic(state: Dict[str, Tensor], x: Tensor, target: Tensor, dynamic_batch: bool):
-    """Fake inputs whose batch size alone is symbolic: tracing with every size symbolic is ~7x slower
-    (densenet121: 83 s against 12 s), and only the batch needs to vary."""
+def _batch_symbolic(state: Dict[str, Tensor], tensors: List[Tensor], dynamic_batch: bool):
+    """Fake inputs whose batch size alone is symbolic (one symbol shared by every input and the target): tracing
+    with every size symbolic is ~7x slower (densenet121: 83 s against 12 s), and only the batch needs to vary."""
     mode = FakeTensorMode(shape_env=ShapeEnv())
     first = DimDynamic.DYNAMIC if dynamic_batch else DimDynamic.STATIC
 
@@ -124,13 +134,16 @@ def _batch_symbolic(state: Dict[str, Tensor], x: Tensor, target: Tensor, dynamic
         sizes = [first] + [DimDynamic.STATIC] * (tensor.dim() - 1)
         return mode.from_tensor(tensor, symbolic_context=StatelessSymbolicContext(dynamic_sizes=sizes))
 
-    return {k: mode.from_tensor(v, static_shapes=True) for k, v in state.items()}, fake(x), fake(target)
+    return ({k: mode.from_tensor(v, static_shapes=True) for k, v in state.items()},
+            *(fake(tensor) for tensor in tensors))
 
 
-def _example(explainer: Explainer, example_input: Optional[Tensor]) -> Tensor:
+def _example(explainer: Explainer, example_input: Any) -> List[Tensor]:
+    """The example's input tensors, each of a batch of 2 at least (a batch of 1 would be specialised)."""
     if example_input is None:
-        raise TypeError("export needs an example input, e.g. torch.randn(2, 3, 224, 224); its batch size is made dynamic")
-    explainer.capture.check(example_input)
-    if example_input.shape[0] < 2:  # a batch of 1 would be specialised by torch.export
-        example_input = example_input.expand(2, *example_input.shape[1:]).contiguous()
-    return example_input
+        raise TypeError("export needs an example input, e.g. torch.randn(2, 3, 224, 224) (a tuple of tensors for a "
+                        "model with several inputs); its batch size is made dynamic")
+    call = Inputs(tuple(example_input)) if isinstance(example_input, tuple) else example_input
+    explainer.capture_for(call).check(call)
+    tensors = list(example_input) if isinstance(example_input, tuple) else [example_input]
+    return [t.expand(2, *t.shape[1:]).contiguous() if t.shape[0] < 2 else t for t in tensors]

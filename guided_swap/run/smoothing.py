@@ -22,7 +22,9 @@ The target is resolved once, on the clean input (``None`` is its argmax; a :clas
 classes too); a callable or a :class:`~guided_swap.Channel` target is a score function and is applied to each copy.
 ``logits`` and ``outputs`` are the clean input's. The noise is drawn copy by copy in sample-major order (sample 0's
 ``N`` copies, then sample 1's), each with ``torch.randn(x.shape[1:], generator=generator)``: the same generator
-state gives the same noise whatever ``chunk`` is, and the same order as Captum's ``NoiseTunnel``.
+state gives the same noise whatever ``chunk`` is, and the same order as Captum's ``NoiseTunnel``. With several
+inputs (``explain((x1, x2), smooth=N)``) every input gets noise of its own range (one draw per input in turn for
+each copy) and ``gradient`` is a tuple; forward arguments are passed unchanged, per-sample tensors row by row.
 
 >>> import torch, torchvision, guided_swap as gs
 >>> ex = gs.convert(torchvision.models.resnet18().eval(), layer="layer4")
@@ -33,13 +35,14 @@ state gives the same noise whatever ``chunk`` is, and the same order as Captum's
 {'copies': 4, 'type': 'vargrad', 'noise': None, 'noise_absolute': 0.5, 'chunk': 2}
 """
 import math
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
 from ..capture.base import Capture
 from ..core import cam as cam_maths
+from ..core.inputs import Inputs, input_tensors
 from ..core.maps import Explanation, LayerMaps, detach_tree
 from ..core.targets import Score, explained_logits
 from .assemble import explanation_of
@@ -99,30 +102,51 @@ def smooth_explain(capture: Capture, x: Any, score: Score, *, copies: int, noise
     smooth_type = smooth_type or "smoothgrad"
     if noise_absolute is None:
         noise = DEFAULT_NOISE if noise is None else float(noise)
-    clean = capture.stack(x)
-    batch = clean.shape[0]
+    clean = input_tensors(x) if isinstance(x, Inputs) else [capture.stack(x)]
+    batch = clean[0].shape[0]
     chunk = chunk or batch
     with torch.no_grad():
         outputs = capture(x)
     logits = explained_logits(outputs, capture.output, batch).detach()
     classes, score_of_rows = score.for_copies(outputs, batch)  # class targets: resolved once, on the clean input
-    if noise_absolute is None:
-        sigma = noise * (clean.flatten(1).amax(dim=1) - clean.flatten(1).amin(dim=1))
-    else:
-        sigma = torch.full((batch,), float(noise_absolute), dtype=clean.dtype, device=clean.device)
+    sigmas = [_sigma(t, noise, noise_absolute) for t in clean]
     sums: Dict[str, Any] = {}
     names = cam_maths.cam_methods()
     squares = smooth_type != "smoothgrad"
+    sizes: Dict[str, Tuple[int, ...]] = {}
     for start in range(0, batch * copies, chunk):
-        rows = torch.arange(start, min(start + chunk, batch * copies), device=clean.device) // copies
-        eps = torch.stack([torch.randn(clean.shape[1:], generator=generator, dtype=clean.dtype, device=clean.device)
-                           for _ in range(rows.numel())])
-        noisy = clean[rows] + sigma[rows].view(-1, *([1] * (clean.dim() - 1))) * eps
-        result = capture.run(capture.unstack(noisy, like=x), score_of_rows(rows))
-        _accumulate(sums, explanation_of(capture, result, noisy.shape[2:], interpolate), rows, batch, names, squares)
+        rows = torch.arange(start, min(start + chunk, batch * copies), device=clean[0].device) // copies
+        noisy = _noisy_copies(clean, sigmas, rows, generator)
+        call = Inputs(tuple(noisy), x.rows(rows).extra) if isinstance(x, Inputs) else capture.unstack(noisy[0], like=x)
+        result = capture.run(call, score_of_rows(rows))
+        part = explanation_of(capture, result, noisy[0].shape[2:], interpolate,
+                              [tuple(t.shape[2:]) for t in noisy] if isinstance(x, Inputs) else None)
+        _accumulate(sums, part, rows, batch, names, squares)
+        sizes.update((layer, maps.input_size) for layer, maps in part.layers.items())
     settings = {"copies": copies, "type": smooth_type, "noise": noise,
                 "noise_absolute": None if noise_absolute is None else float(noise_absolute), "chunk": chunk}
-    return _mean_explanation(capture, sums, copies, logits, classes, outputs, clean, interpolate, settings)
+    gradient = tuple(_statistic(sums, f"gradient/{i}", copies, smooth_type) for i in range(len(clean)))
+    return _mean_explanation(capture, sums, copies, logits, classes, outputs, gradient if isinstance(x, Inputs)
+                             else gradient[0], sizes, interpolate, settings)
+
+
+def _sigma(clean: Tensor, noise: Optional[float], noise_absolute: Optional[float]) -> Tensor:
+    """The noise's standard deviation per sample: ``noise`` times its value range, or ``noise_absolute``."""
+    if noise_absolute is None:
+        flat = clean.reshape(clean.shape[0], -1)
+        return noise * (flat.amax(dim=1) - flat.amin(dim=1))
+    return torch.full((clean.shape[0],), float(noise_absolute), dtype=clean.dtype, device=clean.device)
+
+
+def _noisy_copies(clean: Sequence[Tensor], sigmas: Sequence[Tensor], rows: Tensor,
+                  generator: Optional[torch.Generator]) -> List[Tensor]:
+    """One noisy copy of each input per entry of ``rows``, the noise drawn copy by copy (each input in turn)."""
+    eps = [[] for _ in clean]
+    for _ in range(rows.numel()):
+        for drawn, tensor in zip(eps, clean):
+            drawn.append(torch.randn(tensor.shape[1:], generator=generator, dtype=tensor.dtype, device=tensor.device))
+    return [tensor[rows] + sigma[rows].view(-1, *([1] * (tensor.dim() - 1))) * torch.stack(drawn)
+            for tensor, sigma, drawn in zip(clean, sigmas, eps)]
 
 
 def _add(sums: Dict[str, Any], key: str, rows: Tensor, value: Tensor, batch: int, squares: bool = False) -> None:
@@ -134,7 +158,8 @@ def _add(sums: Dict[str, Any], key: str, rows: Tensor, value: Tensor, batch: int
 
 
 def _accumulate(sums: Dict[str, Any], part: Explanation, rows: Tensor, batch: int, names, squares: bool) -> None:
-    _add(sums, "gradient", rows, part.gradient, batch, squares)
+    for index, gradient in enumerate(part.gradients):
+        _add(sums, f"gradient/{index}", rows, gradient, batch, squares)
     _add(sums, "score", rows, part.score, batch)
     for layer, maps in part.layers.items():
         _add(sums, f"{layer}/activation", rows, maps.activation, batch)
@@ -154,7 +179,7 @@ def _statistic(sums: Dict[str, Any], key: str, copies: int, smooth_type: str) ->
     return mean_of_squares if smooth_type == "smoothgrad_sq" else mean_of_squares - mean * mean
 
 
-def _mean_explanation(capture: Capture, sums, copies, logits, classes, outputs, x, interpolate,
+def _mean_explanation(capture: Capture, sums, copies, logits, classes, outputs, gradient, sizes, interpolate,
                       settings) -> Explanation:
     layouts = capture.layouts
     layers = {}
@@ -163,10 +188,10 @@ def _mean_explanation(capture: Capture, sums, copies, logits, classes, outputs, 
         prefix = f"{layer}/cam/"
         cams = {key[len(prefix):]: _statistic(sums, key, copies, kind) for key in sums
                 if key.startswith(prefix) and not key.endswith("^2")}
-        maps = LayerMaps(sums[f"{layer}/activation"] / copies, sums[f"{layer}/grad"] / copies, tuple(x.shape[2:]),
+        maps = LayerMaps(sums[f"{layer}/activation"] / copies, sums[f"{layer}/grad"] / copies, sizes[layer],
                          interpolate, name=layer, fixed_cams=cams if cams else None)
         if layer in layouts:
             maps.layout = layouts[layer]
         layers[layer] = maps
-    return Explanation(logits, classes, sums["score"] / copies, _statistic(sums, "gradient", copies, kind), layers,
+    return Explanation(logits, classes, sums["score"] / copies, gradient, layers,
                        detach_tree(outputs), capture.rule.name, len(capture.swapped), smoothing=settings)

@@ -23,6 +23,8 @@ import torch
 from torch import Tensor, fx, nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from ...core.inputs import empty_args, first_tensor, input_tensors, model_args
+
 # An axis is "B" (batch), "C" (channels), "S" (spatial) or "T" (tokens: positions flattened from a grid).
 
 
@@ -352,10 +354,11 @@ def _index_axes(axes: Axes, shape: Tuple[int, ...], index: Any) -> Optional[Axes
 _READERS: "weakref.WeakKeyDictionary[fx.GraphModule, Tuple[Any, Optional[Reader]]]" = weakref.WeakKeyDictionary()
 
 
-def read_graph(gm: fx.GraphModule, example: Tensor) -> Optional[Reader]:
+def read_graph(gm: fx.GraphModule, example: Any) -> Optional[Reader]:
     """Shapes of one run of ``gm`` (on fake tensors: no compute; a real run when that fails), and every axis.
-    The last reading of each graph is kept, so that ``auto`` and the layouts share one run."""
-    key = (tuple(example.shape[1:]), example.dtype, len(gm.graph.nodes))
+    ``example`` is an input tensor or an :class:`~guided_swap.core.inputs.Inputs`. The last reading of each
+    graph is kept, so that ``auto`` and the layouts share one run."""
+    key = (tuple((tuple(t.shape[1:]), t.dtype) for t in input_tensors(example)), len(gm.graph.nodes))
     cached = _READERS.get(gm)
     if cached is not None and cached[0] == key:
         return cached[1]
@@ -365,7 +368,7 @@ def read_graph(gm: fx.GraphModule, example: Tensor) -> Optional[Reader]:
     return reader
 
 
-def _shapes(gm: fx.GraphModule, example: Tensor) -> Optional[Dict[fx.Node, Tuple[int, ...]]]:
+def _shapes(gm: fx.GraphModule, example: Any) -> Optional[Dict[fx.Node, Tuple[int, ...]]]:
     shapes: Dict[fx.Node, Tuple[int, ...]] = {}
 
     class ShapeRecorder(fx.Interpreter):
@@ -379,15 +382,15 @@ def _shapes(gm: fx.GraphModule, example: Tensor) -> Optional[Dict[fx.Node, Tuple
     device = parameter.device if parameter is not None else torch.device("cpu")
     try:  # a batch of 2 on fake tensors: free, and a reshape that folds the batch away shows
         with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad():
-            ShapeRecorder(gm).run(torch.empty((2,) + tuple(example.shape[1:]), dtype=example.dtype, device=device))
+            ShapeRecorder(gm).run(*empty_args(example, 2, device))
         return shapes
     except Exception:  # data-dependent ops cannot run on fake tensors; fall back to a real run
         shapes.clear()
-    if example.device.type == "meta":
+    if first_tensor(example).device.type == "meta":
         return None
     try:
         with torch.no_grad():
-            ShapeRecorder(gm).run(example)
+            ShapeRecorder(gm).run(*model_args(example))
         return shapes
     except Exception:  # the model does not run on this input: the layout stays unknown, with the reason
         return None

@@ -14,7 +14,7 @@ each captured layer.
 """
 import threading
 import warnings
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, fx
@@ -26,8 +26,10 @@ from ...core.pass_cams import BiasPass
 from ...core.report import ConversionReport
 from ...core.rules import Rule
 from ...core.targets import OutputKey, Score
-from ..base import Capture, InputShape, check_autograd, check_tensor, gradients
+from ...core.inputs import Inputs, Signature, first_rows, input_tensors, model_args
+from ..base import Capture, InputShape, check_autograd, check_inputs, check_tensor, gradients, input_gradient
 from . import bias_graph, layouts
+from .axes import upstream
 from .cut import Tail, tail_module
 from .plan import ExplainGraph, GraphOutputs, SwappedGraph
 from .trace import Traced
@@ -39,6 +41,7 @@ class GraphCapture(Capture):
     def __init__(self, swapped: SwappedGraph):
         super().__init__(swapped.rule, swapped.layers, swapped.output)
         self.input_spec = swapped.input_spec
+        self.call_signature = swapped.traced.signature
         self.forward_graph: fx.GraphModule = swapped.forward_graph()
         self.explain_module: Optional[fx.GraphModule] = None
         self.forked = False
@@ -49,11 +52,11 @@ class GraphCapture(Capture):
     @classmethod
     def restored(cls, rule: Rule, layers: Sequence[str], output: OutputKey, input_spec: Optional[tuple],
                  forward_module: fx.GraphModule, explain_module: fx.GraphModule, forked: bool,
-                 report: ConversionReport) -> "GraphCapture":
+                 report: ConversionReport, signature: Signature = Signature()) -> "GraphCapture":
         """A built capture from its parts (those of a saved file): what building leaves, with no traced model."""
         capture = cls.__new__(cls)
         Capture.__init__(capture, rule, layers, output)
-        capture.input_spec = input_spec
+        capture.input_spec, capture.call_signature = input_spec, signature
         capture.forward_graph, capture.explain_module = forward_module, explain_module
         capture.forked, capture._swapped, capture._report = forked, None, report
         capture._lock = threading.Lock()
@@ -78,12 +81,12 @@ class GraphCapture(Capture):
     def prepare(self, x: Any) -> None:
         if self._swapped is None:
             return
-        if not isinstance(x, Tensor):
+        if not isinstance(x, (Tensor, Inputs)):
             raise LayerError("this explainer is resolved from an input: call explain(x) once, or convert with "
                              "example_input=")
         with self._lock:
             if self._swapped is not None:
-                self._install(self._swapped.build(x[:1].detach()))
+                self._install(self._swapped.build(first_rows(x)))
 
     def _install(self, built: ExplainGraph) -> None:
         self.explain_module = built.graph_module
@@ -103,11 +106,28 @@ class GraphCapture(Capture):
         return self.explain_module
 
     @property
+    def signature(self) -> Signature:
+        return self.call_signature
+
+    @property
+    def layer_inputs(self) -> Dict[str, Tuple[int, ...]]:
+        """Which explained inputs (graph placeholders, in order) each captured layer is computed from."""
+        if self.explain_module is None:
+            return {}
+        graph = self.explain_module.graph
+        placeholders = [n for n in graph.nodes if n.op == "placeholder"][:self.call_signature.inputs]
+        captured = GraphOutputs(*next(n for n in reversed(graph.nodes) if n.op == "output").args[0]).captures
+        return {name: tuple(i for i, p in enumerate(placeholders) if p in upstream([node]))
+                for name, node in zip(self.layers, captured)}
+
+    @property
     def forward_module(self) -> fx.GraphModule:
         return self.forward_graph
 
     def check(self, x: Any, check_finite: Optional[bool] = None) -> InputShape:
         check_autograd()
+        if isinstance(x, Inputs):
+            return check_inputs(x, self.forward_graph, check_finite)
         if not isinstance(x, Tensor):
             raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
         if self.input_spec is not None:
@@ -120,25 +140,28 @@ class GraphCapture(Capture):
         check_tensor(x, self.forward_graph, check_finite)
         return InputShape(x.shape[0], tuple(x.shape[2:]))
 
-    def forward(self, x: Tensor) -> Any:
-        return self.forward_graph(x)
+    def forward(self, x: Any) -> Any:
+        return self.forward_graph(*model_args(x))
 
-    def run(self, x: Tensor, score: Score) -> PassResult:
+    def run(self, x: Any, score: Score) -> PassResult:
         """Score the main graph, then the plain fork with the classes the main graph chose; one
         ``autograd.grad`` over both gives the rule's input gradient and the ordinary layer gradients."""
         self.prepare(x)
         with torch.enable_grad():
-            leaf = x.detach().requires_grad_(True)
-            out = GraphOutputs(*self.explain_module(leaf))
-            batch = x.shape[0]
+            leaves = [t.detach().requires_grad_(True) for t in input_tensors(x)]
+            extra = x.extra if isinstance(x, Inputs) else ()
+            out = GraphOutputs(*self.explain_module(*leaves, *extra))
+            batch = leaves[0].shape[0]
             main, classes = score(out.model, dict(zip(self.layers, out.captures)), batch)
             scores, grad_at = [main.sum()], list(out.captures)
             if self.forked:
                 plain, _ = score(out.fork_model, dict(zip(self.layers, out.fork_captures)), batch, classes)
                 scores.append(plain.sum())
                 grad_at = list(out.fork_captures)
-            grads = gradients(scores, [leaf] + grad_at)
-        return PassResult(out.model, tuple(out.captures), main, classes, grads[0], tuple(grads[1:]))
+            grads = gradients(scores, leaves + grad_at)
+        inputs = len(leaves)
+        return PassResult(out.model, tuple(out.captures), main, classes, input_gradient(x, grads[:inputs]),
+                          tuple(grads[inputs:]))
 
     def tail(self, layer: str, x: Tensor) -> Tail:
         """The model from captured ``layer`` on for the batch ``x``, cut from the explain graph (:mod:`.cut`)."""

@@ -18,6 +18,7 @@ import torch
 from torch import fx, nn
 
 from ...core.errors import LayerError
+from ...core.inputs import Inputs, cloned_args, first_tensor
 from ..base import LayerChoice, LayerPart
 from .axes import upstream
 from .layouts import transformer_layer
@@ -110,7 +111,7 @@ def auto_layer(gm: fx.GraphModule, example: torch.Tensor, output: Any = None,
     is read from its axes (:func:`guided_swap.capture.graph.layouts.transformer_layer`); a CNN's is
     :func:`cnn_layer`'s.
     """
-    if not isinstance(example, torch.Tensor):
+    if not isinstance(example, (torch.Tensor, Inputs)):
         raise TypeError(f"layer='auto' needs an example input tensor, got {type(example).__name__}")
     return transformer_layer(gm, example) or cnn_layer(gm, example, output, module_outputs)
 
@@ -138,13 +139,14 @@ def cnn_layer(gm: fx.GraphModule, example: torch.Tensor, output: Any = None,
     >>> node.meta["qualname"], reason
     ('layer4.1.relu_1', 'layer4: the last spatial map (2x2) before the global pooling at avgpool (nn.AdaptiveAvgPool2d)')
     """
-    graph = _Graph(gm, _shapes(gm, example), example.dim(), output)
+    first = first_tensor(example)
+    graph = _Graph(gm, _shapes(gm, example), first.dim(), output)
     head = graph.global_pooling()
     if head is not None:
         node, every_path = graph.dominating_map(head)
         if node is None:
             raise LayerError(f"layer='auto' found no feature map larger than 1x1 before {_describe(gm, head)} "
-                             f"for an input of shape {tuple(example.shape)}; pass a larger input or layer=NAME; {HINT}")
+                             f"for an input of shape {tuple(first.shape)}; pass a larger input or layer=NAME; {HINT}")
         why = f"the last spatial map ({graph.size(node)}) before {_pooling_kind(graph, head)} at {_describe(gm, head)}"
         if not every_path:
             why += "; other branches reach it too, so this map shows only part of the evidence"
@@ -318,7 +320,7 @@ def _is_conv(gm: fx.GraphModule, node: fx.Node) -> bool:
                                            or getattr(node.target, "__name__", "").startswith("conv"))
 
 
-def _shapes(gm: fx.GraphModule, example: torch.Tensor) -> Dict[fx.Node, Tuple[int, ...]]:
+def _shapes(gm: fx.GraphModule, example: Any) -> Dict[fx.Node, Tuple[int, ...]]:
     """The shape of every tensor node for one forward of ``example``, leaving every buffer as it was.
 
     The probe runs in eval mode on copies of the buffers: a model in training mode would otherwise update
@@ -338,8 +340,8 @@ def _shapes(gm: fx.GraphModule, example: torch.Tensor) -> Dict[fx.Node, Tuple[in
             super().__init__()
             self.gm = gm
 
-        def forward(self, x):
-            return ShapeRecorder(self.gm).run(x)
+        def forward(self, *args):
+            return ShapeRecorder(self.gm).run(*args)
 
     copies = {f"gm.{name}": buffer.clone() for name, buffer in gm.named_buffers()}
     modes = [(module, module.training) for module in gm.modules()]
@@ -347,10 +349,10 @@ def _shapes(gm: fx.GraphModule, example: torch.Tensor) -> Dict[fx.Node, Tuple[in
         module.training = False
     try:
         with torch.no_grad():
-            torch.func.functional_call(Probe(), copies, (example.detach().clone(),))
+            torch.func.functional_call(Probe(), copies, cloned_args(example))
     except Exception as error:
         raise LayerError(f"layer='auto' could not run the model on an example input of shape "
-                         f"{tuple(example.shape)}: {type(error).__name__}: {error}; pass example_input= "
+                         f"{tuple(first_tensor(example).shape)}: {type(error).__name__}: {error}; pass example_input= "
                          "shaped like the model's real input, or layer=NAME") from error
     finally:
         for module, training in modes:

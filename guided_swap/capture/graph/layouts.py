@@ -16,6 +16,7 @@ from torch import Tensor, fx, nn
 
 from . import axes as graph_axes
 from ...core.errors import LayerError
+from ...core.inputs import first_tensor
 from ...core.layout import CHANNELS_FIRST, Layout
 from ..base import LayerChoice
 
@@ -53,7 +54,7 @@ def layout_of(axes: Optional[graph_axes.Axes], shape: Tuple[int, ...], input_siz
 
 # --- entry points: build.py calls these -------------------------------------------------------------------
 
-def decide(gm: fx.GraphModule, nodes: Mapping[str, fx.Node], example: Optional[Tensor],
+def decide(gm: fx.GraphModule, nodes: Mapping[str, fx.Node], example: Any,
            given: Mapping[str, Layout], input_spec: Optional[Tuple[int, int]]) -> Dict[str, Layout]:
     """The layout of every captured layer: the user's, else channels first when the graph shows it without a
     run, else read from the shapes of one run on ``example`` (or a zero 224-pixel input)."""
@@ -76,7 +77,7 @@ def decide(gm: fx.GraphModule, nodes: Mapping[str, fx.Node], example: Optional[T
             elif node not in reader.shapes:
                 layouts[name] = Layout("unknown", reason=f"node {node.name!r} does not produce a tensor")
             else:
-                size = tuple((example if example is not None else stand_in).shape[2:])
+                size = tuple(first_tensor(example if example is not None else stand_in).shape[2:])
                 layouts[name] = layout_of(reader.axes.get(node), reader.shapes[node], size)
             if name in given:  # layout="tokens": the grid and prefix come from the graph when it holds them
                 read = layouts[name]
@@ -106,7 +107,7 @@ def _zero_input(gm: fx.GraphModule, input_spec: Optional[Tuple[int, int]]) -> Op
     return torch.empty((1, channels) + (224,) * (rank - 2), dtype=dtype, device="meta")
 
 
-def transformer_layer(gm: fx.GraphModule, example: Tensor) -> Optional[LayerChoice]:
+def transformer_layer(gm: fx.GraphModule, example: Any) -> Optional[LayerChoice]:
     """``layer="auto"`` for transformers (None for CNNs: the CNN rule applies).
 
     A model whose head reads its class token: the input of the last attention (the norm before it), the last

@@ -25,7 +25,8 @@ from torch import fx, nn
 
 from .. import ops
 from ..hooks import HookRecorder, refuse_dropped
-from ...core.errors import TraceError
+from ...core.errors import InputError, TraceError
+from ...core.inputs import TENSOR, Signature
 from ..mirror import mirror
 
 TRACER_OPTIONS = ("leaf_modules", "autowrap_functions", "autowrap_modules", "concrete_args")
@@ -115,25 +116,30 @@ class Traced:
     fixed_arguments: Dict[str, Any] = field(default_factory=dict)  # forward's arguments traced as these values
     module_inputs: Dict[str, List[fx.Node]] = field(default_factory=dict)  # the first tensor each call is given
     module_entries: Dict[str, List[List[Optional[fx.Node]]]] = field(default_factory=dict)  # tuple-returning calls
+    signature: Signature = Signature()  # what the graph is called with: its explained inputs, then forward_args
 
 
-def trace(model: nn.Module, tracer_kwargs: Optional[Dict[str, Any]] = None) -> Traced:
+def trace(model: nn.Module, tracer_kwargs: Optional[Dict[str, Any]] = None,
+          signature: Optional[Signature] = None) -> Traced:
     """Trace ``model`` (via its mirror) and return the graph with qualified names.
 
     ``tracer_kwargs`` takes the options torchvision's ``create_feature_extractor`` takes: ``leaf_modules``
     (classes not to trace through), ``autowrap_functions``, ``autowrap_modules`` and ``concrete_args``.
 
-    The model's input is the first argument of its ``forward``; every later argument with a default is traced
-    as its default (``forward(self, x, mask=None)`` as if ``mask`` were absent): fx would otherwise take a
-    placeholder for it, follow ``if mask is not None`` as if it were given, and the explainer, called with
-    ``x`` alone, would fail. ``concrete_args`` overrides a default.
+    ``signature`` (:class:`~guided_swap.core.inputs.Signature`) says what ``forward`` is called with: its
+    first arguments are the explained inputs, then the forward arguments, tensors as graph inputs and other
+    values traced as they are. Every later argument with a default is traced as its default
+    (``forward(self, x, mask=None)`` called with ``x`` alone is traced as if ``mask`` were absent: fx would
+    otherwise take a placeholder for it and follow ``if mask is not None`` as if it were given). The default
+    signature is the arguments without a default (at least one). ``concrete_args`` overrides all of this.
     """
     options = dict(tracer_kwargs or {})
     unknown = sorted(set(options) - set(TRACER_OPTIONS))
     if unknown:
         raise TypeError(f"unknown tracer option(s) {unknown}; the options are {list(TRACER_OPTIONS)}")
-    defaults = optional_arguments(model)
-    concrete_args = {**defaults, **(options.pop("concrete_args", None) or {})} or None
+    signature = signature or default_signature(model)
+    fixed = traced_arguments(model, signature)
+    concrete_args = {**fixed, **(options.pop("concrete_args", None) or {})} or None
     leaves = tuple(default_leaf_modules()) + tuple(options.pop("leaf_modules", ()))
     autowrap_modules = (math,) + tuple(options.pop("autowrap_modules", ()))
     tracer = QualnameTracer(leaves, options.pop("autowrap_functions", ()), autowrap_modules)
@@ -148,17 +154,65 @@ def trace(model: nn.Module, tracer_kwargs: Optional[Dict[str, Any]] = None) -> T
     module = fx.GraphModule(root, graph, class_name=type(model).__name__)
     names = {name: node for node, name in tracer.node_names.items()}
     return Traced(module, tracer.module_outputs, names, leaves, dict(concrete_args or {}), tracer.module_inputs,
-                  tracer.module_entries)
+                  tracer.module_entries, signature)
+
+
+def _positional_parameters(model: nn.Module) -> Optional[List[inspect.Parameter]]:
+    """The parameters of ``model.forward`` that can be given by position; None when Python cannot read them."""
+    try:
+        parameters = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):  # a forward without a signature Python can read
+        return None
+    return parameters
+
+
+def default_signature(model: nn.Module) -> Signature:
+    """What ``forward`` is called with by default: every argument without a default (the first at least)."""
+    parameters = _positional_parameters(model) or []
+    positional = [p for p in parameters if p.kind in (inspect.Parameter.POSITIONAL_ONLY,
+                                                      inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    required = 1
+    while required < len(positional) and positional[required].default is inspect.Parameter.empty:
+        required += 1
+    return Signature(required)
+
+
+def traced_arguments(model: nn.Module, signature: Signature) -> Dict[str, Any]:
+    """The arguments of ``model.forward`` fixed in its graph for calls of ``signature``: forward arguments that
+    are values (not tensors), and every argument not given that has a default, at its default."""
+    parameters = _positional_parameters(model)
+    if parameters is None:
+        return {}
+    given = signature.inputs + len(signature.extra)
+    positional = [p for p in parameters if p.kind in (inspect.Parameter.POSITIONAL_ONLY,
+                                                      inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    takes_more = any(p.kind == inspect.Parameter.VAR_POSITIONAL for p in parameters)
+    if given > len(positional) and not takes_more:
+        names = ", ".join(p.name for p in positional)
+        raise InputError(f"{type(model).__name__}.forward({names}) takes {len(positional)} argument(s) by position; "
+                         f"this call gives {given} ({signature.describe()}): pass fewer inputs or forward_args")
+    fixed = {}
+    for index, parameter in enumerate(positional):
+        if index < signature.inputs:
+            continue
+        if index < given:
+            entry = signature.extra[index - signature.inputs]
+            if entry != TENSOR:
+                fixed[parameter.name] = entry[1]
+        elif parameter.default is not inspect.Parameter.empty:
+            fixed[parameter.name] = parameter.default
+        else:
+            raise InputError(f"{type(model).__name__}.forward needs {parameter.name!r}, which this call does not give "
+                             f"({signature.describe()}): explain a tuple of inputs (x1, x2, ...) or pass it with "
+                             "forward_args=")
+    kinds = (inspect.Parameter.KEYWORD_ONLY,)
+    fixed.update({p.name: p.default for p in parameters if p.kind in kinds and p.default is not inspect.Parameter.empty})
+    return fixed
 
 
 def optional_arguments(model: nn.Module) -> Dict[str, Any]:
     """The arguments of ``model.forward`` after the first that have a default, with their defaults."""
-    try:
-        parameters = list(inspect.signature(model.forward).parameters.values())
-    except (TypeError, ValueError):  # a forward without a signature Python can read
-        return {}
-    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    return {p.name: p.default for p in parameters[1:] if p.kind in kinds and p.default is not inspect.Parameter.empty}
+    return traced_arguments(model, Signature())
 
 
 def _inside(filename: str, directory: str) -> bool:

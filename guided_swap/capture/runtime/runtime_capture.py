@@ -36,7 +36,9 @@ from ...core.pass_cams import BiasPass
 from ...core.report import RuntimeReport, Swap
 from ...core.rules import Rule
 from ...core.targets import OutputKey, Score, default_output
-from ..base import AUTO, Capture, InputShape, LayerPart, check_autograd, check_tensor, gradients
+from ...core.inputs import Inputs, batch_size, model_args
+from ..base import (AUTO, Capture, InputShape, LayerPart, check_autograd, check_inputs, check_tensor, gradients,
+                    input_gradient)
 from . import bias_hooks
 from ..hooks import listed, unpicklable_hooks
 from .live_swap import Run, Site, auto_layer, private_mirror
@@ -92,6 +94,8 @@ class RuntimeCapture(Capture):
 
     def check(self, x: Any, check_finite: Optional[bool] = None) -> InputShape:
         check_autograd()
+        if isinstance(x, Inputs):
+            return check_inputs(x, self.model, check_finite)
         if isinstance(x, Tensor):
             if x.dim() < 2:
                 raise InputError(f"input has shape {tuple(x.shape)}; give a batch (B, C, ...)")
@@ -110,21 +114,20 @@ class RuntimeCapture(Capture):
 
     def forward(self, x: Any) -> Any:
         with self._lock:
-            _, outputs = self._run(x, capture=())
+            _, outputs = self._run(model_args(x), capture=())
         return outputs
 
     def run(self, x: Any, score: Score) -> PassResult:
         self.prepare(x)
-        leaves, model_input = _leaves(x)
+        leaves, args = _leaves(x)
         with self._lock:
             with torch.enable_grad():
-                run, outputs = self._run(model_input, capture=[self._paths[name] for name in self.layers])
+                run, outputs = self._run(args, capture=[self._paths[name] for name in self.layers])
             captures = self._captures(run)
         with torch.enable_grad():
-            batch = x.shape[0] if isinstance(x, Tensor) else len(x)
-            main, classes = score(outputs, dict(zip(self.layers, captures)), batch)
+            main, classes = score(outputs, dict(zip(self.layers, captures)), batch_size(x))
             input_grads, layer_grads = _backward(main, leaves, captures, run)
-        input_grad = input_grads[0] if isinstance(x, Tensor) else torch.stack(input_grads)
+        input_grad = input_gradient(x, input_grads) if isinstance(x, (Tensor, Inputs)) else torch.stack(input_grads)
         return PassResult(outputs, tuple(captures), main, classes, input_grad, tuple(layer_grads))
 
     def bias_pass(self, x: Any, score: Score, classes: Optional[Tensor] = None) -> BiasPass:
@@ -155,9 +158,9 @@ class RuntimeCapture(Capture):
 
     # --- one forward ----------------------------------------------------------------------------------
 
-    def _run(self, model_input: Any, capture: Sequence[str], record: bool = False) -> Tuple[Run, Any]:
+    def _run(self, args: Tuple[Any, ...], capture: Sequence[str], record: bool = False) -> Tuple[Run, Any]:
         with Run(self.model, self.rule, capture=capture, record=record) as run:
-            outputs = self.model(model_input)
+            outputs = self.model(*args)
         self._runs += 1
         self._sites.update((k, v) for k, v in run.sites.items() if k not in self._sites)
         self._left_alone.update((k, v) for k, v in run.left_alone.items() if k not in self._left_alone)
@@ -200,13 +203,16 @@ class RuntimeCapture(Capture):
         return "capture='runtime', " + super().extra_repr()
 
 
-def _leaves(x: Any) -> Tuple[List[Tensor], Any]:
-    """Gradient leaves for the input and the input the model is called with (same container)."""
+def _leaves(x: Any) -> Tuple[List[Tensor], Tuple[Any, ...]]:
+    """Gradient leaves for the input and the arguments the model is called with (holding those leaves)."""
     if isinstance(x, Tensor):
         leaf = x.detach().requires_grad_(True)
-        return [leaf], leaf
+        return [leaf], (leaf,)
+    if isinstance(x, Inputs):
+        leaves = [t.detach().requires_grad_(True) for t in x.tensors]
+        return leaves, tuple(leaves) + tuple(x.extra)
     leaves = [t.detach().requires_grad_(True) for t in x]
-    return leaves, type(x)(leaves)
+    return leaves, (type(x)(leaves),)
 
 
 def _backward(score: Tensor, leaves: List[Tensor], captures: List[Tensor], run: Run):
