@@ -279,3 +279,15 @@ def test_what_several_inputs_cannot_do_is_refused_clearly():
         ex.aug_smooth((rgb, depth))
     with pytest.raises(gs.InputError, match="needs 'depth'"):
         ex.explain(rgb)
+
+
+def test_a_compiled_explainer_explains_several_inputs_eagerly_and_says_so():
+    model = two_stream()
+    rgb, depth, mask = inputs()
+    ex = gs.convert(model, layer="depth2")
+    eager = ex.explain((rgb, depth), 1, forward_args=(mask,))
+    ex.compile(backend="eager")
+    with pytest.warns(UserWarning, match="several inputs or forward_args runs eagerly"):
+        compiled = ex.explain((rgb, depth), 1, forward_args=(mask,))
+    assert all(torch.equal(a, b) for a, b in zip(eager.gradient, compiled.gradient))
+    assert torch.equal(eager.cam, compiled.cam)

@@ -114,11 +114,16 @@ class GraphCapture(Capture):
         """Which explained inputs (graph placeholders, in order) each captured layer is computed from."""
         if self.explain_module is None:
             return {}
+        cached = self.__dict__.get("_layer_inputs")
+        if cached is not None and cached[0] is self.explain_module:
+            return dict(cached[1])
         graph = self.explain_module.graph
         placeholders = [n for n in graph.nodes if n.op == "placeholder"][:self.call_signature.inputs]
         captured = GraphOutputs(*next(n for n in reversed(graph.nodes) if n.op == "output").args[0]).captures
-        return {name: tuple(i for i, p in enumerate(placeholders) if p in upstream([node]))
-                for name, node in zip(self.layers, captured)}
+        found = {name: tuple(i for i, p in enumerate(placeholders) if p in upstream([node]))
+                 for name, node in zip(self.layers, captured)}
+        self.__dict__["_layer_inputs"] = (self.explain_module, found)
+        return dict(found)
 
     @property
     def forward_module(self) -> fx.GraphModule:
@@ -178,6 +183,7 @@ class GraphCapture(Capture):
     def __getstate__(self):
         state = dict(super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__)
         state.pop("_lock", None)
+        state.pop("_layer_inputs", None)
         return state
 
     def __setstate__(self, state):
