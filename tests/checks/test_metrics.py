@@ -365,3 +365,34 @@ def test_metrics_leave_the_model_as_it_was(case):
     assert not model.training
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters())
+
+
+# --- the user's dtypes and containers --------------------------------------------------------------------
+
+def _small_net(dtype):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(8, 5))
+    return randomise_batchnorm(model).eval().to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_every_metric_runs_on_a_model_of_another_dtype(dtype):
+    """A float64 (or bfloat16) model gets its copies in its own dtype. pytorch-grad-cam's ROAD fails on float64
+    (its imputer writes float32 into the image), so float64 ROAD is checked against the float32 model's."""
+    model = _small_net(dtype)
+    x = torch.randn(3, 3, 12, 12).to(dtype)
+    ex = gs.convert(model, layer="2")
+    maps = torch.rand(3, 12, 12)
+    classes = torch.tensor([0, 3, 4])
+    torch.manual_seed(7)
+    actual = metrics.road(ex, x, maps, classes, percentiles=[30, 70], chunk=4)
+    assert actual.shape == (3,) and bool(torch.isfinite(actual).all())
+    if dtype == torch.float64:
+        single = _small_net(torch.float32)
+        torch.manual_seed(7)
+        expected = metrics.road(single, x.float(), maps, classes, percentiles=[30, 70])
+        assert float(expected.abs().max()) > 0 and relative_error(actual, expected) < TOLERANCE
+    assert metrics.confidence_change(ex, x, maps, classes).shape == (3,)
+    assert metrics.deletion(ex, x, maps, classes, steps=3, baseline="blur").curve.shape == (3, 4)
+

@@ -31,7 +31,8 @@ def confidence_change(ex: Any, x: Any, maps: Any, target: Any = None, score: str
     maps = as_maps(maps, batch)
     scorer, clean = score_for(ex, batch, like, target, score)
     owners = torch.arange(batch.shape[0])
-    return scores(ex, scorer, like, [(batch * maps.unsqueeze(1), owners)]) - clean
+    masked = (batch * maps.unsqueeze(1)).to(batch.dtype)  # float32 maps keep a bfloat16 model's input bfloat16
+    return scores(ex, scorer, like, [(masked, owners)]) - clean
 
 
 def drop_in_confidence(ex: Any, x: Any, maps: Any, target: Any = None, score: str = "auto") -> Tensor:
