@@ -396,3 +396,27 @@ def test_every_metric_runs_on_a_model_of_another_dtype(dtype):
     assert metrics.confidence_change(ex, x, maps, classes).shape == (3,)
     assert metrics.deletion(ex, x, maps, classes, steps=3, baseline="blur").curve.shape == (3, 4)
 
+
+
+def test_numpy_numbers_and_arrays_are_taken_where_python_ones_are(case):
+    ex, _, x, maps, classes = case
+    generator = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    expected = metrics.road(ex, x, maps, classes, percentiles=[30, 70], generator=generator(), chunk=4)
+    for percentiles in (np.array([30, 70]), range(30, 71, 40), [np.float64(30), np.int64(70)], torch.tensor([30, 70])):
+        actual = metrics.road(ex, x, maps, classes, percentiles=percentiles, generator=generator(), chunk=np.int64(4))
+        assert torch.equal(actual, expected)
+    curve = metrics.deletion(ex, x, maps, classes, steps=3, chunk=5)
+    assert torch.equal(metrics.deletion(ex, x, maps, classes, steps=np.int64(3), chunk=np.int32(5)).curve, curve.curve)
+    tensor_base = metrics.insertion(ex, x, maps, classes, steps=3, baseline=torch.zeros(3, 1, 1))
+    numpy_base = metrics.insertion(ex, x, maps, classes, steps=3, baseline=np.zeros((3, 1, 1), dtype=np.float32))
+    assert torch.equal(numpy_base.curve, tensor_base.curve)
+    with pytest.raises(ValueError, match="percentiles"):
+        metrics.road(ex, x, maps, classes, percentiles=np.array([[30, 70]]))
+    with pytest.raises(ValueError, match="percentiles"):
+        metrics.road(ex, x, maps, classes, percentiles=[float("nan")])
+    with pytest.raises(ValueError, match="percentiles"):
+        metrics.road(ex, x, maps, classes, percentiles=50)
+    with pytest.raises(ValueError, match="chunk"):
+        metrics.road(ex, x, maps, classes, chunk=2.5)
+    with pytest.raises(TypeError, match="baseline"):
+        metrics.insertion(ex, x, maps, classes, baseline=[0.0, 0.0, 0.0])

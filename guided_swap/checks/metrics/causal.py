@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from .baselines import baseline as make_baseline
-from .inputs import as_batch, as_maps, check_chunk
+from .inputs import as_batch, as_maps, check_chunk, positive_int
 from .scoring import score_for, scores
 
 DEFAULT_STEPS = 32
@@ -71,8 +71,9 @@ def auc(curve: Tensor) -> Tensor:
 
 def causal_curve(kind: str, ex: Any, x: Any, maps: Any, target: Any, steps: int, baseline: Union[str, Tensor],
                  chunk: int, score: str) -> Curve:
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+    if positive_int(steps) is None:
         raise ValueError(f"steps= is how many shares the positions are changed in, an int >= 1; got {steps!r}")
+    steps = int(steps)
     chunk = check_chunk(chunk)
     batch, like = as_batch(ex, x)
     maps = as_maps(maps, batch)

@@ -8,7 +8,8 @@
 >>> [len(rows) for rows in chunked(5, 2)]
 [2, 2, 1]
 """
-from typing import Any, List, Tuple
+import numbers
+from typing import Any, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -54,10 +55,19 @@ def as_maps(maps: Any, x: Tensor) -> Tensor:
     return maps.detach().to(device=x.device, dtype=torch.float32)
 
 
+def positive_int(value: Any) -> Optional[int]:
+    """``value`` as a Python int when it is an integer >= 1 (a Python or numpy integer, not a bool), else None."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) or value < 1:
+        return None
+    return int(value)
+
+
 def check_chunk(chunk: Any) -> int:
-    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+    """``chunk=`` checked: how many perturbed copies go through one forward."""
+    checked = positive_int(chunk)
+    if checked is None:
         raise ValueError(f"chunk= is how many perturbed copies go through one forward, an int >= 1; got {chunk!r}")
-    return chunk
+    return checked
 
 
 def chunked(count: int, chunk: int) -> List[Tensor]:

@@ -87,8 +87,15 @@ def _keep_masks(maps: Tensor, tasks: Sequence[Tuple[str, float]]) -> Tensor:
     return torch.stack(masks)
 
 
-def _percentiles(percentiles: Sequence[float]) -> Tuple[float, ...]:
-    values = tuple(percentiles) if isinstance(percentiles, (list, tuple)) else None
+def _percentiles(percentiles: Any) -> Tuple[float, ...]:
+    """``percentiles=`` checked, as Python numbers: a list, tuple or range, or a 1D numpy array or tensor, of
+    numbers strictly between 0 and 100."""
+    values = None
+    if isinstance(percentiles, (np.ndarray, Tensor)):
+        values = tuple(percentiles.tolist()) if percentiles.ndim == 1 else None
+    elif isinstance(percentiles, (list, tuple, range)):
+        values = tuple(p.item() if isinstance(p, (np.generic, Tensor)) and np.ndim(p) == 0 else p
+                       for p in percentiles)
     if not values or any(isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p < 100
                          for p in values):
         raise ValueError(f"percentiles= takes a non-empty list of numbers between 0 and 100 (exclusive), such as "
