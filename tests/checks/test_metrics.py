@@ -420,3 +420,21 @@ def test_numpy_numbers_and_arrays_are_taken_where_python_ones_are(case):
         metrics.road(ex, x, maps, classes, chunk=2.5)
     with pytest.raises(TypeError, match="baseline"):
         metrics.insertion(ex, x, maps, classes, baseline=[0.0, 0.0, 0.0])
+
+
+def test_map_shape_errors_name_the_fix_for_each_near_miss(case):
+    ex, _, x, maps, classes = case
+    with pytest.raises(gs.InputError, match=r"maps\[:, 0\]"):  # a channel axis of one: drop it, no abs
+        metrics.deletion(ex, x, maps[:, None], classes)
+    with pytest.raises(gs.InputError, match=r"maps\[None\]"):  # one sample's map, without the batch axis
+        metrics.road(ex, x[:1], maps[0], classes[:1])
+    with pytest.raises(gs.InputError, match=r"one map per sample"):
+        metrics.confidence_change(ex, x, maps[:2], classes)
+
+
+def test_an_empty_batch_gives_empty_results(case):
+    ex, _, x, maps, classes = case
+    assert metrics.road(ex, x[:0], maps[:0], classes[:0], percentiles=[50]).shape == (0,)
+    assert metrics.confidence_change(ex, x[:0], maps[:0], classes[:0]).shape == (0,)
+    result = metrics.insertion(ex, x[:0], maps[:0], classes[:0], steps=4)
+    assert result.curve.shape == (0, 5) and result.auc.shape == (0,) and result.fractions.shape == (5,)

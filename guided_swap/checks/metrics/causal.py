@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from .baselines import baseline as make_baseline
-from .inputs import as_batch, as_maps, check_chunk, positive_int
+from .inputs import as_batch, as_maps, check_chunk, chunked, positive_int
 from .scoring import score_for, scores
 
 DEFAULT_STEPS = 32
@@ -80,7 +80,7 @@ def causal_curve(kind: str, ex: Any, x: Any, maps: Any, target: Any, steps: int,
     base = make_baseline(batch, baseline)
     scorer, clean = score_for(ex, batch, like, target, score)
     start, finish = (batch, base) if kind == "deletion" else (base, batch)
-    size, positions = batch.shape[0], maps[0].numel()
+    size, positions = batch.shape[0], maps.shape[1:].numel()
     ranks = _ranks(maps)  # (B, *spatial)
     counts = (torch.arange(steps + 1) * positions + steps - 1) // steps  # positions changed at each point
     first = 1 if kind == "deletion" else 0  # the points read by a forward: all but the clean input's
@@ -91,7 +91,7 @@ def causal_curve(kind: str, ex: Any, x: Any, maps: Any, target: Any, steps: int,
         changed = (ranks[owners] < limit).unsqueeze(1)
         return torch.where(changed, finish[owners], start[owners]), owners
 
-    read = scores(ex, scorer, like, (copies(r) for r in torch.arange(steps * size).split(chunk)))
+    read = scores(ex, scorer, like, (copies(r) for r in chunked(steps * size, chunk)))
     read = read.view(steps, size).t()
     curve = torch.cat([clean.view(-1, 1), read] if kind == "deletion" else [read, clean.view(-1, 1)], dim=1)
     return Curve(kind, curve, auc(curve), counts.float() / positions,
@@ -100,7 +100,7 @@ def causal_curve(kind: str, ex: Any, x: Any, maps: Any, target: Any, steps: int,
 
 def _ranks(maps: Tensor) -> Tensor:
     """Each position's place in its map's order, most relevant first, ties in position order."""
-    flat = maps.reshape(maps.shape[0], -1)
+    flat = maps.reshape(maps.shape[0], maps.shape[1:].numel())
     order = torch.argsort(-flat, dim=1, stable=True)
     ranks = torch.empty_like(order)
     ranks.scatter_(1, order, torch.arange(flat.shape[1], device=flat.device).expand_as(order))

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from .imputation import impute
-from .inputs import as_batch, as_maps, check_chunk
+from .inputs import as_batch, as_maps, check_chunk, chunked
 from .scoring import score_for, scores
 
 PERCENTILES = (10, 20, 30, 40, 50, 60, 70, 80, 90)
@@ -67,9 +67,8 @@ def road_curves(ex: Any, x: Any, maps: Any, target: Any = None, percentiles: Seq
     keep = _keep_masks(maps, tasks)  # (T, B, *spatial)
     _warn_if_nothing_kept(keep, tasks)
     size = batch.shape[0]
-    rows = torch.arange(len(tasks) * size)
     copies = ((impute(batch[r % size], keep.flatten(0, 1)[r], noise, generator), r % size)
-              for r in rows.split(chunk))
+              for r in chunked(len(tasks) * size, chunk))
     changes = (scores(ex, scorer, like, copies) - clean.repeat(len(tasks))).view(len(tasks), size)
     return {name: changes[i * len(percentiles):(i + 1) * len(percentiles)].t() for i, name in enumerate(orders)}
 
@@ -83,7 +82,7 @@ def _keep_masks(maps: Tensor, tasks: Sequence[Tuple[str, float]]) -> Tensor:
     for name, p in tasks:
         ranked = values[name]
         masks.append(torch.stack([ranked[b] < float(np.percentile(ranked[b].numpy(), p))
-                                  for b in range(ranked.shape[0])]))
+                                  for b in range(ranked.shape[0])]) if len(ranked) else ranked.bool())
     return torch.stack(masks)
 
 
