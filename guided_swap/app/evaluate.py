@@ -3,7 +3,8 @@ run of ``guided-swap explain`` saved, from its ``.npz`` files and the settings r
 
 For each result (``RESULTS/NAME.npz``) and each map it holds (``cam``, ``cams.NAME``, and ``gradient`` /
 ``guided_gradcam`` as the largest absolute value over channels), with the target the result explained:
-ROAD (combined, MoRF, LeRF), confidence change (and its drop and increase), and the deletion and insertion
+ROAD (combined, MoRF, LeRF), confidence change (and its drop and increase; the input multiplied by the map
+min-max scaled to [0, 1], as pytorch-grad-cam scales its CAMs), and the deletion and insertion
 curves with their areas. What one result gives goes to ``OUT/NAME.json`` (default ``OUT`` =
 ``RESULTS/evaluation``), written atomically with the evaluation's settings and the fingerprint of the result it
 measured, so a rerun skips the results already evaluated with the same settings and finishes an interrupted
@@ -65,7 +66,8 @@ def evaluation_settings(options: Options) -> Dict[str, Any]:
         "library": "guided_swap", "version": __version__, "metrics": list(options.metrics),
         "percentiles": list(options.percentiles), "noise": options.noise, "seed": options.seed,
         "steps": options.steps, "deletion_baseline": options.deletion_baseline,
-        "insertion_baseline": options.insertion_baseline, "score": "softmax"})
+        "insertion_baseline": options.insertion_baseline, "score": "softmax",
+        "confidence_maps": "min-max scaled to [0, 1] per map"})
 
 
 def find_results(folder: str, out: str) -> List[Found]:
@@ -156,9 +158,9 @@ def evaluate_batch(ex, batch: Sequence[Found], options: Options, device) -> Dict
 def _measure(ex, x, maps, target, options: Options) -> List[dict]:
     rows: List[dict] = [{} for _ in range(x.shape[0])]
     if "confidence" in options.metrics:
-        change = measures.confidence_change(ex, x, maps, target)
+        change = measures.confidence_change(ex, x, measures.unit_range(maps), target)
         for row, value in zip(rows, change.tolist()):
-            row.update(confidence_change=value, drop_in_confidence=max(-value, 0.0),
+            row.update(confidence_change=value, drop_in_confidence=0.0 if value >= 0 else -value,
                        increase_in_confidence=float(value > 0))
     if "road" in options.metrics:
         for i, row in enumerate(rows):  # one generator per result: its numbers do not depend on the batch

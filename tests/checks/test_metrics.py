@@ -231,8 +231,8 @@ def test_a_detector_box_target_equals_pytorch_grad_cam_box_score_target():
     ex = gs.convert(detector, layer="features.3")
     e = ex.explain(list(x), gs.Box(0))
     assert ex.report.capture.startswith("runtime")
-    maps = e.cam / e.cam.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1) + \
-        torch.linspace(0, 1e-3, 64 * 64).view(64, 64)
+    maps = (e.cam / e.cam.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1) +
+            torch.linspace(0, 1e-3, 64 * 64).view(64, 64)) / 1.001  # in [0, 1], no two positions tied
     with torch.no_grad():
         found = detector(list(x))
     targets = [FasterRCNNBoxScoreTarget(d["labels"][:1], d["boxes"][:1]) for d in found]
@@ -319,7 +319,7 @@ def test_every_metric_runs_on_1d_and_3d_maps_and_deletion_ends_at_the_baseline(n
     e = ex.explain(x)
     maps = e.cam + torch.linspace(0, 1e-3, e.cam[0].numel()).view(e.cam.shape[1:])
     assert metrics.road(ex, x, maps, percentiles=[30, 70]).shape == (shape[0],)
-    assert metrics.confidence_change(ex, x, maps).shape == (shape[0],)
+    assert metrics.confidence_change(ex, x, metrics.unit_range(maps)).shape == (shape[0],)
     result = metrics.deletion(ex, x, maps, steps=5, baseline="blur")
     with torch.no_grad():
         probabilities = model(metrics.blur(x)).softmax(1).gather(1, e.target.view(-1, 1)).squeeze(1)
@@ -438,3 +438,16 @@ def test_an_empty_batch_gives_empty_results(case):
     assert metrics.confidence_change(ex, x[:0], maps[:0], classes[:0]).shape == (0,)
     result = metrics.insertion(ex, x[:0], maps[:0], classes[:0], steps=4)
     assert result.curve.shape == (0, 5) and result.auc.shape == (0,) and result.fractions.shape == (5,)
+
+
+def test_confidence_change_refuses_maps_outside_0_1_and_says_how_to_scale_them(case):
+    """The map multiplies the input: a raw CAM (e.cam, not scaled) or a signed map would measure a rescaled or
+    sign-flipped image, not the input kept where the map says."""
+    ex, _, x, maps, classes = case
+    with pytest.raises(gs.InputError, match=r"\[0, 1\].*amax"):
+        metrics.confidence_change(ex, x, maps * 3, classes)
+    with pytest.raises(gs.InputError, match=r"\[0, 1\]"):
+        metrics.drop_in_confidence(ex, x, maps - 0.5, classes)
+    edges = maps.clone()
+    edges[:, 0, 0], edges[:, -1, -1] = 0.0, 1.0
+    assert metrics.confidence_change(ex, x, edges, classes).shape == (3,)

@@ -8,7 +8,7 @@ default, a detection's IoU + score for ``gs.Box``). Maps are (B, *spatial) at th
 - :func:`road` (Rong et al. 2022), most-relevant-first, least-relevant-first or combined, equal to
   pytorch-grad-cam's ``ROAD*`` metrics; :func:`road_curves` per percentile;
 - :func:`confidence_change`, :func:`drop_in_confidence`, :func:`increase_in_confidence` (pytorch-grad-cam's
-  ``CamMultImageConfidenceChange`` family);
+  ``CamMultImageConfidenceChange`` family), on maps in [0, 1] (:func:`unit_range` scales raw ones);
 - :func:`deletion`, :func:`insertion` (Petsiuk et al. 2018, RISE): a :class:`Curve` with ``.curve`` and ``.auc``.
 
 What each measures and how to read it: docs/metrics.md. ``gs.metrics`` is this module.
@@ -22,11 +22,11 @@ torch.Size([2, 5])
 """
 from .baselines import BASELINES, baseline, blur
 from .causal import Curve, auc, deletion, insertion
-from .confidence import confidence_change, drop_in_confidence, increase_in_confidence
+from .confidence import confidence_change, drop_in_confidence, increase_in_confidence, unit_range
 from .imputation import impute, neighbour_weights
 from .road import ORDERS, PERCENTILES, road, road_curves
 from .scoring import SCORES
 
-__all__ = ["road", "road_curves", "confidence_change", "drop_in_confidence", "increase_in_confidence", "deletion",
-           "insertion", "Curve", "auc", "impute", "neighbour_weights", "baseline", "blur", "BASELINES", "ORDERS",
-           "PERCENTILES", "SCORES"]
+__all__ = ["road", "road_curves", "confidence_change", "drop_in_confidence", "increase_in_confidence", "unit_range",
+           "deletion", "insertion", "Curve", "auc", "impute", "neighbour_weights", "baseline", "blur", "BASELINES",
+           "ORDERS", "PERCENTILES", "SCORES"]
