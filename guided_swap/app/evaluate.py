@@ -11,7 +11,9 @@ measured, so a rerun skips the results already evaluated with the same settings 
 run. Then :mod:`guided_swap.app.evaluation_report` writes the tables and the plot.
 
 ROAD's noise is drawn per result from a generator seeded with ``--seed``: a result's numbers do not depend on
-the batch it was evaluated in, nor on the run.
+the batch it was evaluated in, nor on the run. ROAD ranks the positions with their ties broken in position order
+(:func:`~guided_swap.checks.metrics.tie_broken`, as deletion and insertion rank them): a CAM's flat zeros would
+otherwise leave nothing kept at the percentiles below their share, and ROAD would be NaN.
 
 >>> evaluation_settings(Options(metrics=("deletion",), steps=8))["steps"]
 8
@@ -67,7 +69,7 @@ def evaluation_settings(options: Options) -> Dict[str, Any]:
         "percentiles": list(options.percentiles), "noise": options.noise, "seed": options.seed,
         "steps": options.steps, "deletion_baseline": options.deletion_baseline,
         "insertion_baseline": options.insertion_baseline, "score": "softmax",
-        "confidence_maps": "min-max scaled to [0, 1] per map"})
+        "confidence_maps": "min-max scaled to [0, 1] per map", "road_ties": "position order"})
 
 
 def find_results(folder: str, out: str) -> List[Found]:
@@ -165,7 +167,8 @@ def _measure(ex, x, maps, target, options: Options) -> List[dict]:
     if "road" in options.metrics:
         for i, row in enumerate(rows):  # one generator per result: its numbers do not depend on the batch
             generator = torch.Generator().manual_seed(options.seed)
-            curves = measures.road_curves(ex, x[i:i + 1], maps[i:i + 1], target[i:i + 1], options.percentiles,
+            ranked = measures.tie_broken(maps[i:i + 1])  # a CAM's flat zeros would leave nothing kept (NaN)
+            curves = measures.road_curves(ex, x[i:i + 1], ranked, target[i:i + 1], options.percentiles,
                                          "combined", options.noise, generator, options.chunk)
             morf, lerf = (float(curves[k].double().mean()) for k in ("morf", "lerf"))
             row.update(road_combined=(lerf - morf) / 2, road_morf=morf, road_lerf=lerf)

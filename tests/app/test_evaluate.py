@@ -106,3 +106,30 @@ def test_results_of_another_model_and_empty_folders_are_refused(explained, tmp_p
     assert run("evaluate", explained, "--model", "demo", "--metrics", "roads") == 2
     assert "takes names of road,confidence,deletion,insertion" in capsys.readouterr().err
     assert not (tmp_path / "e").exists()
+
+
+def test_a_cam_with_a_flat_zero_region_gets_a_finite_road_with_ties_in_position_order(explained, tmp_path):
+    """A trained model's Grad-CAM is zero over much of the image (the ReLU): at a percentile below that share,
+    ROAD on the raw map keeps nothing (NaN). evaluate breaks the ties in position order, as deletion does."""
+    import shutil
+
+    folder = tmp_path / "maps"
+    shutil.copytree(explained, folder)
+    path = folder / "cat.png.npz"
+    with np.load(path) as data:
+        arrays = {k: data[k] for k in data.files}
+    cam = arrays["cam"].copy()
+    cam[cam < np.quantile(cam, 0.4)] = 0  # 40% of the positions at 0
+    np.savez(path, **{**arrays, "cam": cam})
+    out = tmp_path / "eval"
+    assert run("evaluate", folder, "--model", "demo", "--out", out, "--metrics", "road", "--percentiles", "20,70") == 0
+    values = json.loads((out / "cat.png.json").read_text())["maps"]["cam"]
+    ex = evaluate.explainer_for(demo.load_demo()[0], tuple(arrays["input"].shape), torch.device("cpu"))
+    x, heat = torch.from_numpy(arrays["input"])[None], torch.from_numpy(cam)[None]
+    target = torch.tensor([int(arrays["target"])])
+    expected = metrics.road(ex, x, metrics.tie_broken(heat), target, percentiles=(20, 70),
+                            generator=torch.Generator().manual_seed(0))
+    assert np.isfinite(values["road_combined"]) and np.isfinite(values["road_morf"])
+    assert values["road_combined"] == pytest.approx(float(expected), rel=1e-5, abs=1e-7)
+    with pytest.warns(RuntimeWarning, match="tie_broken"):
+        assert bool(torch.isnan(metrics.road(ex, x, heat, target, percentiles=(20, 70), order="morf")))

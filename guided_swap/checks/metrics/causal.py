@@ -98,6 +98,20 @@ def causal_curve(kind: str, ex: Any, x: Any, maps: Any, target: Any, steps: int,
                  baseline if isinstance(baseline, str) else "tensor", steps, scorer.kind)
 
 
+def tie_broken(maps: Any) -> Tensor:
+    """``maps`` (B, *spatial) with no two positions tied: each position's ordinal rank as float32, 0 the least
+    relevant and ``n - 1`` the most, tied values in position order (the earlier the more relevant, as deletion and
+    insertion rank them). Only the order is kept, and ROAD depends on nothing else where no two values tie: ROAD
+    on ``tie_broken(maps)`` is ROAD on the maps with their ties broken, where a flat region (a ReLU'd CAM's zeros)
+    otherwise leaves nothing kept at low percentiles. Exact up to 2**24 positions per map.
+
+    >>> tie_broken(torch.tensor([[0.0, 0.5, 0.0, 0.0]]))
+    tensor([[2., 3., 1., 0.]])
+    """
+    maps = torch.as_tensor(maps)
+    return (maps.shape[1:].numel() - 1 - _ranks(maps.float())).float()
+
+
 def _ranks(maps: Tensor) -> Tensor:
     """Each position's place in its map's order, most relevant first, ties in position order."""
     flat = maps.reshape(maps.shape[0], maps.shape[1:].numel())

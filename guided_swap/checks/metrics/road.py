@@ -118,5 +118,6 @@ def _warn_if_nothing_kept(keep: Tensor, tasks: Sequence[Tuple[str, float]]) -> N
         where = sorted({f"{tasks[int(t)][0]} {tasks[int(t)][1]}" for t in torch.nonzero(empty)[:, 0]})
         warnings.warn(f"ROAD removes every position of sample(s) {samples} at {', '.join(where)}: the map's "
                       "percentile equals its minimum (a flat region, such as a CAM's zeros), so nothing is left to "
-                      "impute from and those scores are NaN. Use percentiles above the map's share of its minimum, "
-                      "or break the ties (add a small ramp to the map)", RuntimeWarning, stacklevel=3)
+                      "impute from and those scores are NaN. Break the ties in position order with "
+                      "gs.metrics.tie_broken(maps), or use percentiles above the map's share of its minimum",
+                      RuntimeWarning, stacklevel=3)
