@@ -205,6 +205,20 @@ def explainer_for(model, shape: Tuple[int, ...], device):
     return convert(model, layer=None, rule="gradient", example_input=torch.zeros((1,) + shape)).to(device)
 
 
+def device_for(choice: str) -> torch.device:
+    """``--device`` as a device: ``auto`` is CUDA when present, else the CPU; one that is not here is refused."""
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    if choice.startswith("cuda") and not torch.cuda.is_available():
+        raise CommandError(f"--device {choice}: CUDA is not available here; use --device cpu")
+    if choice.startswith("cuda:") and int(choice[5:]) >= torch.cuda.device_count():
+        raise CommandError(f"--device {choice}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                           f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    if choice == "mps" and not torch.backends.mps.is_available():
+        raise CommandError("--device mps: MPS is not available here; use --device cpu")
+    return torch.device(choice)
+
+
 def run(folder: str, model_source, options: Options, out: Optional[str] = None, force: bool = False,
         device: str = "auto", say: Callable[[str], None] = print) -> int:
     """Evaluate every result of ``folder``; 0 when all are evaluated, 130 when interrupted."""
@@ -212,13 +226,12 @@ def run(folder: str, model_source, options: Options, out: Optional[str] = None, 
     from .model_spec import build
 
     out = out or os.path.join(folder, OUT)
+    where = device_for(device)
     found = find_results(folder, out)
     check_model(found, model_source.settings())
     settings = evaluation_settings(options)
     pending = to_do(found, out, settings, force)
     say(f"guided-swap: {len(found) - len(pending)} of {len(found)} result(s) already evaluated with these settings")
-    where = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                         ("cpu" if device == "auto" else device))
     if pending:
         model = build(model_source, say=lambda m: say(f"guided-swap: warning: {m}"))
         explainers: Dict[Tuple[int, ...], Any] = {}

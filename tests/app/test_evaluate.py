@@ -133,3 +133,14 @@ def test_a_cam_with_a_flat_zero_region_gets_a_finite_road_with_ties_in_position_
     assert values["road_combined"] == pytest.approx(float(expected), rel=1e-5, abs=1e-7)
     with pytest.warns(RuntimeWarning, match="tie_broken"):
         assert bool(torch.isnan(metrics.road(ex, x, heat, target, percentiles=(20, 70), order="morf")))
+
+
+def test_a_device_that_is_not_there_is_refused_before_any_work(explained, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert run("evaluate", explained, "--model", "demo", "--out", tmp_path / "e", "--device", "cuda:0") == 2
+    assert "CUDA is not available here; use --device cpu" in capsys.readouterr().err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert run("evaluate", explained, "--model", "demo", "--out", tmp_path / "e", "--device", "cuda:1") == 2
+    assert "has 1 CUDA device(s), cuda:0 to cuda:0" in capsys.readouterr().err
+    assert not (tmp_path / "e").exists()
