@@ -451,3 +451,16 @@ def test_confidence_change_refuses_maps_outside_0_1_and_says_how_to_scale_them(c
     edges = maps.clone()
     edges[:, 0, 0], edges[:, -1, -1] = 0.0, 1.0
     assert metrics.confidence_change(ex, x, edges, classes).shape == (3,)
+
+
+def test_road_depends_only_on_the_order_so_tie_broken_maps_give_the_same_numbers(case):
+    ex, _, x, _, classes = case
+    maps = torch.randn(x.shape[0], *x.shape[2:], generator=torch.Generator().manual_seed(0))
+    assert all(len(torch.unique(m)) == m.numel() for m in maps)  # no two positions tied
+    for percentiles in ([10, 37.5, 90], [5, 50, 95]):
+        raw = metrics.road(ex, x, maps, classes, percentiles=percentiles, generator=torch.Generator().manual_seed(1))
+        ranked = metrics.road(ex, x, metrics.tie_broken(maps), classes, percentiles=percentiles,
+                              generator=torch.Generator().manual_seed(1))
+        assert torch.equal(raw, ranked)
+    flat = torch.zeros(1, 2, 3)
+    assert torch.equal(metrics.tie_broken(flat), torch.tensor([[[5.0, 4.0, 3.0], [2.0, 1.0, 0.0]]]))
