@@ -29,5 +29,5 @@ from .road import ORDERS, PERCENTILES, road, road_curves
 from .scoring import SCORES
 
 __all__ = ["road", "road_curves", "confidence_change", "drop_in_confidence", "increase_in_confidence", "unit_range",
-           "deletion", "insertion", "Curve", "auc", "tie_broken", "impute", "neighbour_weights", "baseline", "blur", "BASELINES",
-           "ORDERS", "PERCENTILES", "SCORES"]
+           "deletion", "insertion", "Curve", "auc", "tie_broken", "impute", "neighbour_weights", "baseline", "blur",
+           "BASELINES", "ORDERS", "PERCENTILES", "SCORES"]
