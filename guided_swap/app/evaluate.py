@@ -3,14 +3,17 @@ run of ``guided-swap explain`` saved, from its ``.npz`` files and the settings r
 
 For each result (``RESULTS/NAME.npz``) and each map it holds (``cam``, ``cams.NAME``, and ``gradient`` /
 ``guided_gradcam`` as the largest absolute value over channels), with the target the result explained:
-ROAD (combined, MoRF, LeRF), confidence change (and its drop and increase), and the deletion and insertion
+ROAD (combined, MoRF, LeRF), confidence change (and its drop and increase; the input multiplied by the map
+min-max scaled to [0, 1], as pytorch-grad-cam scales its CAMs), and the deletion and insertion
 curves with their areas. What one result gives goes to ``OUT/NAME.json`` (default ``OUT`` =
 ``RESULTS/evaluation``), written atomically with the evaluation's settings and the fingerprint of the result it
 measured, so a rerun skips the results already evaluated with the same settings and finishes an interrupted
 run. Then :mod:`guided_swap.app.evaluation_report` writes the tables and the plot.
 
 ROAD's noise is drawn per result from a generator seeded with ``--seed``: a result's numbers do not depend on
-the batch it was evaluated in, nor on the run.
+the batch it was evaluated in, nor on the run. ROAD ranks the positions with their ties broken in position order
+(:func:`~guided_swap.checks.metrics.tie_broken`, as deletion and insertion rank them): a CAM's flat zeros would
+otherwise leave nothing kept at the percentiles below their share, and ROAD would be NaN.
 
 >>> evaluation_settings(Options(metrics=("deletion",), steps=8))["steps"]
 8
@@ -65,7 +68,8 @@ def evaluation_settings(options: Options) -> Dict[str, Any]:
         "library": "guided_swap", "version": __version__, "metrics": list(options.metrics),
         "percentiles": list(options.percentiles), "noise": options.noise, "seed": options.seed,
         "steps": options.steps, "deletion_baseline": options.deletion_baseline,
-        "insertion_baseline": options.insertion_baseline, "score": "softmax"})
+        "insertion_baseline": options.insertion_baseline, "score": "softmax",
+        "confidence_maps": "min-max scaled to [0, 1] per map", "road_ties": "position order"})
 
 
 def find_results(folder: str, out: str) -> List[Found]:
@@ -156,14 +160,15 @@ def evaluate_batch(ex, batch: Sequence[Found], options: Options, device) -> Dict
 def _measure(ex, x, maps, target, options: Options) -> List[dict]:
     rows: List[dict] = [{} for _ in range(x.shape[0])]
     if "confidence" in options.metrics:
-        change = measures.confidence_change(ex, x, maps, target)
+        change = measures.confidence_change(ex, x, measures.unit_range(maps), target)
         for row, value in zip(rows, change.tolist()):
-            row.update(confidence_change=value, drop_in_confidence=max(-value, 0.0),
+            row.update(confidence_change=value, drop_in_confidence=0.0 if value >= 0 else -value,
                        increase_in_confidence=float(value > 0))
     if "road" in options.metrics:
         for i, row in enumerate(rows):  # one generator per result: its numbers do not depend on the batch
             generator = torch.Generator().manual_seed(options.seed)
-            curves = measures.road_curves(ex, x[i:i + 1], maps[i:i + 1], target[i:i + 1], options.percentiles,
+            ranked = measures.tie_broken(maps[i:i + 1])  # a CAM's flat zeros would leave nothing kept (NaN)
+            curves = measures.road_curves(ex, x[i:i + 1], ranked, target[i:i + 1], options.percentiles,
                                          "combined", options.noise, generator, options.chunk)
             morf, lerf = (float(curves[k].double().mean()) for k in ("morf", "lerf"))
             row.update(road_combined=(lerf - morf) / 2, road_morf=morf, road_lerf=lerf)
@@ -200,6 +205,20 @@ def explainer_for(model, shape: Tuple[int, ...], device):
     return convert(model, layer=None, rule="gradient", example_input=torch.zeros((1,) + shape)).to(device)
 
 
+def device_for(choice: str) -> torch.device:
+    """``--device`` as a device: ``auto`` is CUDA when present, else the CPU; one that is not here is refused."""
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    if choice.startswith("cuda") and not torch.cuda.is_available():
+        raise CommandError(f"--device {choice}: CUDA is not available here; use --device cpu")
+    if choice.startswith("cuda:") and int(choice[5:]) >= torch.cuda.device_count():
+        raise CommandError(f"--device {choice}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                           f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    if choice == "mps" and not torch.backends.mps.is_available():
+        raise CommandError("--device mps: MPS is not available here; use --device cpu")
+    return torch.device(choice)
+
+
 def run(folder: str, model_source, options: Options, out: Optional[str] = None, force: bool = False,
         device: str = "auto", say: Callable[[str], None] = print) -> int:
     """Evaluate every result of ``folder``; 0 when all are evaluated, 130 when interrupted."""
@@ -207,13 +226,12 @@ def run(folder: str, model_source, options: Options, out: Optional[str] = None, 
     from .model_spec import build
 
     out = out or os.path.join(folder, OUT)
+    where = device_for(device)
     found = find_results(folder, out)
     check_model(found, model_source.settings())
     settings = evaluation_settings(options)
     pending = to_do(found, out, settings, force)
     say(f"guided-swap: {len(found) - len(pending)} of {len(found)} result(s) already evaluated with these settings")
-    where = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                         ("cpu" if device == "auto" else device))
     if pending:
         model = build(model_source, say=lambda m: say(f"guided-swap: warning: {m}"))
         explainers: Dict[Tuple[int, ...], Any] = {}

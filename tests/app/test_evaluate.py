@@ -48,13 +48,16 @@ def test_evaluate_equals_the_metrics_on_the_saved_arrays(explained, tmp_path, ca
         values = saved["maps"][name]
         road = metrics.road(ex, x, heat, target, percentiles=(30, 70), generator=torch.Generator().manual_seed(0))
         assert values["road_combined"] == pytest.approx(float(road), rel=1e-5, abs=1e-7)
-        change = metrics.confidence_change(ex, x, heat, target)
+        low, high = heat.min(), heat.max()  # confidence change multiplies the input by the map scaled to [0, 1]
+        change = metrics.confidence_change(ex, x, (heat - low) / (high - low), target)
         assert values["confidence_change"] == pytest.approx(float(change), rel=1e-5, abs=1e-7)
+        assert float(heat.max()) != pytest.approx(1.0)  # the raw map is not in [0, 1]: the scaling matters
         assert values["deletion_curve"] == pytest.approx(metrics.deletion(ex, x, heat, target, steps=4)
                                                          .curve[0].tolist(), rel=1e-5, abs=1e-7)
         insertion = metrics.insertion(ex, x, heat, target, steps=4)
         assert values["insertion_auc"] == pytest.approx(float(insertion.auc), rel=1e-5, abs=1e-7)
-    assert len({round(saved["maps"][n]["confidence_change"], 4) for n in saved["maps"]}) > 2  # the maps differ
+    cat = json.loads((out / "cat.png.json").read_text())["maps"]  # the demo is sure of the astronaut whatever is kept
+    assert len({round(cat[n]["road_morf"], 4) for n in cat}) > 1  # the maps are measured apart
 
 
 def test_tables_per_map_a_summary_and_the_plot(explained, tmp_path):
@@ -102,4 +105,42 @@ def test_results_of_another_model_and_empty_folders_are_refused(explained, tmp_p
     assert "no guided-swap .npz results" in capsys.readouterr().err
     assert run("evaluate", explained, "--model", "demo", "--metrics", "roads") == 2
     assert "takes names of road,confidence,deletion,insertion" in capsys.readouterr().err
+    assert not (tmp_path / "e").exists()
+
+
+def test_a_cam_with_a_flat_zero_region_gets_a_finite_road_with_ties_in_position_order(explained, tmp_path):
+    """A trained model's Grad-CAM is zero over much of the image (the ReLU): at a percentile below that share,
+    ROAD on the raw map keeps nothing (NaN). evaluate breaks the ties in position order, as deletion does."""
+    import shutil
+
+    folder = tmp_path / "maps"
+    shutil.copytree(explained, folder)
+    path = folder / "cat.png.npz"
+    with np.load(path) as data:
+        arrays = {k: data[k] for k in data.files}
+    cam = arrays["cam"].copy()
+    cam[cam < np.quantile(cam, 0.4)] = 0  # 40% of the positions at 0
+    np.savez(path, **{**arrays, "cam": cam})
+    out = tmp_path / "eval"
+    assert run("evaluate", folder, "--model", "demo", "--out", out, "--metrics", "road", "--percentiles", "20,70") == 0
+    values = json.loads((out / "cat.png.json").read_text())["maps"]["cam"]
+    ex = evaluate.explainer_for(demo.load_demo()[0], tuple(arrays["input"].shape), torch.device("cpu"))
+    x, heat = torch.from_numpy(arrays["input"])[None], torch.from_numpy(cam)[None]
+    target = torch.tensor([int(arrays["target"])])
+    expected = metrics.road(ex, x, metrics.tie_broken(heat), target, percentiles=(20, 70),
+                            generator=torch.Generator().manual_seed(0))
+    assert np.isfinite(values["road_combined"]) and np.isfinite(values["road_morf"])
+    assert values["road_combined"] == pytest.approx(float(expected), rel=1e-5, abs=1e-7)
+    with pytest.warns(RuntimeWarning, match="tie_broken"):
+        assert bool(torch.isnan(metrics.road(ex, x, heat, target, percentiles=(20, 70), order="morf")))
+
+
+def test_a_device_that_is_not_there_is_refused_before_any_work(explained, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert run("evaluate", explained, "--model", "demo", "--out", tmp_path / "e", "--device", "cuda:0") == 2
+    assert "CUDA is not available here; use --device cpu" in capsys.readouterr().err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert run("evaluate", explained, "--model", "demo", "--out", tmp_path / "e", "--device", "cuda:1") == 2
+    assert "has 1 CUDA device(s), cuda:0 to cuda:0" in capsys.readouterr().err
     assert not (tmp_path / "e").exists()

@@ -231,8 +231,8 @@ def test_a_detector_box_target_equals_pytorch_grad_cam_box_score_target():
     ex = gs.convert(detector, layer="features.3")
     e = ex.explain(list(x), gs.Box(0))
     assert ex.report.capture.startswith("runtime")
-    maps = e.cam / e.cam.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1) + \
-        torch.linspace(0, 1e-3, 64 * 64).view(64, 64)
+    maps = (e.cam / e.cam.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1) +
+            torch.linspace(0, 1e-3, 64 * 64).view(64, 64)) / 1.001  # in [0, 1], no two positions tied
     with torch.no_grad():
         found = detector(list(x))
     targets = [FasterRCNNBoxScoreTarget(d["labels"][:1], d["boxes"][:1]) for d in found]
@@ -319,7 +319,7 @@ def test_every_metric_runs_on_1d_and_3d_maps_and_deletion_ends_at_the_baseline(n
     e = ex.explain(x)
     maps = e.cam + torch.linspace(0, 1e-3, e.cam[0].numel()).view(e.cam.shape[1:])
     assert metrics.road(ex, x, maps, percentiles=[30, 70]).shape == (shape[0],)
-    assert metrics.confidence_change(ex, x, maps).shape == (shape[0],)
+    assert metrics.confidence_change(ex, x, metrics.unit_range(maps)).shape == (shape[0],)
     result = metrics.deletion(ex, x, maps, steps=5, baseline="blur")
     with torch.no_grad():
         probabilities = model(metrics.blur(x)).softmax(1).gather(1, e.target.view(-1, 1)).squeeze(1)
@@ -365,3 +365,102 @@ def test_metrics_leave_the_model_as_it_was(case):
     assert not model.training
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters())
+
+
+# --- the user's dtypes and containers --------------------------------------------------------------------
+
+def _small_net(dtype):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(8, 5))
+    return randomise_batchnorm(model).eval().to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_every_metric_runs_on_a_model_of_another_dtype(dtype):
+    """A float64 (or bfloat16) model gets its copies in its own dtype. pytorch-grad-cam's ROAD fails on float64
+    (its imputer writes float32 into the image), so float64 ROAD is checked against the float32 model's."""
+    model = _small_net(dtype)
+    x = torch.randn(3, 3, 12, 12).to(dtype)
+    ex = gs.convert(model, layer="2")
+    maps = torch.rand(3, 12, 12)
+    classes = torch.tensor([0, 3, 4])
+    torch.manual_seed(7)
+    actual = metrics.road(ex, x, maps, classes, percentiles=[30, 70], chunk=4)
+    assert actual.shape == (3,) and bool(torch.isfinite(actual).all())
+    if dtype == torch.float64:
+        single = _small_net(torch.float32)
+        torch.manual_seed(7)
+        expected = metrics.road(single, x.float(), maps, classes, percentiles=[30, 70])
+        assert float(expected.abs().max()) > 0 and relative_error(actual, expected) < TOLERANCE
+    assert metrics.confidence_change(ex, x, maps, classes).shape == (3,)
+    assert metrics.deletion(ex, x, maps, classes, steps=3, baseline="blur").curve.shape == (3, 4)
+
+
+
+def test_numpy_numbers_and_arrays_are_taken_where_python_ones_are(case):
+    ex, _, x, maps, classes = case
+    generator = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    expected = metrics.road(ex, x, maps, classes, percentiles=[30, 70], generator=generator(), chunk=4)
+    for percentiles in (np.array([30, 70]), range(30, 71, 40), [np.float64(30), np.int64(70)], torch.tensor([30, 70])):
+        actual = metrics.road(ex, x, maps, classes, percentiles=percentiles, generator=generator(), chunk=np.int64(4))
+        assert torch.equal(actual, expected)
+    curve = metrics.deletion(ex, x, maps, classes, steps=3, chunk=5)
+    assert torch.equal(metrics.deletion(ex, x, maps, classes, steps=np.int64(3), chunk=np.int32(5)).curve, curve.curve)
+    tensor_base = metrics.insertion(ex, x, maps, classes, steps=3, baseline=torch.zeros(3, 1, 1))
+    numpy_base = metrics.insertion(ex, x, maps, classes, steps=3, baseline=np.zeros((3, 1, 1), dtype=np.float32))
+    assert torch.equal(numpy_base.curve, tensor_base.curve)
+    with pytest.raises(ValueError, match="percentiles"):
+        metrics.road(ex, x, maps, classes, percentiles=np.array([[30, 70]]))
+    with pytest.raises(ValueError, match="percentiles"):
+        metrics.road(ex, x, maps, classes, percentiles=[float("nan")])
+    with pytest.raises(ValueError, match="percentiles"):
+        metrics.road(ex, x, maps, classes, percentiles=50)
+    with pytest.raises(ValueError, match="chunk"):
+        metrics.road(ex, x, maps, classes, chunk=2.5)
+    with pytest.raises(TypeError, match="baseline"):
+        metrics.insertion(ex, x, maps, classes, baseline=[0.0, 0.0, 0.0])
+
+
+def test_map_shape_errors_name_the_fix_for_each_near_miss(case):
+    ex, _, x, maps, classes = case
+    with pytest.raises(gs.InputError, match=r"maps\[:, 0\]"):  # a channel axis of one: drop it, no abs
+        metrics.deletion(ex, x, maps[:, None], classes)
+    with pytest.raises(gs.InputError, match=r"maps\[None\]"):  # one sample's map, without the batch axis
+        metrics.road(ex, x[:1], maps[0], classes[:1])
+    with pytest.raises(gs.InputError, match=r"one map per sample"):
+        metrics.confidence_change(ex, x, maps[:2], classes)
+
+
+def test_an_empty_batch_gives_empty_results(case):
+    ex, _, x, maps, classes = case
+    assert metrics.road(ex, x[:0], maps[:0], classes[:0], percentiles=[50]).shape == (0,)
+    assert metrics.confidence_change(ex, x[:0], maps[:0], classes[:0]).shape == (0,)
+    result = metrics.insertion(ex, x[:0], maps[:0], classes[:0], steps=4)
+    assert result.curve.shape == (0, 5) and result.auc.shape == (0,) and result.fractions.shape == (5,)
+
+
+def test_confidence_change_refuses_maps_outside_0_1_and_says_how_to_scale_them(case):
+    """The map multiplies the input: a raw CAM (e.cam, not scaled) or a signed map would measure a rescaled or
+    sign-flipped image, not the input kept where the map says."""
+    ex, _, x, maps, classes = case
+    with pytest.raises(gs.InputError, match=r"\[0, 1\].*amax"):
+        metrics.confidence_change(ex, x, maps * 3, classes)
+    with pytest.raises(gs.InputError, match=r"\[0, 1\]"):
+        metrics.drop_in_confidence(ex, x, maps - 0.5, classes)
+    edges = maps.clone()
+    edges[:, 0, 0], edges[:, -1, -1] = 0.0, 1.0
+    assert metrics.confidence_change(ex, x, edges, classes).shape == (3,)
+
+
+def test_road_depends_only_on_the_order_so_tie_broken_maps_give_the_same_numbers(case):
+    ex, _, x, _, classes = case
+    maps = torch.randn(x.shape[0], *x.shape[2:], generator=torch.Generator().manual_seed(0))
+    assert all(len(torch.unique(m)) == m.numel() for m in maps)  # no two positions tied
+    for percentiles in ([10, 37.5, 90], [5, 50, 95]):
+        raw = metrics.road(ex, x, maps, classes, percentiles=percentiles, generator=torch.Generator().manual_seed(1))
+        ranked = metrics.road(ex, x, metrics.tie_broken(maps), classes, percentiles=percentiles,
+                              generator=torch.Generator().manual_seed(1))
+        assert torch.equal(raw, ranked)
+    flat = torch.zeros(1, 2, 3)
+    assert torch.equal(metrics.tie_broken(flat), torch.tensor([[[5.0, 4.0, 3.0], [2.0, 1.0, 0.0]]]))

@@ -6,9 +6,10 @@ the explainer's forward (the model's own output) in chunks, under ``torch.no_gra
 default, a detection's IoU + score for ``gs.Box``). Maps are (B, *spatial) at the input's size: 1D, 2D or 3D.
 
 - :func:`road` (Rong et al. 2022), most-relevant-first, least-relevant-first or combined, equal to
-  pytorch-grad-cam's ``ROAD*`` metrics; :func:`road_curves` per percentile;
+  pytorch-grad-cam's ``ROAD*`` metrics; :func:`road_curves` per percentile; :func:`tie_broken` for maps with
+  flat regions;
 - :func:`confidence_change`, :func:`drop_in_confidence`, :func:`increase_in_confidence` (pytorch-grad-cam's
-  ``CamMultImageConfidenceChange`` family);
+  ``CamMultImageConfidenceChange`` family), on maps in [0, 1] (:func:`unit_range` scales raw ones);
 - :func:`deletion`, :func:`insertion` (Petsiuk et al. 2018, RISE): a :class:`Curve` with ``.curve`` and ``.auc``.
 
 What each measures and how to read it: docs/metrics.md. ``gs.metrics`` is this module.
@@ -21,12 +22,12 @@ What each measures and how to read it: docs/metrics.md. ``gs.metrics`` is this m
 torch.Size([2, 5])
 """
 from .baselines import BASELINES, baseline, blur
-from .causal import Curve, auc, deletion, insertion
-from .confidence import confidence_change, drop_in_confidence, increase_in_confidence
+from .causal import Curve, auc, deletion, insertion, tie_broken
+from .confidence import confidence_change, drop_in_confidence, increase_in_confidence, unit_range
 from .imputation import impute, neighbour_weights
 from .road import ORDERS, PERCENTILES, road, road_curves
 from .scoring import SCORES
 
-__all__ = ["road", "road_curves", "confidence_change", "drop_in_confidence", "increase_in_confidence", "deletion",
-           "insertion", "Curve", "auc", "impute", "neighbour_weights", "baseline", "blur", "BASELINES", "ORDERS",
-           "PERCENTILES", "SCORES"]
+__all__ = ["road", "road_curves", "confidence_change", "drop_in_confidence", "increase_in_confidence", "unit_range",
+           "deletion", "insertion", "Curve", "auc", "tie_broken", "impute", "neighbour_weights", "baseline", "blur",
+           "BASELINES", "ORDERS", "PERCENTILES", "SCORES"]

@@ -49,7 +49,9 @@ def blur(x: Tensor) -> Tensor:
 
 def baseline(x: Tensor, kind: Any) -> Tensor:
     """The baseline for ``x`` (B, C, *spatial): ``kind`` one of :data:`BASELINES` or a tensor broadcastable to
-    ``x`` (such as one image (C, *spatial), or a value per channel (C, 1, 1))."""
+    ``x`` (such as one image (C, *spatial), or a value per channel (C, 1, 1)), or the same as a numpy array."""
+    if isinstance(kind, np.ndarray):
+        kind = torch.from_numpy(np.ascontiguousarray(kind))
     if isinstance(kind, Tensor):
         try:
             return torch.broadcast_to(kind.to(x), x.shape)
@@ -62,4 +64,7 @@ def baseline(x: Tensor, kind: Any) -> Tensor:
         return blur(x)
     if kind == "mean":
         return x.mean(dim=tuple(range(2, x.dim())), keepdim=True).expand_as(x)
+    if not isinstance(kind, str):
+        raise TypeError(f"baseline= takes one of {BASELINES}, or a tensor or numpy array that broadcasts to the "
+                        f"inputs (such as a value per channel, shape (C, 1, 1)); got a {type(kind).__name__}")
     raise ValueError(f"baseline={kind!r} is not one of {BASELINES} nor a tensor")

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from .baselines import baseline as make_baseline
-from .inputs import as_batch, as_maps, check_chunk
+from .inputs import as_batch, as_maps, check_chunk, chunked, positive_int
 from .scoring import score_for, scores
 
 DEFAULT_STEPS = 32
@@ -71,15 +71,16 @@ def auc(curve: Tensor) -> Tensor:
 
 def causal_curve(kind: str, ex: Any, x: Any, maps: Any, target: Any, steps: int, baseline: Union[str, Tensor],
                  chunk: int, score: str) -> Curve:
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+    if positive_int(steps) is None:
         raise ValueError(f"steps= is how many shares the positions are changed in, an int >= 1; got {steps!r}")
+    steps = int(steps)
     chunk = check_chunk(chunk)
     batch, like = as_batch(ex, x)
     maps = as_maps(maps, batch)
     base = make_baseline(batch, baseline)
     scorer, clean = score_for(ex, batch, like, target, score)
     start, finish = (batch, base) if kind == "deletion" else (base, batch)
-    size, positions = batch.shape[0], maps[0].numel()
+    size, positions = batch.shape[0], maps.shape[1:].numel()
     ranks = _ranks(maps)  # (B, *spatial)
     counts = (torch.arange(steps + 1) * positions + steps - 1) // steps  # positions changed at each point
     first = 1 if kind == "deletion" else 0  # the points read by a forward: all but the clean input's
@@ -90,16 +91,30 @@ def causal_curve(kind: str, ex: Any, x: Any, maps: Any, target: Any, steps: int,
         changed = (ranks[owners] < limit).unsqueeze(1)
         return torch.where(changed, finish[owners], start[owners]), owners
 
-    read = scores(ex, scorer, like, (copies(r) for r in torch.arange(steps * size).split(chunk)))
+    read = scores(ex, scorer, like, (copies(r) for r in chunked(steps * size, chunk)))
     read = read.view(steps, size).t()
     curve = torch.cat([clean.view(-1, 1), read] if kind == "deletion" else [read, clean.view(-1, 1)], dim=1)
     return Curve(kind, curve, auc(curve), counts.float() / positions,
                  baseline if isinstance(baseline, str) else "tensor", steps, scorer.kind)
 
 
+def tie_broken(maps: Any) -> Tensor:
+    """``maps`` (B, *spatial) with no two positions tied: each position's ordinal rank as float32, 0 the least
+    relevant and ``n - 1`` the most, tied values in position order (the earlier the more relevant, as deletion and
+    insertion rank them). Only the order is kept, and ROAD depends on nothing else where no two values tie: ROAD
+    on ``tie_broken(maps)`` is ROAD on the maps with their ties broken, where a flat region (a ReLU'd CAM's zeros)
+    otherwise leaves nothing kept at low percentiles. Exact up to 2**24 positions per map.
+
+    >>> tie_broken(torch.tensor([[0.0, 0.5, 0.0, 0.0]]))
+    tensor([[2., 3., 1., 0.]])
+    """
+    maps = torch.as_tensor(maps)
+    return (maps.shape[1:].numel() - 1 - _ranks(maps.float())).float()
+
+
 def _ranks(maps: Tensor) -> Tensor:
     """Each position's place in its map's order, most relevant first, ties in position order."""
-    flat = maps.reshape(maps.shape[0], -1)
+    flat = maps.reshape(maps.shape[0], maps.shape[1:].numel())
     order = torch.argsort(-flat, dim=1, stable=True)
     ranks = torch.empty_like(order)
     ranks.scatter_(1, order, torch.arange(flat.shape[1], device=flat.device).expand_as(order))

@@ -98,7 +98,8 @@ def solve(matrix: csc_matrix, rhs: np.ndarray) -> np.ndarray:
 
 def impute(images: Tensor, keep: Tensor, noise: float = 0.01, generator: Optional[torch.Generator] = None) -> Tensor:
     """``images`` (B, C, *spatial) with the positions where ``keep`` (B, *spatial) is False imputed, image by
-    image in batch order (the noise of image 0 is drawn first). A new tensor; ``images`` is not changed."""
+    image in batch order (the noise of image 0 is drawn first). A new tensor in ``images``' dtype (the imputed
+    values are computed in float32, as pytorch-grad-cam computes them); ``images`` is not changed."""
     batch, channels, spatial = images.shape[0], images.shape[1], tuple(images.shape[2:])
     keep_host = keep.bool().reshape(batch, -1).cpu().numpy()
     values_host = images.detach().reshape(batch, channels, -1).cpu().double().numpy()
@@ -110,7 +111,8 @@ def impute(images: Tensor, keep: Tensor, noise: float = 0.01, generator: Optiona
         solution = solve(matrix, rhs) if keep_host[b].any() else np.full(rhs.shape, np.nan)
         imputed = torch.from_numpy(solution).float().t().to(images.device)
         where = torch.from_numpy(removed).to(images.device)
-        out[b][:, where] = imputed + noise * _noise(removed.size, channels, generator, images.device)
+        filled = imputed + noise * _noise(removed.size, channels, generator, images.device)  # float32, as pgc
+        out[b][:, where] = filled.to(out.dtype)  # in the images' dtype (a float64 or bfloat16 model's)
     return out.reshape(images.shape)
 
 

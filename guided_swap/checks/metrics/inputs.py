@@ -8,7 +8,8 @@
 >>> [len(rows) for rows in chunked(5, 2)]
 [2, 2, 1]
 """
-from typing import Any, List, Tuple
+import numbers
+from typing import Any, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -39,14 +40,8 @@ def as_maps(maps: Any, x: Tensor) -> Tensor:
         raise TypeError(f"maps must be a tensor or numpy array of shape (B, *spatial), got {type(maps).__name__}")
     expected = (x.shape[0],) + tuple(x.shape[2:])
     if tuple(maps.shape) != expected:
-        hint = ""
-        if maps.dim() == x.dim() and tuple(maps.shape[2:]) == expected[1:]:
-            hint = ("; a map with a channel axis (e.g. e.gradient) needs one value per position first, e.g. "
-                    "e.gradient.abs().amax(dim=1)")
-        elif maps.dim() == len(expected) and maps.shape[0] == x.shape[0]:
-            hint = "; use the maps at input size (e.cam or e.cams[name], not cam_raw)"
         raise InputError(f"maps have shape {tuple(maps.shape)}; for inputs {tuple(x.shape)} they must be {expected}"
-                         + hint)
+                         + _shape_hint(tuple(maps.shape), expected))
     if not maps.is_floating_point():
         maps = maps.float()
     if not bool(torch.isfinite(maps).all()):
@@ -54,12 +49,38 @@ def as_maps(maps: Any, x: Tensor) -> Tensor:
     return maps.detach().to(device=x.device, dtype=torch.float32)
 
 
+def _shape_hint(shape: Tuple[int, ...], expected: Tuple[int, ...]) -> str:
+    """What to do about maps of ``shape`` where ``expected`` (B, *spatial) was wanted, for the usual near misses."""
+    batch, spatial = expected[0], expected[1:]
+    if shape == (batch, 1) + spatial:
+        return "; drop the channel axis of one: maps[:, 0]"
+    if len(shape) == len(expected) + 1 and shape[0] == batch and shape[2:] == spatial:
+        return ("; a map with a channel axis (e.g. e.gradient) needs one value per position first, e.g. "
+                "e.gradient.abs().amax(dim=1)")
+    if batch == 1 and shape == spatial:
+        return "; add the batch axis: maps[None]"
+    if len(shape) == len(expected) and shape[0] == batch:
+        return "; use the maps at input size (e.cam or e.cams[name], not cam_raw)"
+    if len(shape) == len(expected) and shape[1:] == spatial:
+        return f"; give one map per sample ({batch}), in the inputs' order"
+    return ""
+
+
+def positive_int(value: Any) -> Optional[int]:
+    """``value`` as a Python int when it is an integer >= 1 (a Python or numpy integer, not a bool), else None."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) or value < 1:
+        return None
+    return int(value)
+
+
 def check_chunk(chunk: Any) -> int:
-    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+    """``chunk=`` checked: how many perturbed copies go through one forward."""
+    checked = positive_int(chunk)
+    if checked is None:
         raise ValueError(f"chunk= is how many perturbed copies go through one forward, an int >= 1; got {chunk!r}")
-    return chunk
+    return checked
 
 
 def chunked(count: int, chunk: int) -> List[Tensor]:
-    """Row indices 0..count-1 in consecutive chunks of ``chunk``."""
-    return list(torch.arange(count).split(chunk))
+    """Row indices 0..count-1 in consecutive chunks of ``chunk`` (none for an empty batch)."""
+    return list(torch.arange(count).split(chunk)) if count else []

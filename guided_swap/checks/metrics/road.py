@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from .imputation import impute
-from .inputs import as_batch, as_maps, check_chunk
+from .inputs import as_batch, as_maps, check_chunk, chunked
 from .scoring import score_for, scores
 
 PERCENTILES = (10, 20, 30, 40, 50, 60, 70, 80, 90)
@@ -67,9 +67,8 @@ def road_curves(ex: Any, x: Any, maps: Any, target: Any = None, percentiles: Seq
     keep = _keep_masks(maps, tasks)  # (T, B, *spatial)
     _warn_if_nothing_kept(keep, tasks)
     size = batch.shape[0]
-    rows = torch.arange(len(tasks) * size)
     copies = ((impute(batch[r % size], keep.flatten(0, 1)[r], noise, generator), r % size)
-              for r in rows.split(chunk))
+              for r in chunked(len(tasks) * size, chunk))
     changes = (scores(ex, scorer, like, copies) - clean.repeat(len(tasks))).view(len(tasks), size)
     return {name: changes[i * len(percentiles):(i + 1) * len(percentiles)].t() for i, name in enumerate(orders)}
 
@@ -83,12 +82,19 @@ def _keep_masks(maps: Tensor, tasks: Sequence[Tuple[str, float]]) -> Tensor:
     for name, p in tasks:
         ranked = values[name]
         masks.append(torch.stack([ranked[b] < float(np.percentile(ranked[b].numpy(), p))
-                                  for b in range(ranked.shape[0])]))
+                                  for b in range(ranked.shape[0])]) if len(ranked) else ranked.bool())
     return torch.stack(masks)
 
 
-def _percentiles(percentiles: Sequence[float]) -> Tuple[float, ...]:
-    values = tuple(percentiles) if isinstance(percentiles, (list, tuple)) else None
+def _percentiles(percentiles: Any) -> Tuple[float, ...]:
+    """``percentiles=`` checked, as Python numbers: a list, tuple or range, or a 1D numpy array or tensor, of
+    numbers strictly between 0 and 100."""
+    values = None
+    if isinstance(percentiles, (np.ndarray, Tensor)):
+        values = tuple(percentiles.tolist()) if percentiles.ndim == 1 else None
+    elif isinstance(percentiles, (list, tuple, range)):
+        values = tuple(p.item() if isinstance(p, (np.generic, Tensor)) and np.ndim(p) == 0 else p
+                       for p in percentiles)
     if not values or any(isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p < 100
                          for p in values):
         raise ValueError(f"percentiles= takes a non-empty list of numbers between 0 and 100 (exclusive), such as "
@@ -112,5 +118,6 @@ def _warn_if_nothing_kept(keep: Tensor, tasks: Sequence[Tuple[str, float]]) -> N
         where = sorted({f"{tasks[int(t)][0]} {tasks[int(t)][1]}" for t in torch.nonzero(empty)[:, 0]})
         warnings.warn(f"ROAD removes every position of sample(s) {samples} at {', '.join(where)}: the map's "
                       "percentile equals its minimum (a flat region, such as a CAM's zeros), so nothing is left to "
-                      "impute from and those scores are NaN. Use percentiles above the map's share of its minimum, "
-                      "or break the ties (add a small ramp to the map)", RuntimeWarning, stacklevel=3)
+                      "impute from and those scores are NaN. Break the ties in position order with "
+                      "gs.metrics.tie_broken(maps), or use percentiles above the map's share of its minimum",
+                      RuntimeWarning, stacklevel=3)
