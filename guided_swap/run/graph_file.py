@@ -10,7 +10,9 @@ to the file's tensors and modules (:mod:`guided_swap.run.module_file`); argument
 Rebuilding checks every name before torch.fx sees it: node names and placeholder targets are identifiers, paths
 are dotted identifiers or indices, keyword names are identifiers, targets are allowed, ``getattr`` reads only a
 tensor's data attributes or the fields of a named tuple the graph builds, and the export path's shape conditions
-are arithmetic on the input's sizes only (:mod:`guided_swap.capture.graph.guards`). torch.fx then generates the
+are arithmetic on the input's sizes only (:mod:`guided_swap.capture.graph.guards`), and no named tuple stands where
+torch.fx writes a value with ``repr()`` (in a dict, a set or another named tuple: its repr would be a call of the
+name the file gives it, :func:`written_as_data`). torch.fx then generates the
 forward's code from that checked graph, as it does for every converted model; nothing from the file is executed
 or imported. A graph that uses anything else raises :class:`~guided_swap.run.file_values.NotData` when written,
 and the caller pickles it instead (it then loads only with ``trust=True``).
@@ -71,6 +73,8 @@ def _node_data(node: fx.Node, packer: Packer) -> Dict[str, Any]:
     def name(n: fx.Node) -> str:
         return n.name
 
+    if not written_as_data(node.args, node.kwargs):
+        raise NotData(f"node {node.name} has a named tuple where torch.fx writes its repr")
     data = {"name": node.name, "op": node.op, "target": _target_data(node),
             "args": pack(node.args, packer, name), "kwargs": pack(dict(node.kwargs), packer, name)}
     if isinstance(node.meta.get("qualname"), str):
@@ -175,6 +179,10 @@ def _add_node(graph: fx.Graph, data: Dict[str, Any], nodes: Dict[str, fx.Node], 
     kwargs = unpack(data.get("kwargs"), unpacker, node)
     if type(args) is not tuple or type(kwargs) is not dict or not all(_is_name(k) for k in kwargs):
         raise LoadError(f"node {name} has arguments that are not a tuple and named keywords: the file is edited")
+    if not written_as_data(args, kwargs):
+        raise LoadError(f"node {name} has a named tuple inside a dict, a set or another named tuple, where torch.fx "
+                        "would write it into the forward's code as a call of its name (which the file chooses): the "
+                        "file is edited")
     target = _target(op, data.get("target"), args, kwargs, root, fields, name)
     created = graph.create_node(op, target, args, kwargs, name=name)
     if isinstance(data.get("qualname"), str):
@@ -210,6 +218,34 @@ def _function(target: Dict[str, Any], args: tuple, kwargs: dict, fields: Sequenc
         raise LoadError(f"node {name} checks the input with conditions that are not arithmetic on its sizes; the "
                         "file is edited")
     return function
+
+
+_LITERALS = (type(None), bool, int, float, complex, str, type(Ellipsis), torch.dtype, torch.memory_format,
+             torch.layout, torch.device, Tensor, fx.Node)
+
+
+def written_as_data(args: tuple, kwargs: dict) -> bool:
+    """Whether torch.fx writes these arguments into the forward's code as the values they are.
+
+    torch.fx writes tuples, lists and slices item by item, a named tuple as a global bound to its class, and
+    anything else with ``repr()``: a dict, a set, and a named tuple's items. A named tuple's repr is a call of its
+    name (``open(file='x', mode='w')``), so one may not stand where repr writes it, or the forward would call
+    whatever that name means in its code (a placeholder's default even runs as the forward is defined)."""
+    return _as_data(args, False) and all(_as_data(value, False) for value in kwargs.values())
+
+
+def _as_data(value: Any, by_repr: bool) -> bool:
+    if isinstance(value, tuple) and hasattr(type(value), "_fields"):
+        return not by_repr and all(_as_data(item, True) for item in value)
+    if isinstance(value, (tuple, list)):
+        return all(_as_data(item, by_repr) for item in value)
+    if isinstance(value, slice):
+        return all(_as_data(item, by_repr) for item in (value.start, value.stop, value.step))
+    if isinstance(value, dict):
+        return all(_as_data(key, True) and _as_data(item, True) for key, item in value.items())
+    if isinstance(value, (set, frozenset)):
+        return all(_as_data(item, True) for item in value)
+    return isinstance(value, _LITERALS)
 
 
 def _size_conditions(guards: Any) -> bool:

@@ -226,6 +226,44 @@ def test_an_edited_description_cannot_run_code(fx_file, tmp_path, marker, case):
     assert not marker_written(marker)
 
 
+# torch.fx writes an argument into the forward's code with repr() inside a dict, a set or a named tuple's items,
+# and a named tuple's repr is a call of its name: one called "open" there is open(file=..., mode="w"). In a
+# placeholder's default value that code runs as the forward is defined, i.e. while the file loads.
+
+def _opener(marker):
+    return {"namedtuple": ["open", ["file", "mode"]], "items": [marker, "w"]}
+
+
+def _opener_cases(marker):
+    opener = _opener(marker)
+    containers = {"a set": {"set": [opener]}, "a dict": {"dict": [["k", opener]]},
+                  "a dict key": {"dict": [[opener, 1]]},
+                  "a named tuple's items": {"namedtuple": ["Outer", ["a"]], "items": [opener]},
+                  "a list in a dict": {"dict": [["k", {"list": [opener]}]]},
+                  "a tuple in a set": {"set": [{"tuple": [1, opener]}]}}
+
+    def default(value):
+        return lambda d: _first(d, "placeholder").update(args={"tuple": [value]})
+
+    def keyword(value):
+        return lambda d: _first(d, "call_method").update(kwargs={"dict": [["dim", value]]})
+
+    cases = {f"placeholder default: {where}": default(value) for where, value in containers.items()}
+    cases.update({f"keyword argument: {where}": keyword(value) for where, value in containers.items()})
+    return cases
+
+
+@pytest.mark.parametrize("case", list(_opener_cases("m")))
+def test_a_named_tuple_written_by_repr_cannot_call_a_builtin(fx_file, tmp_path, marker, case):
+    hostile = tmp_path / "hostile.gsx"
+    forge(fx_file, hostile, description=_opener_cases(marker)[case])
+    try:
+        with pytest.raises(gs.LoadError, match="named tuple"):
+            gs.load(str(hostile)).explain(torch.randn(1, 3, 8, 8))
+    finally:
+        assert not marker_written(marker)
+
+
 @pytest.mark.parametrize("where", ["keyword", "positional"])
 def test_a_shape_condition_that_is_code_is_refused(export_file, tmp_path, marker, where):
     def edit(d):
