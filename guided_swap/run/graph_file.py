@@ -133,7 +133,7 @@ def unpack_graph(data: Dict[str, Any], unpacker: Unpacker) -> fx.GraphModule:
     try:
         graph.lint()
         return fx.GraphModule(root, graph, class_name=data["class_name"])
-    except (RuntimeError, ValueError, AttributeError, TypeError) as error:
+    except (RuntimeError, ValueError, AttributeError, TypeError, SyntaxError, NameError) as error:
         raise LoadError(f"the file's graph is not a valid graph ({error}): it is damaged or edited") from None
 
 
@@ -184,6 +184,8 @@ def _add_node(graph: fx.Graph, data: Dict[str, Any], nodes: Dict[str, fx.Node], 
                         "would write it into the forward's code as a call of its name (which the file chooses): the "
                         "file is edited")
     target = _target(op, data.get("target"), args, kwargs, root, fields, name)
+    if op == "placeholder" and (target == "self" or any(n.op == op and n.target == target for n in nodes.values())):
+        raise LoadError(f"the file's graph takes an input {target!r} that is 'self' or named twice: it is damaged or edited")
     created = graph.create_node(op, target, args, kwargs, name=name)
     if isinstance(data.get("qualname"), str):
         created.meta["qualname"] = data["qualname"]

@@ -247,6 +247,33 @@ def test_tensors_swapped_or_resized_are_refused_even_with_matching_checksums(goo
             gs.load(str(edited))
 
 
+def _explain_nodes(d):
+    return d["capture"]["explain"]["data"]["nodes"]
+
+
+def _integer_tensor_needs_gradient(d):
+    key = next(k for k, info in d["tensors"].items() if info["dtype"] == "torch.int64")
+    d["tensors"][key]["requires_grad"] = True
+
+
+def _placeholder_twice(d):
+    _explain_nodes(d).insert(1, {"name": "y", "op": "placeholder", "target": "x", "args": {"tuple": []},
+                                 "kwargs": {"dict": []}})
+
+
+def _placeholder_self(d):
+    _explain_nodes(d)[0]["target"] = "self"
+
+
+@pytest.mark.parametrize("edit", [_integer_tensor_needs_gradient, _placeholder_twice, _placeholder_self],
+                         ids=["an integer tensor that needs a gradient", "two inputs of one name", "an input named self"])
+def test_an_edit_torch_refuses_is_a_load_error(good_file, tmp_path, edit):
+    edited = tmp_path / "edited.gsx"
+    forge(good_file, edited, description=edit)
+    with pytest.raises(gs.LoadError, match="damaged or edited"):
+        gs.load(str(edited))
+
+
 def test_a_truncated_file_at_any_length_is_a_load_error(good_file, tmp_path):
     data = good_file.read_bytes()
     for fraction in (0.05, 0.5, 0.95, 0.999):
