@@ -12,7 +12,8 @@ The tables:
   ``torch.sym_*`` helpers and ``torch._assert``; the functions of ``torch.nn.functional``; ``aten`` op overloads
   (``aten.conv2d.default``, torch.export's graphs); a fixed set of ``operator`` functions; ``math``;
   ``getattr`` (its attribute checked: :func:`attribute_allowed`); guided_swap's own graph functions. Taken out:
-  the ops that read or map files or rebind storage (``from_file``, ``set_``).
+  the ops that read or map files, rebind storage or print (``from_file``, ``set_``, ``_print``). An aten name must
+  resolve to an op or op overload (``aten.add.Tensor``), never to another attribute of the namespace.
 - methods (``call_method`` targets, called on a graph value): the public methods of ``torch.Tensor`` except those
   that call a Python callable, add hooks, touch storage or shared memory, leave torch (``numpy``, ``tolist``) or
   resolve a type by name (``type``).
@@ -44,7 +45,7 @@ from ..capture.graph.export_trace import check_input_shape
 from ..capture.graph.trace import default_leaf_modules
 from ..core.errors import LoadError
 
-_DENIED_OPS = frozenset({"from_file", "set_", "set", "set_data"})
+_DENIED_OPS = frozenset({"from_file", "set_", "set", "set_data", "_print"})
 _DENIED_METHODS = frozenset({
     "apply_", "map_", "map2_", "backward", "register_hook", "register_post_accumulate_grad_hook", "retain_grad",
     "set_", "share_memory_", "storage", "untyped_storage", "storage_type", "numpy", "tolist", "module_load",
@@ -137,10 +138,13 @@ def _aten(name: str) -> Any:
         raise LoadError(f"the file calls {name!r}, which is not an aten op a saved explainer may call")
     try:
         found = getattr(torch.ops.aten, parts[1])
-        return getattr(found, parts[2]) if len(parts) == 3 else found
+        found = getattr(found, parts[2]) if len(parts) == 3 else found
     except (AttributeError, RuntimeError):
         raise LoadError(f"the file calls {name!r}, which this torch ({torch.__version__}) does not have; convert "
                         "the model again with this torch") from None
+    if not isinstance(found, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)) or _aten_name(found) != name:
+        raise LoadError(f"the file calls {name!r}, which names an attribute of the aten namespace, not one of its ops")
+    return found
 
 
 # --- methods and attributes --------------------------------------------------------------------------------

@@ -180,7 +180,9 @@ def _cases(marker):
     code = _code(marker)
     functions = ["builtins.exec", "builtins.eval", "builtins.__import__", "os.system", "subprocess.run", "torch.load",
                  "torch.from_file", "aten.from_file", "torch.hub.load", "importlib.import_module", "torch.ops.load_library",
-                 "aten.__class__", "operator.call", "operator.methodcaller"]
+                 "aten.__class__", "operator.call", "operator.methodcaller",
+                 # attributes of the aten namespace and its ops that are no op, and the op that prints
+                 "aten.add.overloads", "aten.add._op", "aten.name.upper", "aten._dir.clear", "aten._print.default"]
     cases = {f"call {name}": _call({"function": name}, {"tuple": [code]}) for name in functions}
     cases.update({
         "method __reduce_ex__": _method("__reduce_ex__", [2]),
