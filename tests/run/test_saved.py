@@ -274,6 +274,58 @@ def test_an_edit_torch_refuses_is_a_load_error(good_file, tmp_path, edit):
         gs.load(str(edited))
 
 
+def _rewritten(source, target, declared=None, compressed=(), header=None):
+    """``source`` written again: its header replaced by ``header`` (a dict), the parts named in ``compressed``
+    deflated, and the tensors part declared ``declared`` bytes long in the zip's directory."""
+    import json
+    import zlib
+
+    contents = parts(source)
+    head = header if header is not None else json.loads(contents.pop(saved.HEADER))
+    contents.pop(saved.HEADER, None)
+    head["parts"] = {name: zlib.crc32(data) for name, data in contents.items()}
+    with zipfile.ZipFile(target, "w") as archive:
+        archive.writestr(saved.HEADER, json.dumps(head), compress_type=zipfile.ZIP_DEFLATED if saved.HEADER in compressed
+                         else zipfile.ZIP_STORED)
+        for name, data in contents.items():
+            archive.writestr(name, data, compress_type=zipfile.ZIP_DEFLATED if name in compressed else zipfile.ZIP_STORED)
+        if declared is not None:  # the directory, written at close, says so: a memory bomb if believed
+            info = archive.getinfo(saved.TENSORS)
+            info.file_size = info.compress_size = declared
+
+
+def test_a_tensors_part_declared_larger_than_the_file_is_refused_before_allocating(good_file, tmp_path):
+    import json
+    import struct
+
+    size = 1 << 40  # a terabyte: allocating it first fails with RuntimeError, or swaps the machine to death
+    table = json.dumps({"t0": {"dtype": "U8", "shape": [size - 8 - 128], "data_offsets": [0, size - 8 - 128]}})
+    data = struct.pack("<Q", 128) + table.encode().ljust(128) + bytes(64)
+    source = tmp_path / "source.gsx"
+    forge(good_file, source, replace={saved.TENSORS: data})
+    bomb = tmp_path / "bomb.gsx"
+    _rewritten(source, bomb, declared=size)
+    with pytest.raises(gs.LoadError, match="tensors part .* past the end of the file"):
+        gs.load(str(bomb))
+
+
+def test_compressed_parts_and_a_huge_header_are_refused(good_file, tmp_path):
+    import json
+
+    deflated = tmp_path / "deflated.gsx"
+    _rewritten(good_file, deflated, compressed=(saved.DESCRIPTION,))  # a zip bomb's way in: never written so
+    with pytest.raises(gs.LoadError, match="explainer.json is compressed"):
+        gs.load(str(deflated))
+    header = json.loads(parts(good_file)[saved.HEADER])
+    header["padding"] = " " * (20 << 20)
+    padded = tmp_path / "padded.gsx"
+    _rewritten(good_file, padded, compressed=(saved.HEADER,), header=header)
+    with zipfile.ZipFile(padded) as archive:
+        assert archive.getinfo(saved.HEADER).compress_size < 1 << 20  # small in the file, 20 MB once inflated
+    with pytest.raises(gs.LoadError, match="header is 20.* MB"):
+        saved.read_header(str(padded))
+
+
 def test_a_truncated_file_at_any_length_is_a_load_error(good_file, tmp_path):
     data = good_file.read_bytes()
     for fraction in (0.05, 0.5, 0.95, 0.999):
