@@ -107,8 +107,13 @@ def test_damaged_and_foreign_files_get_clear_errors(tmp_path):
         gs.load(str(other))
     weights = tmp_path / "weights.pt"
     torch.save(make_model("resnet18").state_dict(), weights)
-    with pytest.raises(gs.LoadError):
+    with pytest.raises(gs.LoadError, match="is a PyTorch checkpoint .*torch.save.*not a saved explainer") as refused:
         gs.load(str(weights))
+    assert "torch.export.load" not in str(refused.value)  # no advice to unpickle it
+    program = tmp_path / "program.pt2"
+    torch.export.save(torch.export.export(nn.ReLU(), (torch.randn(2),)), str(program))
+    with pytest.raises(gs.LoadError, match=r"is a torch.export program \(.pt2\).*trusts the file"):
+        gs.load(str(program))
     with pytest.raises(FileNotFoundError):
         gs.load(str(tmp_path / "missing.gsx"))
 
