@@ -11,7 +11,9 @@ The tables:
   ``torch._C._VariableFunctions``) and the Python ones of ``torch.functional`` (``torch.split``), the
   ``torch.sym_*`` helpers and ``torch._assert``; the functions of ``torch.nn.functional``; ``aten`` op overloads
   (``aten.conv2d.default``, torch.export's graphs); a fixed set of ``operator`` functions; ``math``;
-  ``getattr`` (its attribute checked: :func:`attribute_allowed`); guided_swap's own graph functions. Taken out:
+  ``getattr`` (its attribute checked: :func:`attribute_allowed`); the functions of torch and torchvision that
+  ``torch.fx.wrap`` keeps whole (torchvision's Swin attention, ``roi_align``; torch.fx's ``_assert_is_none``);
+  guided_swap's own graph functions. Taken out:
   the ops that read or map files, rebind storage or print (``from_file``, ``set_``, ``_print``). An aten name must
   resolve to an op or op overload (``aten.add.Tensor``), never to another attribute of the namespace.
 - methods (``call_method`` targets, called on a graph value): the public methods of ``torch.Tensor`` except those
@@ -83,8 +85,25 @@ def _functions() -> Dict[str, Callable]:
     table.update({f"math.{name}": getattr(math, name) for name in dir(math)
                   if not name.startswith("_") and callable(getattr(math, name))})
     table["builtins.getattr"] = getattr
+    table.update(_fx_leaf_functions())
     table.update(_OWN)
     return table
+
+
+def _fx_leaf_functions() -> Dict[str, Callable]:
+    """The functions of torch and torchvision that ``torch.fx.wrap`` keeps whole in a traced graph (torch.fx's
+    ``_assert_is_none``, which timm's ViTs call; torchvision's Swin attention and padding, ``roi_align``,
+    ``stochastic_depth``, ...), by module and name. Other libraries' wrapped functions are not among them."""
+    from torch.fx import _symbolic_trace
+
+    registered = getattr(_symbolic_trace, "_wrapped_fns_to_patch", {})
+    pairs = registered.items() if isinstance(registered, dict) else ((None, p) for p in registered)
+    found = [_symbolic_trace._assert_is_none]
+    for key, value in pairs:  # (id of globals, name) -> globals; older torch: a list of (globals, name)
+        namespace, name = (value, key[1]) if isinstance(value, dict) else value
+        found.append(namespace.get(name) if isinstance(namespace, dict) else None)
+    return {f"{fn.__module__}.{fn.__qualname__}": fn for fn in found
+            if inspect.isfunction(fn) and str(fn.__module__).split(".")[0] in ("torch", "torchvision")}
 
 
 def _is_functional(name: str, value: Any) -> bool:

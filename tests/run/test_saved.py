@@ -137,10 +137,19 @@ def _vgg_small_head():
     return model.eval()
 
 
-def _timm(name):
+def _timm(name, **options):
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
-    return randomise_batchnorm(timm.create_model(name, pretrained=False)).eval()
+    return randomise_batchnorm(timm.create_model(name, pretrained=False, **options)).eval()
+
+
+def _small_swin():
+    """torchvision's Swin code (its fx-wrapped attention and padding functions) at a small size."""
+    from torchvision.models.swin_transformer import SwinTransformer
+
+    torch.manual_seed(0)
+    return SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[1, 1], num_heads=[1, 2], window_size=[2, 2],
+                           num_classes=10).eval()
 
 
 ZOO = {  # name: (model, input size, convert options)
@@ -152,6 +161,8 @@ ZOO = {  # name: (model, input size, convert options)
     "googlenet": (lambda: make_model("googlenet"), 48, {}),
     "inception_v3": (lambda: make_model("inception_v3"), 80, {}),
     "timm_mobilenetv3": (lambda: _timm("mobilenetv3_small_050"), 64, {}),
+    "timm_vit": (lambda: _timm("vit_tiny_patch16_224", img_size=32, depth=2), 32, {}),  # fx's _assert_is_none
+    "swin": (_small_swin, 32, {}),
     "export_shape_assert": (lambda: ShapeAssertNet().eval(), 48, {"capture": "export"}),
 }
 
