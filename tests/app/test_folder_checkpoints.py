@@ -1,9 +1,11 @@
 """--model/--weights: checkpoint formats, whole pickled models (only with --trust-weights), hostile pickles,
 mismatches and unknown names, early and in one line."""
+import argparse
 import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -37,7 +39,14 @@ def same_weights(a: nn.Module, b: nn.Module) -> bool:
     lambda sd: {"_orig_mod." + k: v for k, v in sd.items()},               # torch.compile
     lambda sd: {"model": sd, "epoch": 3},
     lambda sd: {"state_dict": {"module." + k: v for k, v in sd.items()}, "optimizer": {"lr": 0.1}},
-], ids=["plain", "module-prefix", "compile-prefix", "model-wrapper", "state_dict-wrapper-and-prefix"])
+    # torchvision's reference scripts: the run's argparse.Namespace beside the weights
+    lambda sd: {"model": sd, "optimizer": {"state": {}, "param_groups": [{"lr": 0.1, "params": [0]}]},
+                "lr_scheduler": {"last_epoch": 3}, "epoch": 3, "args": argparse.Namespace(lr=0.1, model="demo")},
+    # timm's CheckpointSaver: arch, version, args, a metric (here a numpy scalar, as numpy metrics give)
+    lambda sd: {"state_dict": sd, "arch": "demo", "epoch": 3, "version": 2, "args": argparse.Namespace(lr=0.1),
+                "metric": np.float64(0.5), "best": np.int64(3), "state_dict_ema": sd},
+], ids=["plain", "module-prefix", "compile-prefix", "model-wrapper", "state_dict-wrapper-and-prefix",
+        "torchvision-reference", "timm-saver"])
 def test_checkpoint_formats_load(tmp_path, wrap):
     model, path = trained(), str(tmp_path / "w.pt")
     torch.save(wrap(model.state_dict()), path)
@@ -95,6 +104,15 @@ def test_a_hostile_checkpoint_is_never_unpickled_without_trust_weights(tmp_path)
     said = []
     assert same_weights(build(check(FACTORY, path, trust=True), say=said.append), trained())
     assert marker_written(marker) and "--trust-weights was given" in said[0]  # the payload is live
+
+
+def test_a_hostile_object_inside_an_allowed_container_is_still_refused(tmp_path):
+    marker = str(tmp_path / "marker")
+    path = str(tmp_path / "hostile.pt")
+    torch.save({"state_dict": trained().state_dict(), "args": argparse.Namespace(note=WritesMarker(marker))}, path)
+    with pytest.raises(CommandError, match="holds pickled Python objects besides tensors .*--trust-weights"):
+        build(check(FACTORY, path), say=lambda m: None)
+    assert not marker_written(marker)
 
 
 def test_cli_refuses_a_hostile_whole_model_without_trust_weights(tmp_path):
