@@ -131,6 +131,22 @@ def test_cli_refuses_a_hostile_whole_model_without_trust_weights(tmp_path):
         assert not marker.exists() and not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("command", [["layers"], ["layers", FACTORY], ["export", "--shape", "1,3,32,32"],
+                                     ["export", "--model", FACTORY, "--shape", "1,3,32,32"]],
+                         ids=["layers", "layers-model", "export", "export-model"])
+@pytest.mark.parametrize("content", ["whole", "state_dict"])
+def test_layers_and_export_refuse_a_hostile_weights_file_without_trust_weights(tmp_path, capsys, command, content):
+    from guided_swap.app.cli import main
+
+    marker = str(tmp_path / "marker")
+    path = str(tmp_path / "hostile.pt")
+    hostile = WritesMarker(marker)
+    torch.save(hostile if content == "whole" else {"state_dict": trained().state_dict(), "x": hostile}, path)
+    out = ["--out", str(tmp_path / "o.pt2")] if command[0] == "export" else []
+    assert main(command + ["--weights", path] + out) == 2 and "--trust-weights" in capsys.readouterr().err
+    assert not marker_written(marker) and not (tmp_path / "o.pt2").exists()
+
+
 def test_a_mismatch_names_the_first_missing_unexpected_and_misshapen_keys(tmp_path):
     state = trained().state_dict()
     state.pop("fc2.bias")
