@@ -287,6 +287,20 @@ def test_a_shape_condition_that_is_code_is_refused(export_file, tmp_path, marker
         loaded.explain(torch.randn(1, 3, 40, 40))
 
 
+@pytest.mark.parametrize("condition", ["((((x.size()[2] ** 64) ** 64) ** 64) ** 64) ** 64 > 0",
+                                       "max(x.size()[2] ** 64, 1) ** 64 > 0", "int(x.size()[3] ** 9) ** 9 > 0"])
+def test_a_shape_condition_that_would_exhaust_memory_is_refused(export_file, tmp_path, condition):
+    # powers of powers: 48 ** (64 ** 5) is a number of a billion digits, computed on the first explain
+    def edit(d):
+        node = next(n for n in _nodes(d) if n["target"] == {"function": "guided_swap.check_input_shape"})
+        node["kwargs"] = {"dict": [["guards", {"tuple": [condition]}]]}
+
+    hostile = tmp_path / "hostile.gsx"
+    forge(export_file, hostile, description=edit)
+    with pytest.raises(gs.LoadError, match="conditions that are not arithmetic"):
+        gs.load(str(hostile))
+
+
 # --- what needs trust, said plainly ------------------------------------------------------------------------
 
 def test_a_custom_leaf_module_needs_trust_and_is_named(tmp_path):
