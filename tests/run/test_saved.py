@@ -400,6 +400,31 @@ def test_loading_without_the_model_class_says_what_is_missing(tmp_path, monkeypa
         gs.load(path, trust=True)
 
 
+class ScaledGuided(gs.Rule):
+    name = "scaled-guided-saved"
+
+    def __init__(self, scale=0.5):
+        self.scale = scale
+
+    def backward(self, grad_output, output):
+        return self.scale * grad_output.clamp(min=0) * (output > 0)
+
+
+def test_a_rule_registered_with_other_attributes_is_not_taken_and_the_error_says_so(tmp_path):
+    ex = gs.convert(make_model("resnet18"), layer="layer4", rule=ScaledGuided(0.5))
+    path = str(tmp_path / "scaled.gsx")
+    ex.save(path)
+    gs.register_rule(ScaledGuided(0.25))
+    try:
+        with pytest.raises(gs.LoadError, match=r"registered here .*other attributes.*scale.*0.5"):
+            gs.load(path)
+        gs.register_rule(ScaledGuided(0.5), replace=True)
+        x = image_batch(32)
+        assert torch.equal(gs.load(path).explain(x, [1, 2]).gradient, ex.explain(x, [1, 2]).gradient)
+    finally:
+        gs.unregister_rule(ScaledGuided.name)
+
+
 # --- The old pickled format (3) -----------------------------------------------------------------------------
 
 def _format_3(ex, path):
