@@ -255,8 +255,11 @@ def test_tensors_swapped_or_resized_are_refused_even_with_matching_checksums(goo
     def drop(tensors):
         tensors.pop(min(tensors))
 
+    def add(tensors):
+        tensors["t_extra"] = torch.zeros(3)
+
     for change, message in ((resize, "in the file, but the explainer's description says"), (swap, "description says"),
-                            (drop, "does not hold")):
+                            (drop, "does not hold"), (add, "its description does not name: t_extra")):
         edited = tmp_path / "edited.gsx"
         forge(good_file, edited, replace=_with_tensors(good_file, change))
         with pytest.raises(gs.LoadError, match=message):
