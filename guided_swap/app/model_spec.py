@@ -246,9 +246,24 @@ def read_checkpoint(path: str, say: Callable[[str], None] = _stderr, trust: bool
             raise CommandError(_refused_message(path, error)) from None
         content = _read_pickled(path, say)
     except (RuntimeError, EOFError, OSError) as error:
+        if _is_saved_explainer(path):
+            raise CommandError(f"{path!r} is a saved guided_swap explainer (ex.save), not a checkpoint: open it with "
+                               "gs.load(path) in Python; --weights takes a state dict or a .safetensors file") from None
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise CommandError(f"cannot read {path!r} as a PyTorch checkpoint: {reason}") from None
     return _unwrap(content, path)
+
+
+def _is_saved_explainer(path: str) -> bool:
+    import zipfile
+
+    from ..run.saved import HEADER
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return HEADER in archive.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return False
 
 
 def _data_classes():

@@ -147,6 +147,15 @@ def test_layers_and_export_refuse_a_hostile_weights_file_without_trust_weights(t
     assert not marker_written(marker) and not (tmp_path / "o.pt2").exists()
 
 
+def test_a_saved_explainer_given_as_weights_is_named(tmp_path):
+    import guided_swap as gs
+
+    path = str(tmp_path / "explainer.pt")  # a .gsx under another name
+    gs.convert(trained(), layer="conv1").save(path)
+    with pytest.raises(CommandError, match="is a saved guided_swap explainer .*gs.load"):
+        build(check(FACTORY, path), say=lambda m: None)
+
+
 def test_a_mismatch_names_the_first_missing_unexpected_and_misshapen_keys(tmp_path):
     state = trained().state_dict()
     state.pop("fc2.bias")
