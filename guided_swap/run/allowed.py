@@ -185,8 +185,28 @@ def method_allowed(name: Any, args: Sequence[Any]) -> bool:
 
 def attribute_allowed(name: Any, fields: Sequence[str] = ()) -> bool:
     """Whether ``getattr(value, name)`` may be read: a tensor's data attributes (``shape``, ``dtype``, ...) or a
-    field of a named tuple the graph itself builds (``fields``)."""
+    field of the named result ``value`` is (``fields``: :func:`result_fields`)."""
     return isinstance(name, str) and (name in _tensor_members()[1] or (name in fields and not name.startswith("_")))
+
+
+def result_fields(node: Any) -> Sequence[str]:
+    """The fields of the named tuple a graph node gives: a named tuple the graph builds, or torch's named result
+    of an op (``max(...).values``, ``topk(...).indices``: ``torch.return_types``); none for anything else, so
+    that a field name never reads another object's attribute (a module's method, say)."""
+    op, target = getattr(node, "op", None), getattr(node, "target", None)
+    if op == "call_function" and isinstance(target, type) and hasattr(target, "_fields"):
+        return tuple(target._fields)
+    if op == "call_method" and isinstance(target, str):
+        return _return_fields(target)
+    name = function_name(target) if op == "call_function" else None
+    if name is None or not name.startswith(("torch.", "aten.")) or name.startswith("torch.nn."):
+        return ()
+    return _return_fields(name.split(".")[1])
+
+
+def _return_fields(op_name: str) -> Sequence[str]:
+    result = getattr(torch.return_types, op_name, None)
+    return tuple(getattr(result, "__match_args__", ())) if isinstance(result, type) else ()
 
 
 # --- module classes --------------------------------------------------------------------------------------

@@ -9,12 +9,12 @@ to the file's tensors and modules (:mod:`guided_swap.run.module_file`); argument
 
 Rebuilding checks every name before torch.fx sees it: node names and placeholder targets are identifiers, paths
 are dotted identifiers or indices, keyword names are identifiers, targets are allowed, ``getattr`` reads only a
-tensor's data attributes or the fields of a named tuple the graph builds, and the export path's shape conditions
-are arithmetic on the input's sizes only (:mod:`guided_swap.capture.graph.guards`), and no named tuple stands where
-torch.fx writes a value with ``repr()`` (in a dict, a set or another named tuple: its repr would be a call of the
-name the file gives it, :func:`written_as_data`). torch.fx then generates the
-forward's code from that checked graph, as it does for every converted model; nothing from the file is executed
-or imported. A graph that uses anything else raises :class:`~guided_swap.run.file_values.NotData` when written,
+tensor's data attributes or a field of the named result it reads (a named tuple the graph builds, torch's
+``max(...).values``), the export path's shape conditions are arithmetic on the input's sizes only
+(:mod:`guided_swap.capture.graph.guards`), and no named tuple stands where torch.fx writes a value with ``repr()``
+(in a dict, a set or another named tuple: its repr would be a call of the name the file gives it,
+:func:`written_as_data`). torch.fx then generates the forward's code from that checked graph, as it does for every
+converted model; nothing from the file is executed or imported. A graph that uses anything else raises :class:`~guided_swap.run.file_values.NotData` when written,
 and the caller pickles it instead (it then loads only with ``trust=True``).
 
 >>> import torch
@@ -32,7 +32,7 @@ and the caller pickles it instead (it then loads only with ``trust=True``).
 True
 """
 import keyword
-from typing import Any, Dict, Sequence, Tuple
+from typing import Any, Dict
 
 import torch
 from torch import Tensor, fx, nn
@@ -93,16 +93,10 @@ def _target_data(node: fx.Node) -> Any:
     name = allowed.function_name(target)
     if name is None:
         raise NotData(f"the graph calls {getattr(target, '__module__', '?')}.{getattr(target, '__qualname__', target)}")
-    if target is getattr and not allowed.attribute_allowed(node.args[1] if len(node.args) > 1 else None,
-                                                           _fields(node.graph)):
+    if target is getattr and not (len(node.args) == 2 and allowed.attribute_allowed(
+            node.args[1], allowed.result_fields(node.args[0]))):
         raise NotData(f"the graph reads the attribute {node.args[1:2]}")
     return {"function": name}
-
-
-def _fields(graph: fx.Graph) -> Tuple[str, ...]:
-    """The fields of the named tuples a graph builds (``getattr`` may read them)."""
-    return tuple(field for node in graph.nodes if node.op == "call_function" and isinstance(node.target, type)
-                 and hasattr(node.target, "_fields") for field in node.target._fields)
 
 
 def _attribute_data(gm: fx.GraphModule, target: str, packer: Packer) -> Dict[str, str]:
@@ -125,9 +119,8 @@ def unpack_graph(data: Dict[str, Any], unpacker: Unpacker) -> fx.GraphModule:
     root = {target: _attribute(target, ref, unpacker) for target, ref in _items(data.get("attributes"))}
     graph = fx.Graph(tracer_cls=TRACERS[data["tracer"]])
     nodes: Dict[str, fx.Node] = {}
-    fields = _built_fields(data.get("nodes"))
-    for node_data in data["nodes"]:
-        _add_node(graph, node_data, nodes, root, fields, unpacker)
+    for node_data in _node_list(data.get("nodes")):
+        _add_node(graph, node_data, nodes, root, unpacker)
     if not graph.nodes or next(iter(reversed(graph.nodes))).op != "output":
         raise LoadError("the file's graph does not end with its output: it is damaged or edited")
     try:
@@ -154,16 +147,14 @@ def _attribute(target: Any, ref: Any, unpacker: Unpacker) -> Any:
     raise LoadError(f"the file's graph binds {target!r} to {str(ref)[:80]}: it is damaged or edited")
 
 
-def _built_fields(nodes: Any) -> Tuple[str, ...]:
+def _node_list(nodes: Any) -> list:
     if type(nodes) is not list or not all(isinstance(n, dict) for n in nodes):
         raise LoadError("the file's graph has no node list: it is damaged or edited")
-    specs = [n["target"]["namedtuple"] for n in nodes if isinstance(n.get("target"), dict)
-             and "namedtuple" in n["target"] and type(n["target"]["namedtuple"]) is list]
-    return tuple(f for spec in specs if len(spec) == 2 and type(spec[1]) is list for f in spec[1] if isinstance(f, str))
+    return nodes
 
 
 def _add_node(graph: fx.Graph, data: Dict[str, Any], nodes: Dict[str, fx.Node], root: Dict[str, Any],
-              fields: Sequence[str], unpacker: Unpacker) -> None:
+              unpacker: Unpacker) -> None:
     name, op = data.get("name"), data.get("op")
     if not _is_name(name) or name in nodes or op not in OPS:
         raise LoadError(f"the file's graph has a node {str(name)[:40]!r} of kind {str(op)[:40]!r}: it is damaged or "
@@ -183,7 +174,7 @@ def _add_node(graph: fx.Graph, data: Dict[str, Any], nodes: Dict[str, fx.Node], 
         raise LoadError(f"node {name} has a named tuple inside a dict, a set or another named tuple, where torch.fx "
                         "would write it into the forward's code as a call of its name (which the file chooses): the "
                         "file is edited")
-    target = _target(op, data.get("target"), args, kwargs, root, fields, name)
+    target = _target(op, data.get("target"), args, kwargs, root, name)
     if op == "placeholder" and (target == "self" or any(n.op == op and n.target == target for n in nodes.values())):
         raise LoadError(f"the file's graph takes an input {target!r} that is 'self' or named twice: it is damaged or edited")
     created = graph.create_node(op, target, args, kwargs, name=name)
@@ -192,8 +183,7 @@ def _add_node(graph: fx.Graph, data: Dict[str, Any], nodes: Dict[str, fx.Node], 
     nodes[name] = created
 
 
-def _target(op: str, target: Any, args: tuple, kwargs: dict, root: Dict[str, Any], fields: Sequence[str],
-            name: str) -> Any:
+def _target(op: str, target: Any, args: tuple, kwargs: dict, root: Dict[str, Any], name: str) -> Any:
     if op == "placeholder" and _is_name(target):
         return target
     if op == "output" and target == "output":
@@ -205,16 +195,16 @@ def _target(op: str, target: Any, args: tuple, kwargs: dict, root: Dict[str, Any
     if op == "call_method" and allowed.method_allowed(target, args[1:]) and args and isinstance(args[0], fx.Node):
         return target
     if op == "call_function" and isinstance(target, dict) and len(target) == 1:
-        return _function(target, args, kwargs, fields, name)
+        return _function(target, args, kwargs, name)
     raise LoadError(f"node {name} ({op}) has the target {str(target)[:80]!r}, which a saved explainer may not use "
                     "there: the file is damaged or edited")
 
 
-def _function(target: Dict[str, Any], args: tuple, kwargs: dict, fields: Sequence[str], name: str) -> Any:
+def _function(target: Dict[str, Any], args: tuple, kwargs: dict, name: str) -> Any:
     if "namedtuple" in target and type(target["namedtuple"]) is list and len(target["namedtuple"]) == 2:
         return named_tuple(*target["namedtuple"])
     function = allowed.function(target.get("function"))
-    if function is getattr and not (len(args) == 2 and allowed.attribute_allowed(args[1], fields)):
+    if function is getattr and not (len(args) == 2 and allowed.attribute_allowed(args[1], allowed.result_fields(args[0]))):
         raise LoadError(f"node {name} reads the attribute {args[1:]!r}, which a saved explainer may not read")
     if function is check_input_shape and not (len(args) == 1 and _size_conditions(kwargs.get("guards", ()))):
         raise LoadError(f"node {name} checks the input with conditions that are not arithmetic on its sizes; the "

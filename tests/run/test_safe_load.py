@@ -176,6 +176,16 @@ def _module_key(d, cls):
     return next(k for k, m in d["modules"].items() if m.get("class", "").endswith(cls))
 
 
+def _module_method_through_a_field(d):
+    nodes = _nodes(d)
+    nodes.insert(1, {"name": "built", "op": "call_function", "target": {"namedtuple": ["Fake", ["register_forward_hook"]]},
+                     "args": {"tuple": [1]}, "kwargs": {"dict": []}})
+    nodes.insert(2, {"name": "conv_module", "op": "get_attr", "target": "conv", "args": {"tuple": []},
+                     "kwargs": {"dict": []}})
+    nodes.insert(3, {"name": "hook", "op": "call_function", "target": {"function": "builtins.getattr"},
+                     "args": {"tuple": [{"node": "conv_module"}, "register_forward_hook"]}, "kwargs": {"dict": []}})
+
+
 def _cases(marker):
     code = _code(marker)
     functions = ["builtins.exec", "builtins.eval", "builtins.__import__", "os.system", "subprocess.run", "torch.load",
@@ -192,6 +202,8 @@ def _cases(marker):
         "method untyped_storage": _method("untyped_storage", []),
         "getattr __class__": _call({"function": "builtins.getattr"}, {"tuple": [{"node": "x"}, "__class__"]}),
         "getattr grad_fn": _call({"function": "builtins.getattr"}, {"tuple": [{"node": "x"}, "grad_fn"]}),
+        # a field of a named tuple built elsewhere in the graph, read from a module: its bound method
+        "getattr a module's method through a forged field": _module_method_through_a_field,
         "a function as an argument": _call({"function": "torch.relu"}, {"tuple": [{"function": "builtins.exec"}]}),
         "a constant that is no dtype": _call({"function": "torch.relu"}, {"tuple": [{"constant": "builtins.open"}]}),
         "node name": lambda d: _first(d, "call_module").update(name=f"x = {code}; y"),
@@ -302,6 +314,25 @@ def test_a_shape_condition_that_would_exhaust_memory_is_refused(export_file, tmp
 
 
 # --- what needs trust, said plainly ------------------------------------------------------------------------
+
+class TopValues(TinyNet):
+    """Reads the fields of torch's named results (``max(...).values``, ``topk(...).indices``)."""
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.conv(x))).flatten(2)
+        pooled = x.max(dim=2).values + torch.max(x, 2).values + x.topk(2, dim=2).values.mean(2)
+        return self.head(pooled) + x.sort(dim=2).indices.float().mean()
+
+
+def test_the_fields_of_torch_named_results_are_data(tmp_path):
+    torch.manual_seed(0)
+    ex = gs.convert(randomise_batchnorm(TopValues()).eval(), layer="conv")
+    path = str(tmp_path / "top.gsx")
+    ex.save(path)
+    assert saved.read_header(path)["needs_trust"] == []
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.equal(gs.load(path).explain(x, [0, 1]).gradient, ex.explain(x, [0, 1]).gradient)
+
 
 def test_a_custom_leaf_module_needs_trust_and_is_named(tmp_path):
     torch.manual_seed(0)
