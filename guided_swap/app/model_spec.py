@@ -12,8 +12,10 @@ preprocessing.
   file, so it is loaded only with ``--trust-weights`` (``trust=True`` here), and when its class can be imported.
 
 A state dict is read with ``torch.load(weights_only=True)``, which rebuilds tensors and plain containers and
-nothing else. A file that ``weights_only`` refuses (it holds other Python objects) is never retried unsafely on
-its own: it is refused with a message, unless ``--trust-weights`` says the file is trusted.
+nothing else; the plain-data classes training scripts save beside the weights (``argparse.Namespace``, numpy
+scalars) are added to what it rebuilds, their contents still checked the same way. A file that ``weights_only``
+refuses (it holds other Python objects) is never retried unsafely on its own: it is refused with a message,
+unless ``--trust-weights`` says the file is trusted.
 
 Everything that can be checked without building the model (an unknown name, a missing file) is checked by
 :func:`check`, so a usage error comes before the model is loaded.
@@ -237,15 +239,54 @@ def read_checkpoint(path: str, say: Callable[[str], None] = _stderr, trust: bool
 
         return load_file(path)
     try:
-        content = torch.load(path, map_location="cpu", weights_only=True)
+        with _data_classes():
+            content = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:  # weights_only refused a class: a whole model, or other objects
         if not trust:
             raise CommandError(_refused_message(path, error)) from None
         content = _read_pickled(path, say)
     except (RuntimeError, EOFError, OSError) as error:
+        if _is_saved_explainer(path):
+            raise CommandError(f"{path!r} is a saved guided_swap explainer (ex.save), not a checkpoint: open it with "
+                               "gs.load(path) in Python; --weights takes a state dict or a .safetensors file") from None
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise CommandError(f"cannot read {path!r} as a PyTorch checkpoint: {reason}") from None
     return _unwrap(content, path)
+
+
+def _is_saved_explainer(path: str) -> bool:
+    import zipfile
+
+    from ..run.saved import HEADER
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return HEADER in archive.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def _data_classes():
+    """``torch.load(weights_only=True)`` also taking the plain-data classes training scripts save beside the
+    weights: the run's ``argparse.Namespace`` (torchvision's reference scripts, timm) and numpy scalars and dtypes
+    (metrics). Their contents still go through the same restricted unpickler; nothing else is added."""
+    import argparse
+    import contextlib
+
+    safe = getattr(torch.serialization, "safe_globals", None)
+    if safe is None:  # an older torch: its own weights_only list only
+        return contextlib.nullcontext()
+    classes = [argparse.Namespace]
+    try:
+        import numpy as np
+
+        multiarray = getattr(np, "_core", None) or np.core
+        classes += [multiarray.multiarray.scalar, np.dtype]
+        dtypes = vars(getattr(np, "dtypes", object)).values()
+        classes += [c for c in dtypes if isinstance(c, type) and issubclass(c, np.dtype)]
+    except (ImportError, AttributeError):
+        pass
+    return safe(classes)
 
 
 def _refused_message(path: str, error: Exception) -> str:

@@ -9,10 +9,13 @@ The tables:
 
 - functions (``call_function`` targets): torch's native tensor ops (``torch.cat``: the C functions of
   ``torch._C._VariableFunctions``) and the Python ones of ``torch.functional`` (``torch.split``), the
-  ``torch.sym_*`` helpers, ``torch._assert`` and fx's ``_assert_is_none``; the functions of ``torch.nn.functional``; ``aten`` op overloads
+  ``torch.sym_*`` helpers and ``torch._assert``; the functions of ``torch.nn.functional``; ``aten`` op overloads
   (``aten.conv2d.default``, torch.export's graphs); a fixed set of ``operator`` functions; ``math``;
-  ``getattr`` (its attribute checked: :func:`attribute_allowed`); guided_swap's own graph functions. Taken out:
-  the ops that read or map files or rebind storage (``from_file``, ``set_``).
+  ``getattr`` (its attribute checked: :func:`attribute_allowed`); the functions of torch and torchvision that
+  ``torch.fx.wrap`` keeps whole (torchvision's Swin attention, ``roi_align``; torch.fx's ``_assert_is_none``);
+  guided_swap's own graph functions. Taken out:
+  the ops that read or map files, rebind storage or print (``from_file``, ``set_``, ``_print``). An aten name must
+  resolve to an op or op overload (``aten.add.Tensor``), never to another attribute of the namespace.
 - methods (``call_method`` targets, called on a graph value): the public methods of ``torch.Tensor`` except those
   that call a Python callable, add hooks, touch storage or shared memory, leave torch (``numpy``, ``tolist``) or
   resolve a type by name (``type``).
@@ -44,7 +47,7 @@ from ..capture.graph.export_trace import check_input_shape
 from ..capture.graph.trace import default_leaf_modules
 from ..core.errors import LoadError
 
-_DENIED_OPS = frozenset({"from_file", "set_", "set", "set_data"})
+_DENIED_OPS = frozenset({"from_file", "set_", "set", "set_data", "_print"})
 _DENIED_METHODS = frozenset({
     "apply_", "map_", "map2_", "backward", "register_hook", "register_post_accumulate_grad_hook", "retain_grad",
     "set_", "share_memory_", "storage", "untyped_storage", "storage_type", "numpy", "tolist", "module_load",
@@ -74,8 +77,6 @@ def _functions() -> Dict[str, Callable]:
             table[f"torch.{name}"] = getattr(torch, name)
     extra = list(torch.functional.__all__) + [n for n in dir(torch) if n.startswith("sym_")] + ["_assert"]
     table.update({f"torch.{name}": getattr(torch, name) for name in extra if callable(getattr(torch, name, None))})
-    # fx's check that an argument traced as None is given as None (forward(x, mask=None) called with x alone)
-    table["torch.fx._symbolic_trace._assert_is_none"] = torch.fx._symbolic_trace._assert_is_none
     for name in dir(torch.nn.functional):
         value = getattr(torch.nn.functional, name)
         if _is_functional(name, value):
@@ -84,8 +85,25 @@ def _functions() -> Dict[str, Callable]:
     table.update({f"math.{name}": getattr(math, name) for name in dir(math)
                   if not name.startswith("_") and callable(getattr(math, name))})
     table["builtins.getattr"] = getattr
+    table.update(_fx_leaf_functions())
     table.update(_OWN)
     return table
+
+
+def _fx_leaf_functions() -> Dict[str, Callable]:
+    """The functions of torch and torchvision that ``torch.fx.wrap`` keeps whole in a traced graph (torch.fx's
+    ``_assert_is_none``, which timm's ViTs call; torchvision's Swin attention and padding, ``roi_align``,
+    ``stochastic_depth``, ...), by module and name. Other libraries' wrapped functions are not among them."""
+    from torch.fx import _symbolic_trace
+
+    registered = getattr(_symbolic_trace, "_wrapped_fns_to_patch", {})
+    pairs = registered.items() if isinstance(registered, dict) else ((None, p) for p in registered)
+    found = [_symbolic_trace._assert_is_none]
+    for key, value in pairs:  # (id of globals, name) -> globals; older torch: a list of (globals, name)
+        namespace, name = (value, key[1]) if isinstance(value, dict) else value
+        found.append(namespace.get(name) if isinstance(namespace, dict) else None)
+    return {f"{fn.__module__}.{fn.__qualname__}": fn for fn in found
+            if inspect.isfunction(fn) and str(fn.__module__).split(".")[0] in ("torch", "torchvision")}
 
 
 def _is_functional(name: str, value: Any) -> bool:
@@ -139,10 +157,13 @@ def _aten(name: str) -> Any:
         raise LoadError(f"the file calls {name!r}, which is not an aten op a saved explainer may call")
     try:
         found = getattr(torch.ops.aten, parts[1])
-        return getattr(found, parts[2]) if len(parts) == 3 else found
+        found = getattr(found, parts[2]) if len(parts) == 3 else found
     except (AttributeError, RuntimeError):
         raise LoadError(f"the file calls {name!r}, which this torch ({torch.__version__}) does not have; convert "
                         "the model again with this torch") from None
+    if not isinstance(found, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)) or _aten_name(found) != name:
+        raise LoadError(f"the file calls {name!r}, which names an attribute of the aten namespace, not one of its ops")
+    return found
 
 
 # --- methods and attributes --------------------------------------------------------------------------------
@@ -164,8 +185,28 @@ def method_allowed(name: Any, args: Sequence[Any]) -> bool:
 
 def attribute_allowed(name: Any, fields: Sequence[str] = ()) -> bool:
     """Whether ``getattr(value, name)`` may be read: a tensor's data attributes (``shape``, ``dtype``, ...) or a
-    field of a named tuple the graph itself builds (``fields``)."""
+    field of the named result ``value`` is (``fields``: :func:`result_fields`)."""
     return isinstance(name, str) and (name in _tensor_members()[1] or (name in fields and not name.startswith("_")))
+
+
+def result_fields(node: Any) -> Sequence[str]:
+    """The fields of the named tuple a graph node gives: a named tuple the graph builds, or torch's named result
+    of an op (``max(...).values``, ``topk(...).indices``: ``torch.return_types``); none for anything else, so
+    that a field name never reads another object's attribute (a module's method, say)."""
+    op, target = getattr(node, "op", None), getattr(node, "target", None)
+    if op == "call_function" and isinstance(target, type) and hasattr(target, "_fields"):
+        return tuple(target._fields)
+    if op == "call_method" and isinstance(target, str):
+        return _return_fields(target)
+    name = function_name(target) if op == "call_function" else None
+    if name is None or not name.startswith(("torch.", "aten.")) or name.startswith("torch.nn."):
+        return ()
+    return _return_fields(name.split(".")[1])
+
+
+def _return_fields(op_name: str) -> Sequence[str]:
+    result = getattr(torch.return_types, op_name, None)
+    return tuple(getattr(result, "__match_args__", ())) if isinstance(result, type) else ()
 
 
 # --- module classes --------------------------------------------------------------------------------------

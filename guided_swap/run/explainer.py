@@ -378,7 +378,7 @@ def load(path: str, map_location=None, *, trust: bool = False) -> Explainer:
                                                      map_location))
     except LoadError as error:
         raise LoadError(f"{path!r}: {error}") from None
-    except (KeyError, IndexError, TypeError, ValueError, AttributeError, RecursionError) as error:
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError, RecursionError, RuntimeError) as error:
         raise LoadError(f"{path!r} is damaged or edited: its description does not rebuild an explainer "
                         f"({type(error).__name__}: {error})") from None
     _check_header(path, contents.header, explainer)

@@ -90,6 +90,10 @@ def rebuild(description: Any, raw: Dict[str, Any], pickled: Optional[Dict[str, A
     needs = description["pickled"]
     if not isinstance(needs, dict) or not isinstance(description["tensors"], dict):
         raise LoadError("the file's tensor or pickled table is not a table: it is damaged or edited")
+    extra = sorted(set(raw) - set(description["tensors"]))
+    if extra:
+        raise LoadError(f"the file holds tensors its description does not name: {', '.join(extra[:3])}: it is "
+                        "damaged or edited")
     unpacker = Unpacker(description["tensors"], raw, pickled, None, map_location, needs)
     ModuleReader(description["modules"], unpacker)
     unpacker.rule = rule_from(description["rule"], unpacker)

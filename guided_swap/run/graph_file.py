@@ -9,10 +9,12 @@ to the file's tensors and modules (:mod:`guided_swap.run.module_file`); argument
 
 Rebuilding checks every name before torch.fx sees it: node names and placeholder targets are identifiers, paths
 are dotted identifiers or indices, keyword names are identifiers, targets are allowed, ``getattr`` reads only a
-tensor's data attributes or the fields of a named tuple the graph builds, and the export path's shape conditions
-are arithmetic on the input's sizes only (:mod:`guided_swap.capture.graph.guards`). torch.fx then generates the
-forward's code from that checked graph, as it does for every converted model; nothing from the file is executed
-or imported. A graph that uses anything else raises :class:`~guided_swap.run.file_values.NotData` when written,
+tensor's data attributes or a field of the named result it reads (a named tuple the graph builds, torch's
+``max(...).values``), the export path's shape conditions are arithmetic on the input's sizes only
+(:mod:`guided_swap.capture.graph.guards`), and no named tuple stands where torch.fx writes a value with ``repr()``
+(in a dict, a set or another named tuple: its repr would be a call of the name the file gives it,
+:func:`written_as_data`). torch.fx then generates the forward's code from that checked graph, as it does for every
+converted model; nothing from the file is executed or imported. A graph that uses anything else raises :class:`~guided_swap.run.file_values.NotData` when written,
 and the caller pickles it instead (it then loads only with ``trust=True``).
 
 >>> import torch
@@ -30,7 +32,7 @@ and the caller pickles it instead (it then loads only with ``trust=True``).
 True
 """
 import keyword
-from typing import Any, Dict, Sequence, Tuple
+from typing import Any, Dict
 
 import torch
 from torch import Tensor, fx, nn
@@ -71,6 +73,8 @@ def _node_data(node: fx.Node, packer: Packer) -> Dict[str, Any]:
     def name(n: fx.Node) -> str:
         return n.name
 
+    if not written_as_data(node.args, node.kwargs):
+        raise NotData(f"node {node.name} has a named tuple where torch.fx writes its repr")
     data = {"name": node.name, "op": node.op, "target": _target_data(node),
             "args": pack(node.args, packer, name), "kwargs": pack(dict(node.kwargs), packer, name)}
     if isinstance(node.meta.get("qualname"), str):
@@ -89,16 +93,10 @@ def _target_data(node: fx.Node) -> Any:
     name = allowed.function_name(target)
     if name is None:
         raise NotData(f"the graph calls {getattr(target, '__module__', '?')}.{getattr(target, '__qualname__', target)}")
-    if target is getattr and not allowed.attribute_allowed(node.args[1] if len(node.args) > 1 else None,
-                                                           _fields(node.graph)):
+    if target is getattr and not (len(node.args) == 2 and allowed.attribute_allowed(
+            node.args[1], allowed.result_fields(node.args[0]))):
         raise NotData(f"the graph reads the attribute {node.args[1:2]}")
     return {"function": name}
-
-
-def _fields(graph: fx.Graph) -> Tuple[str, ...]:
-    """The fields of the named tuples a graph builds (``getattr`` may read them)."""
-    return tuple(field for node in graph.nodes if node.op == "call_function" and isinstance(node.target, type)
-                 and hasattr(node.target, "_fields") for field in node.target._fields)
 
 
 def _attribute_data(gm: fx.GraphModule, target: str, packer: Packer) -> Dict[str, str]:
@@ -121,15 +119,14 @@ def unpack_graph(data: Dict[str, Any], unpacker: Unpacker) -> fx.GraphModule:
     root = {target: _attribute(target, ref, unpacker) for target, ref in _items(data.get("attributes"))}
     graph = fx.Graph(tracer_cls=TRACERS[data["tracer"]])
     nodes: Dict[str, fx.Node] = {}
-    fields = _built_fields(data.get("nodes"))
-    for node_data in data["nodes"]:
-        _add_node(graph, node_data, nodes, root, fields, unpacker)
+    for node_data in _node_list(data.get("nodes")):
+        _add_node(graph, node_data, nodes, root, unpacker)
     if not graph.nodes or next(iter(reversed(graph.nodes))).op != "output":
         raise LoadError("the file's graph does not end with its output: it is damaged or edited")
     try:
         graph.lint()
         return fx.GraphModule(root, graph, class_name=data["class_name"])
-    except (RuntimeError, ValueError, AttributeError, TypeError) as error:
+    except (RuntimeError, ValueError, AttributeError, TypeError, SyntaxError, NameError) as error:
         raise LoadError(f"the file's graph is not a valid graph ({error}): it is damaged or edited") from None
 
 
@@ -150,16 +147,14 @@ def _attribute(target: Any, ref: Any, unpacker: Unpacker) -> Any:
     raise LoadError(f"the file's graph binds {target!r} to {str(ref)[:80]}: it is damaged or edited")
 
 
-def _built_fields(nodes: Any) -> Tuple[str, ...]:
+def _node_list(nodes: Any) -> list:
     if type(nodes) is not list or not all(isinstance(n, dict) for n in nodes):
         raise LoadError("the file's graph has no node list: it is damaged or edited")
-    specs = [n["target"]["namedtuple"] for n in nodes if isinstance(n.get("target"), dict)
-             and "namedtuple" in n["target"] and type(n["target"]["namedtuple"]) is list]
-    return tuple(f for spec in specs if len(spec) == 2 and type(spec[1]) is list for f in spec[1] if isinstance(f, str))
+    return nodes
 
 
 def _add_node(graph: fx.Graph, data: Dict[str, Any], nodes: Dict[str, fx.Node], root: Dict[str, Any],
-              fields: Sequence[str], unpacker: Unpacker) -> None:
+              unpacker: Unpacker) -> None:
     name, op = data.get("name"), data.get("op")
     if not _is_name(name) or name in nodes or op not in OPS:
         raise LoadError(f"the file's graph has a node {str(name)[:40]!r} of kind {str(op)[:40]!r}: it is damaged or "
@@ -175,15 +170,20 @@ def _add_node(graph: fx.Graph, data: Dict[str, Any], nodes: Dict[str, fx.Node], 
     kwargs = unpack(data.get("kwargs"), unpacker, node)
     if type(args) is not tuple or type(kwargs) is not dict or not all(_is_name(k) for k in kwargs):
         raise LoadError(f"node {name} has arguments that are not a tuple and named keywords: the file is edited")
-    target = _target(op, data.get("target"), args, kwargs, root, fields, name)
+    if not written_as_data(args, kwargs):
+        raise LoadError(f"node {name} has a named tuple inside a dict, a set or another named tuple, where torch.fx "
+                        "would write it into the forward's code as a call of its name (which the file chooses): the "
+                        "file is edited")
+    target = _target(op, data.get("target"), args, kwargs, root, name)
+    if op == "placeholder" and (target == "self" or any(n.op == op and n.target == target for n in nodes.values())):
+        raise LoadError(f"the file's graph takes an input {target!r} that is 'self' or named twice: it is damaged or edited")
     created = graph.create_node(op, target, args, kwargs, name=name)
     if isinstance(data.get("qualname"), str):
         created.meta["qualname"] = data["qualname"]
     nodes[name] = created
 
 
-def _target(op: str, target: Any, args: tuple, kwargs: dict, root: Dict[str, Any], fields: Sequence[str],
-            name: str) -> Any:
+def _target(op: str, target: Any, args: tuple, kwargs: dict, root: Dict[str, Any], name: str) -> Any:
     if op == "placeholder" and _is_name(target):
         return target
     if op == "output" and target == "output":
@@ -195,21 +195,49 @@ def _target(op: str, target: Any, args: tuple, kwargs: dict, root: Dict[str, Any
     if op == "call_method" and allowed.method_allowed(target, args[1:]) and args and isinstance(args[0], fx.Node):
         return target
     if op == "call_function" and isinstance(target, dict) and len(target) == 1:
-        return _function(target, args, kwargs, fields, name)
+        return _function(target, args, kwargs, name)
     raise LoadError(f"node {name} ({op}) has the target {str(target)[:80]!r}, which a saved explainer may not use "
                     "there: the file is damaged or edited")
 
 
-def _function(target: Dict[str, Any], args: tuple, kwargs: dict, fields: Sequence[str], name: str) -> Any:
+def _function(target: Dict[str, Any], args: tuple, kwargs: dict, name: str) -> Any:
     if "namedtuple" in target and type(target["namedtuple"]) is list and len(target["namedtuple"]) == 2:
         return named_tuple(*target["namedtuple"])
     function = allowed.function(target.get("function"))
-    if function is getattr and not (len(args) == 2 and allowed.attribute_allowed(args[1], fields)):
+    if function is getattr and not (len(args) == 2 and allowed.attribute_allowed(args[1], allowed.result_fields(args[0]))):
         raise LoadError(f"node {name} reads the attribute {args[1:]!r}, which a saved explainer may not read")
     if function is check_input_shape and not (len(args) == 1 and _size_conditions(kwargs.get("guards", ()))):
         raise LoadError(f"node {name} checks the input with conditions that are not arithmetic on its sizes; the "
                         "file is edited")
     return function
+
+
+_LITERALS = (type(None), bool, int, float, complex, str, type(Ellipsis), torch.dtype, torch.memory_format,
+             torch.layout, torch.device, Tensor, fx.Node)
+
+
+def written_as_data(args: tuple, kwargs: dict) -> bool:
+    """Whether torch.fx writes these arguments into the forward's code as the values they are.
+
+    torch.fx writes tuples, lists and slices item by item, a named tuple as a global bound to its class, and
+    anything else with ``repr()``: a dict, a set, and a named tuple's items. A named tuple's repr is a call of its
+    name (``open(file='x', mode='w')``), so one may not stand where repr writes it, or the forward would call
+    whatever that name means in its code (a placeholder's default even runs as the forward is defined)."""
+    return _as_data(args, False) and all(_as_data(value, False) for value in kwargs.values())
+
+
+def _as_data(value: Any, by_repr: bool) -> bool:
+    if isinstance(value, tuple) and hasattr(type(value), "_fields"):
+        return not by_repr and all(_as_data(item, True) for item in value)
+    if isinstance(value, (tuple, list)):
+        return all(_as_data(item, by_repr) for item in value)
+    if isinstance(value, slice):
+        return all(_as_data(item, by_repr) for item in (value.start, value.stop, value.step))
+    if isinstance(value, dict):
+        return all(_as_data(key, True) and _as_data(item, True) for key, item in value.items())
+    if isinstance(value, (set, frozenset)):
+        return all(_as_data(item, True) for item in value)
+    return isinstance(value, _LITERALS)
 
 
 def _size_conditions(guards: Any) -> bool:

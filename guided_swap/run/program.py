@@ -2,7 +2,9 @@
 
 ``make_fx`` traces a whole :meth:`Explainer.explain` (weights passed in through ``functional_call``), which
 runs the custom backward while tracing and records it as plain aten ops; ``torch.export`` then makes that
-graph a portable ``.pt2`` with a dynamic batch dimension. Loading it needs torch only:
+graph a portable ``.pt2`` with a dynamic batch dimension. Loading it needs torch only, and trusts the file
+completely: ``torch.export.load`` unpickles its weights and constants, which can run any code, so open only
+programs you made or trust (a saved ``.gsx`` loads without running code from the file):
 
 >>> import torch, torchvision, guided_swap as gs, tempfile, os
 >>> ex = gs.convert(torchvision.models.resnet18().eval(), layer="layer4")

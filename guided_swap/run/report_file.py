@@ -59,12 +59,27 @@ def rule_from(data: Any, unpacker: Unpacker) -> Rule:
     try:
         rule = unpacker.pickled(data["pickled"])
     except LoadError as error:
-        raise LoadError(f"the file's rule {name!r} ({path}) is not a built-in rule. Register it in this process "
-                        f"before loading (gs.register_rule({path.rsplit('.', 1)[-1]}())) and no code from the file "
-                        f"runs; or: {error}") from None
+        raise LoadError(f"the file's rule {name!r} ({path}) is not a built-in rule. {_how_to_register(data, registered)}"
+                        f" and no code from the file runs; or: {error}") from None
     if not isinstance(rule, Rule):
         raise LoadError(f"the file's rule is a {type(rule).__name__}, not a guided_swap Rule")
     return rule
+
+
+def _how_to_register(data: Dict[str, Any], registered: Any) -> str:
+    """What to register for a user's rule to be taken from this process instead of the file."""
+    call = f"gs.register_rule({str(data.get('class')).rsplit('.', 1)[-1]}(...)"
+    if registered is None:
+        return f"Register it in this process before loading ({call}))"
+    if _class_path(registered) != data.get("class"):
+        return (f"The rule registered here under that name is a {_class_path(registered)}: register the file's "
+                f"class instead ({call}, replace=True))")
+    try:
+        saved = unpack(data.get("state"), Unpacker({}, {}, None, None))
+    except LoadError:
+        saved = str(data.get("state"))[:80]
+    return (f"The rule registered here under that name has other attributes ({vars(registered)}) than the file's "
+            f"({saved}): register one equal to the file's ({call}, replace=True))")
 
 
 def _state(rule: Rule) -> Any:

@@ -46,6 +46,7 @@ FORMAT_VERSION = 4  # 4: data (JSON + safetensors), pickle only for what needs t
 LEGACY_VERSION = 3
 HEADER, DESCRIPTION, TENSORS, PICKLED = "guided_swap.json", "explainer.json", "tensors.safetensors", "pickled.pt"
 LEGACY_PAYLOAD = "explainer.pt"
+MAX_HEADER_BYTES = 16 << 20  # a header is a few kB; its declared size is checked before it is read
 
 
 class Contents(NamedTuple):
@@ -90,16 +91,34 @@ def read_header(path: str) -> dict:
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
             if HEADER not in names:
-                kind = "a torch.export program: load it with torch.export.load" if any(
-                    n.endswith(".json") or "/data/" in n for n in names) else "not a guided_swap explainer"
-                raise LoadError(f"{path!r} is {kind} (no {HEADER} inside)")
-            header = json.loads(archive.read(HEADER))
-    except zipfile.BadZipFile as error:
+                raise LoadError(_foreign(path, names))
+            header = json.loads(_read_header_part(path, archive))
+    except (zipfile.BadZipFile, EOFError, NotImplementedError) as error:
         raise LoadError(f"{path!r} is truncated, corrupt, or not a guided_swap explainer file ({error})") from None
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
         raise LoadError(f"{path!r} has a damaged header ({error})") from None
     _check_compatible(path, header)
     return header
+
+
+def _read_header_part(path: str, archive: zipfile.ZipFile) -> bytes:
+    size = archive.getinfo(HEADER).file_size
+    if size > MAX_HEADER_BYTES:
+        raise LoadError(f"{path!r}: its header is {size / 2 ** 20:.0f} MB (guided_swap writes a few kB): the file "
+                        "is edited")
+    return archive.read(HEADER)
+
+
+def _foreign(path: str, names) -> str:
+    """What a zip without a guided_swap header is, and what opening it would take."""
+    if any(name.endswith("/archive_format") or name.endswith("/models/model.json") for name in names):
+        return (f"{path!r} is a torch.export program (.pt2), not a saved explainer: torch.export.load opens it, and "
+                "that unpickles parts of it, so it trusts the file completely (only for files you trust)")
+    if any(name.endswith("data.pkl") for name in names):
+        return (f"{path!r} is a PyTorch checkpoint (torch.save), not a saved explainer: gs.load reads files written "
+                "by Explainer.save; to explain a model from a state dict, build the model, load the state dict "
+                "with torch.load(path, weights_only=True) and convert it")
+    return f"{path!r} is not a guided_swap explainer (no {HEADER} inside)"
 
 
 def _check_compatible(path: str, header: Any) -> None:
@@ -143,8 +162,12 @@ def read(path: str, trust: bool = False, map_location: Any = None) -> Contents:
 
 
 def _check_parts(path: str, archive: zipfile.ZipFile, checksums: Dict[str, Any]) -> None:
-    """Each part must be the one the header was written with (its CRC-32; zipfile checks the bytes against it)."""
+    """Each part must be the one the header was written with (its CRC-32; zipfile checks the bytes against it),
+    stored as guided_swap writes it: a compressed part could inflate to any size (a zip bomb)."""
     for name, checksum in checksums.items():
+        if archive.getinfo(name).compress_type != zipfile.ZIP_STORED:
+            raise LoadError(f"{name} is compressed, which guided_swap never writes: the file was edited or repacked "
+                            "after saving; save or convert it again")
         if archive.getinfo(name).CRC != checksum:
             raise LoadError(f"{name} is not the part its header was written with (CRC-32 differs), so the file "
                             "was damaged or edited after saving; save or convert it again")

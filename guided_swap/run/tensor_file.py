@@ -5,7 +5,8 @@ Writing uses ``safetensors.torch.save`` (tensors on the CPU, contiguous, one sto
 safetensors layout itself (an 8-byte length, a JSON table of ``dtype``, ``shape`` and ``data_offsets``, then the
 bytes with no gaps) and reads each tensor's bytes from the file into a tensor allocated for it: one copy, no
 unpickling, and the member's CRC-32 checked on the way. Every entry is checked (known dtype, sizes that match
-its byte range, ranges in order and inside the part), so a damaged or edited part raises :class:`LoadError`.
+its byte range, ranges in order and inside the part, the part inside the file) before anything is allocated, so a
+damaged or edited part raises :class:`LoadError` and a size the file does not hold is never allocated.
 
 >>> import io, zipfile, torch
 >>> data = tensor_bytes({"w": torch.arange(6.).view(2, 3), "b": torch.tensor([True, False])})
@@ -18,6 +19,7 @@ its byte range, ranges in order and inside the part), so a damaged or edited par
 (tensor([[0., 1., 2.],
         [3., 4., 5.]]), tensor([ True, False]))
 """
+import io
 import json
 import math
 import struct
@@ -54,8 +56,12 @@ def read_tensors(stream: IO[bytes], info: zipfile.ZipInfo) -> Dict[str, torch.Te
     """The tensors of the zip member ``info`` of the opened file ``stream``; :class:`LoadError` when damaged."""
     if info.compress_type != zipfile.ZIP_STORED or info.file_size != info.compress_size:
         raise LoadError("the tensors part is compressed, which guided_swap never writes: the file is edited")
-    stream.seek(_data_start(stream, info))
-    size = info.file_size
+    start, size = _data_start(stream, info), info.file_size
+    end = stream.seek(0, io.SEEK_END)
+    if start + size > end:  # checked before any tensor is allocated: a declared size is not believed
+        raise LoadError(f"the tensors part says it holds {size} bytes, which reach {start + size - end} bytes past "
+                        "the end of the file: it is truncated or edited")
+    stream.seek(start)
     if size < 8:
         raise LoadError("the tensors part is truncated")
     head = _read(stream, 8)

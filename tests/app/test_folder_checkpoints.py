@@ -1,9 +1,11 @@
 """--model/--weights: checkpoint formats, whole pickled models (only with --trust-weights), hostile pickles,
 mismatches and unknown names, early and in one line."""
+import argparse
 import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -37,7 +39,14 @@ def same_weights(a: nn.Module, b: nn.Module) -> bool:
     lambda sd: {"_orig_mod." + k: v for k, v in sd.items()},               # torch.compile
     lambda sd: {"model": sd, "epoch": 3},
     lambda sd: {"state_dict": {"module." + k: v for k, v in sd.items()}, "optimizer": {"lr": 0.1}},
-], ids=["plain", "module-prefix", "compile-prefix", "model-wrapper", "state_dict-wrapper-and-prefix"])
+    # torchvision's reference scripts: the run's argparse.Namespace beside the weights
+    lambda sd: {"model": sd, "optimizer": {"state": {}, "param_groups": [{"lr": 0.1, "params": [0]}]},
+                "lr_scheduler": {"last_epoch": 3}, "epoch": 3, "args": argparse.Namespace(lr=0.1, model="demo")},
+    # timm's CheckpointSaver: arch, version, args, a metric (here a numpy scalar, as numpy metrics give)
+    lambda sd: {"state_dict": sd, "arch": "demo", "epoch": 3, "version": 2, "args": argparse.Namespace(lr=0.1),
+                "metric": np.float64(0.5), "best": np.int64(3), "state_dict_ema": sd},
+], ids=["plain", "module-prefix", "compile-prefix", "model-wrapper", "state_dict-wrapper-and-prefix",
+        "torchvision-reference", "timm-saver"])
 def test_checkpoint_formats_load(tmp_path, wrap):
     model, path = trained(), str(tmp_path / "w.pt")
     torch.save(wrap(model.state_dict()), path)
@@ -97,6 +106,15 @@ def test_a_hostile_checkpoint_is_never_unpickled_without_trust_weights(tmp_path)
     assert marker_written(marker) and "--trust-weights was given" in said[0]  # the payload is live
 
 
+def test_a_hostile_object_inside_an_allowed_container_is_still_refused(tmp_path):
+    marker = str(tmp_path / "marker")
+    path = str(tmp_path / "hostile.pt")
+    torch.save({"state_dict": trained().state_dict(), "args": argparse.Namespace(note=WritesMarker(marker))}, path)
+    with pytest.raises(CommandError, match="holds pickled Python objects besides tensors .*--trust-weights"):
+        build(check(FACTORY, path), say=lambda m: None)
+    assert not marker_written(marker)
+
+
 def test_cli_refuses_a_hostile_whole_model_without_trust_weights(tmp_path):
     marker = tmp_path / "marker"
     path = tmp_path / "hostile.pt"
@@ -111,6 +129,31 @@ def test_cli_refuses_a_hostile_whole_model_without_trust_weights(tmp_path):
                                str(path), "--out", str(tmp_path / "out")], capture_output=True, text=True)
         assert done.returncode == 2 and "--trust-weights" in done.stderr, done.stderr
         assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", [["layers"], ["layers", FACTORY], ["export", "--shape", "1,3,32,32"],
+                                     ["export", "--model", FACTORY, "--shape", "1,3,32,32"]],
+                         ids=["layers", "layers-model", "export", "export-model"])
+@pytest.mark.parametrize("content", ["whole", "state_dict"])
+def test_layers_and_export_refuse_a_hostile_weights_file_without_trust_weights(tmp_path, capsys, command, content):
+    from guided_swap.app.cli import main
+
+    marker = str(tmp_path / "marker")
+    path = str(tmp_path / "hostile.pt")
+    hostile = WritesMarker(marker)
+    torch.save(hostile if content == "whole" else {"state_dict": trained().state_dict(), "x": hostile}, path)
+    out = ["--out", str(tmp_path / "o.pt2")] if command[0] == "export" else []
+    assert main(command + ["--weights", path] + out) == 2 and "--trust-weights" in capsys.readouterr().err
+    assert not marker_written(marker) and not (tmp_path / "o.pt2").exists()
+
+
+def test_a_saved_explainer_given_as_weights_is_named(tmp_path):
+    import guided_swap as gs
+
+    path = str(tmp_path / "explainer.pt")  # a .gsx under another name
+    gs.convert(trained(), layer="conv1").save(path)
+    with pytest.raises(CommandError, match="is a saved guided_swap explainer .*gs.load"):
+        build(check(FACTORY, path), say=lambda m: None)
 
 
 def test_a_mismatch_names_the_first_missing_unexpected_and_misshapen_keys(tmp_path):

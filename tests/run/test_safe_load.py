@@ -176,11 +176,23 @@ def _module_key(d, cls):
     return next(k for k, m in d["modules"].items() if m.get("class", "").endswith(cls))
 
 
+def _module_method_through_a_field(d):
+    nodes = _nodes(d)
+    nodes.insert(1, {"name": "built", "op": "call_function", "target": {"namedtuple": ["Fake", ["register_forward_hook"]]},
+                     "args": {"tuple": [1]}, "kwargs": {"dict": []}})
+    nodes.insert(2, {"name": "conv_module", "op": "get_attr", "target": "conv", "args": {"tuple": []},
+                     "kwargs": {"dict": []}})
+    nodes.insert(3, {"name": "hook", "op": "call_function", "target": {"function": "builtins.getattr"},
+                     "args": {"tuple": [{"node": "conv_module"}, "register_forward_hook"]}, "kwargs": {"dict": []}})
+
+
 def _cases(marker):
     code = _code(marker)
     functions = ["builtins.exec", "builtins.eval", "builtins.__import__", "os.system", "subprocess.run", "torch.load",
                  "torch.from_file", "aten.from_file", "torch.hub.load", "importlib.import_module", "torch.ops.load_library",
-                 "aten.__class__", "operator.call", "operator.methodcaller"]
+                 "aten.__class__", "operator.call", "operator.methodcaller",
+                 # attributes of the aten namespace and its ops that are no op, and the op that prints
+                 "aten.add.overloads", "aten.add._op", "aten.name.upper", "aten._dir.clear", "aten._print.default"]
     cases = {f"call {name}": _call({"function": name}, {"tuple": [code]}) for name in functions}
     cases.update({
         "method __reduce_ex__": _method("__reduce_ex__", [2]),
@@ -190,6 +202,8 @@ def _cases(marker):
         "method untyped_storage": _method("untyped_storage", []),
         "getattr __class__": _call({"function": "builtins.getattr"}, {"tuple": [{"node": "x"}, "__class__"]}),
         "getattr grad_fn": _call({"function": "builtins.getattr"}, {"tuple": [{"node": "x"}, "grad_fn"]}),
+        # a field of a named tuple built elsewhere in the graph, read from a module: its bound method
+        "getattr a module's method through a forged field": _module_method_through_a_field,
         "a function as an argument": _call({"function": "torch.relu"}, {"tuple": [{"function": "builtins.exec"}]}),
         "a constant that is no dtype": _call({"function": "torch.relu"}, {"tuple": [{"constant": "builtins.open"}]}),
         "node name": lambda d: _first(d, "call_module").update(name=f"x = {code}; y"),
@@ -226,6 +240,44 @@ def test_an_edited_description_cannot_run_code(fx_file, tmp_path, marker, case):
     assert not marker_written(marker)
 
 
+# torch.fx writes an argument into the forward's code with repr() inside a dict, a set or a named tuple's items,
+# and a named tuple's repr is a call of its name: one called "open" there is open(file=..., mode="w"). In a
+# placeholder's default value that code runs as the forward is defined, i.e. while the file loads.
+
+def _opener(marker):
+    return {"namedtuple": ["open", ["file", "mode"]], "items": [marker, "w"]}
+
+
+def _opener_cases(marker):
+    opener = _opener(marker)
+    containers = {"a set": {"set": [opener]}, "a dict": {"dict": [["k", opener]]},
+                  "a dict key": {"dict": [[opener, 1]]},
+                  "a named tuple's items": {"namedtuple": ["Outer", ["a"]], "items": [opener]},
+                  "a list in a dict": {"dict": [["k", {"list": [opener]}]]},
+                  "a tuple in a set": {"set": [{"tuple": [1, opener]}]}}
+
+    def default(value):
+        return lambda d: _first(d, "placeholder").update(args={"tuple": [value]})
+
+    def keyword(value):
+        return lambda d: _first(d, "call_method").update(kwargs={"dict": [["dim", value]]})
+
+    cases = {f"placeholder default: {where}": default(value) for where, value in containers.items()}
+    cases.update({f"keyword argument: {where}": keyword(value) for where, value in containers.items()})
+    return cases
+
+
+@pytest.mark.parametrize("case", list(_opener_cases("m")))
+def test_a_named_tuple_written_by_repr_cannot_call_a_builtin(fx_file, tmp_path, marker, case):
+    hostile = tmp_path / "hostile.gsx"
+    forge(fx_file, hostile, description=_opener_cases(marker)[case])
+    try:
+        with pytest.raises(gs.LoadError, match="named tuple"):
+            gs.load(str(hostile)).explain(torch.randn(1, 3, 8, 8))
+    finally:
+        assert not marker_written(marker)
+
+
 @pytest.mark.parametrize("where", ["keyword", "positional"])
 def test_a_shape_condition_that_is_code_is_refused(export_file, tmp_path, marker, where):
     def edit(d):
@@ -247,7 +299,40 @@ def test_a_shape_condition_that_is_code_is_refused(export_file, tmp_path, marker
         loaded.explain(torch.randn(1, 3, 40, 40))
 
 
+@pytest.mark.parametrize("condition", ["((((x.size()[2] ** 64) ** 64) ** 64) ** 64) ** 64 > 0",
+                                       "max(x.size()[2] ** 64, 1) ** 64 > 0", "int(x.size()[3] ** 9) ** 9 > 0"])
+def test_a_shape_condition_that_would_exhaust_memory_is_refused(export_file, tmp_path, condition):
+    # powers of powers: 48 ** (64 ** 5) is a number of a billion digits, computed on the first explain
+    def edit(d):
+        node = next(n for n in _nodes(d) if n["target"] == {"function": "guided_swap.check_input_shape"})
+        node["kwargs"] = {"dict": [["guards", {"tuple": [condition]}]]}
+
+    hostile = tmp_path / "hostile.gsx"
+    forge(export_file, hostile, description=edit)
+    with pytest.raises(gs.LoadError, match="conditions that are not arithmetic"):
+        gs.load(str(hostile))
+
+
 # --- what needs trust, said plainly ------------------------------------------------------------------------
+
+class TopValues(TinyNet):
+    """Reads the fields of torch's named results (``max(...).values``, ``topk(...).indices``)."""
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.conv(x))).flatten(2)
+        pooled = x.max(dim=2).values + torch.max(x, 2).values + x.topk(2, dim=2).values.mean(2)
+        return self.head(pooled) + x.sort(dim=2).indices.float().mean()
+
+
+def test_the_fields_of_torch_named_results_are_data(tmp_path):
+    torch.manual_seed(0)
+    ex = gs.convert(randomise_batchnorm(TopValues()).eval(), layer="conv")
+    path = str(tmp_path / "top.gsx")
+    ex.save(path)
+    assert saved.read_header(path)["needs_trust"] == []
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.equal(gs.load(path).explain(x, [0, 1]).gradient, ex.explain(x, [0, 1]).gradient)
+
 
 def test_a_custom_leaf_module_needs_trust_and_is_named(tmp_path):
     torch.manual_seed(0)

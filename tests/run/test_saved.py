@@ -107,8 +107,13 @@ def test_damaged_and_foreign_files_get_clear_errors(tmp_path):
         gs.load(str(other))
     weights = tmp_path / "weights.pt"
     torch.save(make_model("resnet18").state_dict(), weights)
-    with pytest.raises(gs.LoadError):
+    with pytest.raises(gs.LoadError, match="is a PyTorch checkpoint .*torch.save.*not a saved explainer") as refused:
         gs.load(str(weights))
+    assert "torch.export.load" not in str(refused.value)  # no advice to unpickle it
+    program = tmp_path / "program.pt2"
+    torch.export.save(torch.export.export(nn.ReLU(), (torch.randn(2),)), str(program))
+    with pytest.raises(gs.LoadError, match=r"is a torch.export program \(.pt2\).*trusts the file"):
+        gs.load(str(program))
     with pytest.raises(FileNotFoundError):
         gs.load(str(tmp_path / "missing.gsx"))
 
@@ -132,10 +137,19 @@ def _vgg_small_head():
     return model.eval()
 
 
-def _timm(name):
+def _timm(name, **options):
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
-    return randomise_batchnorm(timm.create_model(name, pretrained=False)).eval()
+    return randomise_batchnorm(timm.create_model(name, pretrained=False, **options)).eval()
+
+
+def _small_swin():
+    """torchvision's Swin code (its fx-wrapped attention and padding functions) at a small size."""
+    from torchvision.models.swin_transformer import SwinTransformer
+
+    torch.manual_seed(0)
+    return SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[1, 1], num_heads=[1, 2], window_size=[2, 2],
+                           num_classes=10).eval()
 
 
 ZOO = {  # name: (model, input size, convert options)
@@ -147,6 +161,8 @@ ZOO = {  # name: (model, input size, convert options)
     "googlenet": (lambda: make_model("googlenet"), 48, {}),
     "inception_v3": (lambda: make_model("inception_v3"), 80, {}),
     "timm_mobilenetv3": (lambda: _timm("mobilenetv3_small_050"), 64, {}),
+    "timm_vit": (lambda: _timm("vit_tiny_patch16_224", img_size=32, depth=2), 32, {}),  # fx's _assert_is_none
+    "swin": (_small_swin, 32, {}),
     "export_shape_assert": (lambda: ShapeAssertNet().eval(), 48, {"capture": "export"}),
 }
 
@@ -239,12 +255,94 @@ def test_tensors_swapped_or_resized_are_refused_even_with_matching_checksums(goo
     def drop(tensors):
         tensors.pop(min(tensors))
 
+    def add(tensors):
+        tensors["t_extra"] = torch.zeros(3)
+
     for change, message in ((resize, "in the file, but the explainer's description says"), (swap, "description says"),
-                            (drop, "does not hold")):
+                            (drop, "does not hold"), (add, "its description does not name: t_extra")):
         edited = tmp_path / "edited.gsx"
         forge(good_file, edited, replace=_with_tensors(good_file, change))
         with pytest.raises(gs.LoadError, match=message):
             gs.load(str(edited))
+
+
+def _explain_nodes(d):
+    return d["capture"]["explain"]["data"]["nodes"]
+
+
+def _integer_tensor_needs_gradient(d):
+    key = next(k for k, info in d["tensors"].items() if info["dtype"] == "torch.int64")
+    d["tensors"][key]["requires_grad"] = True
+
+
+def _placeholder_twice(d):
+    _explain_nodes(d).insert(1, {"name": "y", "op": "placeholder", "target": "x", "args": {"tuple": []},
+                                 "kwargs": {"dict": []}})
+
+
+def _placeholder_self(d):
+    _explain_nodes(d)[0]["target"] = "self"
+
+
+@pytest.mark.parametrize("edit", [_integer_tensor_needs_gradient, _placeholder_twice, _placeholder_self],
+                         ids=["an integer tensor that needs a gradient", "two inputs of one name", "an input named self"])
+def test_an_edit_torch_refuses_is_a_load_error(good_file, tmp_path, edit):
+    edited = tmp_path / "edited.gsx"
+    forge(good_file, edited, description=edit)
+    with pytest.raises(gs.LoadError, match="damaged or edited"):
+        gs.load(str(edited))
+
+
+def _rewritten(source, target, declared=None, compressed=(), header=None):
+    """``source`` written again: its header replaced by ``header`` (a dict), the parts named in ``compressed``
+    deflated, and the tensors part declared ``declared`` bytes long in the zip's directory."""
+    import json
+    import zlib
+
+    contents = parts(source)
+    head = header if header is not None else json.loads(contents.pop(saved.HEADER))
+    contents.pop(saved.HEADER, None)
+    head["parts"] = {name: zlib.crc32(data) for name, data in contents.items()}
+    with zipfile.ZipFile(target, "w") as archive:
+        archive.writestr(saved.HEADER, json.dumps(head), compress_type=zipfile.ZIP_DEFLATED if saved.HEADER in compressed
+                         else zipfile.ZIP_STORED)
+        for name, data in contents.items():
+            archive.writestr(name, data, compress_type=zipfile.ZIP_DEFLATED if name in compressed else zipfile.ZIP_STORED)
+        if declared is not None:  # the directory, written at close, says so: a memory bomb if believed
+            info = archive.getinfo(saved.TENSORS)
+            info.file_size = info.compress_size = declared
+
+
+def test_a_tensors_part_declared_larger_than_the_file_is_refused_before_allocating(good_file, tmp_path):
+    import json
+    import struct
+
+    size = 1 << 40  # a terabyte: allocating it first fails with RuntimeError, or swaps the machine to death
+    table = json.dumps({"t0": {"dtype": "U8", "shape": [size - 8 - 128], "data_offsets": [0, size - 8 - 128]}})
+    data = struct.pack("<Q", 128) + table.encode().ljust(128) + bytes(64)
+    source = tmp_path / "source.gsx"
+    forge(good_file, source, replace={saved.TENSORS: data})
+    bomb = tmp_path / "bomb.gsx"
+    _rewritten(source, bomb, declared=size)
+    with pytest.raises(gs.LoadError, match="tensors part .* past the end of the file"):
+        gs.load(str(bomb))
+
+
+def test_compressed_parts_and_a_huge_header_are_refused(good_file, tmp_path):
+    import json
+
+    deflated = tmp_path / "deflated.gsx"
+    _rewritten(good_file, deflated, compressed=(saved.DESCRIPTION,))  # a zip bomb's way in: never written so
+    with pytest.raises(gs.LoadError, match="explainer.json is compressed"):
+        gs.load(str(deflated))
+    header = json.loads(parts(good_file)[saved.HEADER])
+    header["padding"] = " " * (20 << 20)
+    padded = tmp_path / "padded.gsx"
+    _rewritten(good_file, padded, compressed=(saved.HEADER,), header=header)
+    with zipfile.ZipFile(padded) as archive:
+        assert archive.getinfo(saved.HEADER).compress_size < 1 << 20  # small in the file, 20 MB once inflated
+    with pytest.raises(gs.LoadError, match="header is 20.* MB"):
+        saved.read_header(str(padded))
 
 
 def test_a_truncated_file_at_any_length_is_a_load_error(good_file, tmp_path):
@@ -303,6 +401,31 @@ def test_loading_without_the_model_class_says_what_is_missing(tmp_path, monkeypa
     monkeypatch.delitem(sys.modules, module.__name__)
     with pytest.raises(gs.LoadError, match="captured at run time the model's own classes"):
         gs.load(path, trust=True)
+
+
+class ScaledGuided(gs.Rule):
+    name = "scaled-guided-saved"
+
+    def __init__(self, scale=0.5):
+        self.scale = scale
+
+    def backward(self, grad_output, output):
+        return self.scale * grad_output.clamp(min=0) * (output > 0)
+
+
+def test_a_rule_registered_with_other_attributes_is_not_taken_and_the_error_says_so(tmp_path):
+    ex = gs.convert(make_model("resnet18"), layer="layer4", rule=ScaledGuided(0.5))
+    path = str(tmp_path / "scaled.gsx")
+    ex.save(path)
+    gs.register_rule(ScaledGuided(0.25))
+    try:
+        with pytest.raises(gs.LoadError, match=r"registered here .*other attributes.*scale.*0.5"):
+            gs.load(path)
+        gs.register_rule(ScaledGuided(0.5), replace=True)
+        x = image_batch(32)
+        assert torch.equal(gs.load(path).explain(x, [1, 2]).gradient, ex.explain(x, [1, 2]).gradient)
+    finally:
+        gs.unregister_rule(ScaledGuided.name)
 
 
 # --- The old pickled format (3) -----------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 The export path checks each input against conditions torch.export recorded, kept as Python expressions over
 ``x`` (``x.size()[2] == 224``, ``(x.size()[3] % 8) == 0``) and evaluated with ``eval``. A graph rebuilt from a
 file must not evaluate any other expression, so :func:`is_size_condition` accepts only numbers, ``inf``, the
-sizes of ``x`` (``x.size()[i]``, ``x.size(i)``, ``x.shape[i]``), arithmetic (powers by a small constant only), comparisons, ``and``/``or``/``not``
+sizes of ``x`` (``x.size()[i]``, ``x.size(i)``, ``x.shape[i]``), arithmetic (powers by a small constant only, of
+no other power, so that no condition computes a number of unbounded size), comparisons, ``and``/``or``/``not``
 and a few numeric functions (``math.floor``, ``torch.sym_max``, ``int``, ``max``, ...), with no keyword
 arguments, strings, attribute chains or other names.
 
@@ -38,10 +39,10 @@ def _allowed(node: ast.AST) -> bool:
         return type(node.value) in (int, float, bool)
     if isinstance(node, ast.Name):
         return node.id == "inf"
-    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Pow):  # a small constant power only
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Pow):  # a small constant power of no power
         exponent = node.right
-        return _allowed(node.left) and isinstance(exponent, ast.Constant) and type(exponent.value) is int \
-            and 0 <= exponent.value <= 64
+        return _allowed(node.left) and not _has_power(node.left) and isinstance(exponent, ast.Constant) \
+            and type(exponent.value) is int and 0 <= exponent.value <= 64
     if isinstance(node, ast.BinOp):
         return isinstance(node.op, _OPERATORS) and _allowed(node.left) and _allowed(node.right)
     if isinstance(node, ast.UnaryOp):
@@ -56,6 +57,11 @@ def _allowed(node: ast.AST) -> bool:
     if isinstance(node, ast.Call):
         return _is_size_call(node) or _is_numeric_call(node)
     return False
+
+
+def _has_power(node: ast.AST) -> bool:
+    """Whether ``node`` holds a power: a power of a power (``(s ** 64) ** 64 ...``) would grow to any size."""
+    return any(isinstance(n, ast.BinOp) and isinstance(n.op, ast.Pow) for n in ast.walk(node))
 
 
 def _is_sizes(node: ast.AST) -> bool:
