@@ -51,6 +51,7 @@ from ..capture.graph.layers import input_spec
 from ..core.errors import CommandError, GuidedSwapError, RunError, ZeroGradientWarning
 from ..core.maps import listing
 from ..core.rules import rules
+from ..media.viz import printable
 from ..run.convert import convert
 from ..run.smoothing import DEFAULT_NOISE
 from .model_spec import Preprocessing, Source, build, sha256_text
@@ -149,7 +150,8 @@ def blank_maps(lines: Sequence[dict], shown: int = 3) -> Optional[str]:
 
 
 def _say(message: str) -> None:
-    print(f"guided-swap: {message}", file=sys.stderr, flush=True)
+    """One line on stderr, whatever the file names in it hold (a newline, a byte that is not UTF-8: escaped)."""
+    print(f"guided-swap: {printable(message)}", file=sys.stderr, flush=True)
 
 
 def _plan(job: Job, settings: Dict[str, Any], done_kinds: Sequence[str]) -> Tuple[Plan, results.Lock]:

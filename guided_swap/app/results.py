@@ -32,6 +32,7 @@ import os
 import socket
 import stat
 import time
+import unicodedata
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
@@ -104,16 +105,19 @@ def check_out(out: str) -> None:
 
 
 def unreadable(path: str, out_real: str) -> Optional[str]:
-    """Why an input file found cannot be explained, whatever the run does, or None: a link to nothing, a named
-    pipe (reading one would wait forever), a link into ``OUT``."""
+    """Why an input file found cannot be explained, whatever the run does, or None: a link to nothing (or one in a
+    loop of links), a named pipe (reading one would wait forever), an empty file, a link into ``OUT``."""
     try:
-        mode = os.stat(path).st_mode
+        status = os.stat(path)
     except OSError as error:
         if os.path.islink(path):
-            return f"a symbolic link to {os.readlink(path)!r}, which does not exist ({error.strerror}): not read"
+            what = "which does not exist" if error.errno == errno.ENOENT else "which cannot be followed"
+            return f"a symbolic link to {os.readlink(path)!r}, {what} ({error.strerror}): not read"
         return f"cannot read it: {error.strerror or error}"
-    if not stat.S_ISREG(mode):
+    if not stat.S_ISREG(status.st_mode):
         return "not a regular file (a named pipe, socket or device): not read"
+    if status.st_size == 0:
+        return "an empty file (0 bytes): not an image"
     if _inside(_real(path), out_real):
         return "a link to a file in --out: results are never taken as inputs"
     return None
@@ -217,21 +221,54 @@ def tagged(component: str, key: str, budget: int) -> str:
     return f"{''.join(kept)}~{digest}{extension}"
 
 
+def same_on_any_disk(name: str) -> str:
+    """What ``name`` is on a file system that ignores case or Unicode normalisation (macOS, Windows, exFAT, SMB
+    shares): two names with the same key are one file there.
+
+    >>> same_on_any_disk("Caf\u00e9.PNG") == same_on_any_disk("cafe\u0301.png")
+    True
+    """
+    return unicodedata.normalize("NFC", name).casefold()
+
+
+RESERVED = tuple(same_on_any_disk(name) for name in (INDEX, MARKER, LOCK))
+"""OUT's own files: no result folder may take their names."""
+
+
 def _folders(names: Iterable[str]) -> set:
-    return {name.rsplit("/", k)[0] for name in names for k in range(1, name.count("/") + 1)}
+    return {same_on_any_disk(name.rsplit("/", k)[0]) for name in names for k in range(1, name.count("/") + 1)}
 
 
 def _clashes(names: Sequence[str]) -> List[int]:
-    """The inputs whose result (NAME.npz, NAME.png) would be a folder other results go in."""
-    folders = _folders(names)
-    return [i for i, name in enumerate(names) if any(f"{name}.{kind}" in folders for kind in KINDS)]
+    """The inputs whose result (NAME.npz, NAME.png) would be a folder other results go in, and those whose name is
+    another's on a file system that ignores case or normalisation (all but the first of each such group)."""
+    folders, seen = _folders(names), set()
+    found = []
+    for i, name in enumerate(names):
+        key = same_on_any_disk(name)
+        if key in seen or any(f"{key}.{kind}" in folders for kind in KINDS):
+            found.append(i)
+        seen.add(key)
+    return found
+
+
+def _fitted(name: str, limit: int, room: int) -> str:
+    """``name`` with each folder at most ``limit`` bytes and not one of OUT's own files, and the file's name at
+    most ``room`` bytes (else :func:`tagged`)."""
+    parts = name.split("/")
+    folders = [part if _bytes(part) <= limit and not (k == 0 and same_on_any_disk(part) in RESERVED)
+               else tagged(part, "/".join(parts[:k + 1]), limit) for k, part in enumerate(parts[:-1])]
+    last = parts[-1] if _bytes(parts[-1]) <= room else tagged(parts[-1], name, room)
+    return "/".join(folders + [last])
 
 
 def output_names(names: Sequence[str], limit: int = 255) -> Tuple[List[str], Dict[int, str]]:
     """The inputs' names under ``OUT`` from their layout names: every folder name at most ``limit`` bytes, every
-    file name with room for the longest suffix and a temporary's, and no result where another's folder must go
-    (``c.png`` beside a folder ``c.png.png/``): such a name is :func:`tagged`. Returns the names and, for any
-    input that still could not get a name of its own, why (it is then not explained).
+    file name with room for the longest suffix and a temporary's, no folder named as OUT's own files
+    (``index.jsonl/``), no result where another's folder must go (``c.png`` beside a folder ``c.png.png/``), and
+    no two names that one file system would take for one (``Case.png`` and ``case.png``, ``café`` composed and
+    decomposed: :func:`same_on_any_disk`): such a name is :func:`tagged`. Returns the names and, for any input
+    that still could not get a name of its own, why (it is then not explained).
 
     >>> output_names(["c.png", "c.png.png/d.png"])[0]
     ['c~58704e585ac9.png', 'c.png.png/d.png']
@@ -239,24 +276,14 @@ def output_names(names: Sequence[str], limit: int = 255) -> Tuple[List[str], Dic
     (['a.png'], {})
     """
     room = limit - LONGEST_SUFFIX - PART_EXTRA
-    out = []
-    for name in names:
-        parts = name.split("/")
-        folders = [part if _bytes(part) <= limit else tagged(part, "/".join(parts[:k + 1]), limit)
-                   for k, part in enumerate(parts[:-1])]
-        last = parts[-1] if _bytes(parts[-1]) <= room else tagged(parts[-1], name, room)
-        out.append("/".join(folders + [last]))
+    out = [_fitted(name, limit, room) for name in names]
     for i in _clashes(out):
         head, _, last = out[i].rpartition("/")
         out[i] = (head + "/" if head else "") + tagged(last, names[i], room)
-    problems, seen = {}, {}
+    problems = {}
     for i in _clashes(out):
-        problems[i] = (f"its result would be named {out[i]}.npz/.png, a folder other results go in; rename the "
-                       "input or that folder")
-    for i, name in enumerate(out):
-        if name in seen:
-            problems[i] = f"its result would be named as that of {names[seen[name]]}; rename one of them"
-        seen.setdefault(name, i)
+        problems[i] = (f"its result would be named {out[i]}.npz/.png, a folder other results go in or another "
+                       "input's result; rename the input")
     return out, problems
 
 
