@@ -320,19 +320,31 @@ def _pass(explainer, job: Job, plan: Plan, indices, settings, group, channels: i
     # explain's warning names samples of one batch; the run names the files once at its end (_finish)
     with _progress(len(indices), group, what) as bar, writers, warnings.catch_warnings():
         warnings.simplefilter("ignore", ZeroGradientWarning)
-        for batch in batches:
-            made, kept = explain_batch(explainer, job, batch, plan.items, settings, group, writers, kinds, limits,
-                                       stashed is not None)
-            records.update(made)
-            if stashed is not None:
-                stashed.update(kept)
-            bar.update(len(batch))
-            if flag.raised:
-                interrupted = True
-                break
+        try:
+            for batch in batches:
+                made, kept = explain_batch(explainer, job, batch, plan.items, settings, group, writers, kinds,
+                                           limits, stashed is not None)
+                records.update(made)
+                if stashed is not None:
+                    stashed.update(kept)
+                bar.update(len(batch))
+                if flag.raised:
+                    interrupted = True
+                    break
+        except RuntimeError as error:
+            if not _stopped_with_workers(flag, error):
+                raise
+            interrupted = True
         writers.finish()
     _write_failures(writers, plan, indices, records, settings)
     return records, interrupted
+
+
+def _stopped_with_workers(flag, error: RuntimeError) -> bool:
+    """Whether ``error`` is torch's report of a decode worker that ended after this run was asked to stop: a
+    SIGTERM sent to the whole process group (``timeout``, Slurm, ``kill -TERM -PGID``) ends the workers too, and
+    the run stops as the signal asked, not as if a worker had failed."""
+    return flag.raised and "DataLoader worker" in str(error)
 
 
 def _write_failures(writers: Writers, plan: Plan, indices, records: Dict[int, dict], settings) -> None:
