@@ -537,20 +537,20 @@ class Lock:
 
     def __init__(self, out: str):
         self.out, self.path, self.fd, self.note = out, os.path.join(out, LOCK), None, None
-        self.created = not os.path.exists(out)
+        self.created: List[str] = []  # the folders this run made for OUT, deepest first
 
     @classmethod
     def take(cls, out: str) -> "Lock":
         check_out(out)
         lock = cls(out)
-        os.makedirs(out, exist_ok=True)
+        lock.created = _make_folders(out)
         try:
             import fcntl
         except ImportError:
             lock.note = "no lock on --out (no flock here): run one explain per --out at a time"
             return lock
         for _ in range(100):
-            fd = os.open(lock.path, os.O_RDWR | os.O_CREAT, 0o666)
+            fd = _open_lock(lock)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as error:
@@ -575,17 +575,43 @@ class Lock:
         raise CommandError(f"could not take the lock on --out {out!r} (it kept changing); try again")
 
     def release(self) -> None:
-        """Let go (the file goes first, so a run waiting locks the next one); ``OUT`` goes too if this run made
-        it and left it empty (a run stopped before it wrote anything)."""
+        """Let go (the file goes first, so a run waiting locks the next one); ``OUT``, and the folders above it,
+        go too if this run made them and left them empty (a run stopped before it wrote anything)."""
         if self.fd is not None:
             remove_if_present(self.path)
             os.close(self.fd)
             self.fd = None
-        if self.created:
+        for folder in self.created:
             try:
-                os.rmdir(self.out)
+                os.rmdir(folder)
             except OSError:
-                pass
+                break
+        self.created = []
+
+
+def _unwritable(out: str, error: OSError) -> CommandError:
+    return CommandError(f"--out {out!r} cannot be written ({error.strerror or error}); choose another --out")
+
+
+def _make_folders(out: str) -> List[str]:
+    """Make ``out`` and the folders above it that are missing; those made, deepest first."""
+    missing, folder = [], os.path.abspath(out)
+    while not os.path.lexists(folder) and os.path.dirname(folder) != folder:
+        missing.append(folder)
+        folder = os.path.dirname(folder)
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as error:
+        raise _unwritable(out, error) from None
+    return missing
+
+
+def _open_lock(lock: "Lock") -> int:
+    try:
+        return os.open(lock.path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as error:
+        lock.release()
+        raise _unwritable(lock.out, error) from None
 
 
 def _holder(fd: int) -> str:
