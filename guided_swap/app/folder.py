@@ -6,7 +6,8 @@ One run:
    OUT is refused; the ranks of this one share it); sorts the inputs into done (same settings), to do, and
    failed (an input that cannot be read, or whose result's place is taken: its index line says why)
    (:mod:`guided_swap.app.results`), before any model is built;
-2. every rank builds the explainer; rank 0 makes ``OUT`` and removes the temporaries a killed run left there;
+2. every rank builds the explainer; rank 0 makes ``OUT``, removes the temporaries a killed run left there and
+   marks in the index the inputs this run makes ("not explained yet", so no line outlives the result it names);
    every rank takes its share of the inputs to do (:mod:`guided_swap.app.distributed`),
    decodes them in ``workers`` DataLoader processes and writes one ``.npz`` and/or ``.png`` per input, each
    atomically, each carrying its record;
@@ -167,14 +168,31 @@ def _plan(job: Job, settings: Dict[str, Any], done_kinds: Sequence[str]) -> Tupl
     return plan, lock
 
 
-def _prepare(job: Job, group) -> None:
-    """Rank 0 makes OUT and removes what killed runs left (never a live process's temporaries: the lock keeps
-    other runs out, and a temporary whose process still runs here is kept); the other ranks wait, then all
-    write."""
+def _prepare(job: Job, plan: Plan, settings, group) -> None:
+    """Rank 0 makes OUT, removes what killed runs left (never a live process's temporaries: the lock keeps
+    other runs out, and a temporary whose process still runs here is kept) and marks in the index the inputs
+    this run makes (:func:`_mark_making`); the other ranks wait, then all write."""
     if group.main:
         results.prepare(job.out)
         remove_stale_parts(job.out, only_dead=True)
+        _mark_making(job, plan, settings)
     distributed.broadcast(None, group)
+
+
+MAKING = ("not explained yet: the run making it did not finish (killed, or its index could not be written); run "
+          "the same command again to finish")
+
+
+def _mark_making(job: Job, plan: Plan, settings) -> None:
+    """``OUT/index.jsonl`` before any result is written: the inputs done and failed as planned, the others
+    :data:`MAKING`. So a run killed with SIGKILL, or whose last index write fails, never leaves lines that
+    describe results it replaced. Where even this cannot be written (a full disk), the old index goes."""
+    lines = [plan.failed.get(i) or plan.done.get(i) or results.failure_record(item, settings, MAKING)
+             for i, item in enumerate(plan.items)]
+    try:
+        results.write_index(job.out, lines)
+    except OSError:
+        remove_if_present(os.path.join(job.out, results.INDEX))
 
 
 def _shared_plan(job: Job, settings: Dict[str, Any], group, done_kinds: Sequence[str]
@@ -462,7 +480,7 @@ def _run_planned(job: Job, group, say, settings, plan: Plan, first, shared) -> i
     stash = shared and "npz" not in job.save
     _announce(job, plan, say)
     explainer, _, channels = build_explainer(job, group, say)
-    _prepare(job, group)
+    _prepare(job, plan, settings, group)
     try:
         return _explain_all(job, group, say, settings, plan, first, shared, stash, explainer, channels)
     except Exception as error:  # noqa: BLE001 - after writing began, any error stops the run (exit status 1)
@@ -575,7 +593,7 @@ def _finish(job: Job, plan: Plan, settings, gathered, drawn, seconds: float, gro
                    else results.failure_record(plan.items[i], settings, NO_FIGURE) for i, r in records.items()}
     lines = [records.get(i) or results.failure_record(item, settings, INTERRUPTED) for i, item in enumerate(plan.items)]
     results.write_index(job.out, lines)
-    made = sum(len([r for r in share.values() if r["error"] is None]) for share, _ in gathered)
+    made = len([i for share, _ in gathered for i in share if lines[i]["error"] is None])  # and written
     failed = [r for r in lines if r["error"] is not None and r["error"] not in (INTERRUPTED, NO_FIGURE, NOT_REPLACED)]
     for record in failed:
         say(f"could not explain {record['input']}: {record['error']}")
