@@ -164,7 +164,7 @@ def _plan(job: Job, settings: Dict[str, Any], done_kinds: Sequence[str]) -> Tupl
     except BaseException:
         lock.release()
         raise
-    plan.links, plan.renamed = found.links, found.renamed
+    plan.links, plan.renamed, plan.unlisted = found.links, found.renamed, found.unlisted
     return plan, lock
 
 
@@ -469,6 +469,9 @@ def _announce(job: Job, plan: Plan, say) -> None:
     if plan.links:
         say(f"warning: {len(plan.links)} link(s) to folders not followed: {listing(plan.links, 3)}; to explain what "
             "one holds, give the folder it points to as an input")
+    if plan.unlisted:
+        say(f"warning: {len(plan.unlisted)} folder(s) could not be read, so no image in them is explained: "
+            f"{listing(plan.unlisted, 3)}")
     if plan.renamed:
         first = plan.items[plan.renamed[0]]
         say(f"{len(plan.renamed)} input(s) get result names of their own, shortened or tagged (too long for the file "

@@ -81,10 +81,15 @@ def layout_names(paths: Sequence[str], roots: Sequence[str]) -> List[str]:
     return [os.path.relpath(os.path.abspath(p), base).replace(os.sep, "/") for p in paths]
 
 
-def _walk(folder: str, out_real: str, links: List[str]) -> List[str]:
-    """The image files under ``folder``, sorted; the links to folders met are added to ``links`` (not followed)."""
+def _walk(folder: str, out_real: str, links: List[str], unlisted: List[str]) -> List[str]:
+    """The image files under ``folder``, sorted; the links to folders met are added to ``links`` (not followed),
+    the folders that could not be listed to ``unlisted`` (each with why)."""
     found = []
-    for root, dirs, files in os.walk(folder):
+
+    def refused(error: OSError) -> None:
+        unlisted.append(f"{error.filename} ({error.strerror or error})")
+
+    for root, dirs, files in os.walk(folder, onerror=refused):
         links += [os.path.join(root, d) for d in sorted(dirs)
                   if not _is_hidden(d) and os.path.islink(os.path.join(root, d))]
         dirs[:] = sorted(d for d in dirs if not _is_hidden(d) and not os.path.islink(os.path.join(root, d))
@@ -131,6 +136,7 @@ class Found:
     items: List[Item]
     links: List[str] = field(default_factory=list)
     renamed: List[int] = field(default_factory=list)
+    unlisted: List[str] = field(default_factory=list)
 
 
 def discover(inputs: Sequence[str], out: str) -> List[Item]:
@@ -157,9 +163,9 @@ def find(inputs: Sequence[str], out: str) -> Found:
             what = "is" if _real(holder) == out_real else "holds"
             raise CommandError(f"--out {out!r} {what} the input folder {holder!r}: results would mix with (and could "
                                "replace) inputs; give --out a folder of its own, outside the inputs")
-    paths, seen, links = [], set(), []
+    paths, seen, links, unlisted = [], set(), [], []
     for path in inputs:
-        for file in _walk(path, out_real, links) if os.path.isdir(path) else [path]:
+        for file in _walk(path, out_real, links, unlisted) if os.path.isdir(path) else [path]:
             if _real(file) not in seen:
                 seen.add(_real(file))
                 paths.append(file)
@@ -167,12 +173,14 @@ def find(inputs: Sequence[str], out: str) -> Found:
         raise CommandError(f"no images found in {', '.join(map(repr, inputs))} "
                            f"(looked for {', '.join(IMAGE_SUFFIXES)})" + (
                                f"; links to folders are not followed ({len(links)} skipped, first {links[0]!r}): "
-                               "give the folder they point to" if links else ""))
+                               "give the folder they point to" if links else "") + (
+                               f"; {len(unlisted)} folder(s) could not be read, first {unlisted[0]}"
+                               if unlisted else ""))
     roots = [p if os.path.isdir(p) else os.path.dirname(os.path.abspath(p)) for p in inputs]
     layout = layout_names(paths, roots)
     names, clashes = output_names(layout, name_max(out))
     items = [Item(p, n, clashes.get(i) or unreadable(p, out_real)) for i, (p, n) in enumerate(zip(paths, names))]
-    return Found(items, links, [i for i, (a, b) in enumerate(zip(layout, names)) if a != b])
+    return Found(items, links, [i for i, (a, b) in enumerate(zip(layout, names)) if a != b], unlisted)
 
 
 # --- names under OUT -----------------------------------------------------------------------------------------
@@ -327,6 +335,7 @@ class Plan:
     replacing: List[int] = field(default_factory=list)
     links: List[str] = field(default_factory=list)
     renamed: List[int] = field(default_factory=list)
+    unlisted: List[str] = field(default_factory=list)
 
 
 def _differences(old: Dict[str, Any], new: Dict[str, Any]) -> str:

@@ -268,3 +268,25 @@ def test_names_one_file_system_would_take_for_one_get_names_of_their_own():
     assert not folders & {"index.jsonl", ".guided-swap", ".guided-swap.lock"}
     assert out[8].startswith("index~") and out[8].endswith(".jsonl/f.png") and out[9].startswith("INDEX~")
     assert out[10] == "keep/index.jsonl.png"
+
+
+def test_a_folder_that_cannot_be_listed_is_named_not_skipped_silently(tmp_path, monkeypatch, capsys):
+    """As a folder with mode 000 is for anyone but root (who reads it all the same), here for everyone."""
+    root = tmp_path / "in"
+    save_image(root / "a.png", "chelsea")
+    save_image(root / "locked" / "b.png", "astronaut")
+    scandir = os.scandir
+
+    def refuse(path="."):
+        if os.fspath(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refuse)
+    out = tmp_path / "out"
+    assert explain(root, "--out", out, "--save", "npz") == 0
+    error = capsys.readouterr().err
+    assert "warning: 1 folder(s) could not be read" in error and "locked" in error and "Permission denied" in error
+    assert explain(root / "locked", "--out", tmp_path / "out2", "--save", "npz") == 2
+    error = capsys.readouterr().err
+    assert "no images found" in error and "could not be read" in error and "Permission denied" in error, error
