@@ -34,6 +34,7 @@ A killed process leaves only hidden temporaries, removed by the next run, and it
 import os
 import signal
 import sys
+import threading
 import time
 import warnings
 from contextlib import contextmanager
@@ -284,16 +285,36 @@ def _progress(total: int, group, what: str):
                 dynamic_ncols=True)
 
 
+@contextmanager
+def sigterm_interrupts():
+    """While inside (main thread only): SIGTERM raises KeyboardInterrupt, as Ctrl-C does, so a run stopped before
+    its first batch or after its last (building the model, writing the index) lets go of OUT and exits with 130;
+    during the passes :func:`stop_after_batch` takes over."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(number, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run(job: Job, say: Callable[[str], None] = _say) -> int:
     """Run ``job``; 0 when every input has its result, 1 when some could not be explained (each in the index
     with its reason) or an error stopped the run after it began writing (:class:`~guided_swap.core.errors.RunError`,
     raised), 130 when interrupted. Usage errors (:class:`~guided_swap.core.errors.CommandError`, ValueError,
     TypeError) are raised before anything is written."""
-    group = distributed.start(job.device)
-    try:
-        return _run(job, group, say if group.main else (lambda message: None))
-    finally:
-        distributed.stop(group)
+    with sigterm_interrupts():
+        group = distributed.start(job.device)
+        try:
+            return _run(job, group, say if group.main else (lambda message: None))
+        finally:
+            distributed.stop(group)
 
 
 def _stages(job: Job) -> Tuple[Tuple[str, ...], bool]:

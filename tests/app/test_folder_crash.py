@@ -106,3 +106,26 @@ def test_sigkill_during_force_leaves_no_index_line_describing_a_replaced_result(
             assert "not explained yet" in line["error"]
     assert main(common + ["--size", "44", "--force"]) == 0  # the same command finishes the job
     assert {line["settings"]["size"] for line in read_index(out)} == {44}
+
+
+SIGTERM_WHILE_BUILDING = """
+import os, signal, sys, time
+from guided_swap.app import cli, folder
+build = folder.build_explainer
+def build_and_stop(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGTERM)  # as a scheduler stops a job that is still starting
+    time.sleep(1.0)
+    return build(*args, **kwargs)
+folder.build_explainer = build_and_stop
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_before_the_first_batch_exits_130_and_leaves_nothing(tmp_path, many):
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-c", SIGTERM_WHILE_BUILDING, "explain", str(many), "--model", "demo",
+                           "--out", str(out), "--workers", "0", "--writers", "0"], capture_output=True, text=True,
+                          env={**os.environ, "MPLBACKEND": "Agg"})
+    assert done.returncode == 130, done.stderr
+    assert "interrupted" in done.stderr and "Traceback" not in done.stderr
+    assert not out.exists()  # nor its lock
