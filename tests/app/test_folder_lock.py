@@ -80,16 +80,17 @@ def test_a_live_process_s_temporaries_are_never_removed(tmp_path, some):
     assert live.read_bytes() == b"being written"
 
 
-@pytest.mark.parametrize("where", ["under a file", "lock taken by a folder"])
+@pytest.mark.parametrize("where", ["a file", "under a file", "lock taken by a folder"])
 def test_an_out_that_cannot_be_written_is_a_usage_error_and_nothing_is_left(tmp_path, some, capsys, where):
     (tmp_path / "file").write_bytes(b"")
-    out = tmp_path / "file" / "out" if where == "under a file" else tmp_path / "taken"
+    out = {"a file": tmp_path / "file", "under a file": tmp_path / "file" / "out"}.get(where, tmp_path / "taken")
     if where == "lock taken by a folder":
         (out / LOCK).mkdir(parents=True)
     before = files(tmp_path), sorted(os.listdir(tmp_path))
     assert explain(some, "--out", out) == 2
     error = capsys.readouterr().err
-    assert error.count("\n") == 1 and f"--out {str(out)!r}" in error and "choose another --out" in error, error
+    assert error.count("\n") == 1 and f"--out {str(out)!r}" in error, error
+    assert ("give a folder for the results" if where == "a file" else "choose another --out") in error, error
     assert (files(tmp_path), sorted(os.listdir(tmp_path))) == before
 
 
