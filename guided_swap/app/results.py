@@ -131,12 +131,14 @@ def unreadable(path: str, out_real: str) -> Optional[str]:
 @dataclass
 class Found:
     """The inputs a run found: each with its name under ``OUT``; the links to folders not followed; the inputs
-    whose names under ``OUT`` differ from their paths (too long for the file system, or clashing)."""
+    whose names under ``OUT`` differ from their paths (too long for the file system, or clashing); the folders
+    that could not be listed; the second paths to a file found already (explained once)."""
 
     items: List[Item]
     links: List[str] = field(default_factory=list)
     renamed: List[int] = field(default_factory=list)
     unlisted: List[str] = field(default_factory=list)
+    again: List[str] = field(default_factory=list)  # second paths (links) to a file found already
 
 
 def discover(inputs: Sequence[str], out: str) -> List[Item]:
@@ -163,11 +165,13 @@ def find(inputs: Sequence[str], out: str) -> Found:
             what = "is" if _real(holder) == out_real else "holds"
             raise CommandError(f"--out {out!r} {what} the input folder {holder!r}: results would mix with (and could "
                                "replace) inputs; give --out a folder of its own, outside the inputs")
-    paths, seen, links, unlisted = [], set(), [], []
+    paths, seen, links, unlisted, again = [], {}, [], [], []
     for path in inputs:
         for file in _walk(path, out_real, links, unlisted) if os.path.isdir(path) else [path]:
-            if _real(file) not in seen:
-                seen.add(_real(file))
+            if _real(file) in seen:
+                again.append(f"{file} (as {seen[_real(file)]})")
+            else:
+                seen[_real(file)] = file
                 paths.append(file)
     if not paths:
         raise CommandError(f"no images found in {', '.join(map(repr, inputs))} "
@@ -180,7 +184,7 @@ def find(inputs: Sequence[str], out: str) -> Found:
     layout = layout_names(paths, roots)
     names, clashes = output_names(layout, name_max(out))
     items = [Item(p, n, clashes.get(i) or unreadable(p, out_real)) for i, (p, n) in enumerate(zip(paths, names))]
-    return Found(items, links, [i for i, (a, b) in enumerate(zip(layout, names)) if a != b], unlisted)
+    return Found(items, links, [i for i, (a, b) in enumerate(zip(layout, names)) if a != b], unlisted, again)
 
 
 # --- names under OUT -----------------------------------------------------------------------------------------
@@ -336,6 +340,7 @@ class Plan:
     links: List[str] = field(default_factory=list)
     renamed: List[int] = field(default_factory=list)
     unlisted: List[str] = field(default_factory=list)
+    again: List[str] = field(default_factory=list)
 
 
 def _differences(old: Dict[str, Any], new: Dict[str, Any]) -> str:

@@ -290,3 +290,14 @@ def test_a_folder_that_cannot_be_listed_is_named_not_skipped_silently(tmp_path, 
     assert explain(root / "locked", "--out", tmp_path / "out2", "--save", "npz") == 2
     error = capsys.readouterr().err
     assert "no images found" in error and "could not be read" in error and "Permission denied" in error, error
+
+
+def test_a_second_path_to_one_file_is_named_not_dropped_silently(tmp_path, capsys):
+    root = tmp_path / "in"
+    save_image(root / "a.png", "chelsea")
+    os.symlink("a.png", root / "alias.png")  # explained once, as a.png
+    out = tmp_path / "out"
+    assert explain(root, "--out", out, "--save", "npz") == 0
+    error = capsys.readouterr().err
+    assert "1 input(s) are the same file as another" in error and "alias.png" in error, error
+    assert [line["name"] for line in read_index(out)] == ["a.png"]
