@@ -491,8 +491,8 @@ def _announce(job: Job, plan: Plan, say) -> None:
         say(f"warning: {len(plan.links)} link(s) to folders not followed: {listing(plan.links, 3)}; to explain what "
             "one holds, give the folder it points to as an input")
     if plan.again:
-        say(f"{len(plan.again)} input(s) are the same file as another (a link to it, or given twice), explained once: "
-            f"{listing(plan.again, 3)}")
+        say(f"{len(plan.again)} input(s) are the same file as another (a link to it, or given twice), explained "
+            f"once: {listing(plan.again, 3)}")
     if plan.unlisted:
         say(f"warning: {len(plan.unlisted)} folder(s) could not be read, so no image in them is explained: "
             f"{listing(plan.unlisted, 3)}")

@@ -118,7 +118,8 @@ def awkward(tmp_path):
     good = ["a.png", "sub/b.jpg", LONG, f"deep/{WIDE}", "c.png", "c.png.png/d.png", "c.png.npz/e.png",
             "linked_file.png", *odd, "alpha.png", "sixteen.png", "grey.png", "one.png"]
     bad = {"dead.png": "symbolic link", "pipe.png": "not a regular file", "broken.png": "cannot read image",
-           "zero.png": "an empty file", "empty\nname.png": "an empty file", "truncated.jpg": "cannot read image", "huge.png": "decompression bomb",
+           "zero.png": "an empty file", "empty\nname.png": "an empty file", "truncated.jpg": "cannot read image",
+           "huge.png": "decompression bomb",
            "loop1.png": "cannot be followed", "loop2.png": "cannot be followed"}
     if os.access(root / "locked.png", os.R_OK):
         good.append("locked.png")
