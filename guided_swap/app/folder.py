@@ -499,8 +499,8 @@ def _announce(job: Job, plan: Plan, say) -> None:
     if plan.renamed:
         first = plan.items[plan.renamed[0]]
         say(f"{len(plan.renamed)} input(s) get result names of their own, shortened or tagged (too long for the file "
-            f"system, or a result would be a folder other results go in): first {first.path} -> {first.name}; "
-            "index.jsonl maps each input to its name")
+            "system, a result would be a folder other results go in, or a name is another's but for case or "
+            f"Unicode normalisation): first {first.path} -> {first.name}; index.jsonl maps each input to its name")
 
 
 def _run_planned(job: Job, group, say, settings, plan: Plan, first, shared) -> int:
