@@ -66,11 +66,12 @@ outputs:
   in its .npz. Both files record the settings that made them, and OUT/index.jsonl has one JSON line per input:
   input, outputs, target, score, top-5 classes, the Grad-CAM peak, the settings, and an error if any.
   --out must be a folder of its own (not an input folder, nor one holding inputs); results folders are never
-  searched for inputs, nor are links to folders. A name too long for the file system, or whose result would
-  be a folder other results go in, gets a result name of its own (NAME~HASH.ext; index.jsonl maps it). An
-  input that cannot be explained (a link to nothing, a named pipe, an unreadable image, a result that cannot
-  be written) gets an index line with the reason; the rest of the run goes on. One run per --out at a time:
-  a second is refused, naming the first's pid.
+  searched for inputs, nor are links to folders. A name too long for the file system, whose result would
+  be a folder other results go in, or that differs from another only by case or Unicode normalisation, gets a
+  result name of its own (NAME~HASH.ext; index.jsonl maps it). An input that cannot be explained (a link to
+  nothing, a named pipe, an empty or unreadable image, a result that cannot be written) gets an index line
+  with the reason; the rest of the run goes on. One run per --out at a time: a second is refused, naming the
+  first's pid.
 
 reruns:
   Inputs whose results were made with the same settings are skipped, so an interrupted run is finished by

@@ -6,7 +6,8 @@ One run:
    OUT is refused; the ranks of this one share it); sorts the inputs into done (same settings), to do, and
    failed (an input that cannot be read, or whose result's place is taken: its index line says why)
    (:mod:`guided_swap.app.results`), before any model is built;
-2. every rank builds the explainer; rank 0 makes ``OUT`` and removes the temporaries a killed run left there;
+2. every rank builds the explainer; rank 0 makes ``OUT``, removes the temporaries a killed run left there and
+   marks in the index the inputs this run makes ("not explained yet", so no line outlives the result it names);
    every rank takes its share of the inputs to do (:mod:`guided_swap.app.distributed`),
    decodes them in ``workers`` DataLoader processes and writes one ``.npz`` and/or ``.png`` per input, each
    atomically, each carrying its record;
@@ -33,6 +34,7 @@ A killed process leaves only hidden temporaries, removed by the next run, and it
 import os
 import signal
 import sys
+import threading
 import time
 import warnings
 from contextlib import contextmanager
@@ -51,6 +53,7 @@ from ..capture.graph.layers import input_spec
 from ..core.errors import CommandError, GuidedSwapError, RunError, ZeroGradientWarning
 from ..core.maps import listing
 from ..core.rules import rules
+from ..media.viz import printable
 from ..run.convert import convert
 from ..run.smoothing import DEFAULT_NOISE
 from .model_spec import Preprocessing, Source, build, sha256_text
@@ -149,7 +152,8 @@ def blank_maps(lines: Sequence[dict], shown: int = 3) -> Optional[str]:
 
 
 def _say(message: str) -> None:
-    print(f"guided-swap: {message}", file=sys.stderr, flush=True)
+    """One line on stderr, whatever the file names in it hold (a newline, a byte that is not UTF-8: escaped)."""
+    print(f"guided-swap: {printable(message)}", file=sys.stderr, flush=True)
 
 
 def _plan(job: Job, settings: Dict[str, Any], done_kinds: Sequence[str]) -> Tuple[Plan, results.Lock]:
@@ -161,18 +165,35 @@ def _plan(job: Job, settings: Dict[str, Any], done_kinds: Sequence[str]) -> Tupl
     except BaseException:
         lock.release()
         raise
-    plan.links, plan.renamed = found.links, found.renamed
+    plan.links, plan.renamed, plan.unlisted, plan.again = found.links, found.renamed, found.unlisted, found.again
     return plan, lock
 
 
-def _prepare(job: Job, group) -> None:
-    """Rank 0 makes OUT and removes what killed runs left (never a live process's temporaries: the lock keeps
-    other runs out, and a temporary whose process still runs here is kept); the other ranks wait, then all
-    write."""
+def _prepare(job: Job, plan: Plan, settings, group) -> None:
+    """Rank 0 makes OUT, removes what killed runs left (never a live process's temporaries: the lock keeps
+    other runs out, and a temporary whose process still runs here is kept) and marks in the index the inputs
+    this run makes (:func:`_mark_making`); the other ranks wait, then all write."""
     if group.main:
         results.prepare(job.out)
         remove_stale_parts(job.out, only_dead=True)
+        _mark_making(job, plan, settings)
     distributed.broadcast(None, group)
+
+
+MAKING = ("not explained yet: the run making it did not finish (killed, or its index could not be written); run "
+          "the same command again to finish")
+
+
+def _mark_making(job: Job, plan: Plan, settings) -> None:
+    """``OUT/index.jsonl`` before any result is written: the inputs done and failed as planned, the others
+    :data:`MAKING`. So a run killed with SIGKILL, or whose last index write fails, never leaves lines that
+    describe results it replaced. Where even this cannot be written (a full disk), the old index goes."""
+    lines = [plan.failed.get(i) or plan.done.get(i) or results.failure_record(item, settings, MAKING)
+             for i, item in enumerate(plan.items)]
+    try:
+        results.write_index(job.out, lines)
+    except OSError:
+        remove_if_present(os.path.join(job.out, results.INDEX))
 
 
 def _shared_plan(job: Job, settings: Dict[str, Any], group, done_kinds: Sequence[str]
@@ -264,16 +285,36 @@ def _progress(total: int, group, what: str):
                 dynamic_ncols=True)
 
 
+@contextmanager
+def sigterm_interrupts():
+    """While inside (main thread only): SIGTERM raises KeyboardInterrupt, as Ctrl-C does, so a run stopped before
+    its first batch or after its last (building the model, writing the index) lets go of OUT and exits with 130;
+    during the passes :func:`stop_after_batch` takes over."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(number, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run(job: Job, say: Callable[[str], None] = _say) -> int:
     """Run ``job``; 0 when every input has its result, 1 when some could not be explained (each in the index
     with its reason) or an error stopped the run after it began writing (:class:`~guided_swap.core.errors.RunError`,
     raised), 130 when interrupted. Usage errors (:class:`~guided_swap.core.errors.CommandError`, ValueError,
     TypeError) are raised before anything is written."""
-    group = distributed.start(job.device)
-    try:
-        return _run(job, group, say if group.main else (lambda message: None))
-    finally:
-        distributed.stop(group)
+    with sigterm_interrupts():
+        group = distributed.start(job.device)
+        try:
+            return _run(job, group, say if group.main else (lambda message: None))
+        finally:
+            distributed.stop(group)
 
 
 def _stages(job: Job) -> Tuple[Tuple[str, ...], bool]:
@@ -318,19 +359,31 @@ def _pass(explainer, job: Job, plan: Plan, indices, settings, group, channels: i
     # explain's warning names samples of one batch; the run names the files once at its end (_finish)
     with _progress(len(indices), group, what) as bar, writers, warnings.catch_warnings():
         warnings.simplefilter("ignore", ZeroGradientWarning)
-        for batch in batches:
-            made, kept = explain_batch(explainer, job, batch, plan.items, settings, group, writers, kinds, limits,
-                                       stashed is not None)
-            records.update(made)
-            if stashed is not None:
-                stashed.update(kept)
-            bar.update(len(batch))
-            if flag.raised:
-                interrupted = True
-                break
+        try:
+            for batch in batches:
+                made, kept = explain_batch(explainer, job, batch, plan.items, settings, group, writers, kinds,
+                                           limits, stashed is not None)
+                records.update(made)
+                if stashed is not None:
+                    stashed.update(kept)
+                bar.update(len(batch))
+                if flag.raised:
+                    interrupted = True
+                    break
+        except RuntimeError as error:
+            if not _stopped_with_workers(flag, error):
+                raise
+            interrupted = True
         writers.finish()
     _write_failures(writers, plan, indices, records, settings)
     return records, interrupted
+
+
+def _stopped_with_workers(flag, error: RuntimeError) -> bool:
+    """Whether ``error`` is torch's report of a decode worker that ended after this run was asked to stop: a
+    SIGTERM sent to the whole process group (``timeout``, Slurm, ``kill -TERM -PGID``) ends the workers too, and
+    the run stops as the signal asked, not as if a worker had failed."""
+    return flag.raised and "DataLoader worker" in str(error)
 
 
 def _write_failures(writers: Writers, plan: Plan, indices, records: Dict[int, dict], settings) -> None:
@@ -437,18 +490,24 @@ def _announce(job: Job, plan: Plan, say) -> None:
     if plan.links:
         say(f"warning: {len(plan.links)} link(s) to folders not followed: {listing(plan.links, 3)}; to explain what "
             "one holds, give the folder it points to as an input")
+    if plan.again:
+        say(f"{len(plan.again)} input(s) are the same file as another (a link to it, or given twice), explained "
+            f"once: {listing(plan.again, 3)}")
+    if plan.unlisted:
+        say(f"warning: {len(plan.unlisted)} folder(s) could not be read, so no image in them is explained: "
+            f"{listing(plan.unlisted, 3)}")
     if plan.renamed:
         first = plan.items[plan.renamed[0]]
         say(f"{len(plan.renamed)} input(s) get result names of their own, shortened or tagged (too long for the file "
-            f"system, or a result would be a folder other results go in): first {first.path} -> {first.name}; "
-            "index.jsonl maps each input to its name")
+            "system, a result would be a folder other results go in, or a name is another's but for case or "
+            f"Unicode normalisation): first {first.path} -> {first.name}; index.jsonl maps each input to its name")
 
 
 def _run_planned(job: Job, group, say, settings, plan: Plan, first, shared) -> int:
     stash = shared and "npz" not in job.save
     _announce(job, plan, say)
     explainer, _, channels = build_explainer(job, group, say)
-    _prepare(job, group)
+    _prepare(job, plan, settings, group)
     try:
         return _explain_all(job, group, say, settings, plan, first, shared, stash, explainer, channels)
     except Exception as error:  # noqa: BLE001 - after writing began, any error stops the run (exit status 1)
@@ -561,7 +620,7 @@ def _finish(job: Job, plan: Plan, settings, gathered, drawn, seconds: float, gro
                    else results.failure_record(plan.items[i], settings, NO_FIGURE) for i, r in records.items()}
     lines = [records.get(i) or results.failure_record(item, settings, INTERRUPTED) for i, item in enumerate(plan.items)]
     results.write_index(job.out, lines)
-    made = sum(len([r for r in share.values() if r["error"] is None]) for share, _ in gathered)
+    made = len([i for share, _ in gathered for i in share if lines[i]["error"] is None])  # and written
     failed = [r for r in lines if r["error"] is not None and r["error"] not in (INTERRUPTED, NO_FIGURE, NOT_REPLACED)]
     for record in failed:
         say(f"could not explain {record['input']}: {record['error']}")

@@ -32,6 +32,7 @@ import os
 import socket
 import stat
 import time
+import unicodedata
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
@@ -80,10 +81,15 @@ def layout_names(paths: Sequence[str], roots: Sequence[str]) -> List[str]:
     return [os.path.relpath(os.path.abspath(p), base).replace(os.sep, "/") for p in paths]
 
 
-def _walk(folder: str, out_real: str, links: List[str]) -> List[str]:
-    """The image files under ``folder``, sorted; the links to folders met are added to ``links`` (not followed)."""
+def _walk(folder: str, out_real: str, links: List[str], unlisted: List[str]) -> List[str]:
+    """The image files under ``folder``, sorted; the links to folders met are added to ``links`` (not followed),
+    the folders that could not be listed to ``unlisted`` (each with why)."""
     found = []
-    for root, dirs, files in os.walk(folder):
+
+    def refused(error: OSError) -> None:
+        unlisted.append(f"{error.filename} ({error.strerror or error})")
+
+    for root, dirs, files in os.walk(folder, onerror=refused):
         links += [os.path.join(root, d) for d in sorted(dirs)
                   if not _is_hidden(d) and os.path.islink(os.path.join(root, d))]
         dirs[:] = sorted(d for d in dirs if not _is_hidden(d) and not os.path.islink(os.path.join(root, d))
@@ -104,16 +110,19 @@ def check_out(out: str) -> None:
 
 
 def unreadable(path: str, out_real: str) -> Optional[str]:
-    """Why an input file found cannot be explained, whatever the run does, or None: a link to nothing, a named
-    pipe (reading one would wait forever), a link into ``OUT``."""
+    """Why an input file found cannot be explained, whatever the run does, or None: a link to nothing (or one in a
+    loop of links), a named pipe (reading one would wait forever), an empty file, a link into ``OUT``."""
     try:
-        mode = os.stat(path).st_mode
+        status = os.stat(path)
     except OSError as error:
         if os.path.islink(path):
-            return f"a symbolic link to {os.readlink(path)!r}, which does not exist ({error.strerror}): not read"
+            what = "which does not exist" if error.errno == errno.ENOENT else "which cannot be followed"
+            return f"a symbolic link to {os.readlink(path)!r}, {what} ({error.strerror}): not read"
         return f"cannot read it: {error.strerror or error}"
-    if not stat.S_ISREG(mode):
+    if not stat.S_ISREG(status.st_mode):
         return "not a regular file (a named pipe, socket or device): not read"
+    if status.st_size == 0:
+        return "an empty file (0 bytes): not an image"
     if _inside(_real(path), out_real):
         return "a link to a file in --out: results are never taken as inputs"
     return None
@@ -122,11 +131,14 @@ def unreadable(path: str, out_real: str) -> Optional[str]:
 @dataclass
 class Found:
     """The inputs a run found: each with its name under ``OUT``; the links to folders not followed; the inputs
-    whose names under ``OUT`` differ from their paths (too long for the file system, or clashing)."""
+    whose names under ``OUT`` differ from their paths (too long for the file system, or clashing); the folders
+    that could not be listed; the second paths to a file found already (explained once)."""
 
     items: List[Item]
     links: List[str] = field(default_factory=list)
     renamed: List[int] = field(default_factory=list)
+    unlisted: List[str] = field(default_factory=list)
+    again: List[str] = field(default_factory=list)  # second paths (links) to a file found already
 
 
 def discover(inputs: Sequence[str], out: str) -> List[Item]:
@@ -153,22 +165,26 @@ def find(inputs: Sequence[str], out: str) -> Found:
             what = "is" if _real(holder) == out_real else "holds"
             raise CommandError(f"--out {out!r} {what} the input folder {holder!r}: results would mix with (and could "
                                "replace) inputs; give --out a folder of its own, outside the inputs")
-    paths, seen, links = [], set(), []
+    paths, seen, links, unlisted, again = [], {}, [], [], []
     for path in inputs:
-        for file in _walk(path, out_real, links) if os.path.isdir(path) else [path]:
-            if _real(file) not in seen:
-                seen.add(_real(file))
+        for file in _walk(path, out_real, links, unlisted) if os.path.isdir(path) else [path]:
+            if _real(file) in seen:
+                again.append(f"{file} (as {seen[_real(file)]})")
+            else:
+                seen[_real(file)] = file
                 paths.append(file)
     if not paths:
         raise CommandError(f"no images found in {', '.join(map(repr, inputs))} "
                            f"(looked for {', '.join(IMAGE_SUFFIXES)})" + (
                                f"; links to folders are not followed ({len(links)} skipped, first {links[0]!r}): "
-                               "give the folder they point to" if links else ""))
+                               "give the folder they point to" if links else "") + (
+                               f"; {len(unlisted)} folder(s) could not be read, first {unlisted[0]}"
+                               if unlisted else ""))
     roots = [p if os.path.isdir(p) else os.path.dirname(os.path.abspath(p)) for p in inputs]
     layout = layout_names(paths, roots)
     names, clashes = output_names(layout, name_max(out))
     items = [Item(p, n, clashes.get(i) or unreadable(p, out_real)) for i, (p, n) in enumerate(zip(paths, names))]
-    return Found(items, links, [i for i, (a, b) in enumerate(zip(layout, names)) if a != b])
+    return Found(items, links, [i for i, (a, b) in enumerate(zip(layout, names)) if a != b], unlisted, again)
 
 
 # --- names under OUT -----------------------------------------------------------------------------------------
@@ -217,21 +233,54 @@ def tagged(component: str, key: str, budget: int) -> str:
     return f"{''.join(kept)}~{digest}{extension}"
 
 
+def same_on_any_disk(name: str) -> str:
+    """What ``name`` is on a file system that ignores case or Unicode normalisation (macOS, Windows, exFAT, SMB
+    shares): two names with the same key are one file there.
+
+    >>> same_on_any_disk("Caf\u00e9.PNG") == same_on_any_disk("cafe\u0301.png")
+    True
+    """
+    return unicodedata.normalize("NFC", name).casefold()
+
+
+RESERVED = tuple(same_on_any_disk(name) for name in (INDEX, MARKER, LOCK))
+"""OUT's own files: no result folder may take their names."""
+
+
 def _folders(names: Iterable[str]) -> set:
-    return {name.rsplit("/", k)[0] for name in names for k in range(1, name.count("/") + 1)}
+    return {same_on_any_disk(name.rsplit("/", k)[0]) for name in names for k in range(1, name.count("/") + 1)}
 
 
 def _clashes(names: Sequence[str]) -> List[int]:
-    """The inputs whose result (NAME.npz, NAME.png) would be a folder other results go in."""
-    folders = _folders(names)
-    return [i for i, name in enumerate(names) if any(f"{name}.{kind}" in folders for kind in KINDS)]
+    """The inputs whose result (NAME.npz, NAME.png) would be a folder other results go in, and those whose name is
+    another's on a file system that ignores case or normalisation (all but the first of each such group)."""
+    folders, seen = _folders(names), set()
+    found = []
+    for i, name in enumerate(names):
+        key = same_on_any_disk(name)
+        if key in seen or any(f"{key}.{kind}" in folders for kind in KINDS):
+            found.append(i)
+        seen.add(key)
+    return found
+
+
+def _fitted(name: str, limit: int, room: int) -> str:
+    """``name`` with each folder at most ``limit`` bytes and not one of OUT's own files, and the file's name at
+    most ``room`` bytes (else :func:`tagged`)."""
+    parts = name.split("/")
+    folders = [part if _bytes(part) <= limit and not (k == 0 and same_on_any_disk(part) in RESERVED)
+               else tagged(part, "/".join(parts[:k + 1]), limit) for k, part in enumerate(parts[:-1])]
+    last = parts[-1] if _bytes(parts[-1]) <= room else tagged(parts[-1], name, room)
+    return "/".join(folders + [last])
 
 
 def output_names(names: Sequence[str], limit: int = 255) -> Tuple[List[str], Dict[int, str]]:
     """The inputs' names under ``OUT`` from their layout names: every folder name at most ``limit`` bytes, every
-    file name with room for the longest suffix and a temporary's, and no result where another's folder must go
-    (``c.png`` beside a folder ``c.png.png/``): such a name is :func:`tagged`. Returns the names and, for any
-    input that still could not get a name of its own, why (it is then not explained).
+    file name with room for the longest suffix and a temporary's, no folder named as OUT's own files
+    (``index.jsonl/``), no result where another's folder must go (``c.png`` beside a folder ``c.png.png/``), and
+    no two names that one file system would take for one (``Case.png`` and ``case.png``, ``café`` composed and
+    decomposed: :func:`same_on_any_disk`): such a name is :func:`tagged`. Returns the names and, for any input
+    that still could not get a name of its own, why (it is then not explained).
 
     >>> output_names(["c.png", "c.png.png/d.png"])[0]
     ['c~58704e585ac9.png', 'c.png.png/d.png']
@@ -239,24 +288,14 @@ def output_names(names: Sequence[str], limit: int = 255) -> Tuple[List[str], Dic
     (['a.png'], {})
     """
     room = limit - LONGEST_SUFFIX - PART_EXTRA
-    out = []
-    for name in names:
-        parts = name.split("/")
-        folders = [part if _bytes(part) <= limit else tagged(part, "/".join(parts[:k + 1]), limit)
-                   for k, part in enumerate(parts[:-1])]
-        last = parts[-1] if _bytes(parts[-1]) <= room else tagged(parts[-1], name, room)
-        out.append("/".join(folders + [last]))
+    out = [_fitted(name, limit, room) for name in names]
     for i in _clashes(out):
         head, _, last = out[i].rpartition("/")
         out[i] = (head + "/" if head else "") + tagged(last, names[i], room)
-    problems, seen = {}, {}
+    problems = {}
     for i in _clashes(out):
-        problems[i] = (f"its result would be named {out[i]}.npz/.png, a folder other results go in; rename the "
-                       "input or that folder")
-    for i, name in enumerate(out):
-        if name in seen:
-            problems[i] = f"its result would be named as that of {names[seen[name]]}; rename one of them"
-        seen.setdefault(name, i)
+        problems[i] = (f"its result would be named {out[i]}.npz/.png, a folder other results go in or another "
+                       "input's result; rename the input")
     return out, problems
 
 
@@ -300,6 +339,8 @@ class Plan:
     replacing: List[int] = field(default_factory=list)
     links: List[str] = field(default_factory=list)
     renamed: List[int] = field(default_factory=list)
+    unlisted: List[str] = field(default_factory=list)
+    again: List[str] = field(default_factory=list)
 
 
 def _differences(old: Dict[str, Any], new: Dict[str, Any]) -> str:
@@ -510,20 +551,20 @@ class Lock:
 
     def __init__(self, out: str):
         self.out, self.path, self.fd, self.note = out, os.path.join(out, LOCK), None, None
-        self.created = not os.path.exists(out)
+        self.created: List[str] = []  # the folders this run made for OUT, deepest first
 
     @classmethod
     def take(cls, out: str) -> "Lock":
         check_out(out)
         lock = cls(out)
-        os.makedirs(out, exist_ok=True)
+        lock.created = _make_folders(out)
         try:
             import fcntl
         except ImportError:
             lock.note = "no lock on --out (no flock here): run one explain per --out at a time"
             return lock
         for _ in range(100):
-            fd = os.open(lock.path, os.O_RDWR | os.O_CREAT, 0o666)
+            fd = _open_lock(lock)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as error:
@@ -548,17 +589,43 @@ class Lock:
         raise CommandError(f"could not take the lock on --out {out!r} (it kept changing); try again")
 
     def release(self) -> None:
-        """Let go (the file goes first, so a run waiting locks the next one); ``OUT`` goes too if this run made
-        it and left it empty (a run stopped before it wrote anything)."""
+        """Let go (the file goes first, so a run waiting locks the next one); ``OUT``, and the folders above it,
+        go too if this run made them and left them empty (a run stopped before it wrote anything)."""
         if self.fd is not None:
             remove_if_present(self.path)
             os.close(self.fd)
             self.fd = None
-        if self.created:
+        for folder in self.created:
             try:
-                os.rmdir(self.out)
+                os.rmdir(folder)
             except OSError:
-                pass
+                break
+        self.created = []
+
+
+def _unwritable(out: str, error: OSError) -> CommandError:
+    return CommandError(f"--out {out!r} cannot be written ({error.strerror or error}); choose another --out")
+
+
+def _make_folders(out: str) -> List[str]:
+    """Make ``out`` and the folders above it that are missing; those made, deepest first."""
+    missing, folder = [], os.path.abspath(out)
+    while not os.path.lexists(folder) and os.path.dirname(folder) != folder:
+        missing.append(folder)
+        folder = os.path.dirname(folder)
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as error:
+        raise _unwritable(out, error) from None
+    return missing
+
+
+def _open_lock(lock: "Lock") -> int:
+    try:
+        return os.open(lock.path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as error:
+        lock.release()
+        raise _unwritable(lock.out, error) from None
 
 
 def _holder(fd: int) -> str:

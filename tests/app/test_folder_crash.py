@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from guided_swap.app.cli import main
-from guided_swap.app.results import MARKER, read_index, read_record
+from guided_swap.app.results import INDEX, MARKER, read_index, read_record
 
 from test_folder import files, save_image
 
@@ -51,8 +51,9 @@ def test_sigkill_leaves_whole_results_only_and_the_next_run_finishes(tmp_path, m
     os.killpg(process.pid, signal.SIGKILL)
     process.communicate()
     visible = [n for n in files(out) if not os.path.basename(n).startswith(".")]
-    assert set(visible) <= {f"pic{i:02d}.png.{kind}" for i in range(COUNT) for kind in ("npz", "png")}
-    for name in visible:  # every file a glob would find is whole and says what made it
+    assert set(visible) <= {f"pic{i:02d}.png.{kind}" for i in range(COUNT) for kind in ("npz", "png")} | {INDEX}
+    assert all("not explained yet" in line["error"] for line in read_index(out))  # what the run was making
+    for name in set(visible) - {INDEX}:  # every file a glob would find is whole and says what made it
         assert read_record(str(out / name))["settings"]["model"] == "demo", name
     complete = sum((out / f"pic{i:02d}.png.npz").exists() for i in range(COUNT))
     (out / ".pic15.png.npz.999999999-0badc0de.part").write_bytes(b"half")  # as a kill mid-write leaves
@@ -82,3 +83,49 @@ def test_ctrl_c_stops_after_the_batch_with_one_line(tmp_path, many, capsys):
     assert f"{len(done)} of {COUNT} input(s) already done" in capsys.readouterr().err
     assert all(line["error"] is None for line in read_index(out))
     assert np.load(out / "pic15.png.npz")["cam"].shape == (48, 48)
+
+
+def test_sigkill_during_force_leaves_no_index_line_describing_a_replaced_result(tmp_path, many):
+    out = tmp_path / "out"
+    common = ["explain", str(many), "--model", "demo", "--out", str(out), "--workers", "0", "--writers", "0",
+              "--scale", "per-image"]
+    assert main(common + ["--size", "40"]) == 0
+    process = start(many, out, "--workers", "0", "--writers", "0", "--scale", "per-image", "--size", "44", "--force")
+    deadline = time.monotonic() + 180
+    while not any((read_record(str(out / f"pic{i:02d}.png.npz")) or {}).get("settings", {}).get("size") == 44
+                  for i in range(COUNT)):
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.communicate()
+    for line in read_index(out):  # every line is the result on disk, or says the input is not done
+        if line["error"] is None:
+            for output in line["outputs"]:
+                assert read_record(str(out / output))["settings"] == line["settings"], line["name"]
+        else:
+            assert "not explained yet" in line["error"]
+    assert main(common + ["--size", "44", "--force"]) == 0  # the same command finishes the job
+    assert {line["settings"]["size"] for line in read_index(out)} == {44}
+
+
+SIGTERM_WHILE_BUILDING = """
+import os, signal, sys, time
+from guided_swap.app import cli, folder
+build = folder.build_explainer
+def build_and_stop(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGTERM)  # as a scheduler stops a job that is still starting
+    time.sleep(1.0)
+    return build(*args, **kwargs)
+folder.build_explainer = build_and_stop
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_before_the_first_batch_exits_130_and_leaves_nothing(tmp_path, many):
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-c", SIGTERM_WHILE_BUILDING, "explain", str(many), "--model", "demo",
+                           "--out", str(out), "--workers", "0", "--writers", "0"], capture_output=True, text=True,
+                          env={**os.environ, "MPLBACKEND": "Agg"})
+    assert done.returncode == 130, done.stderr
+    assert "interrupted" in done.stderr and "Traceback" not in done.stderr
+    assert not out.exists()  # nor its lock

@@ -124,3 +124,30 @@ def test_a_writer_obeys_sigterm_and_the_run_goes_on(tmp_path, many):
     lost = [line for line in lines if line["error"] is not None]
     assert all("writer process ended" in line["error"] for line in lost), lost
     assert all(os.path.exists(out / output) for line in lines if line["error"] is None for output in line["outputs"])
+
+
+def test_sigterm_to_the_whole_process_group_stops_after_the_batch(tmp_path, many):
+    """As `timeout`, Slurm and `kill -TERM -PGID` send it: the main process, its decode workers and its writers
+    at once. The decode workers and writers end; the run stops after its batch with 130, as on Ctrl-C."""
+    out = tmp_path / "out"
+    process = start(many, out, "--workers", "2", "--writers", "2", "--scale", "per-image")
+    try:
+        wait_for_results(process, out, 2)
+        helpers = wait_for_writers(process, 4)
+        os.killpg(process.pid, signal.SIGTERM)
+        _, error = process.communicate(timeout=120)
+    finally:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except OSError:
+            pass
+    assert process.returncode == 130, error
+    assert "Traceback" not in error and "RuntimeError" not in error and "the run stopped" not in error, error
+    assert gone_within(helpers, 5.0) == []
+    lines = read_index(out)
+    assert len(lines) == COUNT and any(line["error"] is None for line in lines)
+    assert all(os.path.exists(out / output) for line in lines if line["error"] is None for output in line["outputs"])
+    assert subprocess.run([sys.executable, "-m", "guided_swap", "explain", str(many), "--model", "demo", "--out",
+                           str(out), "--workers", "0", "--writers", "0", "--scale", "per-image"],
+                          capture_output=True, env={**os.environ, "MPLBACKEND": "Agg"}).returncode == 0
+    assert all(line["error"] is None for line in read_index(out))

@@ -78,3 +78,24 @@ def test_a_live_process_s_temporaries_are_never_removed(tmp_path, some):
     live.write_bytes(b"being written")
     assert explain(some, "--out", out) == 0
     assert live.read_bytes() == b"being written"
+
+
+@pytest.mark.parametrize("where", ["a file", "under a file", "lock taken by a folder"])
+def test_an_out_that_cannot_be_written_is_a_usage_error_and_nothing_is_left(tmp_path, some, capsys, where):
+    (tmp_path / "file").write_bytes(b"")
+    out = {"a file": tmp_path / "file", "under a file": tmp_path / "file" / "out"}.get(where, tmp_path / "taken")
+    if where == "lock taken by a folder":
+        (out / LOCK).mkdir(parents=True)
+    before = files(tmp_path), sorted(os.listdir(tmp_path))
+    assert explain(some, "--out", out) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and f"--out {str(out)!r}" in error, error
+    assert ("give a folder for the results" if where == "a file" else "choose another --out") in error, error
+    assert (files(tmp_path), sorted(os.listdir(tmp_path))) == before
+
+
+def test_a_run_refused_after_taking_the_lock_leaves_no_folder_it_made(tmp_path, some, capsys):
+    out = tmp_path / "new" / "deeper" / "out"
+    assert explain(some, "--out", out, "--target", "5") == 2  # the demo model has 2 classes: found once it is built
+    assert "not a class of this model" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["in"]

@@ -47,7 +47,9 @@ def test_a_full_disk_mid_replacement_leaves_the_earlier_pair_whole(tmp_path, thr
     monkeypatch.setattr(results, "write_png", disk_full)
     capsys.readouterr()
     assert explain(*common, "--size", "48", "--force") == 1
-    assert "could not explain" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert "could not explain" in error
+    assert "explained 2 image(s)" in error and "1 could not be explained" in error, error  # 2 + 1 = 3 inputs
     assert {name: md5(out / name) for name in before} == before  # the earlier pair, whole
     assert {read_record(str(out / name))["settings"]["size"] for name in before} == {40}
     lines = {line["name"]: line for line in read_index(out)}
@@ -119,3 +121,29 @@ def test_a_usage_error_found_after_planning_writes_nothing(tmp_path, three, caps
     out.mkdir()
     assert explain(three, "--out", out, "--labels", labels) == 2
     assert files(out) == []
+
+
+def test_an_index_that_cannot_be_written_at_the_end_never_describes_the_results_replaced(tmp_path, three,
+                                                                                       monkeypatch, capsys):
+    """index.jsonl says which inputs a run is making before it replaces any result; a run killed then, or whose
+    last index write fails (a full disk), leaves that, never lines of the results it replaced."""
+    out = tmp_path / "out"
+    assert explain(three, "--out", out, "--size", "40", "--scale", "per-image") == 0
+    write = results.write_index
+    calls = []
+
+    def last_fails(folder_, lines):
+        calls.append(1)
+        if len(calls) > 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write(folder_, lines)
+
+    monkeypatch.setattr(results, "write_index", last_fails)
+    assert explain(three, "--out", out, "--size", "48", "--scale", "per-image", "--force") == 1
+    assert "No space left on device" in capsys.readouterr().err
+    for line in read_index(out):  # no line describes a size-40 result: those files are size 48 now
+        assert line["error"] is not None and "did not finish" in line["error"], line
+        assert read_record(str(out / (line["name"] + ".npz")))["settings"]["size"] == 48
+    monkeypatch.setattr(results, "write_index", write)
+    assert explain(three, "--out", out, "--size", "48", "--scale", "per-image") == 0
+    assert [line["settings"]["size"] for line in read_index(out)] == [48, 48, 48]

@@ -127,3 +127,54 @@ def test_saving_a_runtime_explainer_with_a_lambda_hook_names_the_hook_and_writes
     with pytest.raises(TypeError, match=r"forward hook .*<lambda> on module layer4.*nothing was written"):
         ex.save(str(path))
     assert not path.exists() and os.listdir(tmp_path) == []
+
+
+def test_hooks_registered_with_kwargs_are_sorted_like_the_others(resnet, x):
+    seen = []
+    handle = resnet.layer4.register_forward_hook(lambda m, args, kwargs, o: seen.append(type(o)), with_kwargs=True)
+    ex = gs.convert(resnet, layer="layer4", example_input=x)
+    assert ex.report.capture.startswith("runtime") and "layer4" in ex.report.capture
+    seen.clear()
+    ex.explain(x, [3, 5])
+    assert seen == [torch.Tensor]
+    handle.remove()
+    resnet.layer3.register_forward_hook(lambda m, args, kwargs, o: o * 0.5, with_kwargs=True)
+    resnet.layer2.register_forward_pre_hook(lambda m, args, kwargs: ((args[0].flip(-1),), kwargs), with_kwargs=True)
+    resnet.layer1.register_forward_hook(lambda m, args, o: o + 0.1, always_call=True)
+    ex = gs.convert(resnet, layer="layer4")
+    assert ex.report.capture == "fx"
+    with torch.no_grad():
+        torch.testing.assert_close(ex(x), resnet(x))
+    runtime = gs.convert(resnet, layer="layer4", capture="runtime").explain(x, [3, 5])
+    torch.testing.assert_close(ex.explain(x, [3, 5]).gradient, runtime.gradient)
+
+
+def test_a_global_module_hook_runs_at_every_explain(resnet, x):
+    modules = []
+    handle = nn.modules.module.register_module_forward_hook(lambda m, i, o: modules.append(type(m).__name__))
+    try:
+        ex = gs.convert(resnet, layer="layer4", example_input=x)
+        assert ex.report.capture.startswith("runtime") and "global forward hook" in ex.report.capture
+        modules.clear()
+        ex.explain(x, [3, 5])
+    finally:
+        handle.remove()
+    assert {"Conv2d", "BatchNorm2d", "BasicBlock", "Linear"} <= set(modules)
+
+
+def test_hooks_on_a_timm_model(x):
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("resnet18", pretrained=False).eval()
+    seen = []
+    model.layer3.register_forward_hook(lambda m, i, o: seen.append(type(o)))
+    ex = gs.convert(model, layer="layer4", example_input=x)
+    assert ex.report.capture.startswith("runtime")
+    seen.clear()
+    ex.explain(x, [3, 5])
+    assert seen == [torch.Tensor]
+    model = timm.create_model("resnet18", pretrained=False).eval()
+    model.layer3.register_forward_hook(lambda m, i, o: o * 0.5)
+    ex = gs.convert(model, layer="layer4")
+    assert ex.report.capture == "fx"
+    with torch.no_grad():
+        torch.testing.assert_close(ex(x), model(x))
