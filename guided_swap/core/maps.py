@@ -330,6 +330,18 @@ class Explanation:
                        score=self.score[rows], gradient=gradient, outputs=outputs,
                        layers={name: maps[rows] for name, maps in self.layers.items()})
 
+    def of_input(self, index: int) -> "Explanation":
+        """The explanation of input ``index`` of several (``explain((x1, x2))``): its gradient alone, and every
+        layer's maps resized to that input where it has the map's number of spatial dimensions (what a figure of
+        that input draws)."""
+        if not isinstance(self.gradient, tuple):
+            raise TypeError("of_input() picks one input of an explanation of several inputs; this one has one")
+        gradient = self.gradient[index]
+        size = tuple(gradient.shape[2:])
+        layers = {name: replace(maps, input_size=size) if len(size) == len(maps.input_size) else maps
+                  for name, maps in self.layers.items()}
+        return replace(self, gradient=gradient, layers=layers)
+
     @property
     def gradients(self) -> Tuple[Tensor, ...]:
         """The input gradient of every input, as a tuple (one entry for a model with one input)."""

@@ -536,6 +536,9 @@ def draw_map(fig, ax, panel: str, values, picture: np.ndarray, limit: Limits, cm
 
 
 def _check_figure_arguments(explanation, inputs, panels, notes, scale, limits) -> None:
+    if isinstance(getattr(explanation, "gradient", None), tuple) or isinstance(inputs, tuple):
+        raise ValueError("a figure draws one input per row; this explanation has several inputs: draw each with "
+                         "figure(e.of_input(i), x_i)")
     _check_panels(panels)
     if not panels:
         raise ValueError("panels is empty: name at least one of " + ", ".join(PANELS))

@@ -291,3 +291,19 @@ def test_a_compiled_explainer_explains_several_inputs_eagerly_and_says_so():
         compiled = ex.explain((rgb, depth), 1, forward_args=(mask,))
     assert all(torch.equal(a, b) for a, b in zip(eager.gradient, compiled.gradient))
     assert torch.equal(eager.cam, compiled.cam)
+
+
+def test_one_input_of_several_is_drawn_and_measured_on_its_own():
+    model = two_stream()
+    rgb, depth, mask = inputs()
+    ex = gs.convert(model, layer=["rgb.7", "depth2"])
+    e = ex.explain((rgb, depth), 1, forward_args=(mask,))
+    with pytest.raises(ValueError, match="of_input"):
+        gs.viz.plan(e, (rgb, depth))
+    depth_only = e.of_input(1)
+    assert torch.equal(depth_only.gradient, e.gradient[1]) and depth_only.cam.shape == (2, 48, 40)
+    assert torch.equal(depth_only.guided_gradcam, e.guided_gradcam[1])
+    rows = gs.viz.plan(depth_only, depth.repeat(1, 3, 1, 1), mean=(0.0,) * 3, std=(1.0,) * 3)
+    assert len(rows) == 2
+    with pytest.raises(gs.InputError, match="perturbs one input"):
+        gs.metrics.deletion(ex, (rgb, depth), e.cam)

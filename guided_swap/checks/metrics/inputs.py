@@ -21,7 +21,12 @@ from ...run.explainer import Explainer
 
 def as_batch(ex: Any, x: Any) -> Tuple[Tensor, Any]:
     """``x`` as one (B, C, *spatial) tensor and as given (a detector's list of images), checked by the
-    explainer's capture when ``ex`` is an :class:`~guided_swap.Explainer`."""
+    explainer's capture when ``ex`` is an :class:`~guided_swap.Explainer`. A tuple is a model's several inputs
+    (as ``explain`` reads it), which a metric does not perturb: refused."""
+    if isinstance(x, tuple):
+        raise InputError("a metric perturbs one input and reads the model's answer; a tuple is several inputs of one "
+                         "model (explain((x1, x2))), which the metrics do not take: give one input tensor, or a "
+                         "detector's list of images")
     if isinstance(ex, Explainer):
         ex.capture.check(x)
         return ex.capture.stack(x).detach(), x
