@@ -383,7 +383,14 @@ def _stopped_with_workers(flag, error: RuntimeError) -> bool:
     """Whether ``error`` is torch's report of a decode worker that ended after this run was asked to stop: a
     SIGTERM sent to the whole process group (``timeout``, Slurm, ``kill -TERM -PGID``) ends the workers too, and
     the run stops as the signal asked, not as if a worker had failed."""
-    return flag.raised and "DataLoader worker" in str(error)
+    if "DataLoader worker" not in str(error):
+        return False
+    # The group's SIGTERM may reach this process after its workers' ends are noticed (a loaded machine schedules
+    # the dying workers first): give its handler a moment to run before calling the worker's end a failure.
+    deadline = time.monotonic() + (2.0 if "Terminated" in str(error) else 0.0)
+    while not flag.raised and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return flag.raised
 
 
 def _write_failures(writers: Writers, plan: Plan, indices, records: Dict[int, dict], settings) -> None:
