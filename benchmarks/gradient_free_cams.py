@@ -282,7 +282,10 @@ def markdown(result: dict) -> str:
               "scale already (EigenCAM: its SVD sign is arbitrary there, and a flipped sign shows as a large "
               "difference).",
               "",
-              "torch-cam: a number, not a check: its maps differ from pytorch-grad-cam's by design in some rows. "
+              "torch-cam: a number, not a check: its maps differ from pytorch-grad-cam's by design in some rows. Its "
+              "gradient extractors take `autograd.grad` of the score to the hooked layers' outputs only, where "
+              "`explain` also returns the input gradient (a backward through the whole model) and pytorch-grad-cam "
+              "calls `backward()` (to the parameters): the light fused rows' times are not the same work. "
               "Score-CAM: `ScoreCAM(model, \"layer4\", batch_size=32)`, against ours min-max scaled at the layer's "
               "resolution; it scales each activation at the layer's resolution, then upsamples it without aligned "
               "corners (pytorch-grad-cam and ours: upsample with aligned corners, then scale): slightly different "
