@@ -1,25 +1,33 @@
-"""Score-CAM, Ablation-CAM, EigenCAM and FullGrad against pytorch-grad-cam (and torch-cam's Score-CAM): one run.
+"""Score-CAM, Ablation-CAM, EigenCAM, FullGrad and fusions of several layers against pytorch-grad-cam and torch-cam.
 
     nice -n 10 python benchmarks/gradient_free_cams.py                 # the rows in benchmarks/results/
     nice -n 10 python benchmarks/gradient_free_cams.py --quick         # a look in a few minutes (64 px, not written)
 
-For each model (resnet18, resnet50 at ``layer4``, 224 px, random seeded weights) and batch size (1, 4), on the CPU:
+torch-cam is optional (``pip install torchcam``; without it its columns stay empty). For each model (resnet18,
+resnet50 at ``layer4``, 224 px, random seeded weights) and batch size (1, 4), on the CPU, in one run:
 
 - ``input gradient``: one forward and backward of the model to the input, the unit of the ``ours in input
   gradients`` column (timed again in every row's rounds, and that row's median is the unit);
-- ``scorecam``: ``explain(x, t, cams="scorecam")`` against ``ScoreCAM(model, [layer])(x, targets)`` and torch-cam's
-  ``ScoreCAM`` (batched too; its map differs slightly: it upsamples without aligned corners);
+- ``eigencam``: ``explain(x, t).cams_raw["eigencam"]`` (a forward and a backward) against ``EigenCAM`` (a forward);
+- ``fullgrad``: ``explain(x, t, cams="fullgrad")`` against ``FullGrad``;
+- the fusions of ``layer3`` and ``layer4`` (an explainer of both layers): ``gradcam`` and ``layercam, fused
+  (mean)``: ``explain(x, t).fused(name)`` against ``GradCAM``/``LayerCAM(model, [layer3, layer4])(x, targets)``
+  (pytorch-grad-cam's several target layers) and torch-cam's extractor of both layers with its ``fuse_cams``
+  (a maximum, not a mean: a different map); ``gradcam`` and ``gradcam++, fused (product: RefineCAM)``:
+  ``explain(x, t).fused(name, how="product")`` against ``RefineCAM(model, [layer3, layer4], base_method=...)`` and
+  torch-cam's ``RefineCAM``;
 - ``ablationcam``: ``explain(x, t, cams="ablationcam")`` (the model from ``layer4`` on only) against
   ``AblationCAM`` (which runs the whole model for each ablated channel);
-- ``eigencam``: ``explain(x, t).cams_raw["eigencam"]`` (a forward and a backward) against ``EigenCAM`` (a forward);
-- ``fullgrad``: ``explain(x, t, cams="fullgrad")`` against ``FullGrad``.
+- ``scorecam``: ``explain(x, t, cams="scorecam")`` against ``ScoreCAM(model, [layer])(x, targets)`` and torch-cam's
+  ``ScoreCAM`` (batched too; its map differs slightly: it scales before upsampling, without aligned corners).
 
 Each row's calls run interleaved (a slow spell of the shared machine falls on all of them), the time is the median
 over the rounds. Score-CAM and pytorch-grad-cam's Ablation-CAM make ``B x K`` forwards of the whole model
 (K = 512 or 2048 channels): minutes to an hour a call here, so they run ``--heavy-rounds`` rounds without a
 warm-up (a warm-up is one forward among thousands), and rows whose heavy calls would make more than
-``--max-forwards`` forwards of resnet50-sized work are not run (the table says so). ``max diff``: ours through
-pytorch-grad-cam's scaling (``scale_cam_image`` twice) against its output.
+``--max-forwards`` forwards of resnet50-sized work are not run (the table says so). ``max diff``: ours (through
+pytorch-grad-cam's scaling, ``scale_cam_image`` twice, where it is a single layer's map) against pytorch-grad-cam's
+output; ``torch-cam max diff``: the same against torch-cam's map (a number, not a check: see the table's notes).
 """
 import argparse
 import json
@@ -42,10 +50,10 @@ from guided_swap.checks.benchmark import interleaved
 from pytorch_grad_cam.utils.image import scale_cam_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-try:
-    from torchcam.methods import ScoreCAM as TorchCamScoreCAM
-except ImportError:  # torch-cam is optional
-    TorchCamScoreCAM = None
+try:  # torch-cam is optional: pip install torchcam
+    import torchcam.methods as torchcam
+except ImportError:
+    torchcam = None
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 LIBRARY = {"scorecam": pgc.ScoreCAM, "ablationcam": pgc.AblationCAM, "eigencam": pgc.EigenCAM,
@@ -53,6 +61,13 @@ LIBRARY = {"scorecam": pgc.ScoreCAM, "ablationcam": pgc.AblationCAM, "eigencam":
 HEAVY = ("scorecam", "ablationcam")
 CHANNELS = {"resnet18": 512, "resnet50": 2048}
 COST = {"resnet18": 0.45, "resnet50": 1.0}  # forward cost relative to resnet50's, for --max-forwards
+FUSED_LAYERS = ("layer3", "layer4")
+# row name: (CAM, how); "mean" is pytorch-grad-cam given several target layers, "product" its RefineCAM
+FUSIONS = {"gradcam, fused (mean)": ("gradcam", "mean"), "layercam, fused (mean)": ("layercam", "mean"),
+           "gradcam, fused (product: RefineCAM)": ("gradcam", "product"),
+           "gradcam++, fused (product: RefineCAM)": ("gradcam++", "product")}
+FUSED_BASE = {"gradcam": (pgc.GradCAM, "GradCAM"), "layercam": (pgc.LayerCAM, "LayerCAM"),
+              "gradcam++": (pgc.GradCAMPlusPlus, "GradCAMpp")}  # pytorch-grad-cam's class, torch-cam's name
 
 
 def _quiet(fn: Callable) -> Callable:
@@ -80,7 +95,7 @@ def _library(name: str, model, layer, x, targets) -> Callable:
 
 def _torchcam(model, layer_name: str, x, target) -> Callable:
     def call():
-        with TorchCamScoreCAM(model, layer_name, batch_size=32, input_shape=tuple(x.shape[1:])) as extractor:
+        with torchcam.ScoreCAM(model, layer_name, batch_size=32, input_shape=tuple(x.shape[1:])) as extractor:
             with torch.no_grad():
                 scores = model(x)
             return extractor(class_idx=target.tolist(), scores=scores)[0]
@@ -114,6 +129,68 @@ def _timed(calls: Dict[str, Callable], rounds: int, warmup: int) -> Dict[str, di
     return {key: {"s": statistics.median(values), "all_s": values, "result": last[key]} for key, values in times.items()}
 
 
+def _pgc_fused(name: str, how: str, model, layers, x, targets) -> Callable:
+    """pytorch-grad-cam given several target layers (``how="mean"``), or its RefineCAM (``"product"``)."""
+    def call():
+        if how == "mean":
+            tool = FUSED_BASE[name][0](model, layers)
+            tools = [tool]
+        else:
+            tool = pgc.RefineCAM(model, layers, base_method=FUSED_BASE[name][0])
+            tools = tool.base_cam_per_layer
+        try:
+            return tool(input_tensor=x, targets=targets)
+        finally:
+            for one in tools:
+                one.activations_and_grads.release()
+    return _quiet(call)
+
+
+def _torchcam_fused(name: str, how: str, model, x, target) -> Callable:
+    """torch-cam's extractor of several layers and its ``fuse_cams`` (``how="mean"``: its fusion is a maximum), or
+    its RefineCAM (``"product"``), at the input's size."""
+    base = getattr(torchcam, FUSED_BASE[name][1])
+    size = tuple(x.shape[2:])
+
+    def call():
+        if how == "mean":
+            extractor = base(model, list(FUSED_LAYERS), input_shape=tuple(x.shape[1:]))
+        else:
+            extractor = torchcam.RefineCAM(model, list(FUSED_LAYERS), input_shape=tuple(x.shape[1:]),
+                                           base_method=base)
+        with extractor:
+            scores = model(x)
+            if how == "mean":
+                return base.fuse_cams(extractor(class_idx=target.tolist(), scores=scores), size).detach()
+            return extractor(class_idx=target.tolist(), scores=scores, target_shape=size)[0].detach()
+    return _quiet(call)
+
+
+def _minmax(cam: torch.Tensor) -> torch.Tensor:
+    """torch-cam's normalisation of a (B, *spatial) map: min-max per sample, ``1e-8`` added to the range."""
+    dims = tuple(range(1, cam.ndim))
+    cam = cam - cam.amin(dim=dims, keepdim=True)
+    return cam / (cam.amax(dim=dims, keepdim=True) + 1e-8)
+
+
+def _abs_max(ours: torch.Tensor, theirs) -> float:
+    theirs = theirs if isinstance(theirs, np.ndarray) else theirs.numpy()
+    return float(np.abs(ours.numpy() - theirs).max())
+
+
+def _row(head: dict, timed: Dict[str, dict], max_diff: float, torchcam_max_diff: Optional[float] = None) -> dict:
+    row = {**head, "rounds": {key: len(value["all_s"]) for key, value in timed.items()}, "max_diff": max_diff}
+    for key, value in timed.items():
+        row[f"{key}_s"] = value["s"]
+    row["ratio"] = row["pytorch_grad_cam_s"] / row["guided_swap_s"]
+    row["x_grad"] = row["guided_swap_s"] / row["gradient_s"]  # the gradient timed in this row's rounds
+    if "torchcam_s" in row:
+        row["torchcam_ratio"] = row["torchcam_s"] / row["guided_swap_s"]
+        row["torchcam_max_diff"] = torchcam_max_diff
+    print(json.dumps(row), flush=True)
+    return row
+
+
 def model_rows(model_name: str, batch: int, size: int, args) -> List[dict]:
     torch.manual_seed(0)
     model = torchvision.models.get_model(model_name, weights=None).eval()
@@ -122,6 +199,7 @@ def model_rows(model_name: str, batch: int, size: int, args) -> List[dict]:
         target = model(x).argmax(dim=1)
     targets = [ClassifierOutputTarget(int(t)) for t in target]
     explainer = gs.convert(model, layer="layer4")
+    fusing = gs.convert(model, layer=list(FUSED_LAYERS))
     layer = model.get_submodule("layer4")
     measured = {"measured": time.strftime("%Y-%m-%d %H:%M"), "load": round(os.getloadavg()[0], 1)}
     gradient = _input_gradient(model, x, target)
@@ -129,14 +207,27 @@ def model_rows(model_name: str, batch: int, size: int, args) -> List[dict]:
     rows = [{"model": model_name, "batch": batch, "size": size, "method": "input gradient", "guided_swap_s": unit,
              "x_grad": 1.0, **measured}]
     forwards = batch * CHANNELS[model_name] * COST[model_name] * (size / 224) ** 2
-    for name in ("eigencam", "fullgrad", "ablationcam", "scorecam"):
+    for name in ("eigencam", "fullgrad", *FUSIONS, "ablationcam", "scorecam"):
+        head = {"model": model_name, "batch": batch, "size": size, "method": name, **measured}
+        if name in FUSIONS:  # one explain of layer3 and layer4, then the fusion
+            cam, how = FUSIONS[name]
+            calls = {"guided_swap": lambda cam=cam, how=how: fusing.explain(x, target).fused(cam, how=how),
+                     "pytorch_grad_cam": _pgc_fused(cam, how, model, [model.get_submodule(n) for n in FUSED_LAYERS],
+                                                    x, targets), "gradient": gradient}
+            if torchcam is not None:
+                calls["torchcam"] = _torchcam_fused(cam, how, model, x, target)
+            timed = _timed(calls, args.rounds, 1)
+            ours = timed["guided_swap"]["result"]
+            rows.append(_row(head, timed, _abs_max(ours, timed["pytorch_grad_cam"]["result"]),
+                             _abs_max(ours, timed["torchcam"]["result"]) if "torchcam" in timed else None))
+            continue
         calls = {"guided_swap": _ours(explainer, name, x, target),
                  "pytorch_grad_cam": _library(name, model, layer, x, targets), "gradient": gradient}
-        if name == "scorecam" and TorchCamScoreCAM is not None:
+        if name == "scorecam" and torchcam is not None:
             calls["torchcam"] = _torchcam(model, "layer4", x, target)
         heavy = name in HEAVY
         if heavy and forwards > args.max_forwards:
-            rows.append({"model": model_name, "batch": batch, "size": size, "method": name, **measured, "skipped":
+            rows.append({**head, "skipped":
                          f"{batch * CHANNELS[model_name]} forwards of {model_name} per call: over --max-forwards"})
             print(json.dumps(rows[-1]), flush=True)
             continue
@@ -145,47 +236,70 @@ def model_rows(model_name: str, batch: int, size: int, args) -> List[dict]:
             timed.update(_timed({"pytorch_grad_cam": calls["pytorch_grad_cam"]}, args.heavy_rounds, 0))
         else:
             timed = _timed(calls, args.heavy_rounds if heavy else args.rounds, 0 if heavy else 1)
-        row = {"model": model_name, "batch": batch, "size": size, "method": name, **measured,
-               "rounds": {key: len(value["all_s"]) for key, value in timed.items()},
-               "max_diff": _max_diff(name, timed["guided_swap"]["result"], timed["pytorch_grad_cam"]["result"], x)}
-        for key, value in timed.items():
-            row[f"{key}_s"] = value["s"]
-        row["ratio"] = row["pytorch_grad_cam_s"] / row["guided_swap_s"]
-        row["x_grad"] = row["guided_swap_s"] / row["gradient_s"]  # the gradient timed in this row's rounds
-        if "torchcam_s" in row:
-            row["torchcam_ratio"] = row["torchcam_s"] / row["guided_swap_s"]
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+        ours = timed["guided_swap"]["result"]
+        rows.append(_row(head, timed, _max_diff(name, ours, timed["pytorch_grad_cam"]["result"], x),
+                         _abs_max(_minmax(ours), timed["torchcam"]["result"]) if "torchcam" in timed else None))
     return rows
 
 
 def markdown(result: dict) -> str:
-    lines = ["| model | batch | method | guided_swap | pytorch-grad-cam | ratio | torch-cam (ratio) | ours in input "
-             "gradients | max diff | measured (load) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | batch | method | guided_swap | pytorch-grad-cam | ratio | max diff | torch-cam | "
+             "torch-cam ratio | torch-cam max diff | ours in input gradients | measured (load) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         head = f"| {r['model']} | {r['batch']} | {r['method']} |"
         when = f" {r.get('measured', '?')} ({r.get('load', '?')}) |"
         if "skipped" in r:
-            lines.append(f"{head} not run: {r['skipped']} | | | | | |{when}")
+            lines.append(f"{head} not run: {r['skipped']} | | | | | | | |{when}")
         elif r["method"] == "input gradient":
-            lines.append(f"{head} {r['guided_swap_s']:.3f} s (plain autograd) | | | | 1 | |{when}")
+            lines.append(f"{head} {r['guided_swap_s']:.3f} s (plain autograd) | | | | | | | 1 |{when}")
         else:
-            torchcam = f"{r['torchcam_s']:.2f} s ({r['torchcam_ratio']:.2f}x)" if "torchcam_s" in r else ""
+            torchcam = (f"{r['torchcam_s']:.3f} s | {r['torchcam_ratio']:.2f}x | {r['torchcam_max_diff']:.1e}"
+                        if "torchcam_s" in r else " | | ")
             lines.append(f"{head} {r['guided_swap_s']:.3f} s | {r['pytorch_grad_cam_s']:.3f} s | {r['ratio']:.2f}x | "
-                         f"{torchcam} | {r['x_grad']:.1f} | {r['max_diff']:.1e} |{when}")
+                         f"{r['max_diff']:.1e} | {torchcam} | {r['x_grad']:.1f} |{when}")
     env = result["environment"]
-    lines += ["", f"resnet18 and resnet50 (random seeded weights) at layer4, {result['size']} px, CPU: {env['cpu']}, "
-              f"{env['threads']} threads, {env['cores']} cores, torch {env['torch']}, pytorch-grad-cam "
-              f"{env['pytorch_grad_cam']}, torch-cam {env['torchcam']}, {env['date']}, niceness {env['nice']}; "
-              "measured (load): when each model and batch was measured, and the 1-minute load average then (the "
-              "machine is shared with other jobs: the ratios are the result, not the absolute times). ratio: pytorch-grad-cam's time over guided_swap's; torch-cam: its Score-CAM's "
-              "time (and its time over ours; its map differs slightly: no aligned corners in its upsampling). ours in "
-              "input gradients: guided_swap's time over one plain input gradient of the model (forward and backward, "
-              f"timed in the same interleaved rounds as the row). Medians of {result['rounds']} interleaved rounds after a warm-up; Score-CAM "
-              f"and pytorch-grad-cam's Ablation-CAM (B x K whole-model forwards a call): {result['heavy_rounds']} "
-              "round(s) without a warm-up. max diff: ours through pytorch-grad-cam's scaling (scale_cam_image "
-              "twice) against its output (EigenCAM: its SVD sign is arbitrary there, and a flipped sign shows as a "
-              "large difference)."]
+    lines += ["", f"resnet18 and resnet50 (random seeded weights) at layer4 (the fused rows: layer3 and layer4), "
+              f"{result['size']} px, CPU: {env['cpu']}, {env['threads']} threads, {env['cores']} cores, torch "
+              f"{env['torch']}, pytorch-grad-cam {env['pytorch_grad_cam']}, torch-cam {env['torchcam']}, "
+              f"{env['date']}, niceness {env['nice']}; measured (load): when each model and batch was measured, and "
+              "the 1-minute load average then (the machine is shared with other jobs: the ratios are the result, not "
+              "the absolute times). "
+              "ratio: the peer's time over guided_swap's. ours in input gradients: guided_swap's time over one plain "
+              "input gradient of the model (forward and backward, timed in the same interleaved rounds as the row). "
+              f"Medians of {result['rounds']} interleaved rounds after a warm-up; Score-CAM and pytorch-grad-cam's "
+              f"Ablation-CAM (B x K whole-model forwards a call): {result['heavy_rounds']} round(s) without a warm-up.",
+              "",
+              "Rows: `eigencam`, `fullgrad`, `ablationcam`, `scorecam`: `explain(x, t, cams=name).cams_raw[name]` "
+              "against `EigenCAM`/`FullGrad`/`AblationCAM`/`ScoreCAM(model, [layer4])(x, targets)`. `NAME, fused "
+              "(mean)`: `explain(x, t).fused(NAME)` (one explain of both layers, then the fusion) against `GradCAM` or "
+              "`LayerCAM(model, [layer3, layer4])(x, targets)`. `NAME, fused (product: RefineCAM)`: "
+              "`explain(x, t).fused(NAME, how=\"product\")` against `RefineCAM(model, [layer3, layer4], "
+              "base_method=GradCAM or GradCAMPlusPlus)(x, targets)` (one forward and backward per layer there).",
+              "",
+              "max diff (pytorch-grad-cam): the largest absolute difference of the maps in [0, 1]; the single-layer "
+              "rows put ours through pytorch-grad-cam's scaling (`scale_cam_image` twice) first, `fused` is in that "
+              "scale already (EigenCAM: its SVD sign is arbitrary there, and a flipped sign shows as a large "
+              "difference).",
+              "",
+              "torch-cam: a number, not a check: its maps differ from pytorch-grad-cam's by design in some rows. Its "
+              "gradient extractors take `autograd.grad` of the score to the hooked layers' outputs only, where "
+              "`explain` also returns the input gradient (a backward through the whole model) and pytorch-grad-cam "
+              "calls `backward()` (to the parameters): the light fused rows' times are not the same work. "
+              "Score-CAM: `ScoreCAM(model, \"layer4\", batch_size=32)`, against ours min-max scaled at the layer's "
+              "resolution; it scales each activation at the layer's resolution, then upsamples it without aligned "
+              "corners (pytorch-grad-cam and ours: upsample with aligned corners, then scale): slightly different "
+              "weights, a few hundredths in the map where it has contrast (more where the map is nearly flat before "
+              "its scaling, as with random weights and small inputs: the scaling to [0, 1] magnifies them). `fused "
+              "(mean)`: `GradCAM`/`LayerCAM(model, [\"layer3\", \"layer4\"])` then `fuse_cams(cams, (H, W))`, whose "
+              "fusion is the pixel-wise *maximum* of the min-max scaled maps (LayerCAM's passed through `tanh(2 m)` "
+              "first), not pytorch-grad-cam's mean: a different map, its difference from ours is large. `fused "
+              "(product)`: its `RefineCAM(model, [\"layer3\", \"layer4\"], base_method=GradCAM or GradCAMpp)` with "
+              "`target_shape=(H, W)`: the same product of scaled, resized maps (torch's bilinear resize instead of "
+              "OpenCV's, `1e-8` instead of `1e-7`): equal with Grad-CAM; with Grad-CAM++ its weights differ: "
+              "torch-cam 0.5.0's `GradCAMpp` divides `alpha` in place through a boolean-mask index "
+              "(`alpha[idx][mask].div_(...)`), which acts on a copy, so its weights are `sum_p G^2 ReLU(G)`, not "
+              "Grad-CAM++'s."]
     return "\n".join(lines) + "\n"
 
 
@@ -219,7 +333,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     for model_name in args.models.split(","):
         for batch in map(int, args.batches.split(",")):
             rows += model_rows(model_name, batch, size, args)
-    if args.update:
+    if args.update and os.path.exists(os.path.join(RESULTS, "gradient_free_cams.json")):
         with open(os.path.join(RESULTS, "gradient_free_cams.json")) as handle:
             old = json.load(handle)
         kept = [r for r in old["rows"] if not any(r["model"] == n["model"] and r["batch"] == n["batch"] for n in rows)]
