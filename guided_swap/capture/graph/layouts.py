@@ -29,6 +29,9 @@ def layout_of(axes: Optional[graph_axes.Axes], shape: Tuple[int, ...], input_siz
     if axes is None:
         return Layout("unknown", reason=f"no channel axis could be followed to the capture {shape} from the input")
     roles = axes.roles
+    inside = _inside_an_attention(roles)
+    if inside:
+        return Layout("unknown", reason=f"the capture {shape} is inside an attention: {inside}")
     if tuple(roles) == ("B", "C"):
         return Layout("vector", reason="read from the graph")
     if len(roles) < 3 or roles[0] != "B" or roles.count("C") != 1:
@@ -50,6 +53,17 @@ def layout_of(axes: Optional[graph_axes.Axes], shape: Tuple[int, ...], input_siz
                                         "convolution's output to these tokens")
     return Layout("tokens", grid=axes.grid, prefix=axes.prefix, suffix=axes.suffix, permutation=perm,
                   input_size=tuple(input_size), reason="read from the graph")
+
+
+def _inside_an_attention(roles: Tuple[str, ...]) -> Optional[str]:
+    """Why a tensor of these axes is no map, when it is an attention's working tensor (else None)."""
+    if "H" in roles:
+        return "its heads split the channels"
+    if "X" in roles:
+        return "it holds attention scores against the keys"
+    if "BT" in roles:
+        return "the batch and the tokens are folded into one axis"
+    return None
 
 
 # --- entry points: build.py calls these -------------------------------------------------------------------
