@@ -81,8 +81,26 @@ def cvt():
     return model, last_norm, tokens(1, (size, size))  # the last stage adds a class token, split off for the head
 
 
+def levit(size=SIZE):
+    """LeViT pools by a mean over its tokens; each subsampling attention takes its queries from every other
+    token of the grid. At 64 px the grid is 4x4, 2x2, then 1x1: ``auto`` takes the last map larger than 1x1,
+    stage 1's, as for a CNN (at 128 px, the last stage's 2x2)."""
+    config = transformers.LevitConfig(image_size=size, hidden_sizes=[32, 48, 64], num_attention_heads=[1, 2, 2],
+                                      depths=[1, 1, 1], key_dim=[8, 8, 8], num_labels=5)
+    model = transformers.LevitForImageClassification(config)
+    for name, parameter in model.named_parameters():  # the defaults (weights of std 0.02, attention biases of
+        if name.endswith("attention_biases"):         # zero) make every query attend alike: all tokens equal
+            nn.init.normal_(parameter, std=2.0)
+        elif name.endswith(("linear.weight", "convolution.weight")):
+            nn.init.normal_(parameter, std=parameter[0].numel() ** -0.5)
+    stages = model.levit.encoder.stages
+    stage = max(i for i, s in enumerate(stages) if (stages[i - 1].get_resolution() if i else 0) > 1)
+    grid = (stages[stage - 1].get_resolution(),) * 2  # the resolution after the previous stage's subsampling
+    return model, f"levit.encoder.stages.{stage}.layers.1", tokens(0, grid)
+
+
 MODELS = {"resnet": resnet, "regnet": regnet, "mobilenet_v2": mobilenet_v2, "convnext": convnext, "vit": vit,
-          "swin": swin, "cvt": cvt}
+          "swin": swin, "cvt": cvt, "levit": levit}
 
 
 def build(name):
@@ -93,6 +111,13 @@ def build(name):
 
 def hooked_gradcam(model, module, x, target, to_map):
     """Grad-CAM from a forward hook on ``module`` and the ordinary backward of ``logits[target]``."""
+    A, G = hooked_map(model, module, x, target, to_map)
+    return torch.relu((G.mean(dim=(2, 3), keepdim=True) * A).sum(dim=1))
+
+
+def hooked_map(model, module, x, target, to_map):
+    """The activation and gradient at ``module``'s output, (B, C, h, w) by ``to_map``, from a forward hook and
+    the ordinary backward of ``logits[target]``."""
     kept = {}
 
     def keep(_, __, output):
@@ -104,8 +129,7 @@ def hooked_gradcam(model, module, x, target, to_map):
         model(x).logits.gather(1, target.view(-1, 1)).sum().backward()
     finally:
         handle.remove()
-    A, G = to_map(kept["output"].detach()), to_map(kept["output"].grad)
-    return torch.relu((G.mean(dim=(2, 3), keepdim=True) * A).sum(dim=1))
+    return to_map(kept["output"].detach()), to_map(kept["output"].grad)
 
 
 def quiet_explain(ex, x, target=None):
@@ -144,6 +168,40 @@ def test_swin_auto_is_the_last_stage_not_a_slice_of_the_first_patch_merging():
     assert ex.report.layers["auto"] == "swin.layernorm"
     layout = ex.report.layouts["auto"]
     assert (layout.kind, layout.grid, layout.prefix) == ("tokens", (4, 4), 0)
+
+
+def test_levit_auto_follows_the_subsampling_attention_to_the_last_stage():
+    """At 128 px LeViT's last stage is 2x2: ``auto`` reads its grid through both subsampling attentions and
+    takes its last map, never an attention's query or key-value projection (whose gradient was about 1e-14).
+    Its activation and gradient are the hooked ones, reshaped with the stage's resolution."""
+    torch.manual_seed(0)
+    model, module, to_map = levit(size=128)
+    model = randomise_batchnorm(model).eval()
+    x = image_batch(128)
+    with torch.no_grad():  # LeViT caches its attention biases at its first call in eval mode: not in a graph
+        model(x)
+    ex = gs.convert(model)
+    e = quiet_explain(ex, x)
+    assert ex.report.layers["auto"] == "levit.encoder.stages.2.layers.1.add" and module.endswith("stages.2.layers.1")
+    layout = ex.report.layouts["auto"]
+    assert (layout.kind, layout.grid, layout.prefix) == ("tokens", (2, 2), 0)
+    A, G = hooked_map(model, module, x, e.target, to_map)
+    assert_nontrivial(G, 0.5)
+    assert G.abs().max() > 1e-3
+    captured = e.layers["auto"]
+    assert relative_error(captured.feature_map, A) < 1e-5 and relative_error(captured.feature_grad, G) < 1e-5
+
+
+def test_levit_auto_refuses_when_the_grid_is_lost_in_the_subsampling_attention(monkeypatch):
+    """A graph reading that cannot follow the attention's products loses the grid after stage 0: ``auto``
+    refuses, naming the way out, instead of taking stage 0's 4x4 map (or a projection inside the attention)."""
+    from guided_swap.capture.graph import axes
+
+    monkeypatch.setattr(axes.Reader, "_multiplied", lambda self, node: None)
+    model, _, _ = build("levit")
+    ex = gs.convert(model)
+    with pytest.raises(gs.LayerError, match=r"stages\.0\.layers\.1\.add' \(4x4\).*layout=guided_swap\.Layout"):
+        quiet_explain(ex, image_batch(SIZE))
 
 
 @pytest.mark.parametrize("capture", ["export", "runtime"])

@@ -102,3 +102,52 @@ def test_cifar_size_models_with_auto(cls, module):
     assert_nontrivial(e.cam_raw)
     assert relative_error(e.cam_raw, reference.gradcam(model, x, target, model.get_submodule(module))) <= 1e-5
     assert relative_error(e.gradient, reference.input_gradient(model, x, target)) <= 1e-5
+
+
+def test_levit_auto_reads_the_grid_through_the_subsampling_attention():
+    """timm's LeViT (64 px: a 4x4 grid, 2x2 after the first subsampling attention, 1x1 after the second) pools
+    by a mean over its tokens: ``auto`` takes stage 1's last map, read as 2x2 tokens through the attention whose
+    queries are every other token, never that attention's query projection. Against hooks on ``stages.1``."""
+    model = build("levit_128s", img_size=64, num_classes=5)
+    for name, parameter in model.named_parameters():  # timm's init (attention biases of zero, small weights)
+        if name.endswith("attention_biases"):         # makes every query attend alike: all tokens equal
+            torch.nn.init.normal_(parameter, std=2.0)
+        elif name.endswith("linear.weight"):
+            torch.nn.init.normal_(parameter, std=parameter[0].numel() ** -0.5)
+    x = image_batch(64)
+    with torch.no_grad():  # LeViT caches its attention biases at its first call in eval mode: not in a graph
+        model(x)
+    grid = model.stages[1].blocks[-1].attn.resolution
+    maps = [_hooked_tokens(model, model.stages[1], x, torch.tensor([k, k]), grid) for k in range(5)]
+    cams = torch.stack([torch.relu((G.mean(dim=(2, 3), keepdim=True) * A).sum(dim=1)) for A, G in maps])
+    target = (cams.flatten(2).amax(dim=2) > 0).int().argmax(dim=0)  # per sample, a class with a non-empty map
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Hardswish, no ReLU: the plain gradient
+        ex = gs.convert(model)
+        e = ex.explain(x, target)
+    assert ex.report.layers["auto"] == "stages.1.blocks.2.add_1", ex.report.layers["auto"]
+    layout = ex.report.layouts["auto"]
+    assert (layout.kind, layout.grid, layout.prefix) == ("tokens", tuple(grid), 0)
+    A, G = _hooked_tokens(model, model.stages[1], x, target, grid)
+    captured = e.layers["auto"]
+    assert relative_error(captured.feature_map, A) < 1e-5 and relative_error(captured.feature_grad, G) < 1e-5
+    theirs = cams[target, torch.arange(len(x))]
+    assert_nontrivial(theirs, 0.5)
+    assert relative_error(e.cam_raw, theirs) < 1e-4
+
+
+def _hooked_tokens(model, module, x, target, grid):
+    """The (B, N, C) output of ``module`` and its ordinary gradient from hooks, as (B, C, h, w) maps."""
+    kept = {}
+
+    def keep(_, __, output):
+        output.retain_grad()
+        kept["output"] = output
+
+    handle = module.register_forward_hook(keep)
+    try:
+        model(x).gather(1, target.view(-1, 1)).sum().backward()
+    finally:
+        handle.remove()
+    to_map = lambda t: t.reshape(t.shape[0], *grid, t.shape[-1]).permute(0, 3, 1, 2)  # noqa: E731
+    return to_map(kept["output"].detach()), to_map(kept["output"].grad)

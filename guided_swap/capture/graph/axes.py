@@ -25,7 +25,10 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from ...core.inputs import empty_args, first_tensor, input_tensors, model_args
 
-# An axis is "B" (batch), "C" (channels), "S" (spatial) or "T" (tokens: positions flattened from a grid).
+# An axis is "B" (batch), "C" (channels), "S" (spatial) or "T" (tokens: positions flattened from a grid); inside
+# an attention also "H" (heads: the channels split, "C" then the channels of one head), "X" (the keys of an
+# attention's scores: no positions of this tensor), or "BT" (batch and tokens folded into one axis, for a batch
+# norm over every token: LeViT's ``bn(x.flatten(0, 1)).reshape_as(x)``).
 
 
 @dataclass(frozen=True)
@@ -101,7 +104,7 @@ class Reader:
             return None
         if isinstance(module, CHANNELS_FIRST_MODULES) or (node.op == "call_function" and
                                                           name in _CHANNELS_FIRST_FUNCTIONS):
-            return channels_first_axes(rank)
+            return self._same_shape(node) if rank == 2 and _is_batch_norm(module, name) else channels_first_axes(rank)
         norm = feature_norm(module, node, shape)
         if norm == "first":
             return channels_first_axes(rank)
@@ -117,6 +120,8 @@ class Reader:
             return self._sliced(node)
         if node.op == "call_function" and name in ("cat", "concat", "concatenate"):
             return self._concatenated(node)
+        if node.op in ("call_method", "call_function") and name in ("matmul", "bmm"):
+            return self._multiplied(node) or self._same_shape(node)
         return self._same_shape(node)
 
     def _input(self, node: fx.Node) -> Optional[fx.Node]:
@@ -176,7 +181,47 @@ class Reader:
         module = self.module(source)
         if isinstance(module, nn.MultiheadAttention) and module.batch_first and index == 0:
             return self.axes.get(self._input(source))
+        if source.op in ("call_method", "call_function") and name_of(source.target) in ("split", "split_with_sizes"):
+            return self._split_entry(source, index)
         return None
+
+    def _split_entry(self, split: fx.Node, index: Any) -> Optional[Axes]:
+        """Chunk ``index`` of ``torch.split(x, sizes, dim)``, read as the slice of ``x`` it is (an attention's
+        ``qkv.split([k, k, v], dim=-1)`` splits the channels: each chunk keeps the axes)."""
+        source = self._input(split)
+        before = self.axes.get(source) if source is not None else None
+        sizes = split.args[1] if len(split.args) > 1 else split.kwargs.get(
+            "split_size_or_sections", split.kwargs.get("split_sizes"))
+        dim = split.args[2] if len(split.args) > 2 else split.kwargs.get("dim", 0)
+        if before is None or not isinstance(index, int) or not isinstance(dim, int):
+            return None
+        shape = self.shapes[source]
+        if isinstance(sizes, int):
+            sizes = [sizes] * -(-shape[dim] // sizes)
+        if not isinstance(sizes, (list, tuple)) or not 0 <= index < len(sizes) or \
+                not all(isinstance(size, int) for size in sizes[:index + 1]):
+            return None
+        start = sum(sizes[:index])
+        return _index_axes(before, shape, (slice(None),) * (dim % len(shape)) + (slice(start, start + sizes[index]),))
+
+    def _multiplied(self, node: fx.Node) -> Optional[Axes]:
+        """``a @ b`` inside an attention: the rows of ``a`` and the columns of ``b``, over the same leading axes.
+        ``q @ k.transpose(-2, -1)`` gives the query's tokens by the keys ("X"); ``scores @ v`` the query's tokens
+        by the value's channels; LeViT's convolutional ``v @ scores.transpose(-2, -1)`` channels by the query's
+        tokens (columns are positions only when the keys are what is summed over)."""
+        a, b = (node.args + (None, None))[:2]
+        left, right = self.axes.get(a), self.axes.get(b)
+        if left is None or right is None or len(left.roles) != len(right.roles) or len(left.roles) < 3 or \
+                left.roles[:-2] != right.roles[:-2]:
+            return None
+        row, column = left.roles[-2], right.roles[-1]
+        if column == "T" and (row == "T" or right.roles[-2] != "X"):
+            column = "X"  # the keys a query is scored against: no positions of this tensor
+        tokens = left if row == "T" else right if column == "T" else None
+        roles = left.roles[:-2] + (row, column)
+        if tokens is None:
+            return Axes(roles)
+        return Axes(roles, tokens.grid, tokens.prefix, tokens.suffix)
 
     def _concatenated(self, node: fx.Node) -> Optional[Axes]:
         tensors = node.args[0] if node.args else node.kwargs.get("tensors")
@@ -232,6 +277,11 @@ def feature_norm(module: Optional[nn.Module], node: fx.Node, shape: Tuple[int, .
         if isinstance(normalized, (tuple, list)) and len(normalized) == 1 and normalized[0] == shape[-1]:
             return "last"
     return None
+
+
+def _is_batch_norm(module: Optional[nn.Module], name: str) -> bool:
+    """A batch norm, module or function: on a ``(N, C)`` input it normalises each channel over the rows."""
+    return isinstance(module, nn.modules.batchnorm._BatchNorm) or "batch_norm" in name
 
 
 def is_permute(node: fx.Node, module: Optional[nn.Module]) -> bool:
@@ -296,7 +346,7 @@ def _groups(before: Sequence[int], after: Sequence[int]) -> Optional[List[Tuple[
 
 def _reshape_axes(axes: Axes, before: Tuple[int, ...], after: Tuple[int, ...]) -> Optional[Axes]:
     groups = _groups(before, after)
-    if not groups or groups[0] != ([0], [0]) or len(after) < 1:
+    if not groups or len(after) < 1:
         return None
     roles: List[Optional[str]] = [None] * len(after)
     grid = axes.grid
@@ -306,7 +356,10 @@ def _reshape_axes(axes: Axes, before: Tuple[int, ...], after: Tuple[int, ...]) -
         in_roles = [axes.roles[k] for k in inside]
         for k in gout:
             roles[k] = "S"  # size-1 axes made here hold one position
-        if len(inside) == 1 and len(outside) == 1:
+        if 0 in gin:
+            if not _regroup_batch([axes.roles[k] for k in gin], gin, gout, roles):
+                return None
+        elif len(inside) == 1 and len(outside) == 1:
             roles[outside[0]] = in_roles[0]
         elif not inside and not outside:
             continue
@@ -317,13 +370,33 @@ def _reshape_axes(axes: Axes, before: Tuple[int, ...], after: Tuple[int, ...]) -
             grid = None  # tokens unflattened back into their grid
         elif set(in_roles) == {"S"}:
             continue
+        elif in_roles == ["C"] and len(outside) > 1:  # an attention's heads: (B, N, C) -> (B, N, heads, C / heads)
+            for k in outside:
+                roles[k] = "H" if k != outside[-1] else "C"
+        elif len(outside) == 1 and in_roles[-1] == "C" and set(in_roles[:-1]) == {"H"}:
+            roles[outside[0]] = "C"  # the heads joined again
         else:
             return None
-    if roles.count("C") != 1 or roles[0] != "B" or roles.count("T") > 1:
+    if roles.count("C") != 1 or roles[0] not in ("B", "BT") or roles.count("T") + roles.count("BT") > 1:
         return None
-    keep_tokens = "T" in roles
+    keep_tokens = "T" in roles or "BT" in roles
     return Axes(tuple(roles), grid if keep_tokens else None, axes.prefix if keep_tokens else 0,
                  axes.suffix if keep_tokens else 0)
+
+
+def _regroup_batch(in_roles: List[str], gin: List[int], gout: List[int], roles: List[Optional[str]]) -> bool:
+    """The group holding the batch: kept as it is, tokens folded into it (``x.flatten(0, 1)`` of ``(B, N, C)``,
+    for a batch norm over every token) or unfolded from it (``.reshape_as(x)`` back to ``(B, N, C)``)."""
+    if gin == [0] and gout == [0]:
+        roles[0] = in_roles[0]
+        return roles[0] in ("B", "BT")
+    if gout == [0] and gin == [0, 1] and in_roles == ["B", "T"]:
+        roles[0] = "BT"
+        return True
+    if gin == [0] and gout == [0, 1] and in_roles == ["BT"]:
+        roles[0], roles[1] = "B", "T"
+        return True
+    return False
 
 
 def _index_axes(axes: Axes, shape: Tuple[int, ...], index: Any) -> Optional[Axes]:
@@ -436,6 +509,19 @@ def channels_first_by_structure(gm: fx.GraphModule, node: fx.Node, budget: int =
 
 def cat_dim(node: fx.Node) -> Any:
     return node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+
+
+def downstream(nodes, tensors) -> set:
+    """``nodes`` and every node computed from them through tensors (or tuples of tensors: a split, an attention
+    module's output); never through a size read off a tensor."""
+    seen, stack = set(nodes), list(nodes)
+    while stack:
+        for user in stack.pop().users:
+            if user not in seen and (user in tensors or any(u.target is operator.getitem and u in tensors
+                                                            for u in user.users)):
+                seen.add(user)
+                stack.append(user)
+    return seen
 
 
 def upstream(nodes) -> set:

@@ -29,6 +29,9 @@ def layout_of(axes: Optional[graph_axes.Axes], shape: Tuple[int, ...], input_siz
     if axes is None:
         return Layout("unknown", reason=f"no channel axis could be followed to the capture {shape} from the input")
     roles = axes.roles
+    inside = _inside_an_attention(roles)
+    if inside:
+        return Layout("unknown", reason=f"the capture {shape} is inside an attention: {inside}")
     if tuple(roles) == ("B", "C"):
         return Layout("vector", reason="read from the graph")
     if len(roles) < 3 or roles[0] != "B" or roles.count("C") != 1:
@@ -50,6 +53,17 @@ def layout_of(axes: Optional[graph_axes.Axes], shape: Tuple[int, ...], input_siz
                                         "convolution's output to these tokens")
     return Layout("tokens", grid=axes.grid, prefix=axes.prefix, suffix=axes.suffix, permutation=perm,
                   input_size=tuple(input_size), reason="read from the graph")
+
+
+def _inside_an_attention(roles: Tuple[str, ...]) -> Optional[str]:
+    """Why a tensor of these axes is no map, when it is an attention's working tensor (else None)."""
+    if "H" in roles:
+        return "its heads split the channels"
+    if "X" in roles:
+        return "it holds attention scores against the keys"
+    if "BT" in roles:
+        return "the batch and the tokens are folded into one axis"
+    return None
 
 
 # --- entry points: build.py calls these -------------------------------------------------------------------
@@ -130,7 +144,9 @@ def transformer_layer(gm: fx.GraphModule, example: Any) -> Optional[LayerChoice]
         if chosen is not None:
             return LayerChoice(chosen, "auto: the input of the last attention (its norm's output): the last token map "
                                       "whose patch tokens still reach the class token the head reads")
-    last = maps[-1]
+    last = _last_outside_attention(reader, maps, output)
+    if last is None:
+        return None
     while _selects_or_permutes(reader, last) and _is_map(reader, last.args[0]):
         last = last.args[0]  # name the map itself, not a slice or a permuted view of it
     _refuse_if_positions_lost(reader, last, output)
@@ -139,12 +155,65 @@ def transformer_layer(gm: fx.GraphModule, example: Any) -> Optional[LayerChoice]
     return LayerChoice(last, "auto: the last map of positions before the pooling")
 
 
+def _last_outside_attention(reader: graph_axes.Reader, maps: list, output: fx.Node) -> Optional[fx.Node]:
+    """The last of ``maps`` that is not an attention's internal query, key or value projection
+    (:func:`_feeds_one_side_only`): LeViT's subsampled queries are a map of positions, but their gradient is
+    only what reaches the attention scores (about zero)."""
+    from_input = graph_axes.downstream([n for n in reader.gm.graph.nodes if n.op == "placeholder"], reader.shapes)
+    return next((node for node in reversed(maps) if not _feeds_one_side_only(reader, node, output, from_input)),
+                None)
+
+
+#: ops that combine two computed tensors the way an attention does (scores from queries and keys, the values
+#: weighted by the scores); a tensor entering one of them on one side only is a query, key or value
+_ATTENTION_MATHS = {"matmul", "bmm", "baddbmm", "einsum", "scaled_dot_product_attention",
+                    "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+                    "multi_head_attention_forward"}
+
+
+def _feeds_one_side_only(reader: graph_axes.Reader, node: fx.Node, output: fx.Node, from_input: set) -> bool:
+    """Whether every path from ``node`` to the output enters attention maths (:data:`_ATTENTION_MATHS`) on one
+    side only, where another side computed from the input is not reached from ``node``: a query, key or value
+    projection. The attention's input reaches every side, and a map on the residual stream reaches the output
+    around the attention. A fused key-value projection reaches the value product on both sides, the scores
+    through its keys: what it reaches is narrowed until it holds only the paths not cut so."""
+    reach = graph_axes.downstream([node], reader.shapes)
+    while True:
+        reached = _reached_on_every_side(reader, node, output, reach, from_input)
+        if reached == reach or output not in reached:
+            return output not in reached
+        reach = reached
+
+
+def _reached_on_every_side(reader: graph_axes.Reader, node: fx.Node, output: fx.Node, reach: set,
+                           from_input: set) -> set:
+    """The nodes reached from ``node`` without entering attention maths with a side computed from the input
+    that is not in ``reach``."""
+    reached, stack = {node}, [node]
+    while stack:
+        for user in stack.pop().users:
+            if user in reached or (user is not output and not _carries_tensors(reader.shapes, user)):
+                continue
+            if _is_attention_maths(reader, user) and any(a in from_input and a not in reach
+                                                         for a in user.all_input_nodes):
+                continue  # entered on one side only: this path ends inside the attention
+            reached.add(user)
+            stack.append(user)
+    return reached
+
+
+def _is_attention_maths(reader: graph_axes.Reader, node: fx.Node) -> bool:
+    return isinstance(reader.module(node), nn.MultiheadAttention) or (
+        node.op in ("call_function", "call_method") and graph_axes.name_of(node.target) in _ATTENTION_MATHS)
+
+
 def _refuse_if_positions_lost(reader: graph_axes.Reader, chosen: fx.Node, output: fx.Node) -> None:
     """Refuse ``chosen`` when the positions go on past it as tokens whose grid the graph reading lost: tokens on a
     tensor every path to the output crosses, rearranged from a map (a patch merging it cannot follow, say), and
     as many as no grid of ``chosen`` holds. ``chosen`` is then only the last map it could read, an earlier stage
-    than the one before the pooling, and its map would be silently wrong. Tokens an attention made (a
-    Perceiver's latents) are no positions; the same count of tokens (VOLO's class-attention blocks pass the
+    than the one before the pooling, and its map would be silently wrong. Tokens an attention made from
+    queries of its own (a Perceiver's latents) are no positions, those of queries taken from a map (LeViT's
+    subsampling attention) are; the same count of tokens (VOLO's class-attention blocks pass the
     patches on beside the class token) is the same grid."""
     order = {node: i for i, node in enumerate(reader.gm.graph.nodes)}
     for node in bottlenecks(reader.gm, output, set(reader.shapes)):
@@ -162,11 +231,17 @@ def _refuse_if_positions_lost(reader: graph_axes.Reader, chosen: fx.Node, output
                 "guided_swap.layer_names(model) for every name")
 
 
-#: ops that move a tensor's values without mixing positions (the ops of a patch merging), and those that act on
-#: each position's features alone: back through these from lost tokens, a map means the tokens are its positions
+#: ops that move a tensor's values without mixing positions (the ops of a patch merging), those that act on
+#: each position's features alone, and an attention's products, followed through their first operand (the
+#: queries: an attention gives one output per query, LeViT's subsampled queries a smaller grid): back through
+#: these from lost tokens, a map means the tokens are its positions
 _REARRANGING = graph_axes.RESHAPES | {"permute", "transpose", "swapaxes", "movedim", "contiguous", "clone", "cat",
                                      "concat", "slice", "getitem", "unfold", "im2col", "pad", "constant_pad_nd",
-                                     "dropout", "linear", "layer_norm", "rms_norm", "add", "mul"}
+                                     "dropout", "linear", "layer_norm", "rms_norm", "batch_norm", "add", "mul",
+                                     "relu", "gelu", "silu", "hardswish", "softmax", "matmul", "bmm",
+                                     "scaled_dot_product_attention"}
+_PER_POSITION_MODULES = (nn.Linear, nn.LayerNorm, nn.Dropout, nn.Identity, nn.modules.batchnorm._BatchNorm, nn.ReLU,
+                         nn.GELU, nn.SiLU, nn.Hardswish, nn.Softmax)
 
 
 def _rearranged_from_a_map(reader: graph_axes.Reader, node: fx.Node, budget: int = 64) -> bool:
@@ -175,7 +250,7 @@ def _rearranged_from_a_map(reader: graph_axes.Reader, node: fx.Node, budget: int
         budget -= 1
         name = graph_axes.name_of(node.target)
         module = reader.module(node)
-        if module is not None and isinstance(module, (nn.Linear, nn.LayerNorm, nn.Dropout, nn.Identity)):
+        if module is not None and isinstance(module, _PER_POSITION_MODULES):
             name = "linear"
         if node.op not in ("call_function", "call_method", "call_module") or name not in _REARRANGING:
             return False
