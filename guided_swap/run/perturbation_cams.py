@@ -51,9 +51,9 @@ def scorecam(capture: Capture, x: Any, score: Score, classes: Optional[Tensor], 
     live = _rows(~blank)
     zero_samples = torch.nonzero(blank.any(dim=1)).flatten()
 
-    def inputs(samples: Tensor, channels: Tensor) -> Tensor:
+    def inputs(samples: Tensor, channels: Tensor) -> Tensor:  # masked in float32 at least, in the input's dtype
         masks = maths.scorecam_masks(A[samples, channels], size)
-        return clean[samples] * masks.unsqueeze(1)
+        return (clean[samples] * masks.unsqueeze(1)).to(clean.dtype)
 
     def forward(samples: Tensor, rows_input: Tensor) -> Tensor:
         return _scores(score, capture(capture.unstack(rows_input, like=x)), samples, classes)
