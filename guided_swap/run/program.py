@@ -172,8 +172,9 @@ _VERIFY_HINT = ("  hint: nothing was written; the eager explainer and ex.save() 
                 "if you can share it)")
 
 
-_NO_GRAPH = ("this explainer was captured at run time (neither torch.fx nor torch.export could take the model), so "
-             "it has no graph to export; explain eagerly, or save it with ex.save()")
+_NO_GRAPH = ("this explainer was captured at run time (capture='runtime': chosen with convert(capture=...), or "
+             "taken because neither torch.fx nor torch.export could take the model), so it has no graph to export; "
+             "explain eagerly, or save it with ex.save()")
 
 
 def export(explainer: Explainer, example_input: Tensor, path: str, *, interpolate: str = "bilinear",
