@@ -130,9 +130,14 @@ def _program(explainer: Explainer, example_input: Any, interpolate: str, dynamic
             "symbolic-shape rule are the usual cause (try dynamic_batch=False)") from error
 
 
-#: How far an exported map may be from the eager one, as a fraction of the eager map's largest value.
+#: How far an exported map may be from the eager one, as a fraction of the eager map's largest value, by the
+#: dtype of the map or of the model's output (a half model's float32 CAMs are made from half A and G).
 _TOLERANCE = {torch.float16: 1e-2, torch.bfloat16: 5e-2}
 _FLOAT_TOLERANCE = 1e-4
+
+
+def _tolerance(*dtypes: torch.dtype) -> float:
+    return max(_TOLERANCE.get(dtype, _FLOAT_TOLERANCE) for dtype in dtypes)
 
 
 def _verify(program: "torch.export.ExportedProgram", reference) -> None:
@@ -146,15 +151,17 @@ def _verify(program: "torch.export.ExportedProgram", reference) -> None:
     if not isinstance(got, dict) or sorted(got) != sorted(expected):
         raise ExportError(f"the exported program gives {sorted(got) if isinstance(got, dict) else type(got)}, not "
                           f"the explainer's maps {sorted(expected)}\n{_VERIFY_HINT}")
+    model_dtype = expected["logits"].dtype
     for name, want in expected.items():
-        difference = _difference(got[name], want)
+        difference = _difference(got[name], want, _tolerance(want.dtype, model_dtype))
         if difference is not None:
             raise ExportError(f"the exported program's {name!r} differs from the explainer's on the example: "
                               f"{difference}\n{_VERIFY_HINT}")
 
 
-def _difference(got: Tensor, want: Tensor) -> Optional[str]:
-    """None when ``got`` equals ``want`` within the tolerance of ``want``'s dtype; otherwise how they differ."""
+def _difference(got: Tensor, want: Tensor, tolerance: float) -> Optional[str]:
+    """None when ``got`` equals ``want`` to ``tolerance`` times ``want``'s largest value; otherwise how they
+    differ."""
     if got.shape != want.shape:
         return f"shape {tuple(got.shape)} against {tuple(want.shape)}"
     if not torch.equal(got.isnan(), want.isnan()):
@@ -163,7 +170,7 @@ def _difference(got: Tensor, want: Tensor) -> Optional[str]:
         return None
     got, expected = got.detach().double().nan_to_num(0.0), want.double().nan_to_num(0.0)
     scale, worst = float(expected.abs().max()), float((got - expected).abs().max())
-    if worst <= _TOLERANCE.get(want.dtype, _FLOAT_TOLERANCE) * scale:
+    if worst <= tolerance * scale:
         return None
     return f"largest difference {worst:.3g}, where the map's largest value is {scale:.3g}"
 
