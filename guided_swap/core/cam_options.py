@@ -10,6 +10,9 @@ Every built-in CAM is a sum over channels of its *weighted activations* (pytorch
   their sum (pytorch-grad-cam's ``eigen_smooth``), signed by :func:`~guided_swap.core.cam.principal_component`'s
   rule. EigenGrad-CAM always is one.
 
+Score-CAM and Ablation-CAM weigh each channel by what their own passes measured: their weighted activations are
+``w_k A_k`` (:func:`weights_map`), so the same options apply. FullGrad has none: options on it are refused.
+
 :func:`fuse` combines the maps of several layers as pytorch-grad-cam does with several target layers (``"mean"``)
 or as its RefineCAM does (``"product"``), each map min-max scaled like its ``scale_cam_image``.
 
@@ -28,6 +31,7 @@ import torch
 from torch import Tensor
 
 from . import cam
+from .pass_cams import PASS_CAMS
 
 FUSIONS = ("mean", "product")
 #: pytorch-grad-cam's ``scale_cam_image``: ``(m - min) / (max(m - min) + 1e-7)`` per image.
@@ -44,16 +48,40 @@ def cam_map(name: str, activation: Tensor, gradient: Tensor, *, signed: bool = F
             eigen_smooth: bool = False) -> Tensor:
     """The CAM ``name`` of ``(A, G)`` with options (the module docstring): (B, *spatial), or (B, K, *spatial)
     with ``per_channel``. No option: :func:`guided_swap.core.cam.compute`, the same map as ``cams_raw[name]``.
-    A user's CAM (``register_cam``) has no weighted activations: options raise :class:`~guided_swap.CamError`."""
+    A user's CAM (``register_cam``) has no weighted activations: options raise :class:`~guided_swap.CamError`,
+    and so does FullGrad, or a Score-CAM or Ablation-CAM this pass did not make (:func:`weights_map` makes those)."""
     check_flags(signed=signed, per_channel=per_channel, eigen_smooth=eigen_smooth)
     if not (signed or per_channel or eigen_smooth):
         return cam.compute(name, activation, gradient)
+    _refuse_pass_cam(name)
     cam.get_cam(name)  # an unknown name: the registry's error
     if name not in cam.WEIGHTED:
         raise cam.CamError(f"{name!r} is a CAM of your own, a function giving one map: signed=, per_channel= and "
                            "eigen_smooth= need the weighted activations it sums, which only the built-in CAMs "
                            f"{cam.BUILT_IN} have. Register a variant that computes what you want instead")
-    weighted = cam.WEIGHTED[name](activation, gradient)
+    return reduce(name, cam.WEIGHTED[name](activation, gradient), signed=signed, per_channel=per_channel,
+                  eigen_smooth=eigen_smooth)
+
+
+def weights_map(name: str, activation: Tensor, weights: Tensor, *, signed: bool = False, per_channel: bool = False,
+                eigen_smooth: bool = False) -> Tensor:
+    """A CAM made from per-sample channel weights ``weights`` (B, K) that its own passes computed (Score-CAM,
+    Ablation-CAM), with options: its weighted activations are ``w_k A_k`` (pytorch-grad-cam's), in float32 at least.
+
+    >>> A = torch.tensor([[[[1.0, 2.0]], [[3.0, 1.0]]]])      # (1, 2 channels, 1, 2)
+    >>> weights_map("scorecam", A, torch.tensor([[1.0, -1.0]]), signed=True)
+    tensor([[[-2.,  1.]]])
+    """
+    check_flags(signed=signed, per_channel=per_channel, eigen_smooth=eigen_smooth)
+    activation = cam.working(activation)
+    weighted = weights.to(activation.dtype).view(weights.shape + (1,) * (activation.dim() - 2)) * activation
+    return reduce(name, weighted, signed=signed, per_channel=per_channel, eigen_smooth=eigen_smooth)
+
+
+def reduce(name: str, weighted: Tensor, *, signed: bool, per_channel: bool, eigen_smooth: bool) -> Tensor:
+    """The CAM ``name``'s map from its weighted activations (B, K, *spatial): their sum over the channels (their
+    principal component with ``eigen_smooth`` or for an Eigen CAM), or themselves with ``per_channel``; then the
+    ReLU unless ``signed``."""
     eigen = eigen_smooth or name in cam.ALWAYS_EIGEN
     if per_channel:
         if eigen:
@@ -63,6 +91,18 @@ def cam_map(name: str, activation: Tensor, gradient: Tensor, *, signed: bool = F
         return weighted if signed else torch.relu(weighted)
     reduced = cam.principal_component(weighted) if eigen else weighted.sum(dim=1)
     return reduced if signed else torch.relu(reduced)
+
+
+def _refuse_pass_cam(name: str) -> None:
+    """Options on a CAM of :data:`~guided_swap.core.pass_cams.PASS_CAMS` that :func:`weights_map` cannot make."""
+    if name == "fullgrad":
+        raise cam.CamError("FullGrad ('fullgrad') sums min-max scaled maps of the input gradient and of every bias "
+                           "layer's |b_k G_k|, each channel scaled on its own: it has no weighted activations w_k A_k "
+                           "of one layer, so signed=, per_channel= and eigen_smooth= have nothing to apply to. Read "
+                           "e.cams_raw['fullgrad'] (or e.fused('fullgrad')) as it is")
+    if name in PASS_CAMS:
+        raise cam.CamError(f"{name!r} needs passes of its own, which this explanation did not run: explain with "
+                           f"cams=({name!r},) for its map and its options")
 
 
 def min_max(maps: Tensor) -> Tensor:

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from .errors import TargetError
-from .targets import OutputKey, Score, class_indices, select_output
+from .targets import OutputKey, Score, class_indices, default_output, select_output
 
 #: pytorch-grad-cam's default ranks of the compared classes (clamped to the number of other classes).
 DEFAULT_COMPARE = (1, 2, 3)
@@ -62,6 +62,11 @@ class Finer(Score):
         return self if self.output is not None or output is None else replace(self, output=output)
 
     def logits(self, outputs: Any) -> Tensor:
+        if default_output(outputs, self.output) is None and not isinstance(outputs, Tensor):
+            raise TargetError(f"FinerCAM compares a model's class scores, (B, K) logits, but this model returns a "
+                              f"{type(outputs).__name__} (a detector's detections have none to compare): explain a "
+                              "detection with target=guided_swap.Box(i) (or convert with output=KEY for a model that "
+                              "returns its logits among other outputs)")
         logits = select_output(outputs, self.output)
         if not isinstance(logits, Tensor) or logits.dim() != 2 or logits.shape[1] < 2:
             raise TargetError("Finer compares classes: it needs (B, K) logits with K >= 2, got "

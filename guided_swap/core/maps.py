@@ -105,6 +105,7 @@ class LayerMaps:
     name: str = ""
     fixed_cams: Optional[Dict[str, Tensor]] = field(default=None, repr=False)  # precomputed raw maps (smoothing)
     pass_cams: Dict[str, Tensor] = field(default_factory=dict, repr=False)  # raw maps made by passes of their own
+    pass_weights: Dict[str, Tensor] = field(default_factory=dict, repr=False)  # their channel weights (B, K), if any
 
     @cached_property
     def _feature(self) -> Tuple[Tensor, Tensor]:
@@ -175,6 +176,8 @@ class LayerMaps:
         """The CAM ``name`` with options (:mod:`guided_swap.core.cam_options`): ``signed`` (no ReLU),
         ``per_channel`` (B, K, *spatial), ``eigen_smooth`` (the principal component instead of the channel sum);
         at the layer's resolution, or the input's with ``resize``. No option: ``cams_raw[name]`` (``cams[name]``).
+        Score-CAM's and Ablation-CAM's weighted activations are ``w_k A_k`` with the weights their passes measured;
+        FullGrad has none, and options on it raise :class:`~guided_swap.CamError`.
 
         >>> G = torch.tensor([1.0, -3.0]).view(1, 2, 1, 1).expand(1, 2, 2, 2)
         >>> maps = LayerMaps(torch.ones(1, 2, 2, 2), G, (4, 4))
@@ -188,8 +191,11 @@ class LayerMaps:
             raise cam_maths.CamError("a smoothed explanation holds a statistic of the copies' CAMs, not the copies' "
                                      "activations and gradients: signed=, per_channel= and eigen_smooth= cannot be "
                                      "computed from it; explain without smooth= for them")
-        out = cam_options.cam_map(name, *self._feature, signed=signed, per_channel=per_channel,
-                                  eigen_smooth=eigen_smooth)
+        options = dict(signed=signed, per_channel=per_channel, eigen_smooth=eigen_smooth)
+        if name in self.pass_weights:  # Score-CAM, Ablation-CAM: w_k A_k with the weights their passes measured
+            out = cam_options.weights_map(name, self.feature_map, self.pass_weights[name], **options)
+        else:
+            out = cam_options.cam_map(name, *self._feature, **options)
         if not resize:
             return out
         if not per_channel:
@@ -201,7 +207,8 @@ class LayerMaps:
         rows = _rows(index)
         fixed = None if self.fixed_cams is None else {k: v[rows] for k, v in self.fixed_cams.items()}
         return replace(self, activation=self.activation[rows], grad=self.grad[rows], fixed_cams=fixed,
-                       pass_cams={k: v[rows] for k, v in self.pass_cams.items()})
+                       pass_cams={k: v[rows] for k, v in self.pass_cams.items()},
+                       pass_weights={k: v[rows] for k, v in self.pass_weights.items()})
 
 
 @dataclass

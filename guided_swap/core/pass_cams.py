@@ -5,7 +5,9 @@ model: Score-CAM the score of the input masked by each channel, Ablation-CAM the
 set to zero, FullGrad the ordinary gradient at the output of every layer that adds a bias. Running those passes
 is the explainer's business (:mod:`guided_swap.run.extra_cams`); here are the pure functions of what they
 return. Each follows pytorch-grad-cam's code (``ScoreCAM``, ``AblationCAM``, ``FullGrad``), which the tests
-compare against; docs/cams.md says where its choices are arbitrary.
+compare against; docs/cams.md says where its choices are arbitrary. As every CAM's, their maths run in float32
+at least (:func:`~guided_swap.core.cam.working`): a float16 or bfloat16 model's maps are float32 (in float16,
+Score-CAM's ``1e-8`` is 0, and a constant channel's mask was ``0 / 0``).
 
 >>> import torch
 >>> A = torch.tensor([[[[0.0, 1.0], [2.0, 3.0]], [[1.0, 1.0], [1.0, 1.0]]]])   # (1, 2, 2, 2)
@@ -25,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .cam import _LINEAR_MODE, CamError, upsample
+from .cam import _LINEAR_MODE, CamError, upsample, working
 
 #: The CAMs that need passes of their own; ``explain(x, cams=NAMES)`` computes them in the same call.
 PASS_CAMS = ("scorecam", "ablationcam", "fullgrad")
@@ -46,7 +48,9 @@ class BiasPass(NamedTuple):
 
 def scorecam_masks(rows: Tensor, size: Sequence[int]) -> Tensor:
     """Score-CAM's masks: each (*spatial) map of ``rows`` (n, *spatial) upsampled to ``size`` with the corners
-    aligned (pytorch-grad-cam's ``UpsamplingBilinear2d``), then min-max scaled to [0, 1]; (n, *size)."""
+    aligned (pytorch-grad-cam's ``UpsamplingBilinear2d``), then min-max scaled to [0, 1]; (n, *size), in float32 at
+    least."""
+    rows = working(rows)
     mode = _LINEAR_MODE[rows.dim() - 1]
     up = F.interpolate(rows.unsqueeze(1), size=tuple(size), mode=mode, align_corners=True).squeeze(1)
     flat = up.flatten(1)
@@ -67,7 +71,8 @@ def ablation_weights(original: Tensor, ablated: Tensor) -> Tensor:
 
 
 def weighted_cam(activation: Tensor, weights: Tensor) -> Tensor:
-    """``ReLU(sum_k w_k A_k)`` for per-sample channel weights (B, K); (B, *spatial)."""
+    """``ReLU(sum_k w_k A_k)`` for per-sample channel weights (B, K); (B, *spatial), in float32 at least."""
+    activation = working(activation)
     shape = weights.shape + (1,) * (activation.dim() - 2)
     return torch.relu((weights.view(shape).to(activation.dtype) * activation).sum(dim=1))
 
@@ -86,11 +91,13 @@ def fullgrad(x: Tensor, input_grad: Tensor, biases: Sequence[Tuple[Tensor, Tenso
     ``sum_c minmax(|x ∇x|_c) + sum_layers upsample(sum_k minmax(|b_k G_k|))`` (B, *input spatial).
 
     Each channel is min-max scaled on its own; the sum over a layer's channels comes before the upsampling,
-    which is linear, so it equals pytorch-grad-cam's per-channel resize and sum at a fraction of the work.
+    which is linear, so it equals pytorch-grad-cam's per-channel resize and sum at a fraction of the work. The sums
+    run in float32 at least.
     """
     size = tuple(x.shape[2:])
-    total = channel_minmax((input_grad * x).abs()).sum(dim=1)
+    total = channel_minmax((working(input_grad) * working(x)).abs()).sum(dim=1)
     for bias, grad in biases:
+        grad = working(grad)
         shape = (1, -1) + (1,) * (grad.dim() - 2)
         layer = channel_minmax((bias.view(shape).to(grad.dtype) * grad).abs()).sum(dim=1)
         total = total + (layer if tuple(layer.shape[1:]) == size else upsample(layer, size, interpolate))
@@ -100,7 +107,8 @@ def fullgrad(x: Tensor, input_grad: Tensor, biases: Sequence[Tuple[Tensor, Tenso
 def batchnorm_bias(name: str, weight: Optional[Tensor], bias: Tensor, mean: Optional[Tensor],
                    var: Optional[Tensor], eps: float) -> Tensor:
     """What an eval-mode BatchNorm adds per channel: ``bias - mean * weight / sqrt(var + eps)`` (FullGrad's
-    official code and pytorch-grad-cam's). One without running statistics adds no fixed bias: a ``CamError``.
+    official code and pytorch-grad-cam's), in float32 at least. One without running statistics adds no fixed bias:
+    a ``CamError``.
 
     >>> batchnorm_bias("bn", torch.tensor([2.0]), torch.tensor([1.0]), torch.tensor([0.5]), torch.tensor([3.0]), 1.0)
     tensor([0.5000])
@@ -108,7 +116,8 @@ def batchnorm_bias(name: str, weight: Optional[Tensor], bias: Tensor, mean: Opti
     if mean is None or var is None:
         raise CamError(f"FullGrad needs the bias every BatchNorm adds, but {name!r} normalises with batch statistics "
                        "(no running statistics), so it adds none that is fixed; FullGrad cannot be computed here")
-    scale = torch.ones_like(mean) if weight is None else weight
+    mean, var, bias = working(mean), working(var), working(bias)
+    scale = torch.ones_like(mean) if weight is None else working(weight)
     return -(mean * scale / torch.sqrt(var + eps)) + bias
 
 

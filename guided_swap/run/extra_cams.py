@@ -28,6 +28,7 @@ from ..capture.base import Capture
 from ..core import cam as cam_maths
 from ..core.errors import LayerError
 from ..core.maps import Explanation
+from ..core import pass_cams as pass_maths
 from ..core.pass_cams import PASS_CAMS
 from ..core.targets import ChannelScore, Score
 from .fullgrad import fullgrad_map
@@ -68,7 +69,9 @@ def add_pass_cams(capture: Capture, x: Any, score: Score, explanation: Explanati
     classes: Optional[Tensor] = explanation.target
     for name in (n for n in names if n in _MAKERS):
         for maps in explanation.layers.values():
-            maps.pass_cams[name] = _MAKERS[name](capture, x, score, classes, maps, chunk or DEFAULT_CHUNK)
+            weights = _MAKERS[name](capture, x, score, classes, maps, chunk or DEFAULT_CHUNK)
+            maps.pass_weights[name] = weights
+            maps.pass_cams[name] = pass_maths.weighted_cam(maps.feature_map.detach(), weights)
     if "fullgrad" in names:
         made = fullgrad_map(capture, x, score, classes, interpolate)
         for maps in explanation.layers.values():

@@ -11,7 +11,9 @@ samples of the batch together (pytorch-grad-cam loops over the samples in Python
   model *from the layer on* only (:meth:`guided_swap.Capture.tail`, a cut of the explain graph); the weights are
   the relative drops ``(y - y_k) / y``. A channel that is zero already changes nothing and is not run.
 
-The map is ``ReLU(sum_k w_k A_k)`` at the layer's resolution, as pytorch-grad-cam's before its min-max scaling.
+Each gives the channel weights ``w`` (B, K); the map is ``ReLU(sum_k w_k A_k)`` at the layer's resolution
+(:func:`guided_swap.core.pass_cams.weighted_cam`), as pytorch-grad-cam's before its min-max scaling, and the
+weights stay with the explanation for ``cam_map``'s options.
 
 >>> import torch, guided_swap as gs
 >>> from torch import nn
@@ -21,9 +23,9 @@ The map is ``ReLU(sum_k w_k A_k)`` at the layer's resolution, as pytorch-grad-ca
 >>> x = torch.randn(2, 3, 16, 16)
 >>> e, score = ex.explain(x, [3, 5]), gs.core.targets.as_score([3, 5])
 >>> scorecam(ex.capture, x, score, e.target, e.layers["3"], chunk=8).shape       # 32 masked inputs, 8 a pass
-torch.Size([2, 6, 6])
+torch.Size([2, 16])
 >>> ablationcam(ex.capture, x, score, e.target, e.layers["3"], chunk=8).shape    # 32 ablated activations
-torch.Size([2, 6, 6])
+torch.Size([2, 16])
 """
 from typing import Any, List, Optional, Tuple
 
@@ -41,7 +43,7 @@ Rows = Tuple[Tensor, Tensor]  # (sample index, channel index) per row
 
 def scorecam(capture: Capture, x: Any, score: Score, classes: Optional[Tensor], maps: LayerMaps,
              chunk: int) -> Tensor:
-    """Score-CAM at the layer of ``maps`` (module docstring), (B, *layer spatial)."""
+    """Score-CAM's channel weights at the layer of ``maps`` (module docstring), (B, K)."""
     A = maps.feature_map.detach()
     clean = capture.stack(x).detach()
     size = tuple(clean.shape[2:])
@@ -49,9 +51,9 @@ def scorecam(capture: Capture, x: Any, score: Score, classes: Optional[Tensor], 
     live = _rows(~blank)
     zero_samples = torch.nonzero(blank.any(dim=1)).flatten()
 
-    def inputs(samples: Tensor, channels: Tensor) -> Tensor:
+    def inputs(samples: Tensor, channels: Tensor) -> Tensor:  # masked in float32 at least, in the input's dtype
         masks = maths.scorecam_masks(A[samples, channels], size)
-        return clean[samples] * masks.unsqueeze(1)
+        return (clean[samples] * masks.unsqueeze(1)).to(clean.dtype)
 
     def forward(samples: Tensor, rows_input: Tensor) -> Tensor:
         return _scores(score, capture(capture.unstack(rows_input, like=x)), samples, classes)
@@ -63,12 +65,12 @@ def scorecam(capture: Capture, x: Any, score: Score, classes: Optional[Tensor], 
             scores[blank] = zero[torch.searchsorted(zero_samples, torch.nonzero(blank)[:, 0])]
         for samples, channels in _chunks(live, chunk):
             scores[samples, channels] = forward(samples, inputs(samples, channels))
-    return maths.weighted_cam(A, maths.softmax_weights(scores))
+    return maths.softmax_weights(scores)
 
 
 def ablationcam(capture: Capture, x: Any, score: Score, classes: Optional[Tensor], maps: LayerMaps,
                 chunk: int) -> Tensor:
-    """Ablation-CAM at the layer of ``maps`` (module docstring), (B, *layer spatial)."""
+    """Ablation-CAM's channel weights at the layer of ``maps`` (module docstring), (B, K)."""
     own = maps.activation.detach()          # the capture as the model holds it (channels may not come first)
     axis = maps.layout.channel_axis(own.dim())
     tail = capture.tail(maps.name, x)
@@ -85,7 +87,7 @@ def ablationcam(capture: Capture, x: Any, score: Score, classes: Optional[Tensor
         ablated = original.unsqueeze(1).repeat(1, own.shape[axis])
         for samples, channels in _chunks(_rows(_live_channels(own, axis)), chunk):
             ablated[samples, channels] = run(samples, _ablate(own, samples, channels, axis))
-    return maths.weighted_cam(maps.feature_map.detach(), maths.ablation_weights(original, ablated))
+    return maths.ablation_weights(original, ablated)
 
 
 def _scores(score: Score, outputs: Any, samples: Tensor, classes: Optional[Tensor]) -> Tensor:

@@ -35,17 +35,22 @@ EXPORTED_MAPS = ("logits", "gradient", "cam_raw", "cam", "guided_gradcam")
 
 
 class _Traced(nn.Module):
-    """The make_fx graph with the weights it takes as inputs held as buffers, so torch.export sees a module."""
+    """The make_fx graph with the weights it takes as inputs held as buffers, so torch.export sees a module.
 
-    def __init__(self, graph: nn.Module, state: Dict[str, Tensor]):
+    The graph is held as ``traced``, never ``graph``: the make_fx graph keeps the tensors it made from Python
+    numbers (Swin's shifted-window mask) as ``_tensor_constant*`` attributes, and the module torch.export rebuilds
+    on ``program.module()`` is a ``GraphModule``, whose ``graph`` is its fx graph, so ``graph._tensor_constant0``
+    would name nothing there."""
+
+    def __init__(self, traced: nn.Module, state: Dict[str, Tensor]):
         super().__init__()
-        self.graph = graph
+        self.traced = traced
         self.names = list(state)
         for index, tensor in enumerate(state.values()):
             self.register_buffer(f"w{index}", tensor)
 
     def forward(self, *inputs_and_target: Tensor):
-        return self.graph({name: getattr(self, f"w{i}") for i, name in enumerate(self.names)}, *inputs_and_target)
+        return self.traced({name: getattr(self, f"w{i}") for i, name in enumerate(self.names)}, *inputs_and_target)
 
 
 class _Pass(nn.Module):
@@ -84,7 +89,16 @@ def export_program(explainer: Explainer, example_input: Any = None, *, interpola
     ``gradient.0``, ``gradient.1``, ... (and ``guided_gradcam.i`` for each input of the map's rank).
 
     Its CAMs read each capture with the explainer's layouts (a ViT's tokens, a Swin's channels-last maps), as
-    ``explain`` does. A capture without a graph (the run-time capture) cannot be exported."""
+    ``explain`` does. A capture without a graph (the run-time capture) cannot be exported. The program is run
+    once on the example and its maps compared with the eager explainer's: one that fails or differs raises
+    :class:`ExportError` instead of being returned."""
+    program, reference = _program(explainer, example_input, interpolate, dynamic_batch)
+    _verify(program, reference)
+    return program
+
+
+def _program(explainer: Explainer, example_input: Any, interpolate: str, dynamic_batch: bool):
+    """The unchecked program, and the reference to check it with: the example's arguments and eager maps."""
     if not isinstance(explainer, Explainer):
         raise TypeError(f"export() takes an Explainer from guided_swap.convert(), got {type(explainer).__name__}")
     inputs = _example(explainer, example_input)
@@ -98,13 +112,15 @@ def export_program(explainer: Explainer, example_input: Any = None, *, interpola
         raise ExportError(_NO_GRAPH)
     target = torch.zeros(inputs[0].shape[0], dtype=torch.long, device=inputs[0].device)
     one_pass = _Pass(capture, interpolate)
+    arguments = tuple(inputs) + (target,)
+    reference = (arguments, {k: v.detach() for k, v in one_pass(*arguments).items()})
     state = {k: v.detach() for k, v in list(one_pass.named_parameters()) + list(one_pass.named_buffers())}
     try:
         graph = make_fx(_explain_function(capture, interpolate), tracing_mode="symbolic")(
             *_batch_symbolic(state, inputs + [target], dynamic_batch))
         batch = torch.export.Dim("batch", min=1, max=65536) if dynamic_batch else None
         shapes = (tuple({0: batch} for _ in range(len(inputs) + 1)),) if dynamic_batch else None  # forward(*args)
-        return torch.export.export(_Traced(graph, state), tuple(inputs) + (target,), dynamic_shapes=shapes)
+        return torch.export.export(_Traced(graph, state), arguments, dynamic_shapes=shapes), reference
     except GuidedSwapError:
         raise
     except Exception as error:  # torch.export's many failure types
@@ -114,16 +130,80 @@ def export_program(explainer: Explainer, example_input: Any = None, *, interpola
             "symbolic-shape rule are the usual cause (try dynamic_batch=False)") from error
 
 
-_NO_GRAPH = ("this explainer was captured at run time (neither torch.fx nor torch.export could take the model), so "
-             "it has no graph to export; explain eagerly, or save it with ex.save()")
+#: How far an exported map may be from the eager one, as a fraction of the eager map's largest value, by the
+#: dtype of the map or of the model's output (a half model's float32 CAMs are made from half A and G).
+_TOLERANCE = {torch.float16: 1e-2, torch.bfloat16: 5e-2}
+_FLOAT_TOLERANCE = 1e-4
 
 
-def export(explainer: Explainer, example_input: Tensor, path: str, **options) -> "torch.export.ExportedProgram":
-    """Export ``explainer`` to ``path`` (``.pt2``), written atomically. Returns the program."""
-    program = export_program(explainer, example_input, **options)
+def _tolerance(*dtypes: torch.dtype) -> float:
+    return max(_TOLERANCE.get(dtype, _FLOAT_TOLERANCE) for dtype in dtypes)
+
+
+def _verify(program: "torch.export.ExportedProgram", reference) -> None:
+    """Run ``program`` on the example and compare its maps with the eager explainer's, or raise ExportError."""
+    arguments, expected = reference
+    try:
+        got = program.module()(*arguments)
+    except Exception as error:  # whatever the broken program raises
+        raise ExportError(f"the exported program does not run: {type(error).__name__}: {str(error)[:2000]}\n"
+                          f"{_VERIFY_HINT}") from error
+    if not isinstance(got, dict) or sorted(got) != sorted(expected):
+        raise ExportError(f"the exported program gives {sorted(got) if isinstance(got, dict) else type(got)}, not "
+                          f"the explainer's maps {sorted(expected)}\n{_VERIFY_HINT}")
+    model_dtype = expected["logits"].dtype
+    for name, want in expected.items():
+        difference = _difference(got[name], want, _tolerance(want.dtype, model_dtype))
+        if difference is not None:
+            raise ExportError(f"the exported program's {name!r} differs from the explainer's on the example: "
+                              f"{difference}\n{_VERIFY_HINT}")
+
+
+def _difference(got: Tensor, want: Tensor, tolerance: float) -> Optional[str]:
+    """None when ``got`` equals ``want`` to ``tolerance`` times ``want``'s largest value; otherwise how they
+    differ."""
+    if got.shape != want.shape:
+        return f"shape {tuple(got.shape)} against {tuple(want.shape)}"
+    if not torch.equal(got.isnan(), want.isnan()):
+        return "NaN at other positions"
+    if want.numel() == 0:
+        return None
+    got, expected = got.detach().double().nan_to_num(0.0), want.double().nan_to_num(0.0)
+    scale, worst = float(expected.abs().max()), float((got - expected).abs().max())
+    if worst <= tolerance * scale:
+        return None
+    return f"largest difference {worst:.3g}, where the map's largest value is {scale:.3g}"
+
+
+_VERIFY_HINT = ("  hint: nothing was written; the eager explainer and ex.save() still work (please report the model "
+                "if you can share it)")
+
+
+_NO_GRAPH = ("this explainer was captured at run time (capture='runtime': chosen with convert(capture=...), or "
+             "taken because neither torch.fx nor torch.export could take the model), so it has no graph to export; "
+             "explain eagerly, or save it with ex.save()")
+
+
+def export(explainer: Explainer, example_input: Tensor, path: str, *, interpolate: str = "bilinear",
+           dynamic_batch: bool = True) -> "torch.export.ExportedProgram":
+    """Export ``explainer`` to ``path`` (``.pt2``), written atomically. Returns the program.
+
+    The file is loaded back and run on the example before it takes ``path``: a program that does not load, run or
+    give the explainer's maps raises :class:`ExportError` and nothing is written."""
+    program, reference = _program(explainer, example_input, interpolate, dynamic_batch)
     with atomic_write(path, suffix=".pt2") as temporary:
         torch.export.save(program, temporary)
+        _verify(_load(temporary), reference)
     return program
+
+
+def _load(path: str) -> "torch.export.ExportedProgram":
+    """The program just written to ``path``, or ExportError."""
+    try:
+        return torch.export.load(path)
+    except Exception as error:  # torch's many deserialisation failures
+        raise ExportError(f"the exported program does not load back: {type(error).__name__}: {str(error)[:2000]}"
+                          f"\n{_VERIFY_HINT}") from error
 
 
 def _batch_symbolic(state: Dict[str, Tensor], tensors: List[Tensor], dynamic_batch: bool):

@@ -152,3 +152,11 @@ def test_finer_settings_are_checked():
     assert score.shape == (1,)
     with pytest.raises(gs.TargetError, match="K >= 2"):
         gs.Finer()(torch.randn(2, 1), {}, 2)
+
+
+def test_finer_on_a_detector_says_it_needs_class_scores():
+    """A detector's list of dicts has no class scores to compare: a TargetError, as for an int target, not the
+    OutputError suggesting output=KEY (no key of a detection holds (B, K) logits)."""
+    detections = [{"boxes": torch.zeros(1, 4), "labels": torch.tensor([1]), "scores": torch.tensor([0.9])}] * 2
+    with pytest.raises(gs.TargetError, match="FinerCAM compares a model's class scores.*list.*Box"):
+        gs.Finer()(detections, {}, 2)

@@ -13,7 +13,7 @@ from torch import nn
 
 import guided_swap as gs
 from guided_swap.checks import reference
-from guided_swap.core import cam
+from guided_swap.core import cam, pass_cams
 
 from conftest import MEAN, STD, assert_nontrivial, image_batch, make_model, randomise_batchnorm
 
@@ -137,6 +137,85 @@ def test_float16_xgradcam_of_large_activations_does_not_overflow():
         assert torch.isfinite(ours).all(), name
         assert_nontrivial(e_full.cams_raw[name], 0.1)
         assert rel_l2(ours, e_full.cams_raw[name]) < 4 * inherited + 4 * unit_roundoff(torch.float16), name
+
+
+PASSES = ("scorecam", "ablationcam", "fullgrad")
+
+
+@pytest.fixture(scope="module", params=HALF)
+def pass_cams_pair(request, images):
+    """Score-CAM, Ablation-CAM and FullGrad of a half-precision tiny CNN and of its float32 twin, at both layers."""
+    dtype = request.param
+    low, full = pair(tiny_cnn(), dtype)
+    x = images.to(dtype)
+    e_low = gs.convert(low, layer=["7", "9"]).explain(x, [1, 2, 3], cams=PASSES)
+    e_full = gs.convert(full, layer=["7", "9"]).explain(x.float(), [1, 2, 3], cams=PASSES)
+    return dict(dtype=dtype, low=low, x=x, e_low=e_low, e_full=e_full)
+
+
+def test_pass_cams_of_a_half_model_are_float32_and_finite(pass_cams_pair):
+    """In float16 Score-CAM's mask of a constant channel was 0 / (0 + 1e-8), and 1e-8 is 0 there: NaN maps. Every
+    map of these CAMs is float32 (their maths run in float32, as every CAM's), finite and not empty."""
+    e_low = pass_cams_pair["e_low"]
+    for layer in ("7", "9"):
+        maps = e_low.layers[layer]
+        flat = maps.feature_map.flatten(2)
+        assert (flat.amax(dim=2) == flat.amin(dim=2)).any(), layer  # constant channels: Score-CAM's blank masks
+        for name in PASSES:
+            ours = maps.cams_raw[name]
+            assert ours.dtype == torch.float32 and maps.cams[name].dtype == torch.float32, (layer, name)
+            assert torch.isfinite(ours).all(), (layer, name)
+            assert_nontrivial(ours, 0.2)
+        for name in ("scorecam", "ablationcam"):
+            assert maps.pass_weights[name].dtype == torch.float32, name
+            assert maps.cam_map(name, eigen_smooth=True).dtype == torch.float32, name
+
+
+def test_pass_cam_maths_add_no_rounding_of_the_models_dtype(pass_cams_pair):
+    """From the half model's own values, the maths in float64 give the same maps to float32's precision: Score-CAM
+    and Ablation-CAM from its A and the weights its passes measured, Ablation-CAM's weights ``(y - y_k) / y`` from
+    its own scores (the tail after layer "9" run by hand in its dtype), FullGrad from its own bias pass."""
+    dtype, low, x, e_low = (pass_cams_pair[k] for k in ("dtype", "low", "x", "e_low"))
+    for layer in ("7", "9"):
+        maps = e_low.layers[layer]
+        for name in ("scorecam", "ablationcam"):
+            weights = maps.pass_weights[name].double()
+            exact = torch.relu((weights[:, :, None, None] * maps.feature_map.double()).sum(dim=1))
+            assert rel_l2(maps.cams_raw[name], exact) < 1e-6, (layer, name)
+    A, target = e_low.layers["9"].activation, e_low.target
+    with torch.no_grad():
+        original = low[10:](A).double().gather(1, target[:, None])[:, 0]
+        ablated = torch.stack([low[10:](A * (torch.arange(A.shape[1]) != k).to(dtype)[None, :, None, None])
+                               .double().gather(1, target[:, None])[:, 0] for k in range(A.shape[1])], dim=1)
+    exact_weights = (original[:, None] - ablated) / original[:, None]
+    assert rel_l2(e_low.layers["9"].pass_weights["ablationcam"], exact_weights) < 1e-6
+    bias = gs.convert(low, layer="9").capture.bias_pass(x, gs.core.targets.as_score([1, 2, 3]), target)
+    exact_fullgrad = pass_cams.fullgrad(x.double(), bias.input_grad.double(),
+                                        [(b.double(), g.double()) for b, g in bias.biases if g.dim() == 4])
+    assert rel_l2(e_low.cams_raw["fullgrad"], exact_fullgrad) < 1e-5
+
+
+@pytest.mark.parametrize("name", PASSES)
+def test_pass_cams_of_a_half_model_match_the_float32_model(pass_cams_pair, name):
+    """Against the float32 twin. Score-CAM and Ablation-CAM are ``sum_k w_k A_k``: each map is within
+    4 (eps_A + eps_w) + 4u, the errors of A and of the weights being the model's own rounding (measured here).
+    Score-CAM's weights are a softmax of the masked inputs' scores (eps_w ~0.05u); Ablation-CAM's ``(y - y_k) / y``
+    divide the rounding of the scores (~0.5u) by the small drops ``y - y_k`` (eps_w 16u to 130u): that is the half
+    model's, not the maths'. FullGrad is made of the ordinary gradients at the input and at every bias layer, which
+    come back through up to five weighted layers as the input gradient does: within its 128u (measured 4u to 11u;
+    21u in float16 before its maths ran in float32)."""
+    e_low, e_full = pass_cams_pair["e_low"], pass_cams_pair["e_full"]
+    u = unit_roundoff(pass_cams_pair["dtype"])
+    for layer in ("7", "9"):
+        ours, theirs = e_low.layers[layer], e_full.layers[layer]
+        assert_nontrivial(theirs.cams_raw[name], 0.2)
+        error = rel_l2(ours.cams_raw[name], theirs.cams_raw[name])
+        if name == "fullgrad":
+            assert error < 128 * u, (layer, error / u)
+            continue
+        inherited = rel_l2(ours.activation, theirs.activation) + rel_l2(ours.pass_weights[name],
+                                                                        theirs.pass_weights[name])
+        assert error < 4 * inherited + 4 * u, (layer, error / u, inherited / u)
 
 
 def test_float64_maps_stay_float64():

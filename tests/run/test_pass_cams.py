@@ -158,5 +158,34 @@ def test_targets_and_explainers_they_cannot_explain_are_refused(model, x):
         gs.convert(model, layer=None).explain(x, cams="fullgrad")
 
 
+def test_options_on_score_and_ablation_cam_read_their_channel_weights(explained):
+    """signed=, per_channel= and eigen_smooth= apply to w_k A_k, with the weights w_k the passes computed."""
+    maps = explained.layers["layer3"]
+    for name in ("scorecam", "ablationcam"):
+        per_channel = maps.cam_map(name, signed=True, per_channel=True)
+        assert per_channel.shape == maps.feature_map.shape and per_channel.dtype == torch.float32
+        assert torch.allclose(torch.relu(per_channel.sum(dim=1)), maps.cams_raw[name], atol=1e-6), name
+        assert torch.allclose(maps.cam_map(name, signed=True), per_channel.sum(dim=1), atol=1e-6), name
+        assert torch.equal(maps.cam_map(name, per_channel=True), torch.relu(per_channel)), name
+        smoothed = maps.cam_map(name, eigen_smooth=True, resize=True)
+        assert smoothed.shape == (2, 32, 32) and (smoothed >= 0).all()
+        assert torch.equal(explained[1].cam_map(name, signed=True), maps.cam_map(name, signed=True)[1:]), name
+        assert explained.fused(name, eigen_smooth=True).shape == (2, 32, 32)
+    with pytest.raises(gs.CamError, match="no channel"):
+        maps.cam_map("scorecam", per_channel=True, eigen_smooth=True)
+
+
+def test_options_on_fullgrad_and_on_pass_cams_not_made_are_refused(model, x, explained):
+    for options in ({"signed": True}, {"per_channel": True}, {"eigen_smooth": True}):
+        with pytest.raises(gs.CamError, match="FullGrad .* no weighted activations"):
+            explained.cam_map("fullgrad", **options)
+    with pytest.raises(gs.CamError, match="FullGrad"):
+        explained.fused("fullgrad", eigen_smooth=True)
+    assert explained.fused("fullgrad").shape == (2, 32, 32)
+    plain = gs.convert(model, layer="layer3").explain(x, [3, 7])
+    with pytest.raises(gs.CamError, match=r"cams=\('scorecam',\)"):
+        plain.cam_map("scorecam", signed=True)
+
+
 def test_pass_cam_names_are_exported():
     assert PASS_CAMS == PASSES

@@ -106,6 +106,42 @@ def test_fullgrad_equals_pytorch_grad_cam_before_and_after_its_scaling(case):
     assert after < 1e-4
 
 
+@pytest.mark.parametrize("name", ["scorecam", "ablationcam"])
+def test_options_equal_pytorch_grad_cam_on_its_weighted_activations(case, name, signed_eigen):
+    """signed=, per_channel= and eigen_smooth= on Score-CAM and Ablation-CAM: pytorch-grad-cam's weights times its
+    activation (its ``weighted_activations``), their sum without the ReLU, and its ``eigen_smooth=True`` map."""
+    tool = LIBRARY[name](case["model"], [case["layer"]])
+    try:
+        weights = tool.get_cam_weights(case["x"], case["layer"], case["targets"], case["A"], case["G"])
+        smooth = tool.get_cam_image(case["x"], case["layer"], case["targets"], case["A"], case["G"],
+                                    eigen_smooth=True)
+    finally:
+        tool.activations_and_grads.release()
+    weighted = torch.from_numpy(weights[:, :, None, None] * case["A"]).float()
+    maps = case["e"].layers[case["layer_name"]]
+    assert_nontrivial(torch.from_numpy(np.maximum(smooth, 0)), 0.1)
+    errors = (relative_error(maps.cam_map(name, signed=True, per_channel=True), weighted),
+              relative_error(maps.cam_map(name, signed=True), weighted.sum(dim=1)),
+              relative_error(maps.cam_map(name, eigen_smooth=True), torch.from_numpy(np.maximum(smooth, 0))))
+    print(f"\n{case['name']} batch {len(case['x'])} {name} options: relative errors {errors}")  # seen with -s
+    assert max(errors) < 1e-4, errors
+
+
+@pytest.mark.parametrize("case", CASES[3:], indirect=True)  # the DenseNet, batch 3
+@pytest.mark.parametrize("name", ["scorecam", "ablationcam"])
+def test_whole_calls_with_eigen_smooth_equal_fused(case, name, signed_eigen):
+    """``ScoreCAM(model, [layer])(x, targets, eigen_smooth=True)`` is ``e.fused("scorecam", [layer],
+    eigen_smooth=True)`` (the projection's sign by guided_swap's rule)."""
+    tool = LIBRARY[name](case["model"], [case["layer"]])
+    try:
+        theirs = tool(input_tensor=case["x"], targets=case["targets"], eigen_smooth=True)
+    finally:
+        tool.activations_and_grads.release()
+    ours = case["e"].fused(name, [case["layer_name"]], eigen_smooth=True).numpy()
+    assert_nontrivial(torch.from_numpy(theirs), 0.1)
+    assert np.abs(ours - theirs).max() < 1e-4, name
+
+
 @pytest.mark.parametrize("case", CASES[3:], indirect=True)  # the DenseNet, batch 3
 @pytest.mark.parametrize("name", ["scorecam", "ablationcam"])
 def test_whole_calls_equal_after_the_same_scaling(case, name):
