@@ -25,7 +25,7 @@ torchvision detector. There is no graph: nothing to compile or export.
 import difflib
 import sys
 import threading
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -41,7 +41,8 @@ from ..base import (AUTO, Capture, InputShape, LayerPart, check_autograd, check_
                     input_gradient)
 from . import bias_hooks
 from ..hooks import listed, unpicklable_hooks
-from .live_swap import Run, Site, auto_layer, private_mirror
+from .auto import auto_layer
+from .live_swap import Run, Site, private_mirror
 
 
 class RuntimeCapture(Capture):
@@ -81,9 +82,10 @@ class RuntimeCapture(Capture):
         with self._lock:
             if self.ready:
                 return
+            leaves, args = _leaves(x)
             with torch.no_grad():
-                run, _ = self._run(_leaves(x)[1], capture=(), record=True)
-            self._paths[AUTO], self._layer_reasons[AUTO] = auto_layer(run.calls)
+                run, outputs = self._run(args, capture=(), sources=leaves)
+            self._paths[AUTO], self._layer_reasons[AUTO] = auto_layer(run.tape, outputs, self.output, _ranks(x))
 
     def observe(self, x: Any) -> None:
         """Run ``x`` once without autograd: ``auto`` is resolved and the call sites are listed in the report."""
@@ -158,8 +160,9 @@ class RuntimeCapture(Capture):
 
     # --- one forward ----------------------------------------------------------------------------------
 
-    def _run(self, args: Tuple[Any, ...], capture: Sequence[str], record: bool = False) -> Tuple[Run, Any]:
-        with Run(self.model, self.rule, capture=capture, record=record) as run:
+    def _run(self, args: Tuple[Any, ...], capture: Sequence[str],
+             sources: Optional[Sequence[Tensor]] = None) -> Tuple[Run, Any]:
+        with Run(self.model, self.rule, capture=capture, sources=sources) as run:
             outputs = self.model(*args)
         self._runs += 1
         self._sites.update((k, v) for k, v in run.sites.items() if k not in self._sites)
@@ -213,6 +216,15 @@ def _leaves(x: Any) -> Tuple[List[Tensor], Tuple[Any, ...]]:
         return leaves, tuple(leaves) + tuple(x.extra)
     leaves = [t.detach().requires_grad_(True) for t in x]
     return leaves, (type(x)(leaves),)
+
+
+def _ranks(x: Any) -> Set[int]:
+    """The ranks of the explained inputs as the model sees them batched (a list of (C, H, W) images: 4)."""
+    if isinstance(x, Tensor):
+        return {x.dim()}
+    if isinstance(x, Inputs):
+        return {t.dim() for t in x.tensors}
+    return {t.dim() + 1 for t in x}
 
 
 def _backward(score: Tensor, leaves: List[Tensor], captures: List[Tensor], run: Run):
