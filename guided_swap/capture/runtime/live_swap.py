@@ -31,6 +31,7 @@ from .. import spellings
 from ..mirror import mirror
 from ..ops import RectifierFunction, native_path, native_rectify
 from ...core.rules import Rule
+from .layouts import channel_count
 from .tape import Tape
 
 
@@ -306,6 +307,9 @@ class Run:
         self.captures: Dict[str, List[Any]] = {}
         self.rectified_after_capture = False
         self.masks = Masks()
+        self.grids: set = set()            # the spatial sizes of this forward's convolution outputs
+        self.evidence: Dict[str, Optional[int]] = {}  # per capture: the channel count of the module before it
+        self._channels: Optional[int] = None  # the channel count of the last module with one that returned
         self._counts: Dict[str, int] = {}
         self._stack: List[_Frame] = []
         self._handles: list = []
@@ -341,7 +345,7 @@ class Run:
             if not wanted or position is None:
                 return None
             for name in wanted:
-                self.captures.setdefault(name, []).append(inputs[position])
+                self._keep(name, inputs[position])
             # the module gets a copy, so an in-place op inside it cannot change the capture
             return inputs[:position] + (inputs[position].clone(),) + inputs[position + 1:]
         return hook
@@ -350,10 +354,12 @@ class Run:
         if not self._stack or self._stack[-1].module is not module:
             return None
         frame = self._stack.pop()
+        count = channel_count(module)
+        self._channels = count if count is not None else self._channels
         replaced = None
         wanted = self.capture_names.intersection((frame.path, frame.name))
         for name in wanted:  # a module path captures each of its calls (more than one is refused later)
-            self.captures.setdefault(name, []).append(output)
+            self._keep(name, output)
         if wanted and isinstance(output, Tensor):
             replaced = output = output.clone()  # what the rest of the model sees (and may change in place)
         entries = [(name, int(name[name.rindex("[") + 1:-1])) for name in self.capture_names
@@ -362,7 +368,7 @@ class Run:
             values = list(output)
             for name, index in entries:
                 if index < len(values) and isinstance(values[index], Tensor):
-                    self.captures.setdefault(name, []).append(values[index])
+                    self._keep(name, values[index])
                     values[index] = values[index].clone()
             replaced = output = type(output)(values) if not hasattr(output, "_fields") else type(output)(*values)
         if self.tape is not None:
@@ -375,10 +381,17 @@ class Run:
         an activation module's own call is captured by the module's hook)."""
         if self.tape is not None:
             self.tape.add(name, func, args, kwargs, result, self._scopes(), own=module is not None)
+        if isinstance(result, Tensor) and result.dim() >= 3 and _lookup(_CONVOLUTIONS, func):
+            self.grids.add(tuple(result.shape[2:]))
         if module is None and name in self.capture_names and isinstance(result, Tensor):
-            self.captures.setdefault(name, []).append(result)
+            self._keep(name, result)
             return result.clone()  # what the rest of the model sees (and may change in place)
         return result
+
+    def _keep(self, name: str, value: Any) -> None:
+        """Capture ``value`` as ``name``, with the channel count of the module that ran last (its layout's clue)."""
+        self.captures.setdefault(name, []).append(value)
+        self.evidence.setdefault(name, self._channels)
 
     def _scopes(self) -> Tuple[str, ...]:
         return tuple(frame.path for frame in self._stack if frame.path)
@@ -401,6 +414,7 @@ class Run:
             table[name] = Site(name, spelling, inplace)
 
 
+_CONVOLUTIONS = dict.fromkeys((F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d), True)
 _R_NAMES = {"rshift", "round", "repr"}  # dunder names that start with r without being reflected
 _ACTIVATION_MODULES = (nn.ReLU, nn.Hardtanh, nn.Threshold) + tuple(spellings.OTHER_ACTIVATION_MODULES)
 
