@@ -7,7 +7,6 @@ fails; and the deferred capture, which picks the path on the first input when no
 ('GraphCapture', 'fx')
 """
 import threading
-import warnings
 from typing import Any, Callable, Dict, Optional, Sequence
 
 from torch import Tensor, nn
@@ -44,10 +43,7 @@ def capture_model(model: nn.Module, layers: Sequence[str], rule: Rule, output: O
         signature = call_signature(example) if example is not None else default_signature(model)
 
     def runtime(reason: Optional[str]) -> Capture:
-        if layouts:
-            warnings.warn("layout=/reshape= apply to graph captures (fx, export); the run-time capture takes every "
-                          "captured layer as a channels-first map", stacklevel=5)
-        return capture_runtime(model, layers, rule, output, example, reason)
+        return capture_runtime(model, layers, rule, output, example, reason, layouts)
 
     fx_note, fx_error = None, None
     if path in ("auto", "fx"):
@@ -91,10 +87,13 @@ def capture_model(model: nn.Module, layers: Sequence[str], rule: Rule, output: O
 
 
 def capture_runtime(model: nn.Module, layers: Sequence[str], rule: Rule, output: OutputKey = None,
-                    example: Any = None, reason: Optional[str] = None) -> RuntimeCapture:
+                    example: Any = None, reason: Optional[str] = None,
+                    layouts: Optional[Dict[str, Layout]] = None) -> RuntimeCapture:
     """The run-time capture; with ``example``, ``auto`` is resolved and the call sites listed now. ``reason``
-    (why the graph paths failed) is shown in the report as ``runtime (<reason>)``."""
-    capture = RuntimeCapture(model, layers, rule, output, reason)
+    (why the graph paths failed) is shown in the report as ``runtime (<reason>)``. ``layouts``: the user's,
+    by layer name (``convert(layout=, reshape=)``); other captures' layouts are read from their shapes on the
+    first explain (:mod:`guided_swap.capture.runtime.layouts`)."""
+    capture = RuntimeCapture(model, layers, rule, output, reason, layouts)
     if example is not None:
         capture.check(example)
         capture.observe(example)

@@ -83,7 +83,8 @@ def convert(model: nn.Module, layer: Union[None, str, Sequence[str]] = AUTO, rul
     ``layout``/``reshape``: how a capture becomes the (B, C, *spatial) map of the CAMs, when the graph cannot
     tell (it reads token (B, N, C) and channels-last captures itself): ``"tokens"``, ``"nhwc"``, ``"nchw"``, a
     :class:`~guided_swap.Layout`, or a callable ``reshape(t) -> (B, C, *spatial)``; one for every layer or a
-    dict by layer name (docs/transformers.md). Graph capture paths only.
+    dict by layer name (docs/transformers.md). The run-time capture, which has no graph to read, takes them too
+    and otherwise reads a layout from the capture's shape only where it is unambiguous (docs/transformers.md).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert() takes a torch.nn.Module, got {type(model).__name__}")
@@ -98,7 +99,8 @@ def convert(model: nn.Module, layer: Union[None, str, Sequence[str]] = AUTO, rul
 
 
 def convert_runtime(model: nn.Module, layer: Union[None, str, Sequence[str]] = AUTO, rule: Union[str, Rule] = "guided",
-                    *, output: OutputKey = None, example_input: Any = None, reason: Optional[str] = None) -> Explainer:
+                    *, output: OutputKey = None, example_input: Any = None, reason: Optional[str] = None,
+                    layout: LayoutSpec = None, reshape: Optional[Any] = None) -> Explainer:
     """Convert ``model`` with the run-time capture path (``convert(..., capture="runtime")``). The model itself
     is never changed.
 
@@ -107,13 +109,17 @@ def convert_runtime(model: nn.Module, layer: Union[None, str, Sequence[str]] = A
     input: the deepest map of a detector's backbone, else the last map of the last convolution's size) or
     None. ``rule`` and ``output`` as in :func:`guided_swap.convert`. ``example_input`` (what the model
     takes) resolves ``auto`` and lists the call sites now. ``reason`` (why the graph paths could not take the
-    model) shows in the report: ``capture="runtime (<reason>)"``.
+    model) shows in the report: ``capture="runtime (<reason>)"``. ``layout``/``reshape`` as in
+    :func:`guided_swap.convert`; without them a capture is read channels first, channels last or as tokens
+    only where its shape and the model's modules say so unambiguously, else its CAMs raise ``LayerError``.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert_runtime() takes a torch.nn.Module, got {type(model).__name__}")
     rule = get_rule(rule)
     warn_if_training(model, stacklevel=3)
-    return Explainer(capture_runtime(model, layer_list(layer), rule, output, example_call(example_input), reason))
+    names = layer_list(layer)
+    layouts = layout_overrides(layout, reshape, names)
+    return Explainer(capture_runtime(model, names, rule, output, example_call(example_input), reason, layouts))
 
 
 def layer_names(model: nn.Module, tracer_kwargs: Optional[Dict[str, Any]] = None) -> Dict[str, list]:

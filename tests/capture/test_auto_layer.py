@@ -1,5 +1,7 @@
 """``layer="auto"``: the last spatial map before the global pooling that reaches the output; never a gate or a
 map after the pooling; the backbone's last map for segmentation; a reason; the input check from the graph."""
+import warnings
+
 import pytest
 import torch
 import torchvision
@@ -11,7 +13,8 @@ from guided_swap.checks import reference
 from guided_swap.capture.graph.trace import trace
 from models import FunctionalBatchNormNet, GatedNet, SpaceToDepthNet, TinySegmenter
 
-from conftest import assert_nontrivial, image_batch, lively_targets, make_model, randomise_batchnorm, relative_error
+from conftest import (assert_nontrivial, image_batch, lively_targets, make_model, randomise_batchnorm, relative_error,
+                      small_densenet)
 
 
 def auto(model, x, **kwargs):
@@ -251,3 +254,82 @@ def test_tokens_an_attention_made_are_not_taken_for_lost_positions():
     expected = torch.relu((G.mean(dim=(2, 3), keepdim=True) * A).sum(dim=1))
     assert_nontrivial(expected, 0.05)
     assert relative_error(e.cam_raw, expected) < 1e-5
+
+
+# --- the run-time path: the same map as the graph paths ----------------------------------------------------
+
+class SharedReLU(nn.Module):
+    """One ReLU module called after each convolution: its last call is the last map."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 8, 3, stride=2), nn.Conv2d(8, 16, 3, stride=2)
+        self.relu, self.pool, self.fc = nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Linear(16, 5)
+
+    def forward(self, x):
+        return self.fc(self.pool(self.relu(self.conv2(self.relu(self.conv1(x))))).flatten(1))
+
+
+def _seresnet():
+    monai_nets = pytest.importorskip("monai.networks.nets")
+    torch.manual_seed(0)
+    return randomise_batchnorm(monai_nets.SENet(2, 3, "se_resnet_bottleneck", [1, 1, 1, 1], groups=1, reduction=4,
+                                                inplanes=16, downsample_kernel_size=1, input_3x3=False,
+                                                dropout_prob=None, num_classes=5)).eval()
+
+
+def _timm_mobilenet():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    return randomise_batchnorm(timm.create_model("mobilenetv3_small_050", num_classes=5)).eval()
+
+
+RUNTIME_CASES = {
+    # functional pooling (x.mean) in the SE gates and the head, and a 1x1 conv head after the pooling
+    "timm mobilenetv3": (_timm_mobilenet, "blocks"),
+    # SE gates pooled by nn.AdaptiveAvgPool2d inside each block; the map is after the residual addition
+    "monai seresnet": (_seresnet, "layer4"),
+    # the map is DenseNet.forward's functional, in-place F.relu after `features`, no module's output
+    "densenet": (small_densenet, "relu"),
+    # a module called twice: its second call
+    "shared relu": (lambda: SharedReLU().eval(), "relu_1"),
+}
+
+
+@pytest.mark.parametrize("case", list(RUNTIME_CASES))
+def test_runtime_auto_takes_the_map_the_graph_path_takes(case):
+    build, name = RUNTIME_CASES[case]
+    model, x = build(), image_batch(64)
+    graph = gs.convert(model, capture="fx")
+    runtime = gs.convert(model, capture="runtime", example_input=x[:1])
+    assert runtime.report.layers["auto"] == name
+    assert runtime.report.layer_reasons["auto"].startswith("auto: the last spatial map (")
+    target, expected = _lively(graph, x)
+    assert relative_error(runtime.explain(x, target).cam_raw, expected) <= 1e-5
+
+
+def _lively(explainer, x, classes=5):
+    """The first class whose Grad-CAM is not mostly zero on both images (random weights), and that map."""
+    for cls in range(classes):
+        cam = explainer.explain(x, [cls, cls]).cam_raw
+        if float((cam != 0).float().mean()) >= 0.25:
+            return [cls, cls], cam
+    raise AssertionError("every class gives an empty map: the comparison would be vacuous")
+
+
+def test_runtime_auto_takes_a_swins_last_map_and_refuses_a_vits_tokens():
+    torch.manual_seed(0)
+    swin = torchvision.models.SwinTransformer([4, 4], 16, [1, 1], [1, 2], [2, 2], num_classes=5).eval()
+    x = image_batch(32)
+    graph = gs.convert(swin)
+    runtime = gs.convert(swin, capture="runtime")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no rectifier to swap in a GELU net
+        target, expected = _lively(graph, x)
+        ours = runtime.explain(x, target).cam_raw
+    assert graph.report.layers["auto"] == "norm" and expected.shape == (2, 4, 4)
+    assert runtime.report.layers["auto"] == "permute"  # norm's (B, h, w, C) as (B, C, h, w): the same map
+    assert relative_error(ours, expected) <= 1e-5
+    vit = torchvision.models.VisionTransformer(32, 8, 2, 2, 16, 32, num_classes=5).eval()
+    with pytest.raises(gs.LayerError, match=r"(?s)positions reach getitem as a \(1, 17, 16\) tensor.*pass layer=NAME"):
+        gs.convert(vit, capture="runtime", example_input=x[:1])

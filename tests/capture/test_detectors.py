@@ -140,6 +140,8 @@ DETECTORS = {
     "maskrcnn_resnet50_fpn": dict(box_score_thresh=0.0, rpn_pre_nms_top_n_test=50, rpn_post_nms_top_n_test=10,
                                   box_detections_per_img=5),
 }
+DEEPEST = {"retinanet_resnet50_fpn": "backbone.body.layer4", "fcos_resnet50_fpn": "backbone.body.layer4",
+           "ssdlite320_mobilenet_v3_large": "backbone.features.0", "maskrcnn_resnet50_fpn": "backbone.body.layer4"}
 
 
 @pytest.mark.parametrize("name", list(DETECTORS))
@@ -151,6 +153,7 @@ def test_other_detectors_convert_and_explain_exactly(name):
     before = hooks(model)
     ex = convert_runtime(model, example_input=list(x))
     assert ex.report.layer_reasons["auto"].startswith("auto: ") and len(ex.swapped) > 20
+    assert ex.report.layers["auto"] == DEEPEST[name]  # the backbone's deepest map
     e = ex.explain(list(x), gs.Box(0))
     leaf = x.clone().requires_grad_(True)
     with reference.ReLURule("guided"):

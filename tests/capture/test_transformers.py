@@ -316,3 +316,82 @@ def test_a_class_attention_slice_is_not_taken_for_the_heads_read():
     expected = torch.relu((G.mean(dim=(2, 3), keepdim=True) * A).sum(dim=1))
     assert_nontrivial(expected, 0.05)
     assert relative_error(e.cam_raw, expected) < 1e-4
+
+
+# --- the run-time path: no graph to read, the same maps -----------------------------------------------------
+
+def _tiny_vit():
+    torch.manual_seed(0)
+    model = torchvision.models.VisionTransformer(32, 8, 2, 2, 16, 32, num_classes=5).eval()
+    torch.nn.init.normal_(model.heads.head.weight, std=0.5)  # torchvision initialises the head to zeros
+    return model
+
+
+def test_the_runtime_path_reads_tokens_and_channels_last_as_the_graph_does(small_vit):
+    vit, x = _tiny_vit(), image_batch(32)
+    layer = "encoder.layers.encoder_layer_1.ln_1"
+    expected = _quiet_explain(gs.convert(vit, layer=layer), x, torch.tensor([1, 2])).cam_raw
+    vit.encoder.register_forward_hook(lambda module, inputs, output: None)  # a side effect: fx would skip it
+    ex = gs.convert(vit, layer=layer)
+    e = _quiet_explain(ex, x, torch.tensor([1, 2]))
+    assert ex.report.capture.startswith("runtime") and "1 prefix + 4x4 patches" in ex.report.summary()
+    assert_nontrivial(expected, 0.25)
+    assert e.cam_raw.shape == (2, 4, 4) and relative_error(e.cam_raw, expected) < 1e-5
+    # a non-square grid, read from the patch embedding's output: 25 tokens are 1 + 4x6, not 5x5
+    model, x, target = small_vit
+    e = _quiet_explain(gs.convert(model, layer="blocks.1.norm1", capture="runtime"), x, target)
+    references = hooked_gradcam(model, {"n": model.blocks[1].norm1}, x, target, tokens_to_map(1, (4, 6)))
+    _compare(e, references, {"blocks.1.norm1": "n"})
+    torch.manual_seed(0)
+    swin = torchvision.models.SwinTransformer([4, 4], 16, [1, 1], [1, 2], [2, 2], num_classes=5).eval()
+    x, target = image_batch(32), torch.tensor([0, 3])
+    graph = gs.convert(swin, layer="norm")
+    runtime = gs.convert(swin, layer="norm", capture="runtime", example_input=x[:1])
+    assert runtime.report.layouts["norm"].kind == "nhwc"  # read at convert, from the example
+    expected = _quiet_explain(graph, x, target).cam_raw
+    assert_nontrivial(expected, 0.25)
+    assert relative_error(_quiet_explain(runtime, x, target).cam_raw, expected) < 1e-5
+
+
+def test_the_runtime_path_takes_layout_and_reshape():
+    vit, x, target = _tiny_vit(), image_batch(32), torch.tensor([1, 2])
+    layer = "encoder.layers.encoder_layer_1.ln_1"
+    expected = _quiet_explain(gs.convert(vit, layer=layer), x, target).cam_raw
+    given = {"layout": gs.Layout("tokens", grid=(4, 4), prefix=1), "reshape": tokens_to_map(1, (4, 4)),
+             "layout='tokens'": "tokens"}
+    for what, value in given.items():
+        keyword = "reshape" if what == "reshape" else "layout"
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)  # no "graph captures only" warning
+            ex = gs.convert(vit, layer=layer, capture="runtime", **{keyword: value})
+        assert relative_error(_quiet_explain(ex, x, target).cam_raw, expected) < 1e-5, what
+    ex = gs.convert_runtime(vit, layer=layer, layout="nchw")  # what the user says is what is done
+    assert _quiet_explain(ex, x, target).cam_raw.shape == (2, 16)  # (B, N=17, C=16) read as (B, C, L)
+
+
+class LinearPatches(torch.nn.Module):
+    """Patches cut by F.unfold and embedded by a linear layer: tokens with no convolution to give their grid."""
+
+    def __init__(self, c=16):
+        super().__init__()
+        self.embed, self.norm, self.head = torch.nn.Linear(3 * 64, c), torch.nn.LayerNorm(c), torch.nn.Linear(c, 5)
+
+    def forward(self, x):
+        tokens = torch.nn.functional.unfold(x, 8, stride=8).transpose(1, 2)
+        return self.head(torch.relu(self.norm(self.embed(tokens))).mean(1))
+
+
+def test_a_runtime_capture_whose_layout_cannot_be_read_is_refused_not_read_channels_first():
+    torch.manual_seed(0)
+    model, x, target = LinearPatches().eval(), image_batch(32), torch.tensor([1, 2])
+    ex = gs.convert(model, layer="norm", capture="runtime")
+    e = ex.explain(x, target)
+    assert ex.report.layouts["norm"].kind == "unknown" and "fit no grid" in ex.report.layouts["norm"].reason
+    with pytest.raises(gs.LayerError, match=r"\(2, 16, 16\).*layout='tokens'.*reshape=fn"):
+        e.cam_raw
+    assert e.gradient.shape == x.shape  # the gradient is still there
+    layout = gs.Layout("tokens", grid=(4, 4))
+    expected = gs.convert(model, layer="norm", layout=layout).explain(x, target).cam_raw
+    assert_nontrivial(expected, 0.25)
+    ours = gs.convert(model, layer="norm", capture="runtime", layout=layout).explain(x, target).cam_raw
+    assert relative_error(ours, expected) < 1e-5

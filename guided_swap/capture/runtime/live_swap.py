@@ -18,7 +18,6 @@ Forward hooks on the mirror's modules name each call site by its module path and
 >>> len(run.sites), list(run.sites)[:3], tuple(run.captures["layer4"][0].shape)
 (17, ['relu', 'layer1.0.relu', 'layer1.0.relu_1'], (1, 512, 2, 2))
 """
-import math
 import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -29,11 +28,11 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from .. import spellings
-from ..base import LayerChoice
 from ..mirror import mirror
 from ..ops import RectifierFunction, native_path, native_rectify
-from ...core.errors import LayerError
 from ...core.rules import Rule
+from .layouts import channel_count
+from .tape import Tape
 
 
 # --- reading a call as a rectifier ---------------------------------------------------------------------
@@ -243,15 +242,6 @@ class Site:
 
 
 @dataclass
-class ModuleCall:
-    """What a module returned, for ``layer="auto"`` (kept only on the run that resolves it)."""
-
-    path: str
-    module: nn.Module
-    output: Any
-
-
-@dataclass
 class _Frame:
     path: str            # the module's qualified name
     name: str            # this call's name: the path, then path_1, path_2 for later calls (fx's naming)
@@ -271,6 +261,12 @@ class _SwapMode(TorchFunctionMode):
         kwargs = kwargs or {}
         run = self.run
         name, module = run.call_name(func)
+        result = self._call(func, args, kwargs, name, module)
+        return run.after_call(name, module, func, args, kwargs, result)
+
+    def _call(self, func, args: tuple, kwargs: dict, name: str, module: Optional[nn.Module]) -> Any:
+        """The call, a rectifier carrying the rule; every activation listed."""
+        run = self.run
         call = read_rectifier(func, args, kwargs)
         if call is not None:
             run.note(run.sites, name, _rectifier_module_spelling(module) or call.spelling, call.inplace)
@@ -292,23 +288,28 @@ class Run:
 
     While it is open, the mirror's modules carry hooks that track which module is running, so that call
     sites are named the fx path's way (``layer1.0.relu``; a module's second call ``layer1.0.relu_1``; a
-    functional call ``roi_heads.box_head.relu``), capture the calls named in ``capture`` (the output is kept
-    and a copy goes on, so an in-place op further on cannot change the capture), and with ``record=True``
-    keep every module's output for ``layer="auto"``. The hooks are removed on exit. ``rule=None`` or an
-    ordinary rule swaps nothing (sites are still listed).
+    functional call ``roi_heads.box_head.relu``), and capture the calls named in ``capture``: a module's
+    (path, or one call of it), or a functional call's (DenseNet's ``relu``). The value is kept and a copy goes
+    on, so an in-place op further on cannot change the capture. With ``sources`` (the explained input
+    tensors) the run keeps a :class:`~guided_swap.capture.runtime.tape.Tape` of the forward for
+    ``layer="auto"``. The hooks are removed on exit. ``rule=None`` or an ordinary rule swaps nothing (sites
+    are still listed).
     """
 
-    def __init__(self, module: nn.Module, rule: Optional[Rule], capture: Sequence[str] = (), record: bool = False):
+    def __init__(self, module: nn.Module, rule: Optional[Rule], capture: Sequence[str] = (),
+                 sources: Optional[Sequence[Tensor]] = None):
         self.module = module
         self.switch = None if rule is None or rule.ordinary else TailSwitch(rule)
         self.capture_names = frozenset(capture)
-        self.record = record
+        self.tape = None if sources is None else Tape(sources)
         self.sites: Dict[str, Site] = {}
         self.left_alone: Dict[str, Site] = {}
         self.captures: Dict[str, List[Any]] = {}
-        self.calls: List[ModuleCall] = []
         self.rectified_after_capture = False
         self.masks = Masks()
+        self.grids: set = set()            # the spatial sizes of this forward's convolution outputs
+        self.evidence: Dict[str, Optional[int]] = {}  # per capture: the channel count of the module before it
+        self._channels: Optional[int] = None  # the channel count of the last module with one that returned
         self._counts: Dict[str, int] = {}
         self._stack: List[_Frame] = []
         self._handles: list = []
@@ -344,7 +345,7 @@ class Run:
             if not wanted or position is None:
                 return None
             for name in wanted:
-                self.captures.setdefault(name, []).append(inputs[position])
+                self._keep(name, inputs[position])
             # the module gets a copy, so an in-place op inside it cannot change the capture
             return inputs[:position] + (inputs[position].clone(),) + inputs[position + 1:]
         return hook
@@ -353,10 +354,12 @@ class Run:
         if not self._stack or self._stack[-1].module is not module:
             return None
         frame = self._stack.pop()
+        count = channel_count(module)
+        self._channels = count if count is not None else self._channels
         replaced = None
         wanted = self.capture_names.intersection((frame.path, frame.name))
         for name in wanted:  # a module path captures each of its calls (more than one is refused later)
-            self.captures.setdefault(name, []).append(output)
+            self._keep(name, output)
         if wanted and isinstance(output, Tensor):
             replaced = output = output.clone()  # what the rest of the model sees (and may change in place)
         entries = [(name, int(name[name.rindex("[") + 1:-1])) for name in self.capture_names
@@ -365,12 +368,33 @@ class Run:
             values = list(output)
             for name, index in entries:
                 if index < len(values) and isinstance(values[index], Tensor):
-                    self.captures.setdefault(name, []).append(values[index])
+                    self._keep(name, values[index])
                     values[index] = values[index].clone()
             replaced = output = type(output)(values) if not hasattr(output, "_fields") else type(output)(*values)
-        if self.record:
-            self.calls.append(ModuleCall(frame.path, module, output))
+        if self.tape is not None:
+            self.tape.module_call(frame.path, frame.name, module, output)
         return replaced
+
+    def after_call(self, name: str, module: Optional[nn.Module], func: Any, args: tuple, kwargs: dict,
+                   result: Any) -> Any:
+        """Record a torch call on the tape, and capture it when it is named in ``capture`` (a functional call;
+        an activation module's own call is captured by the module's hook)."""
+        if self.tape is not None:
+            self.tape.add(name, func, args, kwargs, result, self._scopes(), own=module is not None)
+        if isinstance(result, Tensor) and result.dim() >= 3 and _lookup(_CONVOLUTIONS, func):
+            self.grids.add(tuple(result.shape[2:]))
+        if module is None and name in self.capture_names and isinstance(result, Tensor):
+            self._keep(name, result)
+            return result.clone()  # what the rest of the model sees (and may change in place)
+        return result
+
+    def _keep(self, name: str, value: Any) -> None:
+        """Capture ``value`` as ``name``, with the channel count of the module that ran last (its layout's clue)."""
+        self.captures.setdefault(name, []).append(value)
+        self.evidence.setdefault(name, self._channels)
+
+    def _scopes(self) -> Tuple[str, ...]:
+        return tuple(frame.path for frame in self._stack if frame.path)
 
     def call_name(self, func: Any) -> Tuple[str, Optional[nn.Module]]:
         """This call's name, counted per name as fx counts nodes (``layer1.0.relu_1``), and the activation
@@ -390,6 +414,7 @@ class Run:
             table[name] = Site(name, spelling, inplace)
 
 
+_CONVOLUTIONS = dict.fromkeys((F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d), True)
 _R_NAMES = {"rshift", "round", "repr"}  # dunder names that start with r without being reflected
 _ACTIVATION_MODULES = (nn.ReLU, nn.Hardtanh, nn.Threshold) + tuple(spellings.OTHER_ACTIVATION_MODULES)
 
@@ -415,67 +440,3 @@ def private_mirror(model: nn.Module) -> nn.Module:
     """:func:`guided_swap.capture.mirror.mirror` in eval mode: module copies with containers of their own (the run
     registers hooks on it, models write caches while running); tensors stay the model's storage."""
     return mirror(model).eval()
-
-
-# --- layer="auto" at run time ---------------------------------------------------------------------------
-
-_CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_POOLING = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
-            nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Flatten)
-
-
-def auto_layer(calls: Sequence[ModuleCall]) -> LayerChoice:
-    """The module ``layer="auto"`` captures, from one recorded forward, and why (a LayerError when none fits).
-
-    A detector's backbone returns several feature maps (a dict or list); the first module to do so is the
-    feature extractor, and ``auto`` takes the module inside it that produced the returned map with the most
-    channels (the deepest stage of a classification backbone: ResNet ``layer4``, MobileNetV3's last block).
-    Any other model: the last module output with the spatial size of the last convolution, before pooling.
-    """
-    once = _called_once(calls)
-    for position, call in enumerate(calls):
-        maps = _feature_maps(call.output)
-        if len(maps) < 2:
-            continue
-        inner = [c for c in calls[:position] if c.path in once and c.path.startswith(call.path)
-                 and any(c.output is m for m in maps)]
-        if inner:
-            best = max(reversed(inner), key=lambda c: c.output.shape[1])
-            shape = "x".join(map(str, best.output.shape[2:]))
-            return LayerChoice(best.path, f"auto: {call.path or 'the model'!r} returns {len(maps)} feature maps; {best.path!r} "
-                               f"gives the one with the most channels ({best.output.shape[1]}, {shape})")
-    convs = [i for i, c in enumerate(calls) if isinstance(c.module, _CONVOLUTIONS) and isinstance(c.output, Tensor)]
-    if not convs:
-        raise LayerError("layer='auto' found no convolution module and no module returning several feature maps; "
-                         f"pass layer=NAME, a module of the model: {_last_modules(calls)}")
-    spatial = calls[convs[-1]].output.shape[2:]
-    chosen = None
-    for call in calls[convs[-1]:]:
-        if isinstance(call.module, _POOLING):
-            break
-        output = call.output
-        if call.path in once and isinstance(output, Tensor) and output.dim() >= 3 and output.shape[2:] == spatial:
-            chosen = call.path
-    if chosen is None:
-        raise LayerError("layer='auto' found no module called once with the last convolution's spatial size; pass "
-                         f"layer=NAME, a module of the model: {_last_modules(calls)}")
-    return LayerChoice(chosen, "auto: the last module output with the last convolution's spatial size")
-
-
-def _last_modules(calls: Sequence[ModuleCall], n: int = 5) -> List[str]:
-    return list(dict.fromkeys(call.path for call in reversed(calls) if call.path))[:n]
-
-
-def _called_once(calls: Sequence[ModuleCall]) -> set:
-    counts: Dict[str, int] = {}
-    for call in calls:
-        counts[call.path] = counts.get(call.path, 0) + 1
-    return {path for path, n in counts.items() if n == 1 and path}
-
-
-def _feature_maps(output: Any) -> List[Tensor]:
-    """The maps among a module's returned values; a pooled (B, C, 1, 1) vector, such as the pooler output next
-    to the last map in a Hugging Face backbone's ``ModelOutput``, is not one."""
-    values = output.values() if isinstance(output, dict) else output if isinstance(output, (list, tuple)) else ()
-    return [v for v in values if isinstance(v, Tensor) and v.dim() >= 3 and v.is_floating_point()
-            and math.prod(v.shape[2:]) > 1]

@@ -25,12 +25,13 @@ torchvision detector. There is no graph: nothing to compile or export.
 import difflib
 import sys
 import threading
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from ...core.errors import InputError, LayerError
+from ...core.layout import Layout
 from ...core.maps import PassResult
 from ...core.pass_cams import BiasPass
 from ...core.report import RuntimeReport, Swap
@@ -41,19 +42,25 @@ from ..base import (AUTO, Capture, InputShape, LayerPart, check_autograd, check_
                     input_gradient)
 from . import bias_hooks
 from ..hooks import listed, unpicklable_hooks
-from .live_swap import Run, Site, auto_layer, private_mirror
+from .auto import auto_layer
+from .layouts import channel_counts, read_layout, tokens_given
+from .live_swap import Run, Site, private_mirror
 
 
 class RuntimeCapture(Capture):
     """A model whose rectifiers are swapped while it runs (module docstring)."""
 
     def __init__(self, model: nn.Module, layers: Sequence[str], rule: Rule, output: OutputKey,
-                 reason: Optional[str] = None):
+                 reason: Optional[str] = None, layouts: Optional[Dict[str, Layout]] = None):
         super().__init__(rule, layers, output)
         self.model = private_mirror(model)
         self.path = "runtime" if not reason else f"runtime ({reason})"
         self._paths = {name: _check_layer(name, self.model) for name in self.layers if name != AUTO}
         self._layer_reasons: Dict[str, str] = {}
+        self._given = dict(layouts or {})  # convert(layout=, reshape=): how a capture becomes (B, C, *spatial)
+        self._layouts: Dict[str, Layout] = {name: layout for name, layout in self._given.items()
+                                            if not (layout.kind == "tokens" and layout.grid is None)}
+        self._channels = channel_counts(self.model)
         self._sites: Dict[str, Site] = {}
         self._left_alone: Dict[str, Site] = {}
         self._runs = 0
@@ -70,7 +77,8 @@ class RuntimeCapture(Capture):
         return RuntimeReport(self.rule.name, swapped, tuple((s.name, s.spelling) for s in self._left_alone.values()),
                              (), layers=dict(self._paths), layer_reasons=dict(self._layer_reasons), capture=self.path,
                              ordinary_rule=self.rule.ordinary, runs=self._runs, tail_backward=self._tail_backward,
-                             output=self.output, output_by_default=self._output_by_default)
+                             output=self.output, output_by_default=self._output_by_default,
+                             layouts=dict(self._layouts))
 
     @property
     def ready(self) -> bool:
@@ -81,16 +89,18 @@ class RuntimeCapture(Capture):
         with self._lock:
             if self.ready:
                 return
+            leaves, args = _leaves(x)
             with torch.no_grad():
-                run, _ = self._run(_leaves(x)[1], capture=(), record=True)
-            self._paths[AUTO], self._layer_reasons[AUTO] = auto_layer(run.calls)
+                run, outputs = self._run(args, capture=(), sources=leaves)
+            self._paths[AUTO], self._layer_reasons[AUTO] = auto_layer(run.tape, outputs, self.output, _ranks(x))
 
     def observe(self, x: Any) -> None:
-        """Run ``x`` once without autograd: ``auto`` is resolved and the call sites are listed in the report."""
-        if not self.ready:
-            return self.prepare(x)
+        """Run ``x`` without autograd: ``auto`` is resolved, the call sites are listed in the report and the
+        captures' layouts read."""
+        self.prepare(x)
         with self._lock, torch.no_grad():
-            self._run(_leaves(x)[1], capture=())
+            run, _ = self._run(_leaves(x)[1], capture=[self._paths[name] for name in self.layers])
+            self._read_layouts(run, _sizes(x))
 
     def check(self, x: Any, check_finite: Optional[bool] = None) -> InputShape:
         check_autograd()
@@ -124,6 +134,7 @@ class RuntimeCapture(Capture):
             with torch.enable_grad():
                 run, outputs = self._run(args, capture=[self._paths[name] for name in self.layers])
             captures = self._captures(run)
+            self._read_layouts(run, _sizes(x))
         with torch.enable_grad():
             main, classes = score(outputs, dict(zip(self.layers, captures)), batch_size(x))
             input_grads, layer_grads = _backward(main, leaves, captures, run)
@@ -158,8 +169,9 @@ class RuntimeCapture(Capture):
 
     # --- one forward ----------------------------------------------------------------------------------
 
-    def _run(self, args: Tuple[Any, ...], capture: Sequence[str], record: bool = False) -> Tuple[Run, Any]:
-        with Run(self.model, self.rule, capture=capture, record=record) as run:
+    def _run(self, args: Tuple[Any, ...], capture: Sequence[str],
+             sources: Optional[Sequence[Tensor]] = None) -> Tuple[Run, Any]:
+        with Run(self.model, self.rule, capture=capture, sources=sources) as run:
             outputs = self.model(*args)
         self._runs += 1
         self._sites.update((k, v) for k, v in run.sites.items() if k not in self._sites)
@@ -188,6 +200,21 @@ class RuntimeCapture(Capture):
             captures.append(values[0])
         return captures
 
+    def _read_layouts(self, run: Run, sizes: Sequence[Tuple[int, ...]]) -> None:
+        """The layout of each capture of ``run`` not known yet: the one given, else read from its shape
+        (:mod:`.layouts`), once; an unknown one makes every CAM of that layer raise, naming layout= and reshape=.
+        A capture that is not one tensor is left to :meth:`_captures` to refuse."""
+        for name in self.layers:
+            values = run.captures.get(self._paths.get(name), [])
+            if name in self._layouts or len(values) != 1 or not isinstance(values[0], Tensor):
+                continue
+            shape, given = tuple(values[0].shape), self._given.get(name)
+            if given is not None:  # layout="tokens" without a grid
+                self._layouts[name] = tokens_given(shape, given, run.grids, sizes)
+            else:
+                evidence = run.evidence.get(self._paths[name])
+                self._layouts[name] = read_layout(shape, evidence, self._channels, run.grids, sizes)
+
     # --- module behaviour --------------------------------------------------------------------------------
 
     def __getstate__(self):
@@ -198,6 +225,8 @@ class RuntimeCapture(Capture):
     def __setstate__(self, state):
         super().__setstate__(state)
         self._lock = threading.Lock()
+        if "_layouts" not in self.__dict__:  # saved before run-time captures had layouts: read on the next explain
+            self._given, self._layouts, self._channels = {}, {}, channel_counts(self.model)
 
     def extra_repr(self) -> str:
         return "capture='runtime', " + super().extra_repr()
@@ -213,6 +242,20 @@ def _leaves(x: Any) -> Tuple[List[Tensor], Tuple[Any, ...]]:
         return leaves, tuple(leaves) + tuple(x.extra)
     leaves = [t.detach().requires_grad_(True) for t in x]
     return leaves, (type(x)(leaves),)
+
+
+def _sizes(x: Any) -> List[Tuple[int, ...]]:
+    """The spatial size of each explained input as the model sees it batched."""
+    if isinstance(x, Tensor):
+        return [tuple(x.shape[2:])]
+    if isinstance(x, Inputs):
+        return [tuple(t.shape[2:]) for t in x.tensors]
+    return [tuple(x[0].shape[1:])]
+
+
+def _ranks(x: Any) -> Set[int]:
+    """The ranks of the explained inputs as the model sees them batched (a list of (C, H, W) images: 4)."""
+    return {len(size) + 2 for size in _sizes(x)}
 
 
 def _backward(score: Tensor, leaves: List[Tensor], captures: List[Tensor], run: Run):
