@@ -359,6 +359,7 @@ def _pass(explainer, job: Job, plan: Plan, indices, settings, group, channels: i
     # explain's warning names samples of one batch; the run names the files once at its end (_finish)
     with _progress(len(indices), group, what) as bar, writers, warnings.catch_warnings():
         warnings.simplefilter("ignore", ZeroGradientWarning)
+        batches = iter(batches)
         try:
             for batch in batches:
                 made, kept = explain_batch(explainer, job, batch, plan.items, settings, group, writers, kinds,
@@ -374,9 +375,23 @@ def _pass(explainer, job: Job, plan: Plan, indices, settings, group, channels: i
             if not _stopped_with_workers(flag, error):
                 raise
             interrupted = True
+        finally:
+            if flag.raised:
+                _close_quietly(batches)
         writers.finish()
     _write_failures(writers, plan, indices, records, settings)
     return records, interrupted
+
+
+def _close_quietly(batches) -> None:
+    """Shut the decode workers down now, on a stop: workers the same SIGTERM ended would otherwise make torch's
+    clean-up print "Exception ignored ... DataLoader worker is killed by signal" when the iterator goes."""
+    shutdown = getattr(batches, "_shutdown_workers", None)
+    if shutdown is not None:
+        try:
+            shutdown()
+        except RuntimeError:  # torch's report of those workers' ends
+            pass
 
 
 def _stopped_with_workers(flag, error: RuntimeError) -> bool:
