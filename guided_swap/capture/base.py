@@ -20,7 +20,7 @@ it. Adding a capture path means writing one subclass; nothing else changes.
 >>> capture = ex.capture
 >>> x = torch.randn(2, 3, 64, 64)
 >>> capture.check(x), capture.graph_module is not None
-(InputShape(batch=2, spatial=(64, 64)), True)
+(InputShape(batch=2, spatial=(64, 64), sizes=()), True)
 >>> result = capture.run(x, gs.core.targets.as_score(None))
 >>> tuple(result.input_grad.shape), tuple(result.layer_grads[0].shape)
 ((2, 3, 64, 64), (2, 512, 2, 2))
