@@ -72,8 +72,9 @@ def trace_export(model: nn.Module, example_input: Tensor, *, dynamic_size: bool 
     if not isinstance(model, nn.Module):
         raise TypeError(f"trace_export() takes a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(example_input, Tensor):
-        raise TypeError("trace_export() needs an example input tensor shaped like the inputs to explain, "
-                        f"e.g. torch.randn(2, 3, 224, 224); got {type(example_input).__name__}")
+        raise TypeError("the export capture needs one input tensor shaped like the inputs to explain, e.g. "
+                        f"torch.randn(2, 3, 224, 224); got a {type(example_input).__name__} (a detector's list of "
+                        "images goes through capture='runtime')")
     root = mirror(model).eval()  # containers of its own: export hooks it, models write caches (EfficientViT)
     example = _example(example_input)
     hooks = HookRecorder(root)
