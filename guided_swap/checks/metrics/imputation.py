@@ -9,8 +9,9 @@ coordinates weighs ``2^{1-k}``, scaled to sum to 1: in 2D that is pytorch-grad-c
 the four direct and 1/12 for the four diagonal neighbours; in 1D 1/2 each; in 3D 1/14, 1/28 and 1/56.
 
 What is vectorised: the assembly of each matrix and its right-hand sides (numpy over every removed position
-and neighbour at once, no per-position loop; the neighbour table is made once per grid size). What stays per image: the factorisation and solve
-(SciPy's SuperLU, with a symmetric ordering; every channel is one right-hand side) and the noise, drawn image by
+and neighbour at once, no per-position loop; the neighbour table is made once per grid size). What stays per image:
+the factorisation and solve (SciPy's SuperLU, with a symmetric ordering; every channel is one right-hand side; the
+images of a call on several threads) and the noise, drawn image by
 image as ``torch.empty(N, C).t().normal_()``, which gives the very numbers ``torch.randn_like`` gives
 pytorch-grad-cam's ``NoisyLinearImputer`` in the same order. A removed region that touches no kept position has
 no defined value: an image with every position removed is imputed as NaN.
@@ -23,6 +24,7 @@ no defined value: an image with every position removed is imputed as NaN.
 tensor(4.)
 """
 import itertools
+from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from typing import Optional, Tuple
 
@@ -99,19 +101,29 @@ def solve(matrix: csc_matrix, rhs: np.ndarray) -> np.ndarray:
 def impute(images: Tensor, keep: Tensor, noise: float = 0.01, generator: Optional[torch.Generator] = None) -> Tensor:
     """``images`` (B, C, *spatial) with the positions where ``keep`` (B, *spatial) is False imputed, image by
     image in batch order (the noise of image 0 is drawn first). A new tensor in ``images``' dtype (the imputed
-    values are computed in float32, as pytorch-grad-cam computes them); ``images`` is not changed."""
+    values are computed in float32, as pytorch-grad-cam computes them); ``images`` is not changed. The images'
+    systems are assembled and solved on ``torch.get_num_threads()`` threads (SuperLU lets go of the GIL); the
+    noise is drawn afterwards, in batch order, so the result does not depend on the thread count."""
     batch, channels, spatial = images.shape[0], images.shape[1], tuple(images.shape[2:])
     keep_host = keep.bool().reshape(batch, -1).cpu().numpy()
     values_host = images.detach().reshape(batch, channels, -1).cpu().double().numpy()
     out = images.detach().clone().reshape(batch, channels, -1)
-    for b in range(batch):
+
+    def imputed(b: int) -> Tuple[np.ndarray, np.ndarray]:
         removed, matrix, rhs = system(keep_host[b], values_host[b], spatial)
         if removed.size == 0:
+            return removed, rhs
+        return removed, solve(matrix, rhs) if keep_host[b].any() else np.full(rhs.shape, np.nan)
+
+    workers = max(1, min(batch, torch.get_num_threads()))
+    with ThreadPoolExecutor(workers) as pool:
+        solutions = list(pool.map(imputed, range(batch)))
+    for b, (removed, solution) in enumerate(solutions):
+        if removed.size == 0:
             continue
-        solution = solve(matrix, rhs) if keep_host[b].any() else np.full(rhs.shape, np.nan)
-        imputed = torch.from_numpy(solution).float().t().to(images.device)
+        values = torch.from_numpy(solution).float().t().to(images.device)
         where = torch.from_numpy(removed).to(images.device)
-        filled = imputed + noise * _noise(removed.size, channels, generator, images.device)  # float32, as pgc
+        filled = values + noise * _noise(removed.size, channels, generator, images.device)  # float32, as pgc
         out[b][:, where] = filled.to(out.dtype)  # in the images' dtype (a float64 or bfloat16 model's)
     return out.reshape(images.shape)
 
