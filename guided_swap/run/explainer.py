@@ -157,8 +157,8 @@ class Explainer(nn.Module):
         (the mean, default), ``"smoothgrad_sq"`` or ``"vargrad"`` (Captum's ``nt_type``); ``noise_absolute``: one
         standard deviation in the input's units (Captum's ``stdevs``) instead of ``noise``.
         ``cams``: CAMs that need passes of their own, made in this call: ``"scorecam"``, ``"ablationcam"``,
-        ``"fullgrad"`` (then ``e.cams["scorecam"]``...), their perturbed copies ``chunk`` (default 64) per forward;
-        see :mod:`guided_swap.run.extra_cams`.
+        ``"fullgrad"`` (then ``e.cams["scorecam"]``...), their perturbed copies ``chunk`` per forward (default 64;
+        16 for Score-CAM on a CPU); see :mod:`guided_swap.run.extra_cams`.
         ``check_finite``: read values to refuse an input holding NaN or Inf, and to warn when a gradient is zero
         everywhere for a sample (its maps would show nothing). None reads them on the CPU only: on a GPU that
         would wait for the device on every call; True reads them there too, False never.
