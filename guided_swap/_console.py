@@ -19,7 +19,9 @@ import torch
 
 
 def _one_line(message, category, *_, **__) -> str:
-    return f"guided-swap: warning: {category.__name__}: {message}\n"
+    from .media.viz import printable  # a file name in the message may hold a newline or a byte that is not UTF-8
+
+    return f"guided-swap: warning: {category.__name__}: {printable(message)}\n"
 
 
 def one_line_warnings() -> None:

@@ -245,11 +245,15 @@ def read_checkpoint(path: str, say: Callable[[str], None] = _stderr, trust: bool
         if not trust:
             raise CommandError(_refused_message(path, error)) from None
         content = _read_pickled(path, say)
-    except (RuntimeError, EOFError, OSError) as error:
+    except Exception as error:  # noqa: BLE001 -- weights_only runs no code: any other error is a file torch cannot read
+        if isinstance(error, (KeyboardInterrupt, MemoryError)):
+            raise
         if _is_saved_explainer(path):
             raise CommandError(f"{path!r} is a saved guided_swap explainer (ex.save), not a checkpoint: open it with "
                                "gs.load(path) in Python; --weights takes a state dict or a .safetensors file") from None
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        if not isinstance(error, (RuntimeError, EOFError, OSError)):  # the unpickler tripped over bytes it does not know
+            reason = f"not a file torch.save writes ({type(error).__name__}: {reason})"
         raise CommandError(f"cannot read {path!r} as a PyTorch checkpoint: {reason}") from None
     return _unwrap(content, path)
 
@@ -308,6 +312,9 @@ def _read_pickled(path: str, say: Callable[[str], None]) -> Any:
             f"{path!r} holds a whole pickled model whose class cannot be imported here ({error}); make the module "
             "that defines it importable (PYTHONPATH), or save model.state_dict() instead and name the architecture "
             "with --model") from None
+    except (pickle.UnpicklingError, EOFError, KeyError, IndexError, ValueError, TypeError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise CommandError(f"cannot read {path!r} as a PyTorch checkpoint ({type(error).__name__}: {reason})") from None
 
 
 def _unwrap(content: Any, path: str) -> Any:

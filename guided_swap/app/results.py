@@ -165,6 +165,13 @@ def find(inputs: Sequence[str], out: str) -> Found:
             what = "is" if _real(holder) == out_real else "holds"
             raise CommandError(f"--out {out!r} {what} the input folder {holder!r}: results would mix with (and could "
                                "replace) inputs; give --out a folder of its own, outside the inputs")
+    if os.path.isdir(out) and not os.path.exists(os.path.join(out, MARKER)) and any(
+            _inside(out_real, _real(folder)) for folder in folders):
+        held = _walk(out, "", [], [])  # OUT is never searched for inputs: the images it holds would be left out
+        if held:
+            raise CommandError(f"--out {out!r} lies in an input folder and holds {len(held)} image(s) of its own "
+                               f"(first {held[0]!r}), which would be left out, not explained, and mixed with results; "
+                               "give --out a folder of its own (an empty or new one, or an earlier results folder)")
     paths, seen, links, unlisted, again = [], {}, [], [], []
     for path in inputs:
         for file in _walk(path, out_real, links, unlisted) if os.path.isdir(path) else [path]:

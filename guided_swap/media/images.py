@@ -55,12 +55,38 @@ def read_image(path: str) -> np.ndarray:
     be read."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no image file at {path!r}")
+    mode, frames = _pil_mode(path)
     try:
-        pixels = skio.imread(path)
+        if mode in NOT_RGB:  # CMYK, Lab, HSV, YCbCr: read as is, their channels would be taken for RGB (K for alpha)
+            with Image.open(path) as image:
+                pixels = np.asarray(image.convert("RGB"))
+        else:
+            pixels = skio.imread(path)
     except Exception as error:  # imageio/PIL raise many types for bad files
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise ValueError(f"cannot read image {path!r}: {reason}") from None
+    if frames > 1 and pixels.ndim >= 3 and pixels.shape[0] == frames:  # animated, or a stack of pages
+        warnings.warn(f"{path}: {frames} frames (or pages); the first is explained", UserWarning, stacklevel=2)
+        pixels = pixels[0]
+    if np.issubdtype(pixels.dtype, np.signedinteger) or (
+            np.issubdtype(pixels.dtype, np.integer) and pixels.dtype.itemsize > 2):
+        raise ValueError(f"cannot read image {path!r}: its pixels are {pixels.dtype} (values {pixels.min()} to "
+                         f"{pixels.max()}), whose range is not known; save it with 8 or 16 bits unsigned, or as floats "
+                         "in [0, 1]")
     return apply_orientation(pixels, exif_orientation(path))
+
+
+#: Pillow modes whose channels are not grey or RGB (with alpha): converted to RGB by Pillow.
+NOT_RGB = frozenset({"CMYK", "LAB", "HSV", "YCbCr", "RGBX"})
+
+
+def _pil_mode(path: str):
+    """The Pillow mode and frame count of an image file; (None, 1) when Pillow does not open it."""
+    try:
+        with Image.open(path) as image:
+            return image.mode, int(getattr(image, "n_frames", 1) or 1)
+    except Exception:  # not an image Pillow reads (some TIFFs): imageio decides
+        return None, 1
 
 
 def exif_orientation(path: str) -> int:

@@ -22,6 +22,7 @@ import collections
 import functools
 import keyword
 import re
+import unicodedata
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -280,15 +281,21 @@ def named_tuple(name: Any, fields: Any) -> type:
 
 
 def _identifier(name: Any) -> bool:
-    return isinstance(name, str) and name.isidentifier() and not name.startswith("_") and not keyword.iskeyword(name)
+    return as_written(name) and not name.startswith("_") and not keyword.iskeyword(name)
 
 
 def identifier_path(target: Any) -> bool:
     """Whether ``target`` is a dotted path of plain names or indices (``layer4.1.conv1``): what a graph may
     address, and what the code torch.fx generates from it writes as it is."""
     return isinstance(target, str) and all(
-        re.fullmatch(r"[0-9]+", p) or (p.isidentifier() and not p.startswith("__") and not keyword.iskeyword(p))
+        re.fullmatch(r"[0-9]+", p) or (as_written(p) and not p.startswith("__") and not keyword.iskeyword(p))
         for p in target.split("."))
+
+
+def as_written(name: Any) -> bool:
+    """Whether ``name`` is an identifier that Python's parser keeps as it is: the parser NFKC-normalises the names
+    in code, so ``self.\uff43onv`` in generated code reads ``self.conv``, another attribute than the graph names."""
+    return isinstance(name, str) and name.isidentifier() and unicodedata.normalize("NFKC", name) == name
 
 
 def plain_names(names: Any) -> List[str]:

@@ -42,7 +42,7 @@ from ..capture.graph.guards import is_size_condition
 from ..capture.graph.trace import QualnameTracer
 from ..core.errors import LoadError
 from . import allowed
-from .file_values import NotData, Packer, Unpacker, identifier_path, named_tuple, pack, unpack
+from .file_values import NotData, Packer, Unpacker, as_written, identifier_path, named_tuple, pack, unpack
 from .module_file import pack_module
 
 OPS = ("placeholder", "get_attr", "call_function", "call_method", "call_module", "output")
@@ -245,4 +245,4 @@ def _size_conditions(guards: Any) -> bool:
 
 
 def _is_name(name: Any) -> bool:
-    return isinstance(name, str) and name.isidentifier() and not keyword.iskeyword(name) and not name.startswith("__")
+    return as_written(name) and not keyword.iskeyword(name) and not name.startswith("__")

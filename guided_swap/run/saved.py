@@ -92,10 +92,12 @@ def read_header(path: str) -> dict:
             names = archive.namelist()
             if HEADER not in names:
                 raise LoadError(_foreign(path, names))
-            header = json.loads(_read_header_part(path, archive))
+            data = _read_header_part(path, archive)
     except (zipfile.BadZipFile, EOFError, NotImplementedError) as error:
         raise LoadError(f"{path!r} is truncated, corrupt, or not a guided_swap explainer file ({error})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
+    try:
+        header = json.loads(data)
+    except (ValueError, RecursionError) as error:  # also a number too long to convert (int_max_str_digits)
         raise LoadError(f"{path!r} has a damaged header ({error})") from None
     _check_compatible(path, header)
     return header
@@ -154,7 +156,7 @@ def read(path: str, trust: bool = False, map_location: Any = None) -> Contents:
         raise LoadError(f"{path!r}: {error}") from None
     try:
         description = json.loads(description)
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
+    except (ValueError, RecursionError) as error:  # also a number too long to convert (int_max_str_digits)
         raise LoadError(f"{path!r} has a damaged description ({error})") from None
     if trust:  # trusted, and nothing pickled: an empty table (a reference into it is a damaged file)
         pickled = {} if pickled is None else _unpickled(path, pickled, map_location)

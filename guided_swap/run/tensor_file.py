@@ -96,7 +96,7 @@ def _entries(table: bytes, data_size: int) -> List[Tuple[int, int, str, torch.dt
     """(start, end, name, dtype, shape) of every tensor, in file order, checked to tile the data exactly."""
     try:
         described = json.loads(table)
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+    except (ValueError, RecursionError):  # also a number too long to convert (int_max_str_digits)
         raise LoadError("the tensors part has a damaged table of contents") from None
     if not isinstance(described, dict):
         raise LoadError("the tensors part has a damaged table of contents")
@@ -127,7 +127,11 @@ def _entry(name: str, value) -> Tuple[int, int, str, torch.dtype, List[int]]:
 def _read_entries(stream: IO[bytes], entries, crc: int) -> Tuple[Dict[str, torch.Tensor], int]:
     tensors = {}
     for start, stop, name, dtype, shape in entries:
-        tensor = torch.empty(shape, dtype=dtype)
+        try:  # an empty tensor's sizes hold no bytes to check them against: torch refuses those it cannot index
+            tensor = torch.empty(shape, dtype=dtype)
+        except (RuntimeError, TypeError, ValueError, OverflowError) as error:
+            raise LoadError(f"tensor {name!r} has the shape {str(shape)[:80]}, which torch cannot make "
+                            f"({type(error).__name__}): damaged or edited") from None
         if stop > start:
             target = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
             if stream.readinto(target) != stop - start:

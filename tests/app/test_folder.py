@@ -86,6 +86,25 @@ def test_results_inside_an_input_folder_are_never_inputs(tmp_path, clashing, cap
     assert "is a guided-swap results folder" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("given", ["path", "link"])
+def test_an_out_in_an_input_folder_that_holds_images_of_its_own_is_refused(tmp_path, clashing, capsys, given):
+    # OUT is never searched for inputs: sub/ as OUT left sub/pic.jpg out of the run, unsaid, and mixed results
+    # with it; and once marked a results folder, no later run took it as an input again
+    before = {name: (clashing / name).read_bytes() for name in files(clashing)}
+    out = clashing / "sub"
+    if given == "link":
+        os.symlink(clashing / "sub", tmp_path / "link")
+        out = tmp_path / "link"
+    assert explain(clashing, "--model", "demo", "--save", "npz", "--out", out) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "holds 1 image(s) of its own" in error and "pic.jpg" in error, error
+    assert files(clashing) == sorted(before) and not (clashing / "sub" / MARKER).exists()
+    assert {name: (clashing / name).read_bytes() for name in files(clashing)} == before
+    (clashing / "empty").mkdir()  # an empty folder there is as good as a new one
+    assert explain(clashing, "--model", "demo", "--save", "npz", "--out", clashing / "empty") == 0
+    assert len(read_index(clashing / "empty")) == 4
+
+
 def test_each_result_records_its_settings(tmp_path, clashing):
     out = tmp_path / "out"
     assert explain(clashing / "pic.jpg", "--model", "demo", "--layer", "conv3", "--target", "1", "--out", out) == 0

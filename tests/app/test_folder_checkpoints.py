@@ -115,6 +115,17 @@ def test_a_hostile_object_inside_an_allowed_container_is_still_refused(tmp_path)
     assert not marker_written(marker)
 
 
+@pytest.mark.parametrize("content", [b"hello\n", bytes(range(7, 107)), b"\x80\x02cos\nsystem\n"],
+                         ids=["text", "bytes", "a pickle cut after a global"])
+@pytest.mark.parametrize("trust", [False, True])
+def test_a_file_that_is_no_checkpoint_is_a_usage_error_with_its_reason(tmp_path, content, trust):
+    # the unpickler tripped over such bytes with a raw KeyError or IndexError, with or without --trust-weights
+    path = tmp_path / "weights.pth"
+    path.write_bytes(content)
+    with pytest.raises(CommandError, match=r"cannot read .*weights.pth. as a PyTorch checkpoint|--trust-weights"):
+        build(check(FACTORY, str(path), trust=trust), say=lambda m: None)
+
+
 def test_cli_refuses_a_hostile_whole_model_without_trust_weights(tmp_path):
     marker = tmp_path / "marker"
     path = tmp_path / "hostile.pt"

@@ -5,7 +5,9 @@ the folder is explained; the inputs are untouched; a rerun skips what is done. R
 import hashlib
 import os
 import struct
+import sys
 import unicodedata
+import warnings
 import zlib
 
 import numpy as np
@@ -302,3 +304,26 @@ def test_a_second_path_to_one_file_is_named_not_dropped_silently(tmp_path, capsy
     error = capsys.readouterr().err
     assert "1 input(s) are the same file as another" in error and "alias.png" in error, error
     assert [line["name"] for line in read_index(out)] == ["a.png"]
+
+
+def show_on_stderr(message, category, filename, lineno, file=None, line=None):
+    sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))  # as Python does
+
+
+def test_a_warning_naming_an_odd_file_name_is_one_line(tmp_path, capsys):
+    # an image smaller than the model's input is named in a warning: its name's newline, tab and byte that is not
+    # UTF-8 are escaped there as in every other line the run prints
+    root = tmp_path / "in"
+    names = ["new\nline.png", "tab\there.png", os.fsdecode(b"bad\xff.png")]
+    for name in names:
+        save_image(root / name, "chelsea", size=40)  # the demo model takes 48 x 48
+    out = tmp_path / "out"
+    with warnings.catch_warnings():  # as outside pytest: warnings are shown, not recorded
+        warnings.simplefilter("always")
+        warnings.showwarning = show_on_stderr
+        assert explain(root, "--out", out, "--save", "npz") == 0
+    error = capsys.readouterr().err
+    assert error.count("smaller than the model's") == len(names), error
+    assert all(message.startswith("guided-swap: ") for message in error.splitlines()), error
+    for name in names:
+        assert printable(str(root / name)) in error

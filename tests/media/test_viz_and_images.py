@@ -305,6 +305,45 @@ def test_exif_orientation_is_applied_like_pil(tmp_path, orientation):
         assert images.load_image(str(path), resize=None, crop=None).shape == (3, 30, 20)
 
 
+@pytest.mark.parametrize("mode", ["CMYK", "LAB"])
+def test_a_file_in_another_colour_space_is_read_as_rgb_like_pil(tmp_path, mode):
+    # read as stored, a CMYK JPEG's K channel was taken for alpha (a white picture) and Lab's channels for RGB
+    from PIL import Image, ImageOps
+
+    pixels = np.zeros((20, 30, 3), np.uint8)
+    pixels[:, :15] = (200, 30, 30)
+    pixels[:, 15:] = (20, 40, 180)
+    path = tmp_path / ("photo.tif" if mode == "LAB" else "photo.jpg")
+    Image.fromarray(pixels).convert(mode).save(path, **({"quality": 95} if mode == "CMYK" else {}))
+    with Image.open(path) as image:
+        assert image.mode == mode
+        expected = np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+    read = images.read_image(str(path))
+    assert read.shape == (20, 30, 3) and np.array_equal(read, expected)
+    assert np.abs(read.astype(int) - pixels).max() < 40  # red on the left, blue on the right: the picture
+
+
+def test_an_animated_image_gives_its_first_frame_and_says_so(tmp_path):
+    from PIL import Image
+
+    frames = [Image.fromarray(np.full((20, 30, 3), value, np.uint8)) for value in (40, 120, 250)]
+    path = tmp_path / "moving.gif"
+    frames[0].save(path, save_all=True, append_images=frames[1:])
+    with pytest.warns(UserWarning, match="3 frames .*the first is explained"):
+        read = images.read_image(str(path))
+    assert read.shape[:2] == (20, 30) and abs(int(read.mean()) - 40) <= 2
+
+
+def test_integer_pixels_of_unknown_range_are_refused_not_scaled_to_black(tmp_path):
+    # a 32-bit grey TIFF holding 0..255 was scaled by 2 ** 31: a black input, explained without a word
+    from PIL import Image
+
+    path = tmp_path / "wide.tif"
+    Image.fromarray(np.arange(600, dtype=np.int32).reshape(20, 30) % 256).save(path)
+    with pytest.raises(ValueError, match="int32 .*values 0 to 255.*range is not known"):
+        images.load_image(str(path), resize=None, crop=None)
+
+
 def test_an_image_smaller_than_the_input_warns_with_its_size():
     with pytest.warns(UserWarning, match=r"20x30 pixels, smaller than the model's 56x56"):
         images.load_image(np.zeros((20, 30), np.uint8), resize=64, crop=56)

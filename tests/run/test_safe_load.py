@@ -240,6 +240,28 @@ def test_an_edited_description_cannot_run_code(fx_file, tmp_path, marker, case):
     assert not marker_written(marker)
 
 
+def _twin_module(d):
+    """The graph calls a second module named "\uff43onv" (a fullwidth c), which Python's parser reads as "conv"."""
+    graph, key = d["capture"]["explain"]["data"], "m_twin"
+    d["modules"][key] = dict(d["modules"][graph["attributes"]["conv"]["module"]])
+    graph["attributes"]["\uff43onv"] = {"module": key}
+    next(n for n in graph["nodes"] if n["op"] == "call_module" and n["target"] == "conv")["target"] = "\uff43onv"
+
+
+def _twin_placeholder(d):
+    _first(d, "placeholder").update(target="\uff58")  # read as "x"
+
+
+@pytest.mark.parametrize("edit", [_twin_module, _twin_placeholder], ids=["module path", "input name"])
+def test_a_name_python_reads_as_another_is_refused(fx_file, tmp_path, edit):
+    # Python NFKC-normalises the names in code: the forward generated from the graph would use another attribute
+    # than the graph names, so the checked graph would not be the code that runs
+    hostile = tmp_path / "hostile.gsx"
+    forge(fx_file, hostile, description=edit)
+    with pytest.raises(gs.LoadError, match="not a plain|damaged or edited"):
+        gs.load(str(hostile))
+
+
 # torch.fx writes an argument into the forward's code with repr() inside a dict, a set or a named tuple's items,
 # and a named tuple's repr is a call of its name: one called "open" there is open(file=..., mode="w"). In a
 # placeholder's default value that code runs as the forward is defined, i.e. while the file loads.

@@ -345,6 +345,60 @@ def test_compressed_parts_and_a_huge_header_are_refused(good_file, tmp_path):
         saved.read_header(str(padded))
 
 
+def _raw_header(source, target, edit):
+    """``source`` with its header's bytes edited by ``edit`` (no JSON writer involved: it would refuse a number
+    longer than Python converts), the other parts as they are."""
+    contents = parts(source)
+    with zipfile.ZipFile(target, "w") as archive:
+        archive.writestr(saved.HEADER, edit(contents.pop(saved.HEADER)))
+        for name, data in contents.items():
+            archive.writestr(name, data)
+
+
+def test_a_number_longer_than_python_converts_is_a_load_error(good_file, tmp_path):
+    # json.loads refuses an integer of more than 4300 digits with a plain ValueError, not a JSONDecodeError
+    big = b"1" * 5000
+    header = tmp_path / "header.gsx"
+    _raw_header(good_file, header, lambda data: data.replace(b'"swapped":', b'"padding": ' + big + b', "swapped":', 1))
+    with pytest.raises(gs.LoadError, match="damaged header"):
+        saved.read_header(str(header))
+    with pytest.raises(gs.LoadError, match="damaged header"):
+        gs.load(str(header))
+    description = tmp_path / "description.gsx"
+    text = parts(good_file)[saved.DESCRIPTION]
+    forge(good_file, description, replace={saved.DESCRIPTION: text.replace(b'"tensors":{', b'"tensors":{"n":' + big + b",", 1)})
+    with pytest.raises(gs.LoadError, match="damaged description"):
+        gs.load(str(description))
+    import json
+    import struct
+
+    data = parts(good_file)[saved.TENSORS]
+    length = struct.unpack("<Q", data[:8])[0]
+    table = data[8:8 + length].replace(b"{", b'{"__metadata__":{"n":' + big + b"},", 1)
+    tensors = tmp_path / "tensors.gsx"
+    forge(good_file, tensors, replace={saved.TENSORS: struct.pack("<Q", len(table)) + table + data[8 + length:]})
+    with pytest.raises(gs.LoadError, match="tensors part has a damaged table"):
+        gs.load(str(tensors))
+    assert json.loads(data[8:8 + length])  # the genuine table parses
+
+
+@pytest.mark.parametrize("shape", [[0, 2 ** 70], [0, 2 ** 62, 2 ** 62]], ids=["a size past int64", "strides past int64"])
+def test_an_empty_tensor_with_sizes_torch_cannot_index_is_a_load_error(good_file, tmp_path, shape):
+    # an empty tensor holds no bytes, so its sizes are checked against nothing in the file: torch itself refuses
+    import json
+    import struct
+
+    data = parts(good_file)[saved.TENSORS]
+    length = struct.unpack("<Q", data[:8])[0]
+    table = json.loads(data[8:8 + length])
+    table["t_empty"] = {"dtype": "F32", "shape": shape, "data_offsets": [0, 0]}
+    encoded = json.dumps(table).encode()
+    edited = tmp_path / "edited.gsx"
+    forge(good_file, edited, replace={saved.TENSORS: struct.pack("<Q", len(encoded)) + encoded + data[8 + length:]})
+    with pytest.raises(gs.LoadError, match="t_empty.*which torch cannot make"):
+        gs.load(str(edited))
+
+
 def test_a_truncated_file_at_any_length_is_a_load_error(good_file, tmp_path):
     data = good_file.read_bytes()
     for fraction in (0.05, 0.5, 0.95, 0.999):
