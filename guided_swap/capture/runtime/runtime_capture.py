@@ -38,8 +38,8 @@ from ...core.report import RuntimeReport, Swap
 from ...core.rules import Rule
 from ...core.targets import OutputKey, Score, default_output
 from ...core.inputs import Inputs, batch_size, model_args
-from ..base import (AUTO, Capture, InputShape, LayerPart, check_autograd, check_inputs, check_tensor, gradients,
-                    input_gradient)
+from ..base import (AUTO, Capture, InputShape, LayerPart, called_several_times, check_autograd, check_inputs,
+                    check_tensor, gradients, input_gradient)
 from . import bias_hooks
 from ..hooks import listed, unpicklable_hooks
 from .auto import auto_layer
@@ -190,8 +190,7 @@ class RuntimeCapture(Capture):
                 raise LayerError(f"layer {name!r} (module {key!r}) did not run in this forward; capture a module "
                                  "that runs for this input")
             if len(values) > 1:
-                calls = ", ".join([key] + [f"{key}_{i}" for i in range(1, len(values))])
-                raise LayerError(f"module {key!r} ran {len(values)} times in one forward; name one call: {calls}")
+                raise LayerError(called_several_times(key, len(values)))
             if not isinstance(values[0], Tensor):
                 entries = f"its entries {key}[0], {key}[1], ..., or " if isinstance(values[0], (tuple, list)) else ""
                 raise LayerError(f"layer {name!r} returned a {type(values[0]).__name__}, not a tensor; capture "
