@@ -135,11 +135,19 @@ class RuntimeCapture(Capture):
                 run, outputs = self._run(args, capture=[self._paths[name] for name in self.layers])
             captures = self._captures(run)
             self._read_layouts(run, _sizes(x))
+            if isinstance(x, Inputs) and len(leaves) > 1:  # each layer's maps are resized to an input it reads
+                self._layer_inputs = {name: _fed_by(capture, leaves) for name, capture in zip(self.layers, captures)}
         with torch.enable_grad():
             main, classes = score(outputs, dict(zip(self.layers, captures)), batch_size(x))
             input_grads, layer_grads = _backward(main, leaves, captures, run)
         input_grad = input_gradient(x, input_grads) if isinstance(x, (Tensor, Inputs)) else torch.stack(input_grads)
         return PassResult(outputs, tuple(captures), main, classes, input_grad, tuple(layer_grads))
+
+    @property
+    def layer_inputs(self) -> Dict[str, Tuple[int, ...]]:
+        """Which explained inputs each captured layer was computed from in the last pass of several inputs (read
+        from its autograd graph, as the graph paths read their graph)."""
+        return dict(getattr(self, "_layer_inputs", {}))
 
     def bias_pass(self, x: Any, score: Score, classes: Optional[Tensor] = None) -> BiasPass:
         """FullGrad's pass: the mirror with its own ordinary rectifiers, hooked at each bias layer (:mod:`.bias_hooks`)."""
@@ -229,6 +237,26 @@ class RuntimeCapture(Capture):
 
     def extra_repr(self) -> str:
         return "capture='runtime', " + super().extra_repr()
+
+
+def _fed_by(capture: Tensor, leaves: Sequence[Tensor]) -> Tuple[int, ...]:
+    """The positions of the ``leaves`` that ``capture`` is computed from: the gradient leaves its autograd graph
+    reaches."""
+    positions = {id(leaf): i for i, leaf in enumerate(leaves)}
+    if id(capture) in positions:
+        return (positions[id(capture)],)
+    found, seen = set(), set()
+    stack = [capture.grad_fn] if capture.grad_fn is not None else []
+    while stack:
+        fn = stack.pop()
+        if fn is None or id(fn) in seen:
+            continue
+        seen.add(id(fn))
+        variable = getattr(fn, "variable", None)
+        if variable is not None and id(variable) in positions:
+            found.add(positions[id(variable)])
+        stack.extend(next_fn for next_fn, _ in fn.next_functions)
+    return tuple(sorted(found))
 
 
 def _leaves(x: Any) -> Tuple[List[Tensor], Tuple[Any, ...]]:
