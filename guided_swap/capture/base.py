@@ -171,6 +171,14 @@ def layer_list(layer: Union[None, str, Sequence[str]]) -> List[str]:
     raise TypeError(f"layer must be a name, a list of names, 'auto' or None; got {layer!r}")
 
 
+def called_several_times(name: str, count: int) -> str:
+    """Why the run-time capture refuses the name of a module that ran ``count`` times in one forward, and the
+    names that capture one call."""
+    later = ", ".join(f"{name}_{i}" for i in range(1, count))
+    return (f"module {name!r} ran {count} times in one forward; name one call: a later one ({later}), or the "
+            f"first through the input of the module it feeds (NAME:input)")
+
+
 class LayerPart(NamedTuple):
     """A layer name read as a module (or node) name and which of its tensors is captured: ``"layer4"`` its
     output, ``"layer4:input"`` its input (the first tensor it is called with; Captum's

@@ -144,10 +144,13 @@ def test_two_inputs_equal_captum_where_hooks_see_every_relu(batch):
         assert relative_error(ours, theirs) <= 1e-5
 
 
-def test_each_layer_is_resized_to_the_input_it_is_computed_from():
+@pytest.mark.parametrize("path", ["fx", "runtime"])
+def test_each_layer_is_resized_to_the_input_it_is_computed_from(path):
+    """The run-time capture resized every layer to the first input (the depth map's layer to the photograph's
+    64 x 64); it reads which inputs a layer comes from in its autograd graph, as the graph paths in theirs."""
     model = two_stream()
     rgb, depth, mask = inputs()
-    ex = gs.convert(model, layer=["rgb.7", "depth2"])
+    ex = gs.convert(model, layer=["rgb.7", "depth2"], capture=path)
     e = ex.explain((rgb, depth), 1, forward_args=(mask,))
     assert e.layers["rgb.7"].cam.shape == (2, 64, 64) and e.layers["depth2"].cam.shape == (2, 48, 40)
     assert ex.capture_for(gs.core.inputs.Inputs((rgb, depth), (mask,))).layer_inputs == \

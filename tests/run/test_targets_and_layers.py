@@ -155,10 +155,31 @@ def test_module_called_twice_needs_a_node_name():
             return self.block(self.block(self.conv(self.conv(x)))).mean(dim=(2, 3))
 
     model = Twice().eval()
-    assert gs.convert(model, layer="conv").report.layers == {"conv": "conv"}
+    first = gs.convert(model, layer="conv").report
+    assert first.layers == {"conv": "conv"}
+    # the module's name is its first call's node: the report says so, and that Captum reads the last call
+    assert "the first of 2 calls of module 'conv'" in first.layer_reasons["conv"]
+    assert "Captum's LayerGradCam on the module reads the last: conv_1" in first.layer_reasons["conv"]
+    assert "conv_1" not in gs.convert(model, layer="conv_1").report.layer_reasons
     assert gs.convert(model, layer="conv_1").report.layers == {"conv_1": "conv_1"}
     with pytest.raises(gs.LayerError, match=r"called 2 times.*\['block.1', 'block.1_1'\]"):
         gs.convert(model, layer="block")
+
+
+def test_the_run_time_refusal_of_a_module_run_twice_names_only_names_it_takes():
+    """It listed the refused name itself as a call to name ("name one call: relu, relu_1")."""
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=4).eval()
+    x = torch.randn(1, 3, 32, 32)
+    runtime = gs.convert(model, layer="layer4.1.relu", capture="runtime")
+    with pytest.raises(gs.LayerError, match=r"ran 2 times in one forward; name one call: a later one "
+                                            r"\(layer4\.1\.relu_1\), or the first through .*NAME:input") as error:
+        runtime.explain(x, [1])
+    assert "relu, " not in str(error.value)
+    ex = gs.convert(model, layer=["layer4.1.relu_1", "layer4.1.conv2:input"], capture="runtime")
+    e, fx_e = ex.explain(x, [1]), gs.convert(model, layer=["layer4.1.relu_1", "layer4.1.relu"]).explain(x, [1])
+    assert torch.equal(e.layers["layer4.1.relu_1"].cam_raw, fx_e.layers["layer4.1.relu_1"].cam_raw)
+    assert torch.equal(e.layers["layer4.1.conv2:input"].cam_raw, fx_e.layers["layer4.1.relu"].cam_raw)
 
 
 # --- a forward with optional arguments (Captum's own test model writes one) ------------------------------

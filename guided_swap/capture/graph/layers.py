@@ -61,6 +61,19 @@ def resolve(name: str, traced: Traced, model: nn.Module) -> fx.Node:
                      f"{suggestions(name, traced, model)}; {HINT}")
 
 
+def first_call_reason(name: str, traced: Traced) -> Optional[str]:
+    """What the report says when ``name`` is a module called several times whose first call's node shares its
+    name (a leaf module reused, such as torchvision's ``layer4.1.relu``): the capture is that first call, as
+    pytorch-grad-cam's hooks read it, where Captum's ``LayerGradCam`` on the module reads its last."""
+    calls = traced.module_outputs.get(name, [])
+    if len(calls) < 2 or traced.node_names.get(name) is not calls[0]:
+        return None
+    last = next((node_name for node_name, node in traced.node_names.items() if node is calls[-1]),
+                f"{name}_{len(calls) - 1}")
+    return (f"the first of {len(calls)} calls of module {name!r}, as pytorch-grad-cam's hooks read it; Captum's "
+            f"LayerGradCam on the module reads the last: {last}")
+
+
 def _one_call(name: str, calls: List[fx.Node], base: str, traced: Traced, model: nn.Module) -> fx.Node:
     if len(calls) == 1:
         return calls[0]

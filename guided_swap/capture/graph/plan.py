@@ -69,6 +69,8 @@ class SwappedGraph:
         gm = traced.module
         # Named layers resolve now (a wrong name is an error at convert, not at the first explain).
         self.named = {name: layer_nodes.resolve(name, traced, model) for name in layers if name != AUTO}
+        self.named_reasons = {name: layer_nodes.first_call_reason(name, traced) for name in self.named}
+        self.named_reasons = {name: reason for name, reason in self.named_reasons.items() if reason}
         self.input_spec = layer_nodes.input_spec(gm)  # read from the graph before the rectifiers change it
         self.swaps, replaced = rewrite.swap_rectifiers(gm, rule)
         self.named = {name: replaced.get(node, node) for name, node in self.named.items()}
@@ -99,6 +101,8 @@ class SwappedGraph:
                 nodes[name], reasons[name] = layer_nodes.auto_layer(gm, example, self.output, module_outputs)
             else:
                 nodes[name] = env[self.named[name]]
+                if name in self.named_reasons:
+                    reasons[name] = self.named_reasons[name]
         captured = [nodes[name] for name in self.layers]
         read = layouts.decide(gm, nodes, example, self.given_layouts, self.input_spec)
         made_out_of_place = rewrite.protect(gm, captured)
@@ -121,6 +125,7 @@ class SwappedGraph:
                                                         self.traced.fixed_arguments.items()))
         if built is None:
             pending = {name: "resolved at the first explain() from its input" for name in self.layers if name == AUTO}
+            pending.update(self.named_reasons)
             return replace(report, layers={n: rewrite.qualname(node) for n, node in self.named.items()},
                            layer_reasons=pending)
         return replace(report, layers=built.layers, layer_reasons=built.layer_reasons,

@@ -38,8 +38,8 @@ from ...core.report import RuntimeReport, Swap
 from ...core.rules import Rule
 from ...core.targets import OutputKey, Score, default_output
 from ...core.inputs import Inputs, batch_size, model_args
-from ..base import (AUTO, Capture, InputShape, LayerPart, check_autograd, check_inputs, check_tensor, gradients,
-                    input_gradient)
+from ..base import (AUTO, Capture, InputShape, LayerPart, called_several_times, check_autograd, check_inputs,
+                    check_tensor, gradients, input_gradient)
 from . import bias_hooks
 from ..hooks import listed, unpicklable_hooks
 from .auto import auto_layer
@@ -135,11 +135,19 @@ class RuntimeCapture(Capture):
                 run, outputs = self._run(args, capture=[self._paths[name] for name in self.layers])
             captures = self._captures(run)
             self._read_layouts(run, _sizes(x))
+            if isinstance(x, Inputs) and len(leaves) > 1:  # each layer's maps are resized to an input it reads
+                self._layer_inputs = {name: _fed_by(capture, leaves) for name, capture in zip(self.layers, captures)}
         with torch.enable_grad():
             main, classes = score(outputs, dict(zip(self.layers, captures)), batch_size(x))
             input_grads, layer_grads = _backward(main, leaves, captures, run)
         input_grad = input_gradient(x, input_grads) if isinstance(x, (Tensor, Inputs)) else torch.stack(input_grads)
         return PassResult(outputs, tuple(captures), main, classes, input_grad, tuple(layer_grads))
+
+    @property
+    def layer_inputs(self) -> Dict[str, Tuple[int, ...]]:
+        """Which explained inputs each captured layer was computed from in the last pass of several inputs (read
+        from its autograd graph, as the graph paths read their graph)."""
+        return dict(getattr(self, "_layer_inputs", {}))
 
     def bias_pass(self, x: Any, score: Score, classes: Optional[Tensor] = None) -> BiasPass:
         """FullGrad's pass: the mirror with its own ordinary rectifiers, hooked at each bias layer (:mod:`.bias_hooks`)."""
@@ -190,8 +198,7 @@ class RuntimeCapture(Capture):
                 raise LayerError(f"layer {name!r} (module {key!r}) did not run in this forward; capture a module "
                                  "that runs for this input")
             if len(values) > 1:
-                calls = ", ".join([key] + [f"{key}_{i}" for i in range(1, len(values))])
-                raise LayerError(f"module {key!r} ran {len(values)} times in one forward; name one call: {calls}")
+                raise LayerError(called_several_times(key, len(values)))
             if not isinstance(values[0], Tensor):
                 entries = f"its entries {key}[0], {key}[1], ..., or " if isinstance(values[0], (tuple, list)) else ""
                 raise LayerError(f"layer {name!r} returned a {type(values[0]).__name__}, not a tensor; capture "
@@ -230,6 +237,26 @@ class RuntimeCapture(Capture):
 
     def extra_repr(self) -> str:
         return "capture='runtime', " + super().extra_repr()
+
+
+def _fed_by(capture: Tensor, leaves: Sequence[Tensor]) -> Tuple[int, ...]:
+    """The positions of the ``leaves`` that ``capture`` is computed from: the gradient leaves its autograd graph
+    reaches."""
+    positions = {id(leaf): i for i, leaf in enumerate(leaves)}
+    if id(capture) in positions:
+        return (positions[id(capture)],)
+    found, seen = set(), set()
+    stack = [capture.grad_fn] if capture.grad_fn is not None else []
+    while stack:
+        fn = stack.pop()
+        if fn is None or id(fn) in seen:
+            continue
+        seen.add(id(fn))
+        variable = getattr(fn, "variable", None)
+        if variable is not None and id(variable) in positions:
+            found.add(positions[id(variable)])
+        stack.extend(next_fn for next_fn, _ in fn.next_functions)
+    return tuple(sorted(found))
 
 
 def _leaves(x: Any) -> Tuple[List[Tensor], Tuple[Any, ...]]:
