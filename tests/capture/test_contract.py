@@ -6,6 +6,7 @@ compute the same thing, one clear error where a path cannot do something.
 """
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -69,6 +70,22 @@ def test_every_kind_of_target_gives_the_same_maps_on_every_path(explainers, x, t
             assert relative_error(e.layers[layer].cam_raw, first.layers[layer].cam_raw) <= TOL, (path, layer)
         assert torch.equal(e.logits, first.logits), path
         assert (e.target is None) == (first.target is None), path
+
+
+@pytest.mark.parametrize("given, plain", [(np.int64(7), 7), (torch.tensor(7), 7), (np.array([3, 900]), [3, 900]),
+                                          ([np.int64(3), np.int32(900)], [3, 900])],
+                         ids=["numpy-int", "0d-tensor", "numpy-array", "list-of-numpy-ints"])
+def test_numpy_and_0d_class_targets_are_the_classes_they_hold_on_every_path(explainers, x, given, plain):
+    """A numpy integer, a numpy array and a 0-d tensor were refused ("not understood", or "1 entries" for a
+    batch of 2), though an int and a list are taken; as_score now reads them as the same classes."""
+    for path, ex in explainers.items():
+        e, expected = ex.explain(x, given), ex.explain(x, plain)
+        assert torch.equal(e.target, expected.target), path
+        assert torch.equal(e.gradient, expected.gradient), path
+    maps = torch.rand(2, 48, 48, generator=torch.Generator().manual_seed(0))
+    ex = explainers["fx"]
+    assert torch.equal(gs.metrics.deletion(ex, x, maps, given, steps=2).curve,
+                       gs.metrics.deletion(ex, x, maps, plain, steps=2).curve)
 
 
 def test_the_paths_equal_the_fx_free_reference(explainers, model, x):
