@@ -240,3 +240,15 @@ def test_a_model_without_rectifiers_says_so_once_on_every_path():
             ex.explain(x)
         said = [w for w in caught if "no ReLU was found" in str(w.message)]
         assert len(said) == 1 and "gelu" in str(said[0].message).lower(), path
+
+
+def test_a_conversion_before_the_first_input_reaches_the_capture_picked_then(model, x):
+    """``ex.double()`` on a deferred capture (no example: the export path is picked on the first input) was lost:
+    the capture was built later on the model's float32 weights and refused the float64 input. The conversion
+    is now applied to the capture picked, and the model is left as it was."""
+    deferred = convert(model, "deferred", x, layer="layer4").double()
+    expected = convert(model, "fx", x, layer="layer4").double().explain(x.double(), [1, 2])
+    e = deferred.explain(x.double(), [1, 2])
+    assert e.gradient.dtype == torch.float64 and e.cam.dtype == torch.float64
+    assert relative_error(e.gradient, expected.gradient) <= 1e-9
+    assert next(model.parameters()).dtype == torch.float32
