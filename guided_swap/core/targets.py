@@ -255,6 +255,9 @@ def callable_score(fn: Callable, outputs: Any, batch: int) -> Tensor:
         raise TargetError(f"a callable target must return a tensor of shape ({batch},), got {type(score).__name__}")
     if score.shape != (batch,):
         raise TargetError(f"a callable target must return one score per sample, shape ({batch},); got {tuple(score.shape)}")
+    if not score.is_floating_point():
+        raise TargetError(f"a callable target must return floating-point scores computed from the outputs (such as "
+                          f"logits or probabilities), which are differentiated; got dtype {score.dtype}")
     return score
 
 

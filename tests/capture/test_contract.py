@@ -252,3 +252,16 @@ def test_a_conversion_before_the_first_input_reaches_the_capture_picked_then(mod
     assert e.gradient.dtype == torch.float64 and e.cam.dtype == torch.float64
     assert relative_error(e.gradient, expected.gradient) <= 1e-9
     assert next(model.parameters()).dtype == torch.float32
+
+
+def test_a_callable_target_of_integers_or_of_a_constant_is_handled_alike_on_every_path(explainers, x):
+    """A callable returning an integer or boolean tensor, or a constant, reached autograd and raised its raw
+    "element 0 of tensors does not require grad". Integers are refused as a TargetError; a constant (a score
+    that depends on nothing) gives zero maps and the zero-gradient warning, as a score ignoring the input does."""
+    for path, ex in explainers.items():
+        for fn in (lambda out: out.argmax(dim=1), lambda out: out[:, 0] > 0):
+            with pytest.raises(gs.TargetError, match="floating-point"):
+                ex.explain(x, fn)
+        with pytest.warns(gs.ZeroGradientWarning):
+            e = ex.explain(x, lambda out: torch.ones(out.shape[0]))
+        assert not e.gradient.any() and not e.cam.any(), path
