@@ -112,7 +112,7 @@ class BoxMatch:
 
     def _references(self, batch: int) -> List[Tuple[Tensor, Tensor]]:
         per_image = isinstance(self.boxes, (list, tuple)) and len(self.boxes) and \
-            (isinstance(self.boxes[0], Tensor) and self.boxes[0].dim() == 2 or
+            (isinstance(self.boxes[0], (Tensor, np.ndarray)) and self.boxes[0].ndim == 2 or
              isinstance(self.boxes[0], (list, tuple)) and len(self.boxes[0]) and
              isinstance(self.boxes[0][0], (list, tuple, Tensor)))
         boxes = list(self.boxes) if per_image else [self.boxes] * batch
