@@ -245,12 +245,15 @@ def input_gradient(x: Any, grads: Sequence[Tensor]) -> Any:
     return tuple(grads) if isinstance(x, Inputs) else grads[0]
 
 
-def gradients(total: Tensor, inputs: Sequence[Tensor], retain_graph: bool = False) -> List[Tensor]:
-    """``d total / d input`` for each input; zeros where the score does not depend on it."""
-    needed = [t for t in inputs if t.requires_grad]
-    grads = iter(torch.autograd.grad(total, needed, retain_graph=retain_graph, allow_unused=True) if needed else ())
+def gradients(total: Any, inputs: Sequence[Tensor], retain_graph: bool = False) -> List[Tensor]:
+    """``d total / d input`` for each input (``total``: a scalar, or a list of scalars summed); zeros where the
+    score does not depend on it, and everywhere for a score that depends on nothing (a callable target returning
+    a constant: the zero-gradient warning then says so)."""
+    totals = [t for t in ([total] if isinstance(total, Tensor) else total) if t.requires_grad]
+    needed = [t for t in inputs if t.requires_grad] if totals else []
+    grads = iter(torch.autograd.grad(totals, needed, retain_graph=retain_graph, allow_unused=True) if needed else ())
     result = []
     for tensor in inputs:
-        grad = next(grads) if tensor.requires_grad else None
+        grad = next(grads) if tensor.requires_grad and totals else None
         result.append(torch.zeros_like(tensor) if grad is None else grad)
     return result

@@ -6,9 +6,11 @@ fails; and the deferred capture, which picks the path on the first input when no
 >>> type(capture).__name__, capture.report.capture
 ('GraphCapture', 'fx')
 """
+import contextlib
 import threading
-from typing import Any, Callable, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
+import torch
 from torch import Tensor, nn
 
 from ..core.errors import TraceError
@@ -70,6 +72,7 @@ def capture_model(model: nn.Module, layers: Sequence[str], rule: Rule, output: O
             raise TraceError("the export capture takes one input tensor, without forward_args; a model called with "
                              "several inputs or forward arguments goes through fx or the run-time capture "
                              "(capture='fx' or 'runtime')")
+        x = _like_model(x, model)  # an explainer moved or cast before its first input: traced as the model is
         try:
             traced = trace_export(model, x)
         except (TraceError, TypeError) as error:
@@ -84,6 +87,14 @@ def capture_model(model: nn.Module, layers: Sequence[str], rule: Rule, output: O
         pending = (f"{fx_note}: " if fx_note else "") + "export (or run time if export fails)"
         return DeferredCapture(export_or_runtime, rule, layers, output, pending, signature)
     return export_or_runtime(example)
+
+
+def _like_model(x: Tensor, model: nn.Module) -> Tensor:
+    """``x`` on the device, and in the floating dtype, of ``model``'s first parameter (as it is without one)."""
+    weight = next(model.parameters(), None)
+    if weight is None or not x.is_floating_point() or not weight.is_floating_point():
+        return x
+    return x.to(device=weight.device, dtype=weight.dtype)
 
 
 def capture_runtime(model: nn.Module, layers: Sequence[str], rule: Rule, output: OutputKey = None,
@@ -110,6 +121,7 @@ class DeferredCapture(Capture):
         self._choose = choose
         self._signature = signature
         self.chosen: Optional[Capture] = None
+        self._conversions: List[Callable] = []  # .to(), .double(), ... before the path was picked
         self._pending = ConversionReport(rule.name, (), (), (), capture=f"{pending}, pending: captured from the "
                                          "first input", ordinary_rule=rule.ordinary)
         self._lock = threading.Lock()
@@ -157,7 +169,13 @@ class DeferredCapture(Capture):
         if self.chosen is None:
             with self._lock:
                 if self.chosen is None:
-                    self.chosen = self._choose(first_rows(x))
+                    chosen = self._choose(first_rows(x))
+                    if self._conversions:  # built on the model's device and dtype: converted as this capture was
+                        with _own_parameters():
+                            for fn in self._conversions:
+                                chosen._apply(fn)
+                    self._conversions = []
+                    self.chosen = chosen
                     self._choose = None  # it holds the model; the capture picked holds its own copy
         return self.chosen
 
@@ -191,12 +209,31 @@ class DeferredCapture(Capture):
         self.prepare(x)
         return self.chosen.bias_pass(x, score, classes)
 
+    def _apply(self, fn, recurse=True):
+        if getattr(self, "chosen", None) is None:  # applied to the capture picked on the first input
+            self._conversions.append(fn)
+        return super()._apply(fn, recurse)
+
     def __getstate__(self):
         state = dict(super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__)
         state.pop("_lock", None)
         state["_choose"] = None
+        state["_conversions"] = []
         return state
 
     def __setstate__(self, state):
         super().__setstate__(state)
+        self.__dict__.setdefault("_conversions", [])
         self._lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _own_parameters():
+    """Conversions give new Parameter objects instead of setting ``.data`` on the ones the capture shares with the
+    model, which would move or cast the model too."""
+    previous = torch.__future__.get_overwrite_module_params_on_conversion()
+    torch.__future__.set_overwrite_module_params_on_conversion(True)
+    try:
+        yield
+    finally:
+        torch.__future__.set_overwrite_module_params_on_conversion(previous)

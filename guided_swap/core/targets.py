@@ -9,9 +9,11 @@ with one class per sample, a callable ``outputs -> (B,) score``, a :class:`Chann
 >>> classes, score
 (tensor([1, 0]), tensor([5., 7.]))
 """
+import numbers
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 from torch import Tensor
 from torchvision.ops import box_iou
@@ -110,7 +112,7 @@ class BoxMatch:
 
     def _references(self, batch: int) -> List[Tuple[Tensor, Tensor]]:
         per_image = isinstance(self.boxes, (list, tuple)) and len(self.boxes) and \
-            (isinstance(self.boxes[0], Tensor) and self.boxes[0].dim() == 2 or
+            (isinstance(self.boxes[0], (Tensor, np.ndarray)) and self.boxes[0].ndim == 2 or
              isinstance(self.boxes[0], (list, tuple)) and len(self.boxes[0]) and
              isinstance(self.boxes[0][0], (list, tuple, Tensor)))
         boxes = list(self.boxes) if per_image else [self.boxes] * batch
@@ -172,30 +174,52 @@ def class_indices(logits: Tensor, target: Any) -> Tensor:
     batch, classes = logits.shape
     if target is None:
         return logits.argmax(dim=1)
-    if isinstance(target, bool):
+    if _is_bool(target):
         raise TypeError("target must be an int, a sequence of ints, a LongTensor, None, a callable or a Channel; got a bool")
-    if isinstance(target, int):
-        indices = torch.full((batch,), target, dtype=torch.long, device=logits.device)
-    else:
-        indices = _as_long_tensor(target).to(logits.device)
-        if indices.dim() != 1 or indices.numel() != batch:
-            raise TargetError(f"target has {indices.numel()} entries of shape {tuple(indices.shape)}; "
-                              f"the batch has {batch} samples: give one class per sample")
+    indices = _class_tensor(target, batch).to(logits.device)
     bad = (indices < 0) | (indices >= classes)
     if bool(bad.any()):
         raise TargetError(f"target class {indices[bad][0].item()} is out of range: the model has {classes} classes (0..{classes - 1})")
     return indices
 
 
+def _is_bool(value: Any) -> bool:
+    return isinstance(value, (bool, np.bool_))
+
+
+def _is_int(value: Any) -> bool:
+    """A Python or numpy integer (not a bool): one class for every sample."""
+    return isinstance(value, numbers.Integral) and not _is_bool(value)
+
+
+def _class_tensor(target: Any, batch: int) -> Tensor:
+    """The (B,) long tensor of one class per sample that a class target (not None) stands for: an int (Python
+    or numpy) or a 0-d integer tensor or array is the same class for every sample."""
+    if _is_int(target):
+        return torch.full((batch,), int(target), dtype=torch.long)
+    zero_d = isinstance(target, (Tensor, np.ndarray)) and target.ndim == 0
+    indices = _as_long_tensor(target)
+    if zero_d:
+        return indices.reshape(1).expand(batch)
+    if indices.dim() != 1 or indices.numel() != batch:
+        raise TargetError(f"target has {indices.numel()} entries of shape {tuple(indices.shape)}; "
+                          f"the batch has {batch} samples: give one class per sample")
+    return indices
+
+
 def _as_long_tensor(target: Any) -> Tensor:
+    if isinstance(target, np.ndarray):
+        if not (np.issubdtype(target.dtype, np.integer)):
+            raise TypeError(f"a target array must hold integer class indices, got dtype {target.dtype}")
+        target = torch.from_numpy(np.ascontiguousarray(target))
     if isinstance(target, Tensor):
         if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
             raise TypeError(f"a target tensor must hold integer class indices, got dtype {target.dtype}")
         return target.long().reshape(-1) if target.dim() == 0 else target.long()
     if isinstance(target, Sequence) and not isinstance(target, str):
-        if not all(isinstance(t, int) and not isinstance(t, bool) for t in target):
+        if not all(_is_int(t) for t in target):
             raise TypeError(f"a target sequence must hold ints, got {list(target)[:5]}")
-        return torch.tensor(list(target), dtype=torch.long)
+        return torch.tensor([int(t) for t in target], dtype=torch.long)
     raise TypeError(
         f"target of type {type(target).__name__} is not understood: use None, an int, a sequence of ints, a "
         "LongTensor, a callable outputs -> (B,) score, or guided_swap.Channel(layer, channel)"
@@ -231,6 +255,9 @@ def callable_score(fn: Callable, outputs: Any, batch: int) -> Tensor:
         raise TargetError(f"a callable target must return a tensor of shape ({batch},), got {type(score).__name__}")
     if score.shape != (batch,):
         raise TargetError(f"a callable target must return one score per sample, shape ({batch},); got {tuple(score.shape)}")
+    if not score.is_floating_point():
+        raise TargetError(f"a callable target must return floating-point scores computed from the outputs (such as "
+                          f"logits or probabilities), which are differentiated; got dtype {score.dtype}")
     return score
 
 
@@ -385,11 +412,7 @@ class ClassScore(Score):
     def traceable(self, device, batch):
         if self.target is None:
             return self
-        classes = torch.full((batch,), self.target, dtype=torch.long) if isinstance(self.target, int) \
-            else _as_long_tensor(self.target)
-        if classes.dim() != 1 or classes.numel() != batch:
-            raise TargetError(f"target has {classes.numel()} entries of shape {tuple(classes.shape)}; "
-                              f"the batch has {batch} samples: give one class per sample")
+        classes = _class_tensor(self.target, batch)
         return ClassScore(_to_device(classes, device), self.output, mode="clamped")
 
     def check_after(self, outputs, captures):
@@ -487,10 +510,14 @@ def as_score(target: Any, output: OutputKey = None, layers: Sequence[str] = ()) 
         return ChannelScore(target)
     if callable(target) and not isinstance(target, Tensor):
         return FunctionScore(target)
-    if isinstance(target, bool):
+    if _is_bool(target):
         raise TypeError("target must be an int, a sequence of ints, a LongTensor, None, a callable, a Channel or a "
                         "Box; got a bool")
-    if target is not None and not isinstance(target, int):
+    if _is_int(target):
+        target = int(target)  # a numpy integer is one class, as an int
+    elif isinstance(target, np.ndarray):
+        target = _as_long_tensor(target)
+    elif target is not None:
         _as_long_tensor(target)  # refuses what is not one class per sample
     return ClassScore(target, output)
 

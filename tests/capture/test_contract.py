@@ -6,6 +6,7 @@ compute the same thing, one clear error where a path cannot do something.
 """
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -69,6 +70,22 @@ def test_every_kind_of_target_gives_the_same_maps_on_every_path(explainers, x, t
             assert relative_error(e.layers[layer].cam_raw, first.layers[layer].cam_raw) <= TOL, (path, layer)
         assert torch.equal(e.logits, first.logits), path
         assert (e.target is None) == (first.target is None), path
+
+
+@pytest.mark.parametrize("given, plain", [(np.int64(7), 7), (torch.tensor(7), 7), (np.array([3, 900]), [3, 900]),
+                                          ([np.int64(3), np.int32(900)], [3, 900])],
+                         ids=["numpy-int", "0d-tensor", "numpy-array", "list-of-numpy-ints"])
+def test_numpy_and_0d_class_targets_are_the_classes_they_hold_on_every_path(explainers, x, given, plain):
+    """A numpy integer, a numpy array and a 0-d tensor were refused ("not understood", or "1 entries" for a
+    batch of 2), though an int and a list are taken; as_score now reads them as the same classes."""
+    for path, ex in explainers.items():
+        e, expected = ex.explain(x, given), ex.explain(x, plain)
+        assert torch.equal(e.target, expected.target), path
+        assert torch.equal(e.gradient, expected.gradient), path
+    maps = torch.rand(2, 48, 48, generator=torch.Generator().manual_seed(0))
+    ex = explainers["fx"]
+    assert torch.equal(gs.metrics.deletion(ex, x, maps, given, steps=2).curve,
+                       gs.metrics.deletion(ex, x, maps, plain, steps=2).curve)
 
 
 def test_the_paths_equal_the_fx_free_reference(explainers, model, x):
@@ -223,3 +240,28 @@ def test_a_model_without_rectifiers_says_so_once_on_every_path():
             ex.explain(x)
         said = [w for w in caught if "no ReLU was found" in str(w.message)]
         assert len(said) == 1 and "gelu" in str(said[0].message).lower(), path
+
+
+def test_a_conversion_before_the_first_input_reaches_the_capture_picked_then(model, x):
+    """``ex.double()`` on a deferred capture (no example: the export path is picked on the first input) was lost:
+    the capture was built later on the model's float32 weights and refused the float64 input. The conversion
+    is now applied to the capture picked, and the model is left as it was."""
+    deferred = convert(model, "deferred", x, layer="layer4").double()
+    expected = convert(model, "fx", x, layer="layer4").double().explain(x.double(), [1, 2])
+    e = deferred.explain(x.double(), [1, 2])
+    assert e.gradient.dtype == torch.float64 and e.cam.dtype == torch.float64
+    assert relative_error(e.gradient, expected.gradient) <= 1e-9
+    assert next(model.parameters()).dtype == torch.float32
+
+
+def test_a_callable_target_of_integers_or_of_a_constant_is_handled_alike_on_every_path(explainers, x):
+    """A callable returning an integer or boolean tensor, or a constant, reached autograd and raised its raw
+    "element 0 of tensors does not require grad". Integers are refused as a TargetError; a constant (a score
+    that depends on nothing) gives zero maps and the zero-gradient warning, as a score ignoring the input does."""
+    for path, ex in explainers.items():
+        for fn in (lambda out: out.argmax(dim=1), lambda out: out[:, 0] > 0):
+            with pytest.raises(gs.TargetError, match="floating-point"):
+                ex.explain(x, fn)
+        with pytest.warns(gs.ZeroGradientWarning):
+            e = ex.explain(x, lambda out: torch.ones(out.shape[0]))
+        assert not e.gradient.any() and not e.cam.any(), path

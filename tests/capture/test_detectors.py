@@ -7,6 +7,8 @@ backbone layer with Captum's LayerGradCam, both over the same score function.
 """
 import re
 
+import numpy as np
+
 import pytest
 import torch
 from torch import nn
@@ -321,3 +323,18 @@ def test_a_box_match_target_refuses_what_it_cannot_read():
                                                                  "labels": torch.ones(1, dtype=torch.long)}])
     with pytest.raises(gs.TargetError, match="detector"):
         gs.BoxMatch([[0, 0, 1, 1]], [1]).scores(torch.zeros(2, 5))
+
+
+def test_a_box_match_of_numpy_arrays_per_image_is_read_per_image_as_tensors_are():
+    """A list of (K, 4) numpy arrays, one per image, was read as one shared set (every image scored against every
+    image's boxes: a silently larger score); it is now per image, as a list of (K, 4) tensors is."""
+    found = {"boxes": torch.tensor([[0.0, 0.0, 10.0, 10.0], [20.0, 20.0, 30.0, 30.0]]),
+             "scores": torch.tensor([0.9, 0.8]), "labels": torch.tensor([1, 1])}
+    first, second = [[0.0, 0.0, 10.0, 10.0]], [[20.0, 20.0, 30.0, 30.0]]
+    as_tensors = gs.BoxMatch([torch.tensor(first), torch.tensor(second)], [torch.tensor([1]), torch.tensor([1])])
+    as_arrays = gs.BoxMatch([np.array(first), np.array(second)], [np.array([1]), np.array([1])])
+    expected = torch.tensor([1.9, 1.8])
+    assert torch.allclose(as_tensors.scores([found, found]), expected)
+    assert torch.allclose(as_arrays.scores([found, found]), expected)
+    shared = gs.BoxMatch(np.array(first + second), np.array([1, 1]))  # one (K, 4) array: every image's references
+    assert torch.allclose(shared.scores([found, found]), torch.tensor([3.7, 3.7]))

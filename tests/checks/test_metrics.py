@@ -422,6 +422,22 @@ def test_numpy_numbers_and_arrays_are_taken_where_python_ones_are(case):
         metrics.insertion(ex, x, maps, classes, baseline=[0.0, 0.0, 0.0])
 
 
+def test_numpy_targets_are_the_classes_they_hold(case):
+    """A numpy array of classes, a numpy integer and a 0-d tensor were refused as targets ("not understood")."""
+    ex, _, x, maps, classes = case
+    expected = metrics.confidence_change(ex, x, maps, classes)
+    assert torch.equal(metrics.confidence_change(ex, x, maps, classes.numpy()), expected)
+    first = metrics.confidence_change(ex, x[:1], maps[:1], int(classes[0]))
+    for same in (np.int64(classes[0]), classes[0].clone()):
+        assert torch.equal(metrics.confidence_change(ex, x[:1], maps[:1], same), first)
+
+
+def test_a_callable_target_of_the_wrong_shape_is_told_it_scores_chunks_of_copies(case):
+    ex, _, x, maps, _ = case
+    with pytest.raises(gs.TargetError, match=r"shape \(6,\); got \(3,\).*chunk of perturbed copies"):
+        metrics.deletion(ex, x, maps, lambda out: torch.ones(x.shape[0]), steps=2)
+
+
 def test_map_shape_errors_name_the_fix_for_each_near_miss(case):
     ex, _, x, maps, classes = case
     with pytest.raises(gs.InputError, match=r"maps\[:, 0\]"):  # a channel axis of one: drop it, no abs

@@ -56,7 +56,12 @@ class Scorer:
             chosen = [self.references[int(o)] for o in owners]
             match = BoxMatch([b for b, _ in chosen], [l for _, l in chosen], self.iou_threshold)
             return match.scores(outputs).float()
-        return FunctionScore(self.fn)(outputs, {}, len(owners))[0].float()
+        try:
+            return FunctionScore(self.fn)(outputs, {}, len(owners))[0].float()
+        except TargetError as error:
+            raise TargetError(f"{error}. A metric calls a callable target on the outputs of each chunk of perturbed "
+                              f"copies ({len(owners)} rows here, not the batch of samples): score every row of the "
+                              "outputs it is given") from None
 
 
 def forward(ex: Any, x: Tensor, like: Any) -> Any:
