@@ -209,10 +209,15 @@ def check_autograd() -> None:
         raise GuidedSwapError("explain() needs autograd, which torch.inference_mode() turns off; call it outside")
 
 
-def check_tensor(x: Tensor, module: nn.Module, check_finite: Optional[bool], what: str = "input") -> None:
-    """Refuse an input tensor that is not floating point, not where ``module``'s weights are, or not finite."""
+def check_floating(x: Tensor, what: str = "input") -> None:
+    """Refuse an input tensor that is not floating point (there is no gradient to take through integers)."""
     if not x.is_floating_point():
         raise TypeError(f"{what} must be a floating-point tensor, got dtype {x.dtype}; convert it with x.float()")
+
+
+def check_tensor(x: Tensor, module: nn.Module, check_finite: Optional[bool], what: str = "input") -> None:
+    """Refuse an input tensor that is not floating point, not where ``module``'s weights are, or not finite."""
+    check_floating(x, what)
     parameter = next(module.parameters(), None)
     if parameter is not None and (x.device != parameter.device or x.dtype != parameter.dtype):
         raise InputError(f"{what} is {x.dtype} on {x.device} but the explainer is {parameter.dtype} on "

@@ -20,7 +20,7 @@ from ..core.maps import PassResult
 from ..core.report import ConversionReport
 from ..core.rules import Rule
 from ..core.targets import OutputKey, Score
-from .base import Capture, InputShape
+from .base import Capture, InputShape, check_floating
 from .hooks import DroppedHooks
 from .graph.export_trace import fx_failure, trace_export
 from .graph.graph_capture import capture_graph
@@ -72,6 +72,7 @@ def capture_model(model: nn.Module, layers: Sequence[str], rule: Rule, output: O
             raise TraceError("the export capture takes one input tensor, without forward_args; a model called with "
                              "several inputs or forward arguments goes through fx or the run-time capture "
                              "(capture='fx' or 'runtime')")
+        check_floating(x)  # refused in the user's words before torch.export fails on it
         x = _like_model(x, model)  # an explainer moved or cast before its first input: traced as the model is
         try:
             traced = trace_export(model, x)

@@ -116,6 +116,8 @@ def test_bad_inputs_fail_alike_on_every_path(explainers, x):
             ex.explain(torch.full_like(x, float("nan")))
         with pytest.raises(gs.InputError, match="float64"):
             ex.explain(x.double())
+        with pytest.raises(TypeError, match="torch.stack|torch.Tensor"):  # a classifier given a list of images
+            ex.explain(list(x))
 
 
 def test_smoothgrad_is_the_same_on_every_path(explainers, x):

@@ -180,7 +180,7 @@ class RuntimeCapture(Capture):
     def _run(self, args: Tuple[Any, ...], capture: Sequence[str],
              sources: Optional[Sequence[Tensor]] = None) -> Tuple[Run, Any]:
         with Run(self.model, self.rule, capture=capture, sources=sources) as run:
-            outputs = self.model(*args)
+            outputs = _called_on(self.model, args)
         self._runs += 1
         self._sites.update((k, v) for k, v in run.sites.items() if k not in self._sites)
         self._left_alone.update((k, v) for k, v in run.left_alone.items() if k not in self._left_alone)
@@ -327,3 +327,18 @@ def _check_layer(name: str, model: nn.Module) -> str:
 def _suggest(prefix: str, model: nn.Module, n: int = 5) -> List[str]:
     names = [name for name, _ in model.named_modules() if name.startswith(prefix) and name != prefix.rstrip(".")]
     return names[-n:] if names else [name for name, _ in model.named_modules() if name][:n]
+
+
+def _called_on(model: nn.Module, args: Tuple[Any, ...]) -> Any:
+    """``model(*args)``; a model that cannot take the list of images it was given (a classifier handed
+    ``list(x)``) is told how to give a batch, instead of failing deep inside its first layer."""
+    try:
+        return model(*args)
+    except (TypeError, AttributeError) as error:
+        if len(args) == 1 and isinstance(args[0], list):
+            raise TypeError(f"{type(model).__name__} failed on the list of {len(args[0])} image tensors it was "
+                            f"given ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}): "
+                            "a model that takes one (B, C, ...) batch is given torch.stack(images); a list is for "
+                            "models that take one, such as torchvision's detectors") from error
+        raise
+
