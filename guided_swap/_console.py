@@ -17,11 +17,11 @@ from contextlib import contextmanager
 
 import torch
 
+from .media.viz import printable
+
 
 def _one_line(message, category, *_, **__) -> str:
-    from .media.viz import printable  # a file name in the message may hold a newline or a byte that is not UTF-8
-
-    return f"guided-swap: warning: {category.__name__}: {printable(message)}\n"
+    return f"guided-swap: warning: {category.__name__}: {printable(message)}\n"  # a file name may hold a newline
 
 
 def one_line_warnings() -> None:

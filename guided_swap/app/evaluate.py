@@ -27,9 +27,13 @@ import numpy as np
 import torch
 
 from .._files import atomic_write
+from .._version import __version__
 from ..checks import metrics as measures
 from ..core.errors import CommandError
+from ..run.convert import convert
 from . import results
+from .evaluation_report import write_report
+from .model_spec import build
 
 METRICS = ("road", "confidence", "deletion", "insertion")
 OUT = "evaluation"
@@ -62,8 +66,6 @@ class Found:
 
 def evaluation_settings(options: Options) -> Dict[str, Any]:
     """What makes an evaluation what it is: recorded in each output, compared on a rerun."""
-    from .. import __version__
-
     return results.normalised({
         "library": "guided_swap", "version": __version__, "metrics": list(options.metrics),
         "percentiles": list(options.percentiles), "noise": options.noise, "seed": options.seed,
@@ -200,8 +202,6 @@ def batches(pending: Sequence[Found], size: int) -> List[List[Found]]:
 
 def explainer_for(model, shape: Tuple[int, ...], device):
     """An explainer of ``model`` for its forward only (no layer captured)."""
-    from ..run.convert import convert
-
     return convert(model, layer=None, rule="gradient", example_input=torch.zeros((1,) + shape)).to(device)
 
 
@@ -222,9 +222,6 @@ def device_for(choice: str) -> torch.device:
 def run(folder: str, model_source, options: Options, out: Optional[str] = None, force: bool = False,
         device: str = "auto", say: Callable[[str], None] = print) -> int:
     """Evaluate every result of ``folder``; 0 when all are evaluated, 130 when interrupted."""
-    from .evaluation_report import write_report
-    from .model_spec import build
-
     out = out or os.path.join(folder, OUT)
     where = device_for(device)
     found = find_results(folder, out)

@@ -14,6 +14,7 @@ import os
 from typing import Any, Dict, List, Sequence
 
 import numpy as np
+from matplotlib.figure import Figure
 
 from .._files import atomic_write
 
@@ -83,8 +84,6 @@ def _csv(header: Sequence[str], body: Sequence[Sequence[Any]]) -> str:
 
 def curves_figure(rows: Sequence[dict]):
     """The mean deletion and insertion curves of each map (share of positions changed on x): a ``Figure``."""
-    from matplotlib.figure import Figure
-
     kinds = [k for k in ("deletion", "insertion") if any(f"{k}_curve" in m for r in rows for m in r["maps"].values())]
     fig = Figure(figsize=(4.2 * max(len(kinds), 1), 3.4))
     axes = fig.subplots(1, max(len(kinds), 1), squeeze=False)[0]

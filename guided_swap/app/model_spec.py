@@ -25,6 +25,8 @@ Traceback (most recent call last):
 ...
 guided_swap.core.errors.CommandError: unknown model 'resnet19' (did you mean resnet18, resnet152, resnet101?); use a torchvision name (guided-swap explain --help) or package.module:factory
 """
+import argparse
+import contextlib
 import difflib
 import hashlib
 import importlib
@@ -33,17 +35,21 @@ import os
 import pickle
 import re
 import sys
+import zipfile
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import torchvision
+from safetensors.torch import load_file as load_safetensors
 from torch import nn
 
 from ..checks import demo
 from ..core.errors import CommandError
 from ..media import labels
 from ..media.labels import IMAGENET_MEAN, IMAGENET_STD
+from ..run.saved import HEADER
 
 WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "network", "module", "ema", "model_ema",
                 "state_dict_ema")
@@ -235,9 +241,7 @@ def read_checkpoint(path: str, say: Callable[[str], None] = _stderr, trust: bool
     (``--trust-weights``), and refused otherwise: unpickling runs code from the file.
     """
     if path.endswith(".safetensors"):
-        from safetensors.torch import load_file  # optional: not a dependency, needed only for .safetensors files
-
-        return load_file(path)
+        return load_safetensors(path)
     try:
         with _data_classes():
             content = torch.load(path, map_location="cpu", weights_only=True)
@@ -259,10 +263,6 @@ def read_checkpoint(path: str, say: Callable[[str], None] = _stderr, trust: bool
 
 
 def _is_saved_explainer(path: str) -> bool:
-    import zipfile
-
-    from ..run.saved import HEADER
-
     try:
         with zipfile.ZipFile(path) as archive:
             return HEADER in archive.namelist()
@@ -274,16 +274,11 @@ def _data_classes():
     """``torch.load(weights_only=True)`` also taking the plain-data classes training scripts save beside the
     weights: the run's ``argparse.Namespace`` (torchvision's reference scripts, timm) and numpy scalars and dtypes
     (metrics). Their contents still go through the same restricted unpickler; nothing else is added."""
-    import argparse
-    import contextlib
-
     safe = getattr(torch.serialization, "safe_globals", None)
     if safe is None:  # an older torch: its own weights_only list only
         return contextlib.nullcontext()
     classes = [argparse.Namespace]
     try:
-        import numpy as np
-
         multiarray = getattr(np, "_core", None) or np.core
         classes += [multiarray.multiarray.scalar, np.dtype]
         dtypes = vars(getattr(np, "dtypes", object)).values()

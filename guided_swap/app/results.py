@@ -566,7 +566,7 @@ class Lock:
         lock = cls(out)
         lock.created = _make_folders(out)
         try:
-            import fcntl
+            import fcntl  # optional: POSIX only; elsewhere the run goes on without a lock
         except ImportError:
             lock.note = "no lock on --out (no flock here): run one explain per --out at a time"
             return lock

@@ -36,11 +36,13 @@ import functools
 import inspect
 import math
 import operator
+import pkgutil
 from typing import Any, Callable, Dict, Optional, Sequence
 
 import torch
 import torchvision  # noqa: F401  (its ops modules are among the allowed classes)
 from torch import nn
+from torch.fx import _symbolic_trace
 
 from ..capture import ops
 from ..capture.graph.export_trace import check_input_shape
@@ -94,8 +96,6 @@ def _fx_leaf_functions() -> Dict[str, Callable]:
     """The functions of torch and torchvision that ``torch.fx.wrap`` keeps whole in a traced graph (torch.fx's
     ``_assert_is_none``, which timm's ViTs call; torchvision's Swin attention and padding, ``roi_align``,
     ``stochastic_depth``, ...), by module and name. Other libraries' wrapped functions are not among them."""
-    from torch.fx import _symbolic_trace
-
     registered = getattr(_symbolic_trace, "_wrapped_fns_to_patch", {})
     pairs = registered.items() if isinstance(registered, dict) else ((None, p) for p in registered)
     found = [_symbolic_trace._assert_is_none]
@@ -223,10 +223,7 @@ def _module_classes() -> Dict[str, type]:
 
 
 def _nn_module_files():
-    import pkgutil
-
-    import torch.nn.modules as package
-
+    package = torch.nn.modules
     names = [info.name for info in pkgutil.iter_modules(package.__path__)]
     return [getattr(package, name) for name in names if hasattr(package, name)]
 

@@ -19,9 +19,11 @@ from typing import Dict, List
 
 import numpy as np
 import torch
+from matplotlib.figure import Figure
 from torch import Tensor
 
 from ..._files import atomic_write
+from ...media.viz import save_png
 from ...run.convert import convert
 from .. import sanity
 from .causal import deletion, insertion
@@ -64,8 +66,6 @@ def measure(model, x: Tensor, target: Tensor, maps: Dict[str, np.ndarray], steps
 
 def figure(results: Dict[str, dict]):
     """The mean deletion and insertion curves of every map: a ``matplotlib.figure.Figure`` (no pyplot)."""
-    from matplotlib.figure import Figure
-
     fig = Figure(figsize=(13, 3.8))
     axes = fig.subplots(1, 3)
     panels = (("deletion", "deletion to zeros", "removed"), ("insertion", "insertion from the blur", "put back"),
@@ -94,8 +94,6 @@ def table(results: Dict[str, dict]) -> List[str]:
 def report(out_dir: str, images: int = 16) -> str:
     """Train the planted-evidence CNN, measure every map on ``images`` fresh images with a cross, write the
     table (``metrics_results.md``) and the curves (``images/metrics_planted.png``) under ``out_dir``."""
-    from ...media.viz import save_png
-
     model, accuracy = sanity.train_planted()
     pictures, labels, boxes = sanity.planted_dataset(200, seed=2000)
     chosen = labels == 1
