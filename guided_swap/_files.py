@@ -48,8 +48,18 @@ def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except OSError as error:
-        return error.errno == errno.EPERM  # exists, owned by someone else
-    return True
+        return error.errno == errno.EPERM and not _a_zombie(pid)  # exists, owned by someone else
+    return not _a_zombie(pid)
+
+
+def _a_zombie(pid: int) -> bool:
+    """Whether ``pid`` has exited and waits to be reaped: a killed run's writer is orphaned, and where process 1
+    of a container reaps no orphans it stays a zombie that ``os.kill(pid, 0)`` still finds (Linux's /proc)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return stat.read().rpartition(b")")[2].split()[:1] in ([b"Z"], [b"X"])
+    except OSError:  # no /proc (macOS): the signal's answer stands
+        return False
 
 
 def remove_if_present(path: str) -> bool:

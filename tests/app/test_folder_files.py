@@ -78,6 +78,27 @@ def test_remove_stale_parts_cleans_a_results_folder(tmp_path):
     assert all(path.exists() for path in kept)
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="zombies are read from Linux's /proc")
+def test_a_part_of_a_process_that_exited_unreaped_is_stale(tmp_path):
+    """A killed run's writer is orphaned; where process 1 of a container reaps no orphans it stays a zombie that
+    os.kill(pid, 0) still finds: its temporary must be cleaned all the same, and a live process's kept."""
+    exited = subprocess.Popen([sys.executable, "-c", "pass"])
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        while open(f"/proc/{exited.pid}/stat").read().rpartition(")")[2].split()[0] != "Z":
+            pass
+        zombie = tmp_path / f".a.png.npz.{exited.pid}-89abcdef.part"
+        running = tmp_path / f".b.png.npz.{live.pid}-89abcdef.part"
+        for path in (zombie, running):
+            path.write_bytes(b"half")
+        assert remove_stale_parts(str(tmp_path), only_dead=True) == [str(zombie)]
+        assert running.exists()
+    finally:
+        live.kill()
+        live.wait()
+        exited.wait()
+
+
 # --- ``results.write_png`` saves a ``matplotlib.figure.Figure`` with its own canvas: no pyplot, atomically.
 
 def _figure() -> Figure:
