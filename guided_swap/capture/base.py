@@ -26,6 +26,7 @@ it. Adding a capture path means writing one subclass; nothing else changes.
 ((2, 3, 64, 64), (2, 512, 2, 2))
 """
 import abc
+import contextlib
 import re
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
@@ -262,3 +263,15 @@ def gradients(total: Any, inputs: Sequence[Tensor], retain_graph: bool = False) 
         grad = next(grads) if tensor.requires_grad and totals else None
         result.append(torch.zeros_like(tensor) if grad is None else grad)
     return result
+
+
+@contextlib.contextmanager
+def own_parameters():
+    """Module conversions (``.to()``, ``.double()``) give new Parameter objects instead of setting ``.data`` on the
+    ones a capture or explainer shares with the model, which would move or cast the model too."""
+    previous = torch.__future__.get_overwrite_module_params_on_conversion()
+    torch.__future__.set_overwrite_module_params_on_conversion(True)
+    try:
+        yield
+    finally:
+        torch.__future__.set_overwrite_module_params_on_conversion(previous)

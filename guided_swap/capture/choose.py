@@ -6,7 +6,6 @@ fails; and the deferred capture, which picks the path on the first input when no
 >>> type(capture).__name__, capture.report.capture
 ('GraphCapture', 'fx')
 """
-import contextlib
 import threading
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
@@ -20,7 +19,7 @@ from ..core.maps import PassResult
 from ..core.report import ConversionReport
 from ..core.rules import Rule
 from ..core.targets import OutputKey, Score
-from .base import Capture, InputShape, check_floating
+from .base import Capture, InputShape, check_floating, own_parameters
 from .hooks import DroppedHooks
 from .graph.export_trace import fx_failure, trace_export
 from .graph.graph_capture import capture_graph
@@ -172,7 +171,7 @@ class DeferredCapture(Capture):
                 if self.chosen is None:
                     chosen = self._choose(first_rows(x))
                     if self._conversions:  # built on the model's device and dtype: converted as this capture was
-                        with _own_parameters():
+                        with own_parameters():
                             for fn in self._conversions:
                                 chosen._apply(fn)
                     self._conversions = []
@@ -226,15 +225,3 @@ class DeferredCapture(Capture):
         super().__setstate__(state)
         self.__dict__.setdefault("_conversions", [])
         self._lock = threading.Lock()
-
-
-@contextlib.contextmanager
-def _own_parameters():
-    """Conversions give new Parameter objects instead of setting ``.data`` on the ones the capture shares with the
-    model, which would move or cast the model too."""
-    previous = torch.__future__.get_overwrite_module_params_on_conversion()
-    torch.__future__.set_overwrite_module_params_on_conversion(True)
-    try:
-        yield
-    finally:
-        torch.__future__.set_overwrite_module_params_on_conversion(previous)

@@ -11,7 +11,6 @@ into an :class:`~guided_swap.core.maps.Explanation`.
 >>> e.gradient.shape, e.cam_raw.shape, e.cam.shape, e.guided_gradcam.shape, len(ex.swapped)
 (torch.Size([2, 3, 64, 64]), torch.Size([2, 2, 2]), torch.Size([2, 64, 64]), torch.Size([2, 3, 64, 64]), 17)
 """
-import contextlib
 import pickle
 import threading
 import warnings
@@ -21,7 +20,7 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from ..capture.base import Capture, InputShape, reads_values
+from ..capture.base import Capture, InputShape, own_parameters, reads_values
 from ..core import cam as cam_maths
 from ..core.errors import GuidedSwapError, InputError, LayerError, LoadError, RuleError, ZeroGradientWarning
 from ..core.inputs import Inputs, Signature, call_signature, first_rows, first_tensor, same_signature, several
@@ -130,7 +129,7 @@ class Explainer(nn.Module):
         """``capture`` on the device and dtype of this explainer's weights (it was built on the model's)."""
         mine, theirs = next(self.capture.parameters(), None), next(capture.parameters(), None)
         if mine is not None and theirs is not None and (mine.device, mine.dtype) != (theirs.device, theirs.dtype):
-            with _own_parameters():
+            with own_parameters():
                 capture.to(device=mine.device, dtype=mine.dtype if mine.is_floating_point() else None)
         return capture
 
@@ -274,7 +273,7 @@ class Explainer(nn.Module):
     def _apply(self, fn, recurse=True):
         # New Parameter objects instead of .data set on the shared ones: explainer.to(...) never moves or casts
         # the user's model. Captures traced for other calls are not submodules (not saved) but move along.
-        with _own_parameters():
+        with own_parameters():
             for _, capture in self.__dict__.get("_variants", ()):
                 capture._apply(fn, recurse)
             return super()._apply(fn, recurse)
@@ -300,18 +299,6 @@ class Explainer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"rule={self.rule.name!r}, layers={self.layers}, swapped={len(self.swapped)}, forked={self.forked}"
-
-
-@contextlib.contextmanager
-def _own_parameters():
-    """Module conversions (``.to()``, ``.double()``) give new Parameter objects instead of setting ``.data`` on the
-    ones the explainer shares with the model, which would move or cast the model too."""
-    previous = torch.__future__.get_overwrite_module_params_on_conversion()
-    torch.__future__.set_overwrite_module_params_on_conversion(True)
-    try:
-        yield
-    finally:
-        torch.__future__.set_overwrite_module_params_on_conversion(previous)
 
 
 def _a_tensor(x: Any) -> Tensor:
