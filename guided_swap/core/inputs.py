@@ -118,8 +118,11 @@ def first_rows(x: Any, count: int = 1) -> Any:
 
 
 def first_tensor(x: Any) -> Tensor:
-    """The first explained tensor of a call (what sizes and ranks are read from when one is needed)."""
-    return x.tensors[0] if isinstance(x, Inputs) else x
+    """The first explained tensor of a call (what sizes, ranks, devices and dtypes are read from when one is
+    needed): the first input, or a detector's first image."""
+    if isinstance(x, Inputs):
+        return x.tensors[0]
+    return x[0] if isinstance(x, (list, tuple)) else x
 
 
 def cloned_args(x: Any) -> Tuple[Any, ...]:

@@ -172,7 +172,7 @@ class Explainer(nn.Module):
             raise InputError(f"cams={tuple(passes)} perturb one input tensor and run the model on the copies; this call "
                              "has several inputs or forward_args. Explain without cams= (every gradient CAM is in "
                              "e.cams), or explain a model that takes one input")
-        smoothing.check(smooth, noise, generator, None if passes else chunk, _a_tensor(x), smooth_type, noise_absolute)
+        smoothing.check(smooth, noise, generator, None if passes else chunk, first_tensor(x), smooth_type, noise_absolute)
         score = as_score(target, capture.output, capture.layers)
         capture.prepare(x)
         if smooth is not None:
@@ -186,7 +186,7 @@ class Explainer(nn.Module):
             if passes:
                 extra_cams.add_pass_cams(capture, x, score, explanation, passes, chunk, interpolate)
         self._warn_if_nothing_swapped()
-        warn_if_zero_gradients(explanation, reads_values(_a_tensor(x), check_finite), score)
+        warn_if_zero_gradients(explanation, reads_values(first_tensor(x), check_finite), score)
         return explanation
 
     def aug_smooth(self, x: Tensor, target: Any = None, cam: str = "gradcam", *, layers: Optional[Sequence[str]] = None,
@@ -300,10 +300,6 @@ class Explainer(nn.Module):
     def extra_repr(self) -> str:
         return f"rule={self.rule.name!r}, layers={self.layers}, swapped={len(self.swapped)}, forked={self.forked}"
 
-
-def _a_tensor(x: Any) -> Tensor:
-    """One tensor of a call (its device and dtype are the call's): the first input, or a detector's first image."""
-    return first_tensor(x) if isinstance(x, (Tensor, Inputs)) else x[0]
 
 
 def positional_call(args: Sequence[Any], signature: Optional[Signature]) -> Inputs:

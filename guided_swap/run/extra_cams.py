@@ -27,6 +27,7 @@ from torch import Tensor
 from ..capture.base import Capture
 from ..core import cam as cam_maths
 from ..core.errors import LayerError
+from ..core.inputs import first_tensor
 from ..core.maps import Explanation
 from ..core import pass_cams as pass_maths
 from ..core.pass_cams import PASS_CAMS
@@ -61,7 +62,7 @@ def requested(cams: Union[str, Sequence[str], None], smooth: Optional[int], chun
 
 def default_chunk(name: str, x: Any) -> int:
     """Copies per forward when ``chunk`` is not given: 16 for Score-CAM on a CPU (whole-model forwards), else 64."""
-    tensor = x if isinstance(x, Tensor) else next(iter(x), None)
+    tensor = first_tensor(x)
     on_cpu = not isinstance(tensor, Tensor) or tensor.device.type == "cpu"
     return CPU_WHOLE_MODEL_CHUNK if name == "scorecam" and on_cpu else DEFAULT_CHUNK
 

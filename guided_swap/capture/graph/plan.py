@@ -69,8 +69,8 @@ class SwappedGraph:
         gm = traced.module
         # Named layers resolve now (a wrong name is an error at convert, not at the first explain).
         self.named = {name: layer_nodes.resolve(name, traced, model) for name in layers if name != AUTO}
-        self.named_reasons = {name: layer_nodes.first_call_reason(name, traced) for name in self.named}
-        self.named_reasons = {name: reason for name, reason in self.named_reasons.items() if reason}
+        reasons = {name: layer_nodes.first_call_reason(name, traced) for name in self.named}
+        self.named_reasons = {name: reason for name, reason in reasons.items() if reason}
         self.input_spec = layer_nodes.input_spec(gm)  # read from the graph before the rectifiers change it
         self.swaps, replaced = rewrite.swap_rectifiers(gm, rule)
         self.named = {name: replaced.get(node, node) for name, node in self.named.items()}

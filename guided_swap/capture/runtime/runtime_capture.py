@@ -341,4 +341,3 @@ def _called_on(model: nn.Module, args: Tuple[Any, ...]) -> Any:
                             "a model that takes one (B, C, ...) batch is given torch.stack(images); a list is for "
                             "models that take one, such as torchvision's detectors") from error
         raise
-
